@@ -1,0 +1,42 @@
+"""gRPC IngestService: validate each batch, commit it, then acknowledge it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import duckdb
+import grpc
+
+from fleetprof.aggregator.storage import ProfileStore
+from fleetprof.aggregator.validate import validate_batch
+from fleetprof.proto import schema
+from fleetprof.proto.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class IngestService(ingest_pb2_grpc.IngestServiceServicer):
+    def __init__(self, store: ProfileStore) -> None:
+        self._store = store
+
+    def Ingest(
+        self, request_iterator: Iterator[ingest_pb2.IngestBatch], context: grpc.ServicerContext
+    ) -> Iterator[ingest_pb2.IngestAck]:
+        for batch in request_iterator:
+            try:
+                valid = validate_batch(batch)
+            except schema.SchemaError as exc:
+                log.warning("rejected batch %s/%d: %s", batch.agent_id, batch.sequence, exc)
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            try:
+                result = self._store.append(
+                    valid.agent_id, valid.sequence, valid.node, valid.samples, valid.stacks
+                )
+            except duckdb.IOException as exc:
+                # Typically a full disk: nothing of this batch was committed; the agent retries.
+                log.error("cannot store batch %s/%d: %s", batch.agent_id, batch.sequence, exc)
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"storage unavailable: {exc}")
+            yield ingest_pb2.IngestAck(
+                sequence=valid.sequence, duplicate=result.duplicate, rows_stored=result.rows_stored
+            )

@@ -1,0 +1,48 @@
+"""gRPC QueryService: read-only SQL streamed back as Arrow IPC."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+
+import grpc
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from fleetprof.aggregator.storage import ProfileStore
+from fleetprof.proto.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from fleetprof.query.sandbox import DEFAULT_TIMEOUT_S, QueryError, run_query
+
+
+class QueryService(ingest_pb2_grpc.QueryServiceServicer):
+    def __init__(self, store: ProfileStore) -> None:
+        self._store = store
+
+    def Sql(
+        self, request: ingest_pb2.SqlRequest, context: grpc.ServicerContext
+    ) -> Iterator[ingest_pb2.ArrowChunk]:
+        timeout_s = request.timeout_ms / 1000 if request.timeout_ms else DEFAULT_TIMEOUT_S
+        try:
+            with run_query(self._store.reader(), request.sql, timeout_s) as reader:
+                yield from _ipc_chunks(reader)
+        except QueryError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+
+def _ipc_chunks(reader: pa.RecordBatchReader) -> Iterator[ingest_pb2.ArrowChunk]:
+    """One chunk per record batch; the first also carries the schema."""
+    sink = io.BytesIO()
+    writer = ipc.new_stream(sink, reader.schema)
+    for batch in reader:
+        writer.write_batch(batch)
+        yield ingest_pb2.ArrowChunk(ipc=_take(sink))
+    writer.close()
+    yield ingest_pb2.ArrowChunk(ipc=_take(sink))
+
+
+def _take(sink: io.BytesIO) -> bytes:
+    """Bytes written since the last call; the IPC stream goes on in the emptied buffer."""
+    data = sink.getvalue()
+    sink.seek(0)
+    sink.truncate()
+    return data

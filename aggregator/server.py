@@ -1,0 +1,56 @@
+"""The aggregator process: one DuckDB store behind the gRPC ingest and query services."""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+from fleetprof.aggregator.ingest_service import IngestService
+from fleetprof.aggregator.query_service import QueryService
+from fleetprof.aggregator.storage import ProfileStore
+from fleetprof.proto import schema
+from fleetprof.proto.ingest.v1 import ingest_pb2_grpc
+from fleetprof.query.sandbox import lock_down
+
+log = logging.getLogger(__name__)
+
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", schema.MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", schema.MAX_MESSAGE_BYTES),
+    # A second aggregator on the same port must fail, not silently share the traffic.
+    ("grpc.so_reuseport", 0),
+]
+
+
+class Aggregator:
+    """Owns the store and the gRPC server; `port` is the bound port (useful with :0)."""
+
+    def __init__(self, db_path: str | Path, listen: str, workers: int = 16) -> None:
+        self.store = ProfileStore(db_path)
+        # Queries run on the same database instance: lock it down before serving anything.
+        lock_down(self.store.reader())
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+            options=GRPC_OPTIONS,
+        )
+        ingest_pb2_grpc.add_IngestServiceServicer_to_server(IngestService(self.store), self._server)
+        ingest_pb2_grpc.add_QueryServiceServicer_to_server(QueryService(self.store), self._server)
+        self.port = self._server.add_insecure_port(listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {listen}")
+        host = listen.rsplit(":", 1)[0]
+        self.address = f"{host}:{self.port}"
+
+    def start(self) -> None:
+        self._server.start()
+        log.info("aggregator listening on %s, database %s", self.address, self.store.path)
+
+    def wait(self) -> None:
+        self._server.wait_for_termination()
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        self._server.stop(grace_s).wait()
+        self.store.close()

@@ -1,0 +1,5 @@
+import sys
+
+from fleetprof.cli import main
+
+sys.exit(main())

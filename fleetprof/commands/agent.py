@@ -1,0 +1,39 @@
+"""Run the node agent: sample stacks with eBPF and ship them to an aggregator."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+
+from fleetprof.commands.options import DEFAULT_AGGREGATOR, stop_on_signals
+from fleetprof.node_agent.agent import Agent, AgentConfig
+
+HELP = "run the node agent (eBPF sampling; needs root)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--aggregator", default=DEFAULT_AGGREGATOR, metavar="HOST:PORT")
+    parser.add_argument("--node", default=socket.gethostname(), help="this node's name")
+    parser.add_argument("--frequency", type=int, default=19, metavar="HZ", help="samples/s per CPU")
+    parser.add_argument(
+        "--interval", type=float, default=10.0, metavar="SECONDS", help="time between shipments"
+    )
+    parser.add_argument(
+        "--include-idle", action="store_true", help="also count samples of the idle task"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 1 <= args.frequency <= 10_000:
+        raise ValueError("--frequency must be between 1 and 10000 Hz")
+    if args.interval <= 0:
+        raise ValueError("--interval must be positive")
+    config = AgentConfig(
+        aggregator=args.aggregator,
+        node=args.node,
+        frequency=args.frequency,
+        interval_s=args.interval,
+        include_idle=args.include_idle,
+    )
+    Agent(config).run(stop_on_signals())
+    return 0

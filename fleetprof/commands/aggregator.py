@@ -1,0 +1,25 @@
+"""Run the aggregator: gRPC ingest from agents and read-only SQL, stored in DuckDB."""
+
+from __future__ import annotations
+
+import argparse
+
+from fleetprof.aggregator.server import Aggregator
+from fleetprof.commands.options import DEFAULT_AGGREGATOR, stop_on_signals
+
+HELP = "run the aggregator (gRPC ingest + query service)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--db", default="fleetprof.duckdb", metavar="PATH", help="DuckDB file")
+    parser.add_argument("--listen", default=DEFAULT_AGGREGATOR, metavar="HOST:PORT")
+
+
+def run(args: argparse.Namespace) -> int:
+    aggregator = Aggregator(args.db, args.listen)
+    stop = stop_on_signals()
+    aggregator.start()
+    print(f"fleetprof aggregator listening on {aggregator.address}, database {args.db}", flush=True)
+    stop.wait()
+    aggregator.stop()
+    return 0

@@ -1,0 +1,90 @@
+"""Profile the bundled workloads end to end on this machine (needs root).
+
+Starts an aggregator on an embedded DuckDB file and a node agent, runs a native program
+and a multi-threaded Java program with known hot functions, then writes a flame graph and
+prints the top functions by SQL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from pathlib import Path
+
+from fleetprof import workloads
+from fleetprof.aggregator.server import Aggregator
+from fleetprof.node_agent.agent import Agent, AgentConfig
+from fleetprof.query.filters import SampleFilter
+from fleetprof.query.flame import load_flame
+from fleetprof.query.render import RenderOptions, renderer_for
+from fleetprof.query.result_formats import write_table_text
+from fleetprof.query.source import AggregatorSource
+
+HELP = "run the end-to-end demo on this machine"
+
+TOP_FUNCTIONS_SQL = """
+SELECT comm, frames[-1] AS function, sum(weight) AS samples,
+       round(100 * sum(weight) / sum(sum(weight)) OVER (), 1) AS percent
+FROM samples JOIN stacks USING (stack_id)
+WHERE event = 'cpu' AND comm IN ('hotspots', 'java')
+GROUP BY ALL ORDER BY samples DESC LIMIT 12
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="fleetprof-demo", metavar="DIR", help="output folder")
+    parser.add_argument("--seconds", type=float, default=20.0, help="how long to profile")
+    parser.add_argument("--frequency", type=int, default=99, metavar="HZ")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    db = out / "demo.duckdb"
+    db.unlink(missing_ok=True)  # each run starts from an empty database
+    native = workloads.build_native(out / "build")
+    java_classes = workloads.build_java(out / "build")
+
+    aggregator = Aggregator(db, "127.0.0.1:0")
+    aggregator.start()
+    agent = Agent(AgentConfig(aggregator.address, "demo-node", args.frequency, 5.0))
+    stop_agent = threading.Event()
+    agent_thread = threading.Thread(target=agent.run, args=(stop_agent,), name="agent")
+    agent_thread.start()
+
+    print(f"profiling the workloads for {args.seconds:g} s ...", flush=True)
+    processes = [
+        workloads.start_native(native, args.seconds),
+        workloads.start_java(java_classes, args.seconds),
+    ]
+    java = processes[1]
+    while java.poll() is None:
+        # Until the agent fetches JIT symbols itself, the JVM is asked to write its map.
+        time.sleep(2)
+        workloads.write_perf_map(java.pid)
+    for process in processes:
+        process.wait()
+    stop_agent.set()
+    agent_thread.join()
+
+    source = AggregatorSource(aggregator.address)
+    try:
+        tree = load_flame(source, SampleFilter(pids=tuple(p.pid for p in processes)))
+        html = out / "flamegraph.html"
+        folded = out / "flamegraph.folded"
+        for path in (html, folded):
+            options = RenderOptions(title="fleetprof demo: on-CPU", event="cpu", unit="samples")
+            with open(path, "wb") as fh:
+                renderer_for(path).render(tree, options, fh)
+        print("\nTop functions (SQL over the samples and stacks views):")
+        with source.stream(TOP_FUNCTIONS_SQL) as reader:
+            write_table_text(reader, sys.stdout.buffer)
+        sys.stdout.flush()
+    finally:
+        source.close()
+        aggregator.stop()
+    print(f"\nflame graph: {html}\nfolded stacks: {folded}\ndatabase: {db}")
+    print(f"query it: fleetprof query --db {db} \"SELECT count(*) FROM samples\"")
+    return 0

@@ -1,0 +1,104 @@
+"""Turns drained stack counts into one wire batch: SAMPLES rows + the STACKS they use."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from datetime import datetime
+from typing import NamedTuple
+
+import pyarrow as pa
+
+from fleetprof.node_agent.samplers.stack_maps import StackSample
+from fleetprof.node_agent.symbolize.frame import Frame
+from fleetprof.node_agent.symbolize.symbolizer import Symbolizer
+from fleetprof.proto import schema
+
+LOST_STACK = Frame("[lost stack]", "", "lost")
+
+
+class StackRow(NamedTuple):
+    """One distinct stack, root first."""
+
+    frames: tuple[str, ...]
+    modules: tuple[str, ...]
+    kinds: tuple[str, ...]
+
+
+def stack_row(frames: Sequence[Frame]) -> StackRow:
+    return StackRow(
+        tuple(f.name for f in frames), tuple(f.module for f in frames), tuple(f.kind for f in frames)
+    )
+
+
+def stack_id(row: StackRow) -> int:
+    """64-bit id of a stack: a hash of its frames, equal on every node for equal stacks."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name, module, kind in zip(row.frames, row.modules, row.kinds, strict=True):
+        digest.update(f"{name}\x1f{module}\x1f{kind}\x1e".encode(errors="surrogateescape"))
+    return int.from_bytes(digest.digest(), "little", signed=True)
+
+
+class Batch(NamedTuple):
+    samples: pa.Table
+    stacks: dict[int, StackRow]
+
+
+class BatchBuilder:
+    """Symbolizes each distinct stack of a drain once and hashes it to its id."""
+
+    def __init__(self, symbolizer: Symbolizer) -> None:
+        self._symbolizer = symbolizer
+
+    def build(self, event: str, ts: datetime, drained: Sequence[StackSample]) -> Batch:
+        kernel_frames: dict[tuple[int, ...] | None, list[Frame]] = {}
+        ids: dict[tuple[int, tuple[int, ...] | None, tuple[int, ...] | None], int] = {}
+        stacks: dict[int, StackRow] = {}
+        stack_ids = []
+        for sample in drained:
+            key = (sample.pid, sample.kernel_stack, sample.user_stack)
+            if key not in ids:
+                if sample.kernel_stack not in kernel_frames:
+                    kernel_frames[sample.kernel_stack] = self._kernel(sample.kernel_stack)
+                frames = self._user(sample.pid, sample.user_stack)
+                frames.extend(kernel_frames[sample.kernel_stack])
+                row = stack_row(frames or [LOST_STACK])
+                ids[key] = stack_id(row)
+                stacks[ids[key]] = row
+            stack_ids.append(ids[key])
+        samples = pa.table(
+            {
+                "ts": pa.array([ts] * len(drained), pa.timestamp("us", tz="UTC")),
+                "pid": [s.pid for s in drained],
+                "tid": [s.tid for s in drained],
+                "comm": [self._symbolizer.process_name(s.pid) or s.comm for s in drained],
+                "event": [event] * len(drained),
+                "stack_id": stack_ids,
+                "weight": [s.weight for s in drained],
+            },
+            schema=schema.SAMPLES,
+        )
+        return Batch(samples, stacks)
+
+    def _kernel(self, addresses: tuple[int, ...] | None) -> list[Frame]:
+        if addresses is None:
+            return [LOST_STACK]
+        return self._symbolizer.symbolize_kernel(addresses)[::-1]
+
+    def _user(self, pid: int, addresses: tuple[int, ...] | None) -> list[Frame]:
+        if addresses is None:
+            return [LOST_STACK]
+        return self._symbolizer.symbolize_user(pid, addresses)[::-1]
+
+
+def stacks_table(stacks: dict[int, StackRow]) -> pa.Table:
+    rows = list(stacks.values())
+    return pa.table(
+        {
+            "stack_id": list(stacks),
+            "frames": [r.frames for r in rows],
+            "modules": [r.modules for r in rows],
+            "kinds": [r.kinds for r in rows],
+        },
+        schema=schema.STACKS,
+    )

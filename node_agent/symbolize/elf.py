@@ -1,0 +1,211 @@
+"""A minimal ELF64 little-endian symbol reader: function symbols of .symtab and .dynsym.
+
+Only the headers and the symbol/string tables are read (os.pread, never the whole file and
+never mmap: a binary truncated under us must not SIGBUS the agent). Samples give runtime
+addresses; the caller turns them into file offsets through /proc/PID/maps, and the PT_LOAD
+segments turn those into the symbol table's virtual addresses, which works the same for PIE
+and non-PIE executables and shared libraries.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+from array import array
+from bisect import bisect_right
+from collections.abc import Callable
+
+from fleetprof.node_agent.symbolize.frame import LruCache
+
+_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
+_PHDR = struct.Struct("<IIQQQQQQ")
+_SHDR = struct.Struct("<IIQQQQIIQQ")
+_SYM = struct.Struct("<IBBHQQ")
+_ELF64_LE = b"\x7fELF\x02\x01"
+_PT_LOAD = 1
+_PF_X = 1
+_SHT_SYMTAB = 2
+_SHT_DYNSYM = 11
+_STT_FUNC = 2
+_STT_GNU_IFUNC = 10
+_STB_LOCAL = 0
+_STB_GLOBAL = 1
+_MAX_ADDRESS = (1 << 64) - 1
+
+# (start, size, binding, name) of one function symbol.
+_Symbol = tuple[int, int, int, bytes]
+
+
+def _rank(symbol: _Symbol) -> tuple[bool, bool, int, bool]:
+    """Which of several symbols at one address names it: a sized, non-local one with the
+    fewest leading underscores (`nanosleep` rather than `__nanosleep`), global before weak."""
+    _, size, binding, name = symbol
+    underscores = len(name) - len(name.lstrip(b"_"))
+    return size > 0, binding != _STB_LOCAL, -underscores, binding == _STB_GLOBAL
+
+
+class ElfSymbols:
+    """The function symbols of one ELF file, sorted for bisection."""
+
+    __slots__ = ("_ends", "_names", "_segments", "_starts")
+
+    def __init__(
+        self,
+        segments: list[tuple[int, int, int]] | None = None,
+        symbols: list[_Symbol] | None = None,
+    ) -> None:
+        # (p_offset, p_offset + p_filesz, p_vaddr - p_offset), executable segments first.
+        self._segments = segments or []
+        symbols = sorted(symbols or [])
+        # Arrays, not lists: a fifth of the memory, and bisect is as fast on them.
+        self._starts = array("Q", [start for start, _, _, _ in symbols])
+        # A symbol without size covers its address up to the next symbol.
+        self._ends = array(
+            "Q",
+            [
+                min(start + size, _MAX_ADDRESS)
+                if size
+                else (self._starts[i + 1] if i + 1 < len(symbols) else _MAX_ADDRESS)
+                for i, (start, size, _, _) in enumerate(symbols)
+            ],
+        )
+        self._names = [name.decode("utf-8", "replace") for _, _, _, name in symbols]
+
+    @classmethod
+    def load(cls, path: str) -> ElfSymbols:
+        """Read path's symbols; an unreadable, non-ELF or corrupt file gives an empty table."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return cls()
+        try:
+            return cls._from_fd(fd, os.fstat(fd))
+        except OSError:
+            return cls()
+        finally:
+            os.close(fd)
+
+    @classmethod
+    def from_bytes(cls, image: bytes) -> ElfSymbols:
+        """Symbols of an in-memory ELF image (the vDSO)."""
+        return cls._parse(lambda offset, size: image[offset : offset + size], len(image))
+
+    @classmethod
+    def _from_fd(cls, fd: int, st: os.stat_result) -> ElfSymbols:
+        # Mappings can name devices or FIFOs; only regular files are worth (and safe) reading.
+        if not stat.S_ISREG(st.st_mode):
+            return cls()
+        return cls._parse(lambda offset, size: os.pread(fd, size, offset), st.st_size)
+
+    @classmethod
+    def _parse(cls, read: Callable[[int, int], bytes], file_size: int) -> ElfSymbols:
+        def section(offset: int, size: int) -> bytes:
+            # Header fields are untrusted: never ask for more than the file holds.
+            if offset + size > file_size:
+                raise ValueError("section beyond end of file")
+            data = read(offset, size)
+            if len(data) != size:
+                raise ValueError("short read")
+            return data
+
+        try:
+            header = section(0, _EHDR.size)
+            if not header.startswith(_ELF64_LE):
+                return cls()
+            (_, _, _, _, _, phoff, shoff, _, _, phentsize, phnum, shentsize, shnum, _) = (
+                _EHDR.unpack(header)
+            )
+            segments = []
+            if phentsize == _PHDR.size:
+                for p_type, flags, offset, vaddr, _, filesz, _, _ in _PHDR.iter_unpack(
+                    section(phoff, phnum * _PHDR.size)
+                ):
+                    if p_type == _PT_LOAD and filesz:
+                        segments.append(
+                            (not flags & _PF_X, offset, offset + filesz, vaddr - offset)
+                        )
+            if not segments or shentsize != _SHDR.size or not shoff:
+                return cls()
+            if shnum == 0:  # more than 0xff00 sections: the count is in section 0's sh_size
+                shnum = _SHDR.unpack(section(shoff, _SHDR.size))[5]
+            headers = list(_SHDR.iter_unpack(section(shoff, shnum * _SHDR.size)))
+            symbols: dict[int, _Symbol] = {}
+            for _, sh_type, _, _, offset, size, link, _, _, entsize in headers:
+                if sh_type in (_SHT_SYMTAB, _SHT_DYNSYM) and entsize == _SYM.size:
+                    strings = headers[link]
+                    _read_functions(
+                        section(offset, size - size % _SYM.size),
+                        section(strings[4], strings[5]),
+                        symbols,
+                    )
+        except (ValueError, IndexError, OSError, struct.error, OverflowError):
+            return cls()
+        segments.sort()
+        return cls([segment[1:] for segment in segments], list(symbols.values()))
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def resolve_file_offset(self, offset: int) -> str | None:
+        """The function containing the code at this offset of the file, if any."""
+        for start, end, delta in self._segments:
+            if start <= offset < end:
+                vaddr = offset + delta
+                break
+        else:
+            return None
+        i = bisect_right(self._starts, vaddr) - 1
+        if i < 0 or vaddr >= self._ends[i]:
+            return None
+        return self._names[i]
+
+
+def _read_functions(table: bytes, strings: bytes, into: dict[int, _Symbol]) -> None:
+    """Add the defined function symbols of a symbol table to `into`, one per address."""
+    for name_at, info, _, shndx, value, size in _SYM.iter_unpack(table):
+        kind = info & 0xF
+        # shndx 0 is an undefined (imported) symbol.
+        if (kind != _STT_FUNC and kind != _STT_GNU_IFUNC) or not shndx or not value:
+            continue
+        end = strings.find(b"\0", name_at)
+        name = strings[name_at : end if end >= 0 else None]
+        if not name:
+            continue
+        symbol = (value, size, info >> 4, name)
+        known = into.get(value)
+        if known is None or _rank(symbol) > _rank(known):
+            into[value] = symbol
+
+
+class ElfCache:
+    """ElfSymbols per file, shared by every process mapping it.
+
+    Keyed by the opened file's (st_dev, st_ino, size, mtime), so a replaced binary is re-read
+    while a library mapped by a thousand processes is read once. Bounded by the total number
+    of symbols held, which is what the memory follows.
+    """
+
+    def __init__(self, max_symbols: int = 1_000_000) -> None:
+        self._tables: LruCache[tuple[int, int, int, int], ElfSymbols] = LruCache(
+            max_symbols, lambda table: max(1, len(table))
+        )
+
+    def get(self, path: str) -> ElfSymbols | None:
+        """The symbols of the file at path; None when it cannot be opened."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            table = self._tables.get(key)
+            if table is None:
+                table = ElfSymbols._from_fd(fd, st)
+                self._tables.put(key, table)
+            return table
+        except OSError:
+            return None
+        finally:
+            os.close(fd)

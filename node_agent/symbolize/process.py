@@ -1,0 +1,146 @@
+"""Snapshots of a process's executable mappings, usable after the process is gone."""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from bisect import bisect_right
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from fleetprof.node_agent.symbolize.elf import ElfCache, ElfSymbols
+
+_DELETED = " (deleted)"
+# The bracketed pseudo-paths that are not anonymous (JIT) memory.
+_VDSO = "[vdso]"  # an ELF image, the same in every process
+_VSYSCALL = "[vsyscall]"  # legacy fixed-address entry points, not ELF
+
+
+class Mapping(NamedTuple):
+    start: int
+    end: int
+    offset: int  # file offset of start
+    path: str  # as in /proc/PID/maps, in the process's mount namespace; "" when anonymous
+    dev: str  # "major:minor", hex
+    inode: int
+    module: str  # the path's file name, as frames show it
+    # Loaded at snapshot time; None for code that is not in an ELF file (JIT, anonymous).
+    symbols: ElfSymbols | None
+
+    @property
+    def anonymous(self) -> bool:
+        """Code with no file behind it: where JITs put theirs (memfd included)."""
+        if self.path in (_VDSO, _VSYSCALL):
+            return False
+        return not self.path or self.path.startswith(("[", "/memfd:"))
+
+
+@dataclass
+class ProcessSnapshot:
+    pid: int
+    nspid: int  # the pid the process sees, in its innermost PID namespace
+    comm: str
+    start_time: int  # clock ticks after boot: (pid, start_time) names one process
+    exe: str
+    mappings: list[Mapping]  # executable ones, sorted by start
+    # When taken, or last found still current (time.monotonic()).
+    checked_at: float = field(default_factory=time.monotonic)
+    _starts: list[int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._starts = [m.start for m in self.mappings]
+
+    def mapping(self, addr: int) -> Mapping | None:
+        i = bisect_right(self._starts, addr) - 1
+        if i >= 0 and addr < self.mappings[i].end:
+            return self.mappings[i]
+        return None
+
+
+def take_snapshot(pid: int, elf_cache: ElfCache) -> ProcessSnapshot | None:
+    """Snapshot pid, loading the symbols of its executable mappings (shared via elf_cache).
+
+    None if the process is gone, is a zombie or kernel thread (no mappings), or is not ours to
+    read: races with exit are normal here and never raise.
+    """
+    try:
+        comm, start_time = read_stat(pid)
+        with open(f"/proc/{pid}/status", encoding="utf-8", errors="replace") as f:
+            status = f.read()
+        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
+            maps = f.read()
+    except OSError:
+        return None
+    mappings = []
+    for line in maps.split("\n"):
+        parts = line.split(None, 5)
+        if len(parts) < 5 or parts[1][2:3] != "x":
+            continue
+        bounds, _, offset, dev, inode = parts[:5]
+        path = parts[5] if len(parts) > 5 else ""
+        start, end = (int(bound, 16) for bound in bounds.split("-"))
+        module = os.path.basename(path.removesuffix(_DELETED))
+        mapping = Mapping(start, end, int(offset, 16), path, dev, int(inode), module, None)
+        if path == _VDSO:
+            mapping = mapping._replace(symbols=vdso_symbols())
+        elif not mapping.anonymous and path != _VSYSCALL:
+            mapping = mapping._replace(symbols=_load(pid, mapping, elf_cache))
+        mappings.append(mapping)
+    if not mappings:
+        return None
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        exe = ""
+    return ProcessSnapshot(pid, _nspid(status, pid), comm, start_time, exe, mappings)
+
+
+def read_stat(pid: int) -> tuple[str, int]:
+    """(comm, start time) of pid, from /proc/PID/stat; raises OSError if it is gone.
+
+    A zombie counts as gone: it has no mappings left and its pid is about to be reused.
+    """
+    with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+        stat = f.read()
+    # comm is in parentheses and may itself contain ") ".
+    open_paren, close_paren = stat.find("("), stat.rfind(")")
+    fields = stat[close_paren + 2 :].split()
+    if open_paren < 0 or len(fields) < 20 or fields[0] in ("Z", "X"):
+        raise ProcessLookupError(pid)
+    return stat[open_paren + 1 : close_paren], int(fields[19])
+
+
+def _nspid(status: str, pid: int) -> int:
+    for line in status.split("\n"):
+        if line.startswith("NSpid:"):
+            return int(line.split()[-1])
+    return pid  # kernels before 4.1 have no NSpid: no PID namespaces to worry about
+
+
+def _load(pid: int, mapping: Mapping, elf_cache: ElfCache) -> ElfSymbols:
+    """The mapped file's symbols, read as the process sees the file.
+
+    map_files opens the very file mapped, even deleted or replaced since, or shadowed in the
+    process's mount namespace; it needs CAP_SYS_ADMIN. Else the path, under the process's root.
+    """
+    symbols = elf_cache.get(f"/proc/{pid}/map_files/{mapping.start:x}-{mapping.end:x}")
+    if symbols is None:
+        path = mapping.path.removesuffix(_DELETED)
+        symbols = elf_cache.get(f"/proc/{pid}/root{path}")
+    return symbols if symbols is not None else ElfSymbols()
+
+
+@functools.cache
+def vdso_symbols() -> ElfSymbols:
+    """The vDSO's symbols: one image per kernel, so the agent's own copy serves everyone."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            line = next(line for line in f if line.rstrip().endswith(_VDSO))
+        start, end = (int(bound, 16) for bound in line.split()[0].split("-"))
+        with open("/proc/self/mem", "rb", buffering=0) as mem:
+            mem.seek(start)
+            image = mem.read(end - start)
+    except (OSError, StopIteration):
+        return ElfSymbols()
+    return ElfSymbols.from_bytes(image)

@@ -1,0 +1,166 @@
+"""Symbolizer: the agent's one entry point from raw stack addresses to frames."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+
+from fleetprof.node_agent.symbolize.elf import ElfCache
+from fleetprof.node_agent.symbolize.frame import Frame, LruCache
+from fleetprof.node_agent.symbolize.kernel import KernelSymbols
+from fleetprof.node_agent.symbolize.perfmap import PerfMapCache
+from fleetprof.node_agent.symbolize.process import (
+    Mapping,
+    ProcessSnapshot,
+    read_stat,
+    take_snapshot,
+)
+
+UNKNOWN = Frame("[unknown]", "", "unknown")
+JIT_MODULE = "[jit]"
+
+
+def _callsite(addrs: Sequence[int]) -> Iterable[int]:
+    """The addresses to look up: every frame but the leaf holds a return address, which
+    points after its call and so can already be in the next function (calls to noreturn
+    functions end theirs); one byte back is inside the call instruction."""
+    for i, addr in enumerate(addrs):
+        yield addr - 1 if i else addr
+
+
+class Symbolizer:
+    """Turns (pid, raw user addresses) and raw kernel addresses into frames.
+
+    Process snapshots are kept from remember(pid) until forget(pid), so samples drained after
+    a process exited still resolve; ELF symbol tables and perf maps are cached per file and
+    per process, all bounded. Not thread-safe: one drain thread owns it.
+
+    stats counts user and kernel frames looked up, those left unknown, JIT frames with no
+    perf map entry, and snapshots taken.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_processes: int = 8192,
+        resnapshot_interval: float = 1.0,
+        elf_cache: ElfCache | None = None,
+        perf_maps: PerfMapCache | None = None,
+        kernel: KernelSymbols | None = None,
+    ) -> None:
+        self.resnapshot_interval = resnapshot_interval
+        self.stats = dict.fromkeys(
+            ("user_frames", "kernel_frames", "unknown", "jit_unresolved", "snapshots"), 0
+        )
+        self._snapshots: LruCache[int, ProcessSnapshot] = LruCache(max_processes)
+        self._elf_cache = elf_cache or ElfCache()
+        self._perf_maps = perf_maps or PerfMapCache()
+        self._kernel = kernel
+
+    def remember(self, pid: int) -> None:
+        """Snapshot pid, new or changed (exec, new executable mapping), until forget(pid).
+
+        A failed snapshot (the process already exited) keeps the previous one.
+        """
+        snapshot = self._take(pid)
+        if snapshot is not None:
+            # Read its perf map now: the process may be gone by the time its samples drain.
+            self._perf_maps.get(pid, snapshot.nspid)
+
+    def forget(self, pid: int) -> None:
+        """Drop what is known of pid, once its last samples were symbolized."""
+        self._snapshots.pop(pid)
+        self._perf_maps.forget(pid)
+
+    def prune(self, pids: Iterable[int]) -> None:
+        for pid in pids:
+            self.forget(pid)
+
+    def exited_pids(self) -> set[int]:
+        """Remembered processes that are gone (or whose pid now names another process): to
+        prune after the drain that follows, which symbolizes their last samples."""
+        exited = set()
+        for pid, snapshot in self._snapshots.items():
+            try:
+                alive = read_stat(pid)[1] == snapshot.start_time
+            except OSError:
+                alive = False
+            if not alive:
+                exited.add(pid)
+        return exited
+
+    def process_name(self, pid: int) -> str | None:
+        """The comm of pid's main thread when it was last snapshotted."""
+        snapshot = self._snapshots.get(pid)
+        return snapshot.comm if snapshot is not None else None
+
+    def symbolize_user(self, pid: int, addrs: Sequence[int]) -> list[Frame]:
+        """Frames for a user stack, in the order given (leaf first, as BPF gives them)."""
+        if not addrs:
+            return []
+        snapshot = self._snapshots.get(pid) or self._take(pid)
+        self.stats["user_frames"] += len(addrs)
+        if snapshot is None:
+            self.stats["unknown"] += len(addrs)
+            return [UNKNOWN] * len(addrs)
+        frames = []
+        for addr, site in zip(addrs, _callsite(addrs), strict=True):
+            mapping = snapshot.mapping(site)
+            if mapping is None:
+                # Maybe code mapped since the snapshot: look again, at most once in a while.
+                snapshot = self._refresh(snapshot)
+                mapping = snapshot.mapping(site)
+            frames.append(self._user_frame(snapshot, mapping, addr, site))
+        return frames
+
+    def symbolize_kernel(self, addrs: Sequence[int]) -> list[Frame]:
+        if self._kernel is None:
+            try:
+                self._kernel = KernelSymbols.load()
+            except OSError:
+                self._kernel = KernelSymbols({})
+        frames = [self._kernel.resolve(addr) for addr in _callsite(addrs)]
+        self.stats["kernel_frames"] += len(frames)
+        self.stats["unknown"] += sum(frame.kind == "unknown" for frame in frames)
+        return frames
+
+    def _user_frame(
+        self, snapshot: ProcessSnapshot, mapping: Mapping | None, addr: int, site: int
+    ) -> Frame:
+        if mapping is not None and mapping.symbols is not None:
+            name = mapping.symbols.resolve_file_offset(site - mapping.start + mapping.offset)
+            if name is not None:
+                return Frame(name, mapping.module, "native")
+        elif mapping is None or mapping.anonymous:
+            perf_map = self._perf_maps.get(snapshot.pid, snapshot.nspid)
+            name = perf_map.resolve(site) if perf_map is not None else None
+            if name is not None:
+                return Frame(name, JIT_MODULE, "jit")
+            if mapping is not None:
+                self.stats["jit_unresolved"] += 1
+                return Frame(f"[jit 0x{addr:x}]", "[anon]", "jit")
+        self.stats["unknown"] += 1
+        # Like perf, name an unsymbolized frame after its binary: "[libc.so.6]".
+        if mapping is not None and mapping.module:
+            return Frame(f"[{mapping.module}]", mapping.module, "unknown")
+        return UNKNOWN
+
+    def _take(self, pid: int) -> ProcessSnapshot | None:
+        snapshot = take_snapshot(pid, self._elf_cache)
+        if snapshot is not None:
+            self.stats["snapshots"] += 1
+            self._snapshots.put(pid, snapshot)
+        return snapshot
+
+    def _refresh(self, snapshot: ProcessSnapshot) -> ProcessSnapshot:
+        """A new snapshot of the same process, if the last is old enough and it still runs."""
+        now = time.monotonic()
+        if now - snapshot.checked_at < self.resnapshot_interval:
+            return snapshot
+        snapshot.checked_at = now
+        fresh = take_snapshot(snapshot.pid, self._elf_cache)
+        if fresh is None or fresh.start_time != snapshot.start_time:
+            return snapshot  # exited, or its pid reused: the old mappings are the right ones
+        self.stats["snapshots"] += 1
+        self._snapshots.put(snapshot.pid, fresh)
+        return fresh

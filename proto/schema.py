@@ -1,0 +1,82 @@
+"""The Arrow schemas of the wire contract, defined once for agents and aggregator.
+
+A batch is two Arrow IPC streams: SAMPLES rows (one per in-kernel aggregated
+(pid, tid, stack) count) and STACKS rows (each distinct stack once per connection).
+Bump SCHEMA_VERSION and keep the old schema readable when a column changes.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+SCHEMA_VERSION = 1
+SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
+
+# Frame kinds, as used in STACKS.kinds; flame graphs colour by them.
+FRAME_KINDS = ("kernel", "native", "jit", "interpreted", "lost", "unknown")
+
+SAMPLES = pa.schema(
+    [
+        pa.field("ts", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("pid", pa.int32(), nullable=False),
+        pa.field("tid", pa.int32(), nullable=False),
+        pa.field("comm", pa.string(), nullable=False),
+        # 'cpu' (weight = samples); time events use nanoseconds.
+        pa.field("event", pa.string(), nullable=False),
+        pa.field("stack_id", pa.int64(), nullable=False),
+        pa.field("weight", pa.int64(), nullable=False),
+    ],
+    metadata={"fleetprof.table": "samples", "fleetprof.schema_version": str(SCHEMA_VERSION)},
+)
+
+STACKS = pa.schema(
+    [
+        # 64-bit hash of the frames (see node_agent.stacks.stack_id).
+        pa.field("stack_id", pa.int64(), nullable=False),
+        # Root first, leaf last, as in folded stacks.
+        pa.field("frames", pa.list_(pa.string()), nullable=False),
+        pa.field("modules", pa.list_(pa.string()), nullable=False),
+        pa.field("kinds", pa.list_(pa.string()), nullable=False),
+    ],
+    metadata={"fleetprof.table": "stacks", "fleetprof.schema_version": str(SCHEMA_VERSION)},
+)
+
+# Hostile-input limits, checked before anything is decoded or stored.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_ROWS_PER_BATCH = 5_000_000
+MAX_FRAMES_PER_STACK = 1024
+MAX_STRING_BYTES = 4096
+
+_WRITE_OPTIONS = ipc.IpcWriteOptions(compression="zstd")
+
+
+class SchemaError(ValueError):
+    """A payload that does not match the contract; the message says what is wrong."""
+
+
+def encode(table: pa.Table) -> bytes:
+    """Serialize a table as a zstd-compressed Arrow IPC stream."""
+    sink = pa.BufferOutputStream()
+    with ipc.new_stream(sink, table.schema, options=_WRITE_OPTIONS) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def decode(payload: bytes, expected: pa.Schema) -> pa.Table:
+    """Read an Arrow IPC stream and check it carries exactly `expected`'s columns."""
+    if not payload:
+        return expected.empty_table()
+    try:
+        table = ipc.open_stream(pa.py_buffer(payload)).read_all()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+        raise SchemaError(f"malformed Arrow IPC payload: {exc}") from exc
+    name = expected.metadata[b"fleetprof.table"].decode()
+    if not table.schema.equals(expected, check_metadata=False):
+        raise SchemaError(
+            f"{name}: schema does not match version {SCHEMA_VERSION}: "
+            f"got ({table.schema.to_string(show_schema_metadata=False)})"
+        )
+    if table.num_rows > MAX_ROWS_PER_BATCH:
+        raise SchemaError(f"{name}: {table.num_rows} rows exceeds {MAX_ROWS_PER_BATCH}")
+    return table

@@ -1,0 +1,46 @@
+"""Which samples a flame graph or report covers, as a SQL WHERE clause."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from fleetprof.query.sandbox import sql_literal
+
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_time(text: str, now: datetime | None = None) -> datetime:
+    """An ISO 8601 time (UTC if no zone) or a duration ago such as '15m', '2h', '7d'."""
+    match = _RELATIVE.match(text.strip())
+    if match:
+        ago = float(match[1]) * _UNIT_SECONDS[match[2]]
+        return (now or datetime.now(UTC)) - timedelta(seconds=ago)
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"bad time {text!r}: use ISO 8601 or a duration like 15m, 2h") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class SampleFilter:
+    event: str = "cpu"
+    since: datetime | None = None
+    until: datetime | None = None
+    nodes: tuple[str, ...] = ()
+    pids: tuple[int, ...] = ()
+    comms: tuple[str, ...] = ()
+
+    def where(self) -> str:
+        clauses = [f"event = {sql_literal(self.event)}"]
+        if self.since:
+            clauses.append(f"ts >= {sql_literal(self.since.isoformat())}::TIMESTAMPTZ")
+        if self.until:
+            clauses.append(f"ts < {sql_literal(self.until.isoformat())}::TIMESTAMPTZ")
+        for column, values in (("node", self.nodes), ("pid", self.pids), ("comm", self.comms)):
+            if values:
+                clauses.append(f"{column} IN ({', '.join(sql_literal(v) for v in values)})")
+        return " AND ".join(clauses)

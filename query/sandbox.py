@@ -1,0 +1,107 @@
+"""Read-only, sandboxed SQL over profiles.
+
+Only single SELECT (or EXPLAIN) statements run; the database they run on has external
+access (files, network, ATTACH, extensions) disabled and its configuration locked, so a
+query can neither write nor read anything but the profile tables.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+DEFAULT_TIMEOUT_S = 60.0
+ALLOWED_STATEMENTS = frozenset({duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN})
+
+
+class QueryError(ValueError):
+    """A query that was refused or failed; str() is one line for the user."""
+
+
+def one_line(exc: BaseException) -> str:
+    """DuckDB messages can span lines (hints, a caret under the query); users get one."""
+    text = str(exc).split("\nLINE ")[0]
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def lock_down(conn: duckdb.DuckDBPyConnection, memory_limit: str | None = None) -> None:
+    """Forbid file/network access and freeze settings for the whole database instance."""
+    if memory_limit:
+        conn.execute(f"SET memory_limit = '{memory_limit}'")
+    conn.execute("SET enable_external_access = false")
+    conn.execute("SET lock_configuration = true")
+
+
+def open_read_only(path: str | Path) -> duckdb.DuckDBPyConnection:
+    """Open a profile database file for queries only."""
+    if not Path(path).exists():
+        raise QueryError(f"no profile database at {path}")
+    try:
+        conn = duckdb.connect(str(path), read_only=True)
+    except duckdb.Error as exc:
+        raise QueryError(
+            f"cannot open {path}: {one_line(exc)} "
+            "(is an aggregator writing it? query it with --aggregator instead)"
+        ) from exc
+    lock_down(conn)
+    return conn
+
+
+def check_read_only(conn: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Refuse anything but exactly one SELECT/EXPLAIN statement."""
+    try:
+        statements = conn.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise QueryError(one_line(exc)) from exc
+    if len(statements) != 1:
+        raise QueryError(f"expected exactly one SQL statement, got {len(statements)}")
+    kind = statements[0].type
+    if kind not in ALLOWED_STATEMENTS:
+        raise QueryError(f"refused: {kind.name} statements are not allowed; queries are read-only")
+
+
+@contextmanager
+def run_query(
+    conn: duckdb.DuckDBPyConnection,
+    sql: str,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    rows_per_batch: int = 65_536,
+) -> Iterator[pa.RecordBatchReader]:
+    """Run a read-only query on a cursor of its own and stream its result as Arrow batches.
+
+    The timeout covers the whole run, including the caller consuming the stream.
+    """
+    cursor = conn.cursor()
+    check_read_only(cursor, sql)
+    timer = threading.Timer(timeout_s, cursor.interrupt)
+    timer.start()
+    try:
+        try:
+            reader = cursor.sql(sql).to_arrow_reader(rows_per_batch)
+        except duckdb.Error as exc:
+            raise _query_error(exc, timeout_s) from exc
+        try:
+            yield reader
+        except (duckdb.Error, pa.ArrowException) as exc:
+            raise _query_error(exc, timeout_s) from exc
+    finally:
+        timer.cancel()
+        cursor.close()
+
+
+def _query_error(exc: BaseException, timeout_s: float) -> QueryError:
+    if isinstance(exc, duckdb.InterruptException):
+        return QueryError(f"query stopped after the {timeout_s:g} s timeout")
+    return QueryError(one_line(exc))
+
+
+def sql_literal(value: object) -> str:
+    """Quote a value for SQL text (queries travel as text over the wire)."""
+    if isinstance(value, bool | int | float):
+        return repr(value)
+    return "'" + str(value).replace("'", "''") + "'"

@@ -1,0 +1,105 @@
+"""Where profiles are read from: a live aggregator over gRPC, or a DuckDB file."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Protocol
+
+import grpc
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from fleetprof.proto.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from fleetprof.query.sandbox import DEFAULT_TIMEOUT_S, QueryError, open_read_only, run_query
+
+
+class ProfileSource(Protocol):
+    def stream(self, sql: str) -> contextmanager[pa.RecordBatchReader]:
+        """Run read-only SQL and stream the result."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class DatabaseSource:
+    """A profile database file opened read-only (no aggregator may be writing it)."""
+
+    def __init__(self, path: str | Path, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self._conn = open_read_only(path)
+        self._timeout_s = timeout_s
+
+    @contextmanager
+    def stream(self, sql: str) -> Iterator[pa.RecordBatchReader]:
+        with run_query(self._conn, sql, self._timeout_s) as reader:
+            yield reader
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class AggregatorSource:
+    """SQL sent to an aggregator's QueryService; the answer arrives as Arrow IPC chunks."""
+
+    def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self._address = address
+        self._channel = grpc.insecure_channel(address)
+        self._stub = ingest_pb2_grpc.QueryServiceStub(self._channel)
+        self._timeout_s = timeout_s
+
+    @contextmanager
+    def stream(self, sql: str) -> Iterator[pa.RecordBatchReader]:
+        request = ingest_pb2.SqlRequest(sql=sql, timeout_ms=int(self._timeout_s * 1000))
+        chunks = self._stub.Sql(request, timeout=self._timeout_s + 5)
+        try:
+            yield ipc.open_stream(_ChunkReader(chunk.ipc for chunk in chunks))
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc, self._address) from exc
+        except pa.ArrowInvalid as exc:
+            # The stream ended early: the server aborted with a status after the first byte.
+            status = chunks.exception() if hasattr(chunks, "exception") else None
+            raise (_rpc_error(status, self._address) if status else QueryError(str(exc))) from exc
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+def _rpc_error(exc: grpc.RpcError, address: str) -> QueryError:
+    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        return QueryError(f"aggregator {address} is unreachable")
+    return QueryError(exc.details() or exc.code().name)
+
+
+class _ChunkReader:
+    """A read-only file over an iterator of byte chunks (for pyarrow's IPC reader)."""
+
+    closed = False
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buffer = bytearray()
+
+    def read(self, size: int = -1) -> bytes:
+        while size < 0 or len(self._buffer) < size:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                break
+            self._buffer += chunk
+        if size < 0:
+            size = len(self._buffer)
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def open_source(aggregator: str | None, db: str | None) -> ProfileSource:
+    if (aggregator is None) == (db is None):
+        raise QueryError("give exactly one of --aggregator HOST:PORT or --db PATH")
+    return AggregatorSource(aggregator) if aggregator else DatabaseSource(db)

@@ -1,0 +1,75 @@
+"""Shared fixtures: a real aggregator on loopback, real agents, the bundled workloads."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from fleetprof import workloads
+from fleetprof.aggregator.server import Aggregator
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip on a developer machine that lacks something; in CI that is a failure."""
+    if not condition:
+        if IN_CI:
+            pytest.fail(f"CI cannot skip: {reason}")
+        pytest.skip(reason)
+
+
+def require_ebpf() -> None:
+    require(os.geteuid() == 0, "eBPF tests need root")
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        require(False, "BCC (python3-bpfcc) is not installed; run ./setup-host.sh")
+
+
+@pytest.fixture
+def aggregator(tmp_path: Path) -> Iterator[Aggregator]:
+    server = Aggregator(tmp_path / "profiles.duckdb", "127.0.0.1:0")
+    server.start()
+    yield server
+    server.stop(grace_s=0)
+
+
+@pytest.fixture(scope="session")
+def native_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    require(shutil.which("gcc") is not None, "gcc is not installed")
+    return workloads.build_native(tmp_path_factory.mktemp("native"))
+
+
+@pytest.fixture(scope="session")
+def java_classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    require(shutil.which("javac") is not None, "a JDK is not installed")
+    return workloads.build_java(tmp_path_factory.mktemp("java"))
+
+
+@pytest.fixture
+def running_agent(aggregator: Aggregator) -> Iterator[Callable[..., object]]:
+    """Start a real agent (BCC) shipping to the test aggregator; stopped at teardown."""
+    require_ebpf()
+    from fleetprof.node_agent.agent import Agent, AgentConfig
+
+    started: list[tuple[threading.Event, threading.Thread]] = []
+
+    def start(frequency: int = 99, interval_s: float = 1.0, node: str = "test-node") -> Agent:
+        agent = Agent(AgentConfig(aggregator.address, node, frequency, interval_s))
+        stop = threading.Event()
+        thread = threading.Thread(target=agent.run, args=(stop,), name=f"agent-{node}")
+        thread.start()
+        started.append((stop, thread))
+        agent.stop = lambda: (stop.set(), thread.join())  # type: ignore[attr-defined]
+        return agent
+
+    yield start
+    for stop, thread in started:
+        stop.set()
+        thread.join()
