@@ -79,29 +79,40 @@ def main() -> None:
         perf_data = work / "perf.data"
         perf = subprocess.Popen(
             ["perf", "record", "-F", "99", "-a", "-g", "-o", str(perf_data)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         time.sleep(1)
         results["perf"].append(run_workload(binary, threads, args.rounds)[0])
         perf.send_signal(signal.SIGINT)
         perf.wait()
         before = os.times()
-        subprocess.run(["perf", "script", "-i", str(perf_data)],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        subprocess.run(
+            ["perf", "script", "-i", str(perf_data)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=True,
+        )
         after = os.times()
         perf_script_cpu.append(
-            after.children_user + after.children_system
-            - before.children_user - before.children_system
+            after.children_user
+            + after.children_system
+            - before.children_user
+            - before.children_system
         )
 
     aggregator = subprocess.Popen(
         [fleetprof, "aggregator", "--db", str(work / "bench.duckdb"), "--listen", "127.0.0.1:0"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     address = aggregator.stdout.readline().split("listening on ")[1].split(",")[0]
     agent = subprocess.Popen(
         [fleetprof, "agent", "--aggregator", address, "--frequency", "99", "--interval", "10"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     wait_for_line(agent, "sampling at")
     threading.Thread(target=agent.stderr.read, daemon=True).start()  # keep the pipe flowing
@@ -126,8 +137,10 @@ def main() -> None:
     for name in ("agent", "perf"):
         cpu = statistics.median(results[name])
         print(f"  with {name:<16} CPU {cpu:8.2f} s   ratio {cpu / alone:.3f}")
-    print(f"  perf script afterwards: {statistics.median(perf_script_cpu):.2f} CPU s "
-          f"(ratio to workload {statistics.median(perf_script_cpu) / alone:.3f})")
+    print(
+        f"  perf script afterwards: {statistics.median(perf_script_cpu):.2f} CPU s "
+        f"(ratio to workload {statistics.median(perf_script_cpu) / alone:.3f})"
+    )
     print(f"agent steady-state CPU: {100 * statistics.median(agent_cpu_share):.2f}% of one core")
     print(f"agent peak RSS: {rss:.0f} MB")
 

@@ -50,8 +50,15 @@ def start_native(
 
 def start_java(classes: Path, seconds: float, threads: int = 2) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        ["java", "-XX:+PreserveFramePointer", "-cp", str(classes), JAVA_MAIN,
-         str(seconds), str(threads)]
+        [
+            "java",
+            "-XX:+PreserveFramePointer",
+            "-cp",
+            str(classes),
+            JAVA_MAIN,
+            str(seconds),
+            str(threads),
+        ]
     )
 
 

@@ -49,7 +49,10 @@ class Agent:
         self.stats = {"drains": 0, "samples": 0, "dropped_samples": 0}
         log.info(
             "agent %s sampling at %d Hz, shipping every %g s to %s",
-            agent_id, config.frequency, config.interval_s, config.aggregator,
+            agent_id,
+            config.frequency,
+            config.interval_s,
+            config.aggregator,
         )
 
     def _on_exit(self, pid: int) -> None:

@@ -27,7 +27,9 @@ class StackRow(NamedTuple):
 
 def stack_row(frames: Sequence[Frame]) -> StackRow:
     return StackRow(
-        tuple(f.name for f in frames), tuple(f.module for f in frames), tuple(f.kind for f in frames)
+        tuple(f.name for f in frames),
+        tuple(f.module for f in frames),
+        tuple(f.kind for f in frames),
     )
 
 

@@ -20,14 +20,12 @@ class _ProcessEvent(ctypes.Structure):
 class ProcessEvents:
     """Calls `on_new_code(pid)` after an exec or executable mmap, `on_exit(pid)` at exit."""
 
-    def __init__(
-        self, on_new_code: Callable[[int], None], on_exit: Callable[[int], None]
-    ) -> None:
+    def __init__(self, on_new_code: Callable[[int], None], on_exit: Callable[[int], None]) -> None:
         self._on_new_code = on_new_code
         self._on_exit = on_exit
         self._agent_pid = os.getpid()
         self._bpf = BPF(text=BPF_SOURCE.read_text())
-        self._bpf["process_events"].open_ring_buffer(self._handle)
+        self._bpf[b"process_events"].open_ring_buffer(self._handle)
 
     def _handle(self, _ctx: int, data: int, _size: int) -> None:
         event = ctypes.cast(data, ctypes.POINTER(_ProcessEvent)).contents

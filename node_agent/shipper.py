@@ -109,8 +109,12 @@ class Shipper:
                     self.stats["rejected"] += 1
                     log.error("aggregator refused batch %d: %s", pending.sequence, exc.details())
                     continue
-                log.warning("aggregator %s unavailable (%s); %d batches pending",
-                            self.address, exc.code().name, len(self._pending))
+                log.warning(
+                    "aggregator %s unavailable (%s); %d batches pending",
+                    self.address,
+                    exc.code().name,
+                    len(self._pending),
+                )
                 return False
             self._pending.popleft()
             self.stats["duplicates" if ack.duplicate else "acked"] += 1
@@ -151,5 +155,3 @@ class Shipper:
     def close(self) -> None:
         self._drop_stream()
         self._channel.close()
-
-

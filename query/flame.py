@@ -22,6 +22,8 @@ def flame_sql(selection: SampleFilter) -> str:
             GROUP BY comm, stack_id
         ) m
         JOIN stacks s USING (stack_id)
+        -- Sorted rows share prefixes with their predecessor: the tree build is faster.
+        ORDER BY frames
     """
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
+from decimal import Decimal
 from typing import BinaryIO
 
 import pyarrow as pa
@@ -55,7 +56,14 @@ def write_json_lines(reader: pa.RecordBatchReader, out: BinaryIO) -> None:
     """One JSON object per row (JSON Lines), so large results stream."""
     for batch in reader:
         for row in batch.to_pylist():
-            out.write(json.dumps(row, default=str).encode() + b"\n")
+            out.write(json.dumps(row, default=_json_value).encode() + b"\n")
+
+
+def _json_value(value: object) -> object:
+    # DuckDB's sum() of BIGINT is HUGEINT, which arrives as an integral Decimal.
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    return str(value)
 
 
 def write_parquet(reader: pa.RecordBatchReader, out: BinaryIO) -> None:

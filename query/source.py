@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -16,7 +16,7 @@ from fleetprof.query.sandbox import DEFAULT_TIMEOUT_S, QueryError, open_read_onl
 
 
 class ProfileSource(Protocol):
-    def stream(self, sql: str) -> contextmanager[pa.RecordBatchReader]:
+    def stream(self, sql: str) -> AbstractContextManager[pa.RecordBatchReader]:
         """Run read-only SQL and stream the result."""
         ...
 

@@ -83,8 +83,20 @@ def test_flamegraph_command_writes_every_format(
     agent.stop()
     for suffix in ("html", "svg", "folded"):
         out = tmp_path / f"cpu.{suffix}"
-        assert main(["flamegraph", "--aggregator", aggregator.address, "--pid", str(process.pid),
-                     "-o", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "flamegraph",
+                    "--aggregator",
+                    aggregator.address,
+                    "--pid",
+                    str(process.pid),
+                    "-o",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         assert "compute_alpha" in out.read_text()
     folded = (tmp_path / "cpu.folded").read_text().splitlines()
     assert all(line.startswith("hotspots;") for line in folded)

@@ -59,18 +59,21 @@ def send(aggregator: Aggregator, *batches: ingest_pb2.IngestBatch) -> list[inges
 
 def totals(aggregator: Aggregator) -> tuple[int, int, int]:
     reader = aggregator.store.reader()
-    weight, rows = reader.execute("SELECT coalesce(sum(weight), 0), count(*) FROM samples").fetchone()
+    weight, rows = reader.execute(
+        "SELECT coalesce(sum(weight), 0), count(*) FROM samples"
+    ).fetchone()
     (stacks,) = reader.execute("SELECT count(*) FROM stacks").fetchone()
     return int(weight), rows, stacks
 
 
 def test_batches_are_acked_after_storing(aggregator: Aggregator) -> None:
     acks = send(aggregator, batch(1), batch(2, stacks=b""))
-    assert [(a.sequence, a.duplicate, a.rows_stored) for a in acks] == [(1, False, 2), (2, False, 2)]
+    assert [(a.sequence, a.duplicate, a.rows_stored) for a in acks] == [
+        (1, False, 2),
+        (2, False, 2),
+    ]
     assert totals(aggregator) == (8, 4, 2)
-    frames = aggregator.store.reader().sql(
-        "SELECT frames FROM stacks ORDER BY stack_id"
-    ).fetchall()
+    frames = aggregator.store.reader().sql("SELECT frames FROM stacks ORDER BY stack_id").fetchall()
     assert frames == [(["main", "compute_alpha"],), (["main", "compute_beta"],)]
 
 
@@ -85,7 +88,10 @@ def test_resent_batch_is_not_counted_twice(aggregator: Aggregator) -> None:
     ("fields", "message"),
     [
         ({"samples": b"\xff\x00not arrow at all"}, "malformed Arrow IPC"),
-        ({"samples": schema.encode(pa.table({"pid": [1], "oops": ["x"]}))}, "schema does not match"),
+        (
+            {"samples": schema.encode(pa.table({"pid": [1], "oops": ["x"]}))},
+            "schema does not match",
+        ),
         ({"schema_version": 99}, "unknown schema version 99"),
         ({"agent_id": ""}, "agent_id"),
         ({"samples": schema.encode(samples({11: -5}))}, "negative weight"),
@@ -109,7 +115,7 @@ def test_shipper_resends_stacks_after_reconnect_and_keeps_order(tmp_path) -> Non
     # The aggregator is down at first: batches wait, then go in order once it is up.
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        address = "127.0.0.1:%d" % probe.getsockname()[1]
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
     shipper = Shipper(address, agent_id="agent-9", node="node-z")
     shipper.ship(Batch(samples({11: 3}), {11: STACKS[11]}))
     shipper.ship(Batch(samples({11: 1, 12: 2}), dict(STACKS)))

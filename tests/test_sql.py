@@ -11,9 +11,9 @@ import pytest
 from fleetprof.aggregator.server import Aggregator
 from fleetprof.aggregator.storage import ProfileStore
 from fleetprof.cli import main
+from fleetprof.node_agent.batch import stacks_table
 from fleetprof.query.sandbox import QueryError
 from fleetprof.query.source import AggregatorSource, DatabaseSource
-from fleetprof.node_agent.batch import stacks_table
 from tests.test_ingest import STACKS, batch, samples, send
 
 REFUSED = [
@@ -91,6 +91,8 @@ def test_query_output_formats(stored: Aggregator, tmp_path: Path, capsys) -> Non
     assert main(["query", "--aggregator", stored.address, sql, "--format", "csv"]) == 0
     assert capsys.readouterr().out.splitlines() == ['"node","weight"', '"node-a",8']
     out = tmp_path / "r.parquet"
-    assert main(["query", "--aggregator", stored.address, sql, "--format", "parquet",
-                 "-o", str(out)]) == 0
+    assert (
+        main(["query", "--aggregator", stored.address, sql, "--format", "parquet", "-o", str(out)])
+        == 0
+    )
     assert pq.read_table(out).to_pylist() == [{"node": "node-a", "weight": 8}]

@@ -86,5 +86,5 @@ def run(args: argparse.Namespace) -> int:
         source.close()
         aggregator.stop()
     print(f"\nflame graph: {html}\nfolded stacks: {folded}\ndatabase: {db}")
-    print(f"query it: fleetprof query --db {db} \"SELECT count(*) FROM samples\"")
+    print(f'query it: fleetprof query --db {db} "SELECT count(*) FROM samples"')
     return 0

@@ -14,7 +14,9 @@ DEFAULT_AGGREGATOR = "127.0.0.1:7470"
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
-        "--aggregator", metavar="HOST:PORT", help=f"a running aggregator (default {DEFAULT_AGGREGATOR})"
+        "--aggregator",
+        metavar="HOST:PORT",
+        help=f"a running aggregator (default {DEFAULT_AGGREGATOR})",
     )
     source.add_argument("--db", metavar="PATH", help="a profile database file (no aggregator)")
 

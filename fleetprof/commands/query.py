@@ -25,9 +25,7 @@ def run(args: argparse.Namespace) -> int:
     source = open_profiles(args)
     with ExitStack() as stack:
         stack.callback(source.close)
-        out = (
-            stack.enter_context(open(args.output, "wb")) if args.output else sys.stdout.buffer
-        )
+        out = stack.enter_context(open(args.output, "wb")) if args.output else sys.stdout.buffer
         reader = stack.enter_context(source.stream(args.sql))
         WRITERS[args.format](reader, out)
         out.flush()

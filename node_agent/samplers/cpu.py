@@ -46,7 +46,7 @@ class CpuSampler:
 
     def dropped_samples(self) -> int:
         """Samples the kernel could not count since start (counts map full)."""
-        return int(self._bpf["dropped_samples"].sum(0).value)
+        return int(self._bpf[b"dropped_samples"].sum(0).value)
 
     def close(self) -> None:
         self._bpf.cleanup()

@@ -34,7 +34,7 @@ class StackSample(NamedTuple):
 class GenerationalStackMaps:
     def __init__(self, bpf: Any) -> None:
         self._bpf = bpf
-        self._generation = bpf["generation"]
+        self._generation = bpf[b"generation"]
         self._current = 0
 
     def drain(self) -> list[StackSample]:
@@ -42,8 +42,8 @@ class GenerationalStackMaps:
         self._current = 1 - previous
         self._generation[self._generation.Key(0)] = self._generation.Leaf(self._current)
         time.sleep(_FLIP_SETTLE_S)
-        counts = self._bpf[f"counts_{previous}"]
-        stacks = self._bpf[f"stacks_{previous}"]
+        counts = self._bpf[f"counts_{previous}".encode()]
+        stacks = self._bpf[f"stacks_{previous}".encode()]
         walked: dict[int, tuple[int, ...] | None] = {}
 
         def walk(stack_id: int) -> tuple[int, ...] | None:

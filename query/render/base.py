@@ -1,0 +1,86 @@
+"""What every flame-graph renderer shares: options, the protocol, weights and colours."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Literal, Protocol, get_args
+
+from fleetprof.query.flame_tree import FlameNode
+
+Unit = Literal["samples", "ns"]
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """`unit` is "samples" for sampled events (cpu) and "ns" for time-weighted ones
+    (lock, io, offcpu), whose weights are shown as ns/µs/ms/s."""
+
+    title: str
+    event: str
+    unit: Unit
+    subtitle: str = ""
+
+    def __post_init__(self) -> None:
+        if self.unit not in get_args(Unit):
+            raise ValueError(f"unit must be one of {get_args(Unit)}, not {self.unit!r}")
+
+
+class Renderer(Protocol):
+    suffixes: tuple[str, ...]
+
+    def render(self, tree: FlameNode, options: RenderOptions, out: BinaryIO) -> None: ...
+
+
+def renderer_for(path: str | Path) -> Renderer:
+    """Pick the renderer whose suffix ends the file name (case-insensitive)."""
+    # imported here because every renderer module imports this one
+    from fleetprof.query.render.folded import FoldedRenderer
+    from fleetprof.query.render.html import HtmlRenderer
+    from fleetprof.query.render.svg import SvgRenderer
+
+    renderers: tuple[Renderer, ...] = (FoldedRenderer(), SvgRenderer(), HtmlRenderer())
+    name = Path(path).name
+    for renderer in renderers:
+        if name.lower().endswith(renderer.suffixes):
+            return renderer
+    supported = ", ".join(sorted(s for r in renderers for s in r.suffixes))
+    raise ValueError(f"cannot tell the flame-graph format of {name!r}; use one of: {supported}")
+
+
+def format_weight(value: float, unit: Unit) -> str:
+    """`1,234 samples`, or a duration in the largest unit that keeps it >= 1 once rounded
+    (999,999 ns is "1.00 ms", not "1,000.00 µs")."""
+    if unit == "samples":
+        return f"{value:,.0f} sample" + ("" if value == 1 else "s")
+    for scale, suffix in ((1e9, "s"), (1e6, "ms"), (1e3, "µs")):
+        if round(value / scale, 2) >= 1:
+            return f"{value / scale:,.2f} {suffix}"
+    return f"{value:,.0f} ns"
+
+
+# flamegraph.pl --color=java palettes: per RGB channel (base, spread, which of the three
+# name-hash shades scales the spread); native frames are yellow for C++ (a "::" in the
+# name) and red for C.
+_PALETTES = {
+    "green": ((50, 60, 0), (200, 55, 0), (50, 60, 0)),
+    "yellow": ((175, 55, 0), (175, 55, 0), (50, 20, 0)),
+    "red": ((205, 50, 2), (0, 230, 0), (0, 55, 1)),
+    "orange": ((190, 65, 0), (90, 65, 0), (0, 0, 0)),
+    "grey": ((160, 40, 0), (160, 40, 0), (160, 40, 0)),
+}
+_KIND_PALETTE = {"jit": "green", "interpreted": "green", "kernel": "orange"}
+
+
+def frame_color(name: str, kind: str) -> str:
+    """A `#rrggbb` colour from the kind's palette, varied by a stable hash of the name so
+    a function keeps its colour across graphs and runs."""
+    if kind == "native":
+        palette = "yellow" if "::" in name else "red"
+    else:
+        palette = _KIND_PALETTE.get(kind, "grey")  # lost, unknown and anything unexpected
+    digest = zlib.crc32(name.encode("utf-8", "replace"))
+    shades = (digest & 0xFF, (digest >> 8) & 0xFF, (digest >> 16) & 0xFF)
+    r, g, b = (base + spread * shades[i] // 255 for base, spread, i in _PALETTES[palette])
+    return f"#{r:02x}{g:02x}{b:02x}"

@@ -1,0 +1,89 @@
+"""A static flame graph in SVG, laid out like flamegraph.pl (root at the bottom)."""
+
+from __future__ import annotations
+
+import html
+import re
+from typing import BinaryIO
+
+from fleetprof.query.flame_tree import FlameNode
+from fleetprof.query.render.base import RenderOptions, format_weight, frame_color
+
+WIDTH = 1200
+PAD_X = 10
+ROW_HEIGHT = 16
+FONT_SIZE = 12
+FONT_WIDTH = 0.59  # average Verdana glyph width per unit of font size (flamegraph.pl)
+MIN_WIDTH_PX = 0.1
+PAD_BOTTOM = FONT_SIZE * 2 + 10
+
+# Code points XML 1.0 forbids even as character references; frame names come from the
+# profiled programs, so one stray control byte would otherwise make the file unparseable.
+_XML_INVALID = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _xml(text: str) -> str:
+    return html.escape(_XML_INVALID.sub("\ufffd", text))
+
+
+def _label(name: str, width: float) -> str:
+    """The name cut to what fits in `width` px, ending in ".." when cut; "" below 3 chars."""
+    chars = int((width - 6) / (FONT_SIZE * FONT_WIDTH))
+    if chars < 3:
+        return ""
+    return name if len(name) <= chars else name[: chars - 2] + ".."
+
+
+class SvgRenderer:
+    suffixes: tuple[str, ...] = (".svg",)
+
+    def render(self, tree: FlameNode, options: RenderOptions, out: BinaryIO) -> None:
+        plot_width = WIDTH - 2 * PAD_X
+        total = tree.total
+        scale = plot_width / total if total else 0.0
+        # frames under MIN_WIDTH_PX are invisible; walk() drops them with their subtrees
+        frames = list(tree.walk(MIN_WIDTH_PX / scale)) if total else []
+        rows = 1 + max((depth for depth, _, _ in frames), default=0)
+        top = FONT_SIZE * (5 if options.subtitle else 3)
+        height = top + rows * ROW_HEIGHT + PAD_BOTTOM
+
+        parts = [
+            '<?xml version="1.0" encoding="UTF-8" standalone="no"?>\n'
+            f'<svg xmlns="http://www.w3.org/2000/svg" version="1.1" width="{WIDTH}" '
+            f'height="{height}" viewBox="0 0 {WIDTH} {height}" '
+            f'font-family="Verdana, sans-serif" font-size="{FONT_SIZE}">\n'
+            '<defs><linearGradient id="background" x1="0" y1="0" x2="0" y2="1">'
+            '<stop stop-color="#eeeeee" offset="5%"/><stop stop-color="#eeeeb0" offset="95%"/>'
+            "</linearGradient></defs>\n"
+            "<style>g.frame:hover rect { stroke: #000; stroke-width: 0.5; }</style>\n"
+            '<rect width="100%" height="100%" fill="url(#background)"/>\n'
+            f'<text x="{WIDTH / 2}" y="{FONT_SIZE * 2}" font-size="17" '
+            f'text-anchor="middle">{_xml(options.title)}</text>\n'
+        ]
+        if options.subtitle:
+            parts.append(
+                f'<text x="{WIDTH / 2}" y="{FONT_SIZE * 4}" text-anchor="middle" '
+                f'fill="#555">{_xml(options.subtitle)}</text>\n'
+            )
+        parts.append(
+            f'<text x="{PAD_X}" y="{height - FONT_SIZE}">'
+            f"Event: {_xml(options.event)}   Total: {format_weight(total, options.unit)}</text>\n"
+        )
+        bottom = height - PAD_BOTTOM
+        for depth, offset, node in frames:
+            x = PAD_X + offset * scale
+            width = node.total * scale
+            y = bottom - (depth + 1) * ROW_HEIGHT
+            weight = format_weight(node.total, options.unit)
+            percent = 100 * node.total / total
+            parts.append(
+                f'<g class="frame"><title>{_xml(node.name)} ({weight}, {percent:.2f}%)</title>'
+                f'<rect x="{x:.2f}" y="{y}" width="{width:.2f}" height="{ROW_HEIGHT - 1}" '
+                f'fill="{frame_color(node.name, node.kind)}" rx="2" ry="2"/>'
+            )
+            label = _label(node.name, width)
+            if label:
+                parts.append(f'<text x="{x + 3:.2f}" y="{y + 11.5}">{_xml(label)}</text>')
+            parts.append("</g>\n")
+        parts.append("</svg>\n")
+        out.write("".join(parts).encode("utf-8"))
