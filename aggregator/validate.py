@@ -44,6 +44,9 @@ def _check_samples(samples: pa.Table) -> None:
         return
     if pc.min(samples["weight"]).as_py() < 0:
         raise schema.SchemaError("samples: negative weight")
+    unknown = set(pc.unique(samples["event"]).to_pylist()) - schema.EVENT_UNITS.keys()
+    if unknown:
+        raise schema.SchemaError(f"samples: unknown event {sorted(unknown)[0]!r}")
     for column in ("comm", "event"):
         if pc.max(pc.utf8_length(samples[column])).as_py() > schema.MAX_STRING_BYTES:
             raise schema.SchemaError(f"samples: {column} longer than {schema.MAX_STRING_BYTES}")

@@ -13,6 +13,9 @@ import pyarrow.ipc as ipc
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
 
+# The events (SAMPLES.event) and the unit of their weight: counts, or nanoseconds of time.
+EVENT_UNITS = {"cpu": "samples"}
+
 # Frame kinds, as used in STACKS.kinds; flame graphs colour by them.
 FRAME_KINDS = ("kernel", "native", "jit", "interpreted", "lost", "unknown")
 
@@ -22,7 +25,7 @@ SAMPLES = pa.schema(
         pa.field("pid", pa.int32(), nullable=False),
         pa.field("tid", pa.int32(), nullable=False),
         pa.field("comm", pa.string(), nullable=False),
-        # 'cpu' (weight = samples); time events use nanoseconds.
+        # A key of EVENT_UNITS, which says what weight counts.
         pa.field("event", pa.string(), nullable=False),
         pa.field("stack_id", pa.int64(), nullable=False),
         pa.field("weight", pa.int64(), nullable=False),

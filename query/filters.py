@@ -6,8 +6,6 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from fleetprof.query.sandbox import sql_literal
-
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -23,6 +21,13 @@ def parse_time(text: str, now: datetime | None = None) -> datetime:
     except ValueError:
         raise ValueError(f"bad time {text!r}: use ISO 8601 or a duration like 15m, 2h") from None
     return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def sql_literal(value: object) -> str:
+    """Quote a value for SQL text (queries travel as text over the wire)."""
+    if isinstance(value, bool | int | float):
+        return repr(value)
+    return "'" + str(value).replace("'", "''") + "'"
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,6 @@ from fleetprof.query.filters import SampleFilter
 from fleetprof.query.flame_tree import FlameNode, build_tree
 from fleetprof.query.source import ProfileSource
 
-# Units of each event's weight.
-EVENT_UNITS = {"cpu": "samples"}
-
 
 def flame_sql(selection: SampleFilter) -> str:
     """Weights summed per (process name, stack); the process name becomes the root frame."""

@@ -98,10 +98,3 @@ def _query_error(exc: BaseException, timeout_s: float) -> QueryError:
     if isinstance(exc, duckdb.InterruptException):
         return QueryError(f"query stopped after the {timeout_s:g} s timeout")
     return QueryError(one_line(exc))
-
-
-def sql_literal(value: object) -> str:
-    """Quote a value for SQL text (queries travel as text over the wire)."""
-    if isinstance(value, bool | int | float):
-        return repr(value)
-    return "'" + str(value).replace("'", "''") + "'"

@@ -57,11 +57,20 @@ def running_agent(aggregator: Aggregator) -> Iterator[Callable[..., object]]:
     """Start a real agent (BCC) shipping to the test aggregator; stopped at teardown."""
     require_ebpf()
     from fleetprof.node_agent.agent import Agent, AgentConfig
+    from fleetprof.node_agent.samplers import SamplerOptions
 
     started: list[tuple[threading.Event, threading.Thread]] = []
 
-    def start(frequency: int = 99, interval_s: float = 1.0, node: str = "test-node") -> Agent:
-        agent = Agent(AgentConfig(aggregator.address, node, frequency, interval_s))
+    def start(
+        frequency: int = 99,
+        interval_s: float = 1.0,
+        node: str = "test-node",
+        events: tuple[str, ...] = ("cpu",),
+    ) -> Agent:
+        config = AgentConfig(
+            aggregator.address, node, interval_s, events, SamplerOptions(frequency=frequency)
+        )
+        agent = Agent(config)
         stop = threading.Event()
         thread = threading.Thread(target=agent.run, args=(stop,), name=f"agent-{node}")
         thread.start()

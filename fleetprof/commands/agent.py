@@ -6,7 +6,7 @@ import argparse
 import socket
 
 from fleetprof.commands.options import DEFAULT_AGGREGATOR, stop_on_signals
-from fleetprof.node_agent.agent import Agent, AgentConfig
+from fleetprof.proto.schema import EVENT_UNITS
 
 HELP = "run the node agent (eBPF sampling; needs root)"
 
@@ -14,7 +14,12 @@ HELP = "run the node agent (eBPF sampling; needs root)"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aggregator", default=DEFAULT_AGGREGATOR, metavar="HOST:PORT")
     parser.add_argument("--node", default=socket.gethostname(), help="this node's name")
-    parser.add_argument("--frequency", type=int, default=19, metavar="HZ", help="samples/s per CPU")
+    parser.add_argument(
+        "--events", default="cpu", help=f"comma-separated, of: {','.join(EVENT_UNITS)}"
+    )
+    parser.add_argument(
+        "--frequency", type=int, default=19, metavar="HZ", help="cpu samples/s per CPU"
+    )
     parser.add_argument(
         "--interval", type=float, default=10.0, metavar="SECONDS", help="time between shipments"
     )
@@ -24,16 +29,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here: BCC and its compiler load only for the command that samples.
+    from fleetprof.node_agent.agent import Agent, AgentConfig
+    from fleetprof.node_agent.samplers import SamplerOptions
+
     if not 1 <= args.frequency <= 10_000:
         raise ValueError("--frequency must be between 1 and 10000 Hz")
     if args.interval <= 0:
         raise ValueError("--interval must be positive")
+    events = tuple(e.strip() for e in args.events.split(",") if e.strip())
+    unknown = set(events) - EVENT_UNITS.keys()
+    if not events or unknown:
+        raise ValueError(f"--events takes some of {','.join(EVENT_UNITS)}")
     config = AgentConfig(
         aggregator=args.aggregator,
         node=args.node,
-        frequency=args.frequency,
         interval_s=args.interval,
-        include_idle=args.include_idle,
+        events=events,
+        sampling=SamplerOptions(frequency=args.frequency, include_idle=args.include_idle),
     )
     Agent(config).run(stop_on_signals())
     return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from fleetprof.aggregator.server import Aggregator
 from fleetprof.commands.options import DEFAULT_AGGREGATOR, stop_on_signals
 
 HELP = "run the aggregator (gRPC ingest + query service)"
@@ -16,6 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here so that other commands (the agent above all) do not load DuckDB.
+    from fleetprof.aggregator.server import Aggregator
+
     aggregator = Aggregator(args.db, args.listen)
     stop = stop_on_signals()
     aggregator.start()

@@ -13,15 +13,6 @@ import threading
 import time
 from pathlib import Path
 
-from fleetprof import workloads
-from fleetprof.aggregator.server import Aggregator
-from fleetprof.node_agent.agent import Agent, AgentConfig
-from fleetprof.query.filters import SampleFilter
-from fleetprof.query.flame import load_flame
-from fleetprof.query.render import RenderOptions, renderer_for
-from fleetprof.query.result_formats import write_table_text
-from fleetprof.query.source import AggregatorSource
-
 HELP = "run the end-to-end demo on this machine"
 
 TOP_FUNCTIONS_SQL = """
@@ -40,6 +31,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # The demo runs every part: imported only when it runs.
+    from fleetprof import workloads
+    from fleetprof.aggregator.server import Aggregator
+    from fleetprof.node_agent.agent import Agent, AgentConfig
+    from fleetprof.node_agent.samplers import SamplerOptions
+    from fleetprof.query.filters import SampleFilter
+    from fleetprof.query.flame import load_flame
+    from fleetprof.query.render import RenderOptions, renderer_for
+    from fleetprof.query.result_formats import write_table_text
+    from fleetprof.query.source import AggregatorSource
+
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     db = out / "demo.duckdb"
@@ -49,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
 
     aggregator = Aggregator(db, "127.0.0.1:0")
     aggregator.start()
-    agent = Agent(AgentConfig(aggregator.address, "demo-node", args.frequency, 5.0))
+    sampling = SamplerOptions(frequency=args.frequency)
+    agent = Agent(AgentConfig(aggregator.address, "demo-node", 5.0, sampling=sampling))
     stop_agent = threading.Event()
     agent_thread = threading.Thread(target=agent.run, args=(stop_agent,), name="agent")
     agent_thread.start()

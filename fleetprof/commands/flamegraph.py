@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 
 from fleetprof.commands.options import add_source_arguments, open_profiles
+from fleetprof.proto.schema import EVENT_UNITS
 from fleetprof.query.filters import SampleFilter, parse_time
-from fleetprof.query.flame import EVENT_UNITS, load_flame
-from fleetprof.query.render import RenderOptions, renderer_for
 
 HELP = "write a flame graph (.html, .svg, .folded)"
 
@@ -36,6 +35,9 @@ def selection_from(args: argparse.Namespace) -> SampleFilter:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fleetprof.query.flame import load_flame
+    from fleetprof.query.render import RenderOptions, renderer_for
+
     renderer = renderer_for(args.output)
     selection = selection_from(args)
     source = open_profiles(args)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import signal
 import threading
+from typing import TYPE_CHECKING
 
-from fleetprof.query.source import ProfileSource, open_source
+if TYPE_CHECKING:
+    from fleetprof.query.source import ProfileSource
 
 DEFAULT_AGGREGATOR = "127.0.0.1:7470"
 
@@ -22,6 +24,8 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def open_profiles(args: argparse.Namespace) -> ProfileSource:
+    from fleetprof.query.source import open_source  # loads DuckDB: only when used
+
     if args.db:
         return open_source(None, args.db)
     return open_source(args.aggregator or DEFAULT_AGGREGATOR, None)

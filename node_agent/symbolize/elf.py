@@ -70,7 +70,7 @@ class ElfSymbols:
                 for i, (start, size, _, _) in enumerate(symbols)
             ],
         )
-        self._names = [name.decode("utf-8", "replace") for _, _, _, name in symbols]
+        self._names = NameBlob([name for _, _, _, name in symbols])
 
     @classmethod
     def load(cls, path: str) -> ElfSymbols:
@@ -159,6 +159,28 @@ class ElfSymbols:
         if i < 0 or vaddr >= self._ends[i]:
             return None
         return self._names[i]
+
+
+class NameBlob:
+    """Many names in one bytes object: a str per symbol would cost ~50 bytes of overhead
+    each, and a process can map several hundred thousand symbols."""
+
+    __slots__ = ("_blob", "_offsets")
+
+    def __init__(self, names: list[bytes]) -> None:
+        self._offsets = array("Q")
+        position = 0
+        for name in names:
+            self._offsets.append(position)
+            position += len(name) + 1
+        self._blob = b"\0".join(names) + b"\0"
+
+    def __getitem__(self, index: int) -> str:
+        start = self._offsets[index]
+        return self._blob[start : self._blob.index(b"\0", start)].decode("utf-8", "replace")
+
+    def __len__(self) -> int:
+        return len(self._offsets)
 
 
 def _read_functions(table: bytes, strings: bytes, into: dict[int, _Symbol]) -> None:

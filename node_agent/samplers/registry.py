@@ -1,0 +1,12 @@
+"""The samplers by event name, as `fleetprof agent --events` names them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fleetprof.node_agent.samplers import Sampler, SamplerOptions
+from fleetprof.node_agent.samplers.cpu import CpuSampler
+
+SAMPLERS: dict[str, Callable[[SamplerOptions], Sampler]] = {
+    "cpu": CpuSampler,
+}
