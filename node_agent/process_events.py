@@ -24,7 +24,7 @@ class ProcessEvents:
         self._on_new_code = on_new_code
         self._on_exit = on_exit
         self._agent_pid = os.getpid()
-        self._bpf = BPF(text=BPF_SOURCE.read_text())
+        self._bpf = BPF(text=BPF_SOURCE.read_bytes())
         self._bpf[b"process_events"].open_ring_buffer(self._handle)
 
     def _handle(self, _ctx: int, data: int, _size: int) -> None:

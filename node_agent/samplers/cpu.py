@@ -19,11 +19,11 @@ class CpuSampler:
     unit = "samples"
 
     def __init__(self, options: SamplerOptions) -> None:
-        self._bpf = BPF(text=BPF_SOURCE.read_text(), cflags=options.cflags())
+        self._bpf = BPF(text=BPF_SOURCE.read_bytes(), cflags=options.cflags())
         self._bpf.attach_perf_event(
             ev_type=PerfType.SOFTWARE,
             ev_config=PerfSWConfig.CPU_CLOCK,
-            fn_name="on_cpu_sample",
+            fn_name=b"on_cpu_sample",
             sample_freq=options.frequency,
             cpu=-1,
         )
