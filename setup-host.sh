@@ -11,6 +11,8 @@ dpkg -s libbpf-tools >/dev/null 2>&1 || need_packages+=(libbpf-tools)
 command -v javac >/dev/null 2>&1 || need_packages+=(openjdk-17-jdk-headless)
 command -v gcc >/dev/null 2>&1 || need_packages+=(gcc)
 command -v perf >/dev/null 2>&1 || need_packages+=(linux-perf)
+# Browser tests of the web UI drive Debian's Chromium with Playwright.
+command -v chromium >/dev/null 2>&1 || need_packages+=(chromium)
 if ((${#need_packages[@]})); then
   echo "setup: installing Debian packages: ${need_packages[*]}"
   apt-get update -qq

@@ -18,6 +18,7 @@ from fleetprof.node_agent.samplers import SamplerOptions
 from fleetprof.node_agent.samplers.registry import SAMPLERS
 from fleetprof.node_agent.samplers.stack_maps import StackSample
 from fleetprof.node_agent.shipper import Shipper
+from fleetprof.node_agent.spool import Spool
 from fleetprof.node_agent.symbolize.symbolizer import Symbolizer
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,9 @@ class AgentConfig:
     node: str = socket.gethostname()
     interval_s: float = 10.0
     events: tuple[str, ...] = ("cpu",)
+    # Undelivered batches wait here (bounded) while the aggregator is unreachable.
+    spool_dir: str = "/var/lib/fleetprof/spool"
+    spool_max_bytes: int = 256 * 1024 * 1024
     sampling: SamplerOptions = field(default_factory=SamplerOptions)
 
 
@@ -57,7 +61,8 @@ class Agent:
         self._builder = BatchBuilder(self.symbolizer)
         # A fresh id per agent process: sequence numbers restart with it.
         agent_id = f"{config.node}/{uuid.uuid4().hex[:12]}"
-        self.shipper = Shipper(config.aggregator, agent_id=agent_id, node=config.node)
+        spool = Spool(config.spool_dir, config.spool_max_bytes)
+        self.shipper = Shipper(config.aggregator, agent_id, config.node, spool)
         self.stats = {"drains": 0, "samples": 0}
         self._dropped = dict.fromkeys(config.events, 0)
         log.info(
@@ -85,6 +90,8 @@ class Agent:
                 wait_ms = (next_drain - time.monotonic()) * 1000
                 self._events.poll(int(max(0, min(EVENT_POLL_MS, wait_ms))))
                 self._remember_new_code()
+                if self.shipper.retry_due:
+                    self.shipper.flush()
                 if time.monotonic() >= next_drain:
                     self.drain_once()
                     next_drain = max(next_drain + self.config.interval_s, time.monotonic())

@@ -1,23 +1,26 @@
 """Sends batches to the aggregator over one bidirectional Ingest stream, in order.
 
-Each batch has a per-agent sequence number and stays pending until the aggregator acks it
-(after its commit); an unreachable aggregator leaves batches pending, to be retried in
-order. A batch the aggregator refuses as invalid is dropped and counted: resending it
-cannot succeed.
+Each batch has a per-agent sequence number and counts as delivered only once the aggregator
+acks it (after its commit). A batch that cannot be delivered goes to the on-disk spool;
+spooled batches are retried oldest first, with jittered exponential backoff, before any
+newer one, so the aggregator sees every agent's batches in order. A batch the aggregator
+refuses as invalid is dropped and counted: resending it cannot succeed.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import random
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass
 
 import grpc
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from fleetprof.node_agent.batch import Batch, StackRow, stacks_table
+from fleetprof.node_agent.batch import Batch, stacks_table
+from fleetprof.node_agent.spool import Spool
 from fleetprof.proto import schema
 from fleetprof.proto.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
@@ -34,13 +37,8 @@ CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 500),
     ("grpc.max_reconnect_backoff_ms", 5_000),
 ]
-
-
-@dataclass
-class _Pending:
-    sequence: int
-    samples: bytes
-    stacks: dict[int, StackRow]
+RETRY_BASE_S = 0.5
+RETRY_MAX_S = 10.0
 
 
 class _Stream:
@@ -67,75 +65,92 @@ class _Stream:
 
 
 class Shipper:
-    def __init__(self, address: str, agent_id: str, node: str, max_pending: int = 360) -> None:
+    def __init__(self, address: str, agent_id: str, node: str, spool: Spool) -> None:
         self.address = address
         self.agent_id = agent_id
         self.node = node
         self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = ingest_pb2_grpc.IngestServiceStub(self._channel)
         self._stream: _Stream | None = None
-        self._pending: deque[_Pending] = deque()
-        self._max_pending = max_pending
+        self._spool = spool
         self._next_sequence = 1
-        self.stats = {"acked": 0, "duplicates": 0, "rejected": 0, "dropped_pending": 0}
+        self._failures = 0
+        self._retry_at = 0.0
+        self.stats = {"acked": 0, "duplicates": 0, "rejected": 0}
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        """Batches waiting in the spool."""
+        return len(self._spool)
+
+    @property
+    def retry_due(self) -> bool:
+        return bool(self._spool) and time.monotonic() >= self._retry_at
 
     def ship(self, batch: Batch) -> None:
-        """Queue a batch and send everything pending, oldest first."""
-        if batch.samples.num_rows:
-            if len(self._pending) == self._max_pending:
-                self._pending.popleft()
-                self.stats["dropped_pending"] += 1
-                log.warning("send queue full (%d batches): dropped the oldest", self._max_pending)
-            self._pending.append(
-                _Pending(self._next_sequence, schema.encode(batch.samples), batch.stacks)
-            )
-            self._next_sequence += 1
+        """Deliver a batch now if nothing older waits, else spool it behind the others."""
+        if not batch.samples.num_rows:
+            return
+        message = ingest_pb2.IngestBatch(
+            agent_id=self.agent_id,
+            sequence=self._next_sequence,
+            schema_version=schema.SCHEMA_VERSION,
+            node=self.node,
+            samples=schema.encode(batch.samples),
+            # Every stack the batch uses: a spooled batch must stand on its own.
+            stacks=schema.encode(stacks_table(batch.stacks)),
+        )
+        self._next_sequence += 1
+        if not self._spool and time.monotonic() >= self._retry_at and self._deliver(message):
+            return
+        self._spool.append(message)
         self.flush()
 
     def flush(self) -> bool:
-        """Send pending batches until done or the aggregator fails; True when all acked."""
-        while self._pending:
-            pending = self._pending[0]
-            try:
-                ack = self._send(pending)
-            except grpc.RpcError as exc:
-                self._drop_stream()
-                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    self._pending.popleft()
-                    self.stats["rejected"] += 1
-                    log.error("aggregator refused batch %d: %s", pending.sequence, exc.details())
-                    continue
-                log.warning(
-                    "aggregator %s unavailable (%s); %d batches pending",
-                    self.address,
-                    exc.code().name,
-                    len(self._pending),
-                )
+        """Deliver spooled batches, oldest first, unless backing off; True when none is left."""
+        if time.monotonic() < self._retry_at:
+            return not self._spool
+        while (message := self._spool.oldest()) is not None:
+            if not self._deliver(message):
                 return False
-            self._pending.popleft()
-            self.stats["duplicates" if ack.duplicate else "acked"] += 1
+            self._spool.remove_oldest()
         return True
 
-    def _send(self, pending: _Pending) -> ingest_pb2.IngestAck:
+    def _deliver(self, message: ingest_pb2.IngestBatch) -> bool:
+        """True when acked or refused for good; False (and back off) when it must wait."""
+        try:
+            ack = self._send(message)
+        except grpc.RpcError as exc:
+            self._drop_stream()
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                self.stats["rejected"] += 1
+                log.error("aggregator refused batch %d: %s", message.sequence, exc.details())
+                return True
+            self._failures += 1
+            # Full jitter: agents of a whole fleet must not come back in lockstep.
+            delay = random.uniform(0, min(RETRY_MAX_S, RETRY_BASE_S * 2**self._failures))
+            self._retry_at = time.monotonic() + delay
+            log.warning(
+                "aggregator %s unavailable (%s): %d batches spooled, retry in %.1f s",
+                self.address, exc.code().name, len(self._spool) + 1, delay,
+            )
+            return False
+        self._failures = 0
+        self.stats["duplicates" if ack.duplicate else "acked"] += 1
+        return True
+
+    def _send(self, message: ingest_pb2.IngestBatch) -> ingest_pb2.IngestAck:
         if self._stream is None:
             self._stream = _Stream(self._stub)
         stream = self._stream
-        new_stacks = {k: v for k, v in pending.stacks.items() if k not in stream.sent_stacks}
-        ack = stream.exchange(
-            ingest_pb2.IngestBatch(
-                agent_id=self.agent_id,
-                sequence=pending.sequence,
-                schema_version=schema.SCHEMA_VERSION,
-                node=self.node,
-                samples=pending.samples,
-                stacks=schema.encode(stacks_table(new_stacks)),
-            )
-        )
-        stream.sent_stacks.update(new_stacks)
+        stacks = schema.decode(message.stacks, schema.STACKS)
+        sent = pa.array(list(stream.sent_stacks), pa.int64())
+        new = pc.invert(pc.is_in(stacks["stack_id"], value_set=sent))
+        request = ingest_pb2.IngestBatch()
+        request.CopyFrom(message)
+        request.stacks = schema.encode(stacks.filter(new))  # stacks go once per stream
+        ack = stream.exchange(request)
+        stream.sent_stacks.update(stacks["stack_id"].to_pylist())
         return ack
 
     def _drop_stream(self) -> None:
@@ -144,12 +159,12 @@ class Shipper:
             self._stream = None
 
     def drain_pending(self, timeout_s: float) -> bool:
-        """Keep trying to deliver what is pending (used at shutdown)."""
+        """Keep trying to deliver what is spooled (used at shutdown)."""
         deadline = time.monotonic() + timeout_s
         while not self.flush():
             if time.monotonic() >= deadline:
                 return False
-            time.sleep(0.5)
+            time.sleep(0.2)
         return True
 
     def close(self) -> None:

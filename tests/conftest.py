@@ -53,7 +53,7 @@ def java_classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def running_agent(aggregator: Aggregator) -> Iterator[Callable[..., object]]:
+def running_agent(aggregator: Aggregator, tmp_path: Path) -> Iterator[Callable[..., object]]:
     """Start a real agent (BCC) shipping to the test aggregator; stopped at teardown."""
     require_ebpf()
     from fleetprof.node_agent.agent import Agent, AgentConfig
@@ -68,7 +68,12 @@ def running_agent(aggregator: Aggregator) -> Iterator[Callable[..., object]]:
         events: tuple[str, ...] = ("cpu",),
     ) -> Agent:
         config = AgentConfig(
-            aggregator.address, node, interval_s, events, SamplerOptions(frequency=frequency)
+            aggregator.address,
+            node,
+            interval_s,
+            events,
+            spool_dir=str(tmp_path / f"spool-{node}"),
+            sampling=SamplerOptions(frequency=frequency),
         )
         agent = Agent(config)
         stop = threading.Event()

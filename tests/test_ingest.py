@@ -12,6 +12,7 @@ import pytest
 from fleetprof.aggregator.server import Aggregator
 from fleetprof.node_agent.batch import Batch, StackRow, stacks_table
 from fleetprof.node_agent.shipper import Shipper
+from fleetprof.node_agent.spool import Spool
 from fleetprof.proto import schema
 from fleetprof.proto.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
@@ -116,7 +117,7 @@ def test_shipper_resends_stacks_after_reconnect_and_keeps_order(tmp_path) -> Non
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{probe.getsockname()[1]}"
-    shipper = Shipper(address, agent_id="agent-9", node="node-z")
+    shipper = Shipper(address, "agent-9", "node-z", Spool(tmp_path / "spool", 1 << 20))
     shipper.ship(Batch(samples({11: 3}), {11: STACKS[11]}))
     shipper.ship(Batch(samples({11: 1, 12: 2}), dict(STACKS)))
     assert shipper.pending == 2

@@ -26,6 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--include-idle", action="store_true", help="also count samples of the idle task"
     )
+    parser.add_argument(
+        "--spool-dir", default="/var/lib/fleetprof/spool", help="undelivered batches wait here"
+    )
+    parser.add_argument(
+        "--spool-max-mb", type=float, default=256, help="spool size cap; oldest dropped first"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         node=args.node,
         interval_s=args.interval,
         events=events,
+        spool_dir=args.spool_dir,
+        spool_max_bytes=int(args.spool_max_mb * 1024 * 1024),
         sampling=SamplerOptions(frequency=args.frequency, include_idle=args.include_idle),
     )
     Agent(config).run(stop_on_signals())

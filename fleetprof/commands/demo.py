@@ -52,7 +52,10 @@ def run(args: argparse.Namespace) -> int:
     aggregator = Aggregator(db, "127.0.0.1:0")
     aggregator.start()
     sampling = SamplerOptions(frequency=args.frequency)
-    agent = Agent(AgentConfig(aggregator.address, "demo-node", 5.0, sampling=sampling))
+    config = AgentConfig(
+        aggregator.address, "demo-node", 5.0, spool_dir=str(out / "spool"), sampling=sampling
+    )
+    agent = Agent(config)
     stop_agent = threading.Event()
     agent_thread = threading.Thread(target=agent.run, args=(stop_agent,), name="agent")
     agent_thread.start()

@@ -1,0 +1,152 @@
+"""Faults injected for real: aggregator outages and crashes, a bounded spool, restarts."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from fleetprof import workloads
+from fleetprof.node_agent.batch import Batch
+from fleetprof.node_agent.shipper import Shipper
+from fleetprof.node_agent.spool import Spool
+from tests.conftest import require_ebpf
+from tests.test_ingest import STACKS, samples
+
+OUTAGE_S = 30
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_aggregator(db: Path, port: int) -> subprocess.Popen[str]:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fleetprof",
+            "aggregator",
+            "--db",
+            str(db),
+            "--listen",
+            f"127.0.0.1:{port}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert "listening" in process.stdout.readline()
+    return process
+
+
+def stored_weight(db: Path) -> int:
+    with duckdb.connect(str(db), read_only=True) as conn:
+        return int(conn.execute("SELECT coalesce(sum(weight), 0) FROM samples").fetchone()[0])
+
+
+def test_outage_and_crash_lose_nothing(tmp_path: Path, native_binary: Path) -> None:
+    require_ebpf()
+    from fleetprof.node_agent.agent import Agent, AgentConfig
+    from fleetprof.node_agent.samplers import SamplerOptions
+
+    db, port = tmp_path / "profiles.duckdb", free_port()
+    aggregator = start_aggregator(db, port)
+    agent = Agent(
+        AgentConfig(
+            f"127.0.0.1:{port}",
+            "faulty-node",
+            1.0,
+            spool_dir=str(tmp_path / "spool"),
+            sampling=SamplerOptions(frequency=99),
+        )
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=agent.run, args=(stop,))
+    thread.start()
+    workload = workloads.start_native(native_binary, seconds=OUTAGE_S + 8)
+    try:
+        time.sleep(3)
+        # A crash in the middle of ingest: SIGKILL, no chance to clean up.
+        aggregator.send_signal(signal.SIGKILL)
+        aggregator.wait()
+        acked_before = agent.shipper.stats["acked"]
+        time.sleep(OUTAGE_S)
+        assert agent.shipper.pending >= OUTAGE_S - 5  # about one batch per interval, spooled
+        aggregator = start_aggregator(db, port)  # the DuckDB file reopens after the crash
+        workload.wait()
+        deadline = time.monotonic() + 30
+        while agent.shipper.pending and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert agent.shipper.pending == 0
+    finally:
+        stop.set()
+        thread.join()
+        workload.kill()
+        aggregator.send_signal(signal.SIGTERM)
+        aggregator.wait()
+    assert acked_before >= 1
+    # Every sample the agent drained is stored exactly once, outage or not.
+    assert stored_weight(db) == agent.stats["samples"]
+    assert agent.shipper.stats["rejected"] == 0
+
+
+def test_spool_cap_drops_oldest_and_counts(tmp_path: Path) -> None:
+    address = f"127.0.0.1:{free_port()}"  # nothing listens
+    probe = Spool(tmp_path / "probe", 1 << 30)
+    Shipper(address, "a", "n", probe).ship(Batch(samples({11: 1}), {11: STACKS[11]}))
+    cap = int(probe.bytes * 3.5)  # room for three batches
+    spool = Spool(tmp_path / "spool", cap)
+    shipper = Shipper(address, "agent-1", "n", spool)
+    for weight in range(1, 7):
+        shipper.ship(Batch(samples({11: weight}), {11: STACKS[11]}))
+    assert len(spool) == 3 and spool.dropped == 3 and spool.bytes <= cap
+    # The oldest went first: what is left are batches 4, 5 and 6, in order.
+    assert [spool.oldest().sequence] == [4]
+    shipper.close()
+
+
+def test_spool_survives_agent_restart_and_delivers_in_order(tmp_path: Path, aggregator) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    first = Shipper(address, "agent-old", "n", Spool(tmp_path / "spool", 1 << 20))
+    first.ship(Batch(samples({11: 3}), {11: STACKS[11]}))
+    first.ship(Batch(samples({12: 4}), {12: STACKS[12]}))
+    first.close()
+    # A new agent process finds the spool and delivers it before its own batches.
+    second = Shipper(aggregator.address, "agent-new", "n", Spool(tmp_path / "spool", 1 << 20))
+    second.ship(Batch(samples({11: 5}), {11: STACKS[11]}))
+    assert second.pending == 0
+    rows = (
+        aggregator.store.reader()
+        .execute(
+            "SELECT agent_id, sequence, sample_rows FROM ingested_batches ORDER BY received_at"
+        )
+        .fetchall()
+    )
+    assert [(a, s) for a, s, _ in rows] == [("agent-old", 1), ("agent-old", 2), ("agent-new", 1)]
+    second.close()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_damaged_spool_file_is_dropped_not_fatal(tmp_path: Path, aggregator, damage: str) -> None:
+    spool = Spool(tmp_path / "spool", 1 << 20)
+    offline = Shipper(f"127.0.0.1:{free_port()}", "a", "n", spool)
+    offline.ship(Batch(samples({11: 3}), {11: STACKS[11]}))
+    offline.ship(Batch(samples({12: 4}), {12: STACKS[12]}))
+    offline.close()
+    first = sorted((tmp_path / "spool").glob("*.batch"))[0]
+    first.write_bytes(first.read_bytes()[:7] if damage == "truncate" else b"\xff" * 50)
+    shipper = Shipper(aggregator.address, "b", "n", Spool(tmp_path / "spool", 1 << 20))
+    assert shipper.flush()
+    weight = aggregator.store.reader().execute("SELECT sum(weight) FROM samples").fetchone()[0]
+    assert weight == 4
+    shipper.close()
