@@ -132,7 +132,10 @@ class Shipper:
             self._retry_at = time.monotonic() + delay
             log.warning(
                 "aggregator %s unavailable (%s): %d batches spooled, retry in %.1f s",
-                self.address, exc.code().name, len(self._spool) + 1, delay,
+                self.address,
+                exc.code().name,
+                len(self._spool) + 1,
+                delay,
             )
             return False
         self._failures = 0

@@ -74,5 +74,7 @@ class Spool:
         self.dropped += 1
         log.warning(
             "spool over %d bytes: dropped the oldest batch %s (%d dropped so far)",
-            self.max_bytes, path.name, self.dropped,
+            self.max_bytes,
+            path.name,
+            self.dropped,
         )
