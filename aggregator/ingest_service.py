@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
-import duckdb
 import grpc
 
-from fleetprof.aggregator.storage import ProfileStore
+from fleetprof.aggregator.storage import ProfileStore, StorageUnavailable
 from fleetprof.aggregator.validate import validate_batch
 from fleetprof.proto import schema
 from fleetprof.proto.ingest.v1 import ingest_pb2, ingest_pb2_grpc
@@ -33,7 +32,7 @@ class IngestService(ingest_pb2_grpc.IngestServiceServicer):
                 result = self._store.append(
                     valid.agent_id, valid.sequence, valid.node, valid.samples, valid.stacks
                 )
-            except duckdb.IOException as exc:
+            except StorageUnavailable as exc:
                 # Typically a full disk: nothing of this batch was committed; the agent retries.
                 log.error("cannot store batch %s/%d: %s", batch.agent_id, batch.sequence, exc)
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"storage unavailable: {exc}")

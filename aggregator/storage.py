@@ -6,6 +6,7 @@ has one writer); readers use their own cursors, so queries never block ingest.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,10 @@ CREATE OR REPLACE VIEW samples AS
 CREATE OR REPLACE VIEW stacks AS
     SELECT stack_id, frames, modules, kinds FROM stack_rows;
 """
+
+
+class StorageUnavailable(RuntimeError):
+    """The batch could not be written (typically a full disk); nothing of it was stored."""
 
 
 @dataclass(frozen=True)
@@ -110,8 +115,12 @@ class ProfileStore:
                     [agent_id, sequence, node, samples.num_rows],
                 )
                 cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
+            except BaseException as exc:
+                # A failed COMMIT (disk full) has already rolled back: nothing to undo then.
+                with contextlib.suppress(duckdb.Error):
+                    cur.execute("ROLLBACK")
+                if isinstance(exc, duckdb.IOException | duckdb.TransactionException):
+                    raise StorageUnavailable(str(exc)) from exc
                 raise
             finally:
                 cur.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -11,6 +12,8 @@ from fleetprof.proto import schema
 from fleetprof.proto.ingest.v1 import ingest_pb2
 
 MAX_ID_CHARS = 256
+# Agents' clocks may run a little ahead; far-future rows would escape retention.
+MAX_CLOCK_SKEW = timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,9 @@ def validate_batch(batch: ingest_pb2.IngestBatch) -> ValidBatch:
 def _check_samples(samples: pa.Table) -> None:
     if samples.num_rows == 0:
         return
+    latest = pc.max(samples["ts"]).as_py()
+    if latest > datetime.now(UTC) + MAX_CLOCK_SKEW:
+        raise schema.SchemaError(f"samples: timestamp {latest.isoformat()} is in the future")
     if pc.min(samples["weight"]).as_py() < 0:
         raise schema.SchemaError("samples: negative weight")
     unknown = set(pc.unique(samples["event"]).to_pylist()) - schema.EVENT_UNITS.keys()

@@ -78,8 +78,16 @@ def decode(payload: bytes, expected: pa.Schema) -> pa.Table:
     if not table.schema.equals(expected, check_metadata=False):
         raise SchemaError(
             f"{name}: schema does not match version {SCHEMA_VERSION}: "
-            f"got ({table.schema.to_string(show_schema_metadata=False)})"
+            f"got {_describe(table.schema)}, expected {_describe(expected)}"
         )
     if table.num_rows > MAX_ROWS_PER_BATCH:
         raise SchemaError(f"{name}: {table.num_rows} rows exceeds {MAX_ROWS_PER_BATCH}")
     return table
+
+
+def _describe(arrow_schema: pa.Schema, most: int = 12) -> str:
+    """A schema on one short line (a hostile one may have a million columns)."""
+    fields = [f"{field.name}: {field.type}" for field in list(arrow_schema)[:most]]
+    if len(arrow_schema) > most:
+        fields.append(f"... {len(arrow_schema) - most} more")
+    return "(" + ", ".join(fields) + ")"

@@ -11,14 +11,17 @@ import time
 from pathlib import Path
 
 import duckdb
+import grpc
 import pytest
 
 from fleetprof import workloads
+from fleetprof.aggregator.server import Aggregator
 from fleetprof.node_agent.batch import Batch
 from fleetprof.node_agent.shipper import Shipper
 from fleetprof.node_agent.spool import Spool
-from tests.conftest import require_ebpf
-from tests.test_ingest import STACKS, samples
+from fleetprof.proto import schema
+from tests.conftest import require, require_ebpf
+from tests.test_ingest import STACKS, batch, samples, send, totals
 
 OUTAGE_S = 30
 
@@ -150,3 +153,39 @@ def test_damaged_spool_file_is_dropped_not_fatal(tmp_path: Path, aggregator, dam
     weight = aggregator.store.reader().execute("SELECT sum(weight) FROM samples").fetchone()[0]
     assert weight == 4
     shipper.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 8 MB filesystem of its own: a real ENOSPC without filling the machine's disk."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)])
+    require(result.returncode == 0, "cannot mount a tmpfs (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_refuses_ingest_keeps_queries_and_recovers(small_disk: Path) -> None:
+    aggregator = Aggregator(small_disk / "profiles.duckdb", "127.0.0.1:0")
+    aggregator.start()
+    try:
+        payload = schema.encode(samples(dict.fromkeys(range(20_000), 1)))
+        filler = small_disk / "filler"
+        filler.write_bytes(b"\0" * 3_000_000)
+        sequence, error = 1, None
+        while error is None and sequence < 100:
+            try:
+                send(aggregator, batch(sequence, samples=payload))
+                sequence += 1
+            except grpc.RpcError as exc:
+                error = exc
+        assert error is not None and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "No space left" in error.details()
+        stored = totals(aggregator)
+        assert stored[0] == 20_000 * (sequence - 1)  # queries work; every acked batch is there
+        filler.unlink()  # space returns: the same batch now goes in
+        send(aggregator, batch(sequence, samples=payload))
+        assert totals(aggregator)[0] == stored[0] + 20_000
+    finally:
+        aggregator.stop(grace_s=0)

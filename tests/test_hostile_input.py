@@ -1,0 +1,99 @@
+"""Hostile and malformed ingest: every bad batch gets a clear status; nothing stored is lost."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import grpc
+import hypothesis.strategies as st
+import pyarrow as pa
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from fleetprof.aggregator.server import Aggregator
+from fleetprof.aggregator.validate import validate_batch
+from fleetprof.node_agent.batch import StackRow, stacks_table
+from fleetprof.proto import schema
+from fleetprof.proto.ingest.v1 import ingest_pb2
+from tests.test_ingest import batch, samples, send, totals
+
+
+def rejected(aggregator: Aggregator, message: ingest_pb2.IngestBatch) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as error:
+        send(aggregator, message)
+    return error.value
+
+
+def test_hostile_batches_get_clear_statuses(aggregator: Aggregator) -> None:
+    send(aggregator, batch(1))
+    valid = schema.encode(samples({11: 1}))
+    future = samples({11: 1}).set_column(
+        0, "ts", pa.array([datetime.now(UTC) + timedelta(days=365)], pa.timestamp("us", tz="UTC"))
+    )
+    wide = pa.table({f"c{i}": pa.array([1], pa.int8()) for i in range(20_000)})
+    deep = StackRow(("f",) * 5000, ("m",) * 5000, ("native",) * 5000)
+    cases = {
+        "random bytes": batch(2, samples=bytes(range(256)) * 40),
+        "truncated Arrow IPC": batch(2, samples=valid[: len(valid) // 2]),
+        "wrong schema": batch(2, samples=schema.encode(pa.table({"weight": [1]}))),
+        "many columns": batch(2, samples=schema.encode(wide)),
+        "huge comm": batch(
+            2,
+            samples=schema.encode(
+                samples({11: 1}).set_column(3, "comm", pa.array(["x" * 100_000]))
+            ),
+        ),
+        "negative weight": batch(2, samples=schema.encode(samples({11: -1}))),
+        "future timestamp": batch(2, samples=schema.encode(future)),
+        "deep stack": batch(2, stacks=schema.encode(stacks_table({99: deep}))),
+        "unknown version": batch(2, schema_version=7),
+        "huge agent id": batch(2, agent_id="a" * 10_000),
+    }
+    for name, message in cases.items():
+        error = rejected(aggregator, message)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+        assert error.details() and "\n" not in error.details(), name
+    # A message over the size limit is refused by gRPC itself before any decoding.
+    oversized = batch(2, samples=b"\0" * (schema.MAX_MESSAGE_BYTES + 1))
+    assert rejected(aggregator, oversized).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # The aggregator is still up and nothing stored before was touched.
+    assert totals(aggregator) == (4, 2, 2)
+    send(aggregator, batch(2))
+    assert totals(aggregator) == (8, 4, 2)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    payload=st.binary(max_size=4096),
+    version=st.integers(min_value=0, max_value=2**32 - 1),
+    agent_id=st.text(max_size=300),
+)
+def test_validator_never_crashes_on_garbage(payload: bytes, version: int, agent_id: str) -> None:
+    """Whatever arrives, the validator accepts it or raises SchemaError: nothing else."""
+    message = ingest_pb2.IngestBatch(
+        agent_id=agent_id,
+        sequence=1,
+        schema_version=version,
+        node="n",
+        samples=payload,
+        stacks=payload,
+    )
+    try:
+        validate_batch(message)
+    except schema.SchemaError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(cut=st.integers(min_value=0, max_value=10_000), flip=st.integers(min_value=0))
+def test_validator_rejects_mutated_valid_payloads(cut: int, flip: int) -> None:
+    """Truncations and bit flips of a real payload are either still valid or SchemaError."""
+    payload = bytearray(schema.encode(samples({11: 3, 12: 1})))
+    payload = payload[: cut % (len(payload) + 1)]
+    if payload:
+        payload[flip % len(payload)] ^= 1 << (flip % 8)
+    message = batch(1, samples=bytes(payload))
+    try:
+        validate_batch(message)
+    except schema.SchemaError:
+        pass
