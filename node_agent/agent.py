@@ -20,6 +20,7 @@ from fleetprof.node_agent.samplers.stack_maps import StackSample
 from fleetprof.node_agent.shipper import Shipper
 from fleetprof.node_agent.spool import Spool
 from fleetprof.node_agent.symbolize.symbolizer import Symbolizer
+from fleetprof.proto.security import ClientSecurity
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class AgentConfig:
     # Undelivered batches wait here (bounded) while the aggregator is unreachable.
     spool_dir: str = "/var/lib/fleetprof/spool"
     spool_max_bytes: int = 256 * 1024 * 1024
+    security: ClientSecurity = field(default_factory=ClientSecurity)
     sampling: SamplerOptions = field(default_factory=SamplerOptions)
 
 
@@ -62,7 +64,7 @@ class Agent:
         # A fresh id per agent process: sequence numbers restart with it.
         agent_id = f"{config.node}/{uuid.uuid4().hex[:12]}"
         spool = Spool(config.spool_dir, config.spool_max_bytes)
-        self.shipper = Shipper(config.aggregator, agent_id, config.node, spool)
+        self.shipper = Shipper(config.aggregator, agent_id, config.node, spool, config.security)
         self.stats = {"drains": 0, "samples": 0}
         self._dropped = dict.fromkeys(config.events, 0)
         log.info(

@@ -23,6 +23,7 @@ from fleetprof.node_agent.batch import Batch, stacks_table
 from fleetprof.node_agent.spool import Spool
 from fleetprof.proto import schema
 from fleetprof.proto.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from fleetprof.proto.security import ClientSecurity
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +66,18 @@ class _Stream:
 
 
 class Shipper:
-    def __init__(self, address: str, agent_id: str, node: str, spool: Spool) -> None:
+    def __init__(
+        self,
+        address: str,
+        agent_id: str,
+        node: str,
+        spool: Spool,
+        security: ClientSecurity | None = None,
+    ) -> None:
         self.address = address
         self.agent_id = agent_id
         self.node = node
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = (security or ClientSecurity()).channel(address, CHANNEL_OPTIONS)
         self._stub = ingest_pb2_grpc.IngestServiceStub(self._channel)
         self._stream: _Stream | None = None
         self._spool = spool

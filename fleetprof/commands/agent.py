@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import socket
 
-from fleetprof.commands.options import DEFAULT_AGGREGATOR, stop_on_signals
+from fleetprof.commands.options import (
+    DEFAULT_AGGREGATOR,
+    add_client_security_arguments,
+    client_security,
+    stop_on_signals,
+)
 from fleetprof.proto.schema import EVENT_UNITS
 
 HELP = "run the node agent (eBPF sampling; needs root)"
@@ -32,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--spool-max-mb", type=float, default=256, help="spool size cap; oldest dropped first"
     )
+    add_client_security_arguments(parser, token=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         events=events,
         spool_dir=args.spool_dir,
         spool_max_bytes=int(args.spool_max_mb * 1024 * 1024),
+        security=client_security(args),
         sampling=SamplerOptions(frequency=args.frequency, include_idle=args.include_idle),
     )
     Agent(config).run(stop_on_signals())

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import threading
 from typing import TYPE_CHECKING
+
+from fleetprof.proto.security import ClientSecurity, ServerSecurity
 
 if TYPE_CHECKING:
     from fleetprof.query.source import ProfileSource
@@ -21,6 +24,64 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"a running aggregator (default {DEFAULT_AGGREGATOR})",
     )
     source.add_argument("--db", metavar="PATH", help="a profile database file (no aggregator)")
+    add_client_security_arguments(parser, token=True)
+
+
+def add_client_security_arguments(parser: argparse.ArgumentParser, token: bool) -> None:
+    group = parser.add_argument_group("transport security (needed off loopback)")
+    group.add_argument("--tls-ca", metavar="PEM", help="CA that signed the aggregator's cert")
+    group.add_argument("--tls-cert", metavar="PEM", help="this client's certificate (mTLS)")
+    group.add_argument("--tls-key", metavar="PEM", help="its private key")
+    if token:
+        group.add_argument(
+            "--token",
+            default=os.environ.get("FLEETPROF_TOKEN"),
+            help="bearer token for queries (default: $FLEETPROF_TOKEN)",
+        )
+    group.add_argument(
+        "--insecure", action="store_true", help="allow plaintext to a non-loopback address"
+    )
+
+
+def client_security(args: argparse.Namespace) -> ClientSecurity:
+    return ClientSecurity(
+        ca=args.tls_ca,
+        cert=args.tls_cert,
+        key=args.tls_key,
+        token=getattr(args, "token", None),
+        insecure=args.insecure,
+    )
+
+
+def add_server_security_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("transport security (needed off loopback)")
+    group.add_argument("--tls-cert", metavar="PEM", help="the server's certificate chain")
+    group.add_argument("--tls-key", metavar="PEM", help="its private key")
+    group.add_argument(
+        "--tls-client-ca", metavar="PEM", help="require agents' client certificates (mTLS)"
+    )
+    group.add_argument(
+        "--token-file", metavar="FILE", help="bearer tokens accepted for queries, one per line"
+    )
+    group.add_argument(
+        "--insecure", action="store_true", help="allow plaintext on a non-loopback address"
+    )
+
+
+def server_security(args: argparse.Namespace) -> ServerSecurity:
+    tokens: frozenset[str] = frozenset()
+    if args.token_file:
+        with open(args.token_file) as lines:
+            tokens = frozenset(line.strip() for line in lines if line.strip())
+        if not tokens:
+            raise ValueError(f"{args.token_file} holds no token")
+    return ServerSecurity(
+        cert=args.tls_cert,
+        key=args.tls_key,
+        client_ca=args.tls_client_ca,
+        tokens=tokens,
+        insecure=args.insecure,
+    )
 
 
 def open_profiles(args: argparse.Namespace) -> ProfileSource:
@@ -28,7 +89,7 @@ def open_profiles(args: argparse.Namespace) -> ProfileSource:
 
     if args.db:
         return open_source(None, args.db)
-    return open_source(args.aggregator or DEFAULT_AGGREGATOR, None)
+    return open_source(args.aggregator or DEFAULT_AGGREGATOR, None, client_security(args))
 
 
 def stop_on_signals() -> threading.Event:
