@@ -7,11 +7,13 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Protocol
 
+import duckdb
 import grpc
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from fleetprof.proto.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from fleetprof.proto.security import ClientSecurity
 from fleetprof.query.sandbox import DEFAULT_TIMEOUT_S, QueryError, open_read_only, run_query
 
 
@@ -23,11 +25,13 @@ class ProfileSource(Protocol):
     def close(self) -> None: ...
 
 
-class DatabaseSource:
-    """A profile database file opened read-only (no aggregator may be writing it)."""
+class ConnectionSource:
+    """An open, locked-down DuckDB connection: the aggregator's own database, in process."""
 
-    def __init__(self, path: str | Path, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-        self._conn = open_read_only(path)
+    def __init__(
+        self, conn: duckdb.DuckDBPyConnection, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> None:
+        self._conn = conn
         self._timeout_s = timeout_s
 
     @contextmanager
@@ -39,19 +43,33 @@ class DatabaseSource:
         self._conn.close()
 
 
+class DatabaseSource(ConnectionSource):
+    """A profile database file opened read-only (no aggregator may be writing it)."""
+
+    def __init__(self, path: str | Path, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        super().__init__(open_read_only(path), timeout_s)
+
+
 class AggregatorSource:
     """SQL sent to an aggregator's QueryService; the answer arrives as Arrow IPC chunks."""
 
-    def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        security: ClientSecurity | None = None,
+    ) -> None:
+        security = security or ClientSecurity()
         self._address = address
-        self._channel = grpc.insecure_channel(address)
+        self._channel = security.channel(address)
+        self._metadata = security.metadata()
         self._stub = ingest_pb2_grpc.QueryServiceStub(self._channel)
         self._timeout_s = timeout_s
 
     @contextmanager
     def stream(self, sql: str) -> Iterator[pa.RecordBatchReader]:
         request = ingest_pb2.SqlRequest(sql=sql, timeout_ms=int(self._timeout_s * 1000))
-        chunks = self._stub.Sql(request, timeout=self._timeout_s + 5)
+        chunks = self._stub.Sql(request, timeout=self._timeout_s + 5, metadata=self._metadata)
         try:
             yield ipc.open_stream(_ChunkReader(chunk.ipc for chunk in chunks))
         except grpc.RpcError as exc:
@@ -99,7 +117,11 @@ class _ChunkReader:
         self.closed = True
 
 
-def open_source(aggregator: str | None, db: str | None) -> ProfileSource:
+def open_source(
+    aggregator: str | None, db: str | None, security: ClientSecurity | None = None
+) -> ProfileSource:
     if (aggregator is None) == (db is None):
         raise QueryError("give exactly one of --aggregator HOST:PORT or --db PATH")
-    return AggregatorSource(aggregator) if aggregator else DatabaseSource(db)
+    if aggregator:
+        return AggregatorSource(aggregator, security=security)
+    return DatabaseSource(db)
