@@ -11,7 +11,6 @@ import grpc
 from fleetprof.aggregator.ingest_service import IngestService
 from fleetprof.aggregator.query_service import QueryService
 from fleetprof.aggregator.storage import ProfileStore
-from fleetprof.aggregator.web import WebServer
 from fleetprof.proto import schema
 from fleetprof.proto.ingest.v1 import ingest_pb2_grpc
 from fleetprof.proto.security import ServerSecurity
@@ -28,8 +27,7 @@ GRPC_OPTIONS = [
 
 
 class Aggregator:
-    """Owns the store, the gRPC server and, given `http_listen`, the web UI (`web`);
-    `port` is the bound gRPC port (useful with :0)."""
+    """Owns the store and the gRPC server; `port` is the bound port (useful with :0)."""
 
     def __init__(
         self,
@@ -37,7 +35,6 @@ class Aggregator:
         listen: str,
         workers: int = 16,
         security: ServerSecurity | None = None,
-        http_listen: str | None = None,
     ) -> None:
         security = security or ServerSecurity()
         self.store = ProfileStore(db_path)
@@ -55,20 +52,14 @@ class Aggregator:
             raise OSError(f"cannot listen on {listen}")
         host = listen.rsplit(":", 1)[0]
         self.address = f"{host}:{self.port}"
-        self.web = WebServer(self.store, http_listen, security) if http_listen else None
 
     def start(self) -> None:
         self._server.start()
         log.info("aggregator listening on %s, database %s", self.address, self.store.path)
-        if self.web:
-            self.web.start()
-            log.info("web UI on %s", self.web.url)
 
     def wait(self) -> None:
         self._server.wait_for_termination()
 
     def stop(self, grace_s: float = 2.0) -> None:
-        if self.web:
-            self.web.stop()
         self._server.stop(grace_s).wait()
         self.store.close()
