@@ -17,11 +17,6 @@ HELP = "run the aggregator (gRPC ingest + query service)"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", default="fleetprof.duckdb", metavar="PATH", help="DuckDB file")
     parser.add_argument("--listen", default=DEFAULT_AGGREGATOR, metavar="HOST:PORT")
-    parser.add_argument(
-        "--http",
-        metavar="HOST:PORT",
-        help="serve the web UI and its JSON API here (e.g. 127.0.0.1:7471); off if not given",
-    )
     add_server_security_arguments(parser)
 
 
@@ -29,14 +24,10 @@ def run(args: argparse.Namespace) -> int:
     # Imported here so that other commands (the agent above all) do not load DuckDB.
     from fleetprof.aggregator.server import Aggregator
 
-    aggregator = Aggregator(
-        args.db, args.listen, security=server_security(args), http_listen=args.http
-    )
+    aggregator = Aggregator(args.db, args.listen, security=server_security(args))
     stop = stop_on_signals()
     aggregator.start()
     print(f"fleetprof aggregator listening on {aggregator.address}, database {args.db}", flush=True)
-    if aggregator.web:
-        print(f"fleetprof web UI on {aggregator.web.url}", flush=True)
     stop.wait()
     aggregator.stop()
     return 0
