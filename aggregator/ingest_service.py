@@ -15,6 +15,25 @@ from fleetprof.proto.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 log = logging.getLogger(__name__)
 
 
+def store_batch(store: ProfileStore, batch: ingest_pb2.IngestBatch) -> ingest_pb2.IngestAck:
+    """Validate one batch and commit it: the one write path, for gRPC ingest and for
+    `fleetprof import --db`. Raises schema.SchemaError for a bad batch and
+    StorageUnavailable when nothing of it could be written."""
+    valid = validate_batch(batch)
+    result = store.append(
+        valid.agent_id,
+        valid.sequence,
+        valid.node,
+        valid.samples,
+        valid.stacks,
+        valid.processes,
+        valid.io_latency,
+    )
+    return ingest_pb2.IngestAck(
+        sequence=valid.sequence, duplicate=result.duplicate, rows_stored=result.rows_stored
+    )
+
+
 class IngestService(ingest_pb2_grpc.IngestServiceServicer):
     def __init__(self, store: ProfileStore) -> None:
         self._store = store
@@ -24,18 +43,11 @@ class IngestService(ingest_pb2_grpc.IngestServiceServicer):
     ) -> Iterator[ingest_pb2.IngestAck]:
         for batch in request_iterator:
             try:
-                valid = validate_batch(batch)
+                yield store_batch(self._store, batch)
             except schema.SchemaError as exc:
                 log.warning("rejected batch %s/%d: %s", batch.agent_id, batch.sequence, exc)
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            try:
-                result = self._store.append(
-                    valid.agent_id, valid.sequence, valid.node, valid.samples, valid.stacks
-                )
             except StorageUnavailable as exc:
                 # Typically a full disk: nothing of this batch was committed; the agent retries.
                 log.error("cannot store batch %s/%d: %s", batch.agent_id, batch.sequence, exc)
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"storage unavailable: {exc}")
-            yield ingest_pb2.IngestAck(
-                sequence=valid.sequence, duplicate=result.duplicate, rows_stored=result.rows_stored
-            )

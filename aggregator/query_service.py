@@ -13,6 +13,8 @@ from fleetprof.aggregator.storage import ProfileStore
 from fleetprof.proto.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from fleetprof.query.sandbox import DEFAULT_TIMEOUT_S, QueryError, run_query
 
+CHUNK_BYTES = 1 << 20
+
 
 class QueryService(ingest_pb2_grpc.QueryServiceServicer):
     def __init__(self, store: ProfileStore) -> None:
@@ -24,20 +26,25 @@ class QueryService(ingest_pb2_grpc.QueryServiceServicer):
         timeout_s = request.timeout_ms / 1000 if request.timeout_ms else DEFAULT_TIMEOUT_S
         try:
             with run_query(self._store.reader(), request.sql, timeout_s) as reader:
-                yield from _ipc_chunks(reader)
+                for data in ipc_chunks(reader):
+                    # an IPC stream may be cut anywhere, and must be: one record batch can
+                    # outgrow the 4 MiB a gRPC client accepts in a message by default
+                    for start in range(0, len(data), CHUNK_BYTES):
+                        yield ingest_pb2.ArrowChunk(ipc=data[start : start + CHUNK_BYTES])
         except QueryError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
 
-def _ipc_chunks(reader: pa.RecordBatchReader) -> Iterator[ingest_pb2.ArrowChunk]:
-    """One chunk per record batch; the first also carries the schema."""
+def ipc_chunks(reader: pa.RecordBatchReader) -> Iterator[bytes]:
+    """An Arrow IPC stream in pieces, one per record batch; the first also carries the
+    schema (the HTTP API streams the same pieces)."""
     sink = io.BytesIO()
     writer = ipc.new_stream(sink, reader.schema)
     for batch in reader:
         writer.write_batch(batch)
-        yield ingest_pb2.ArrowChunk(ipc=_take(sink))
+        yield _take(sink)
     writer.close()
-    yield ingest_pb2.ArrowChunk(ipc=_take(sink))
+    yield _take(sink)
 
 
 def _take(sink: io.BytesIO) -> bytes:

@@ -8,10 +8,13 @@ from pathlib import Path
 
 import grpc
 
+from fleetprof.aggregator.control_service import ControlService
 from fleetprof.aggregator.ingest_service import IngestService
 from fleetprof.aggregator.query_service import QueryService
 from fleetprof.aggregator.storage import ProfileStore
+from fleetprof.aggregator.web import WebServer
 from fleetprof.proto import schema
+from fleetprof.proto.control.v1 import control_pb2_grpc
 from fleetprof.proto.ingest.v1 import ingest_pb2_grpc
 from fleetprof.proto.security import ServerSecurity
 from fleetprof.query.sandbox import lock_down
@@ -27,7 +30,8 @@ GRPC_OPTIONS = [
 
 
 class Aggregator:
-    """Owns the store and the gRPC server; `port` is the bound port (useful with :0)."""
+    """Owns the store, the gRPC server and, given `http_listen`, the web UI (`web`);
+    `port` is the bound gRPC port (useful with :0)."""
 
     def __init__(
         self,
@@ -35,11 +39,14 @@ class Aggregator:
         listen: str,
         workers: int = 16,
         security: ServerSecurity | None = None,
+        http_listen: str | None = None,
+        memory_limit: str | None = None,
     ) -> None:
         security = security or ServerSecurity()
         self.store = ProfileStore(db_path)
         # Queries run on the same database instance: lock it down before serving anything.
-        lock_down(self.store.reader())
+        # The memory limit is the instance's: ingest and all queries share it.
+        lock_down(self.store.reader(), memory_limit)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
             options=GRPC_OPTIONS,
@@ -47,19 +54,27 @@ class Aggregator:
         )
         ingest_pb2_grpc.add_IngestServiceServicer_to_server(IngestService(self.store), self._server)
         ingest_pb2_grpc.add_QueryServiceServicer_to_server(QueryService(self.store), self._server)
+        self.control = ControlService(self.store)
+        control_pb2_grpc.add_ControlServiceServicer_to_server(self.control, self._server)
         self.port = security.add_port(self._server, listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {listen}")
         host = listen.rsplit(":", 1)[0]
         self.address = f"{host}:{self.port}"
+        self.web = WebServer(self.store, http_listen, security) if http_listen else None
 
     def start(self) -> None:
         self._server.start()
         log.info("aggregator listening on %s, database %s", self.address, self.store.path)
+        if self.web:
+            self.web.start()
+            log.info("web UI on %s", self.web.url)
 
     def wait(self) -> None:
         self._server.wait_for_termination()
 
     def stop(self, grace_s: float = 2.0) -> None:
+        if self.web:
+            self.web.stop()
         self._server.stop(grace_s).wait()
         self.store.close()

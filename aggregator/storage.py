@@ -14,6 +14,8 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from fleetprof.proto.control.v1 import control_pb2
+
 _DDL = """
 CREATE TABLE IF NOT EXISTS sample_rows (
     ts TIMESTAMPTZ NOT NULL,
@@ -40,11 +42,111 @@ CREATE TABLE IF NOT EXISTS ingested_batches (
     sample_rows BIGINT NOT NULL,
     PRIMARY KEY (agent_id, sequence)
 );
+CREATE TABLE IF NOT EXISTS process_rows (
+    ts TIMESTAMPTZ NOT NULL,
+    node VARCHAR NOT NULL,
+    agent_id VARCHAR NOT NULL,
+    pid INTEGER NOT NULL,
+    nspid INTEGER NOT NULL,
+    comm VARCHAR NOT NULL,
+    exe VARCHAR NOT NULL,
+    runtime VARCHAR,
+    frame_pointers BOOLEAN,
+    attach VARCHAR,
+    perf_map_entries BIGINT
+);
+CREATE TABLE IF NOT EXISTS io_latency_rows (
+    ts TIMESTAMPTZ NOT NULL,
+    node VARCHAR NOT NULL,
+    agent_id VARCHAR NOT NULL,
+    pid INTEGER NOT NULL,
+    comm VARCHAR NOT NULL,
+    device VARCHAR NOT NULL,
+    op VARCHAR NOT NULL,
+    bucket_le_ns BIGINT NOT NULL,
+    count BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS session_rows (
+    session_id VARCHAR PRIMARY KEY,
+    job VARCHAR NOT NULL,
+    events VARCHAR[] NOT NULL,
+    frequency INTEGER NOT NULL,
+    started_at TIMESTAMPTZ NOT NULL,
+    deadline TIMESTAMPTZ NOT NULL,
+    state VARCHAR NOT NULL
+);
 -- The documented, stable SQL surface (README "SQL").
 CREATE OR REPLACE VIEW samples AS
     SELECT ts, node, pid, tid, comm, event, stack_id, weight, agent_id FROM sample_rows;
 CREATE OR REPLACE VIEW stacks AS
     SELECT stack_id, frames, modules, kinds FROM stack_rows;
+-- What agents learned about processes (JVMs), one row each time: latest per (node, pid).
+CREATE OR REPLACE VIEW processes AS
+    SELECT ts, node, pid, nspid, comm, exe, runtime, frame_pointers, attach, perf_map_entries,
+           agent_id
+    FROM process_rows;
+-- Block I/O latency histograms (event io): requests per (interval, process, device, op)
+-- whose latency was in (bucket_le_ns / 2, bucket_le_ns].
+CREATE OR REPLACE VIEW io_latency AS
+    SELECT ts, node, pid, comm, device, op, bucket_le_ns, count, agent_id FROM io_latency_rows;
+-- On-demand per-job sessions (fleetprof profile): state is 'running' or 'done'.
+CREATE OR REPLACE VIEW sessions AS
+    SELECT session_id, job, events, frequency, started_at, deadline, state FROM session_rows;
+-- One row per frame of a stack: depth 0 is the root (the outermost caller).
+CREATE OR REPLACE VIEW frames AS
+    SELECT stack_id,
+           unnest(range(len(frames)))::INTEGER AS depth,
+           unnest(frames) AS function,
+           unnest(modules) AS module,
+           unnest(kinds) AS kind
+    FROM stack_rows;
+-- The samples of one event in [since, until) (NULL: unbounded), optionally of one node,
+-- pid or process name; the table macros below all select through it. It reads sample_rows,
+-- not the samples view: DuckDB would bind the view's unqualified columns to these parameters.
+CREATE OR REPLACE MACRO selected_samples(
+    event, since := NULL, until := NULL, node := NULL, pid := NULL, comm := NULL
+) AS TABLE
+    SELECT s.* FROM sample_rows s
+    WHERE s.event = event
+      AND s.ts >= coalesce(since::TIMESTAMPTZ, '-infinity'::TIMESTAMPTZ)
+      AND s.ts < coalesce(until::TIMESTAMPTZ, 'infinity'::TIMESTAMPTZ)
+      AND s.node = coalesce(node, s.node)
+      AND s.pid = coalesce(pid, s.pid)
+      AND s.comm = coalesce(comm, s.comm);
+-- A flame graph as rows: one per distinct (process, stack), heaviest first; `folded` is
+-- the flamegraph.pl line (process name as the root frame) without its weight.
+CREATE OR REPLACE MACRO flame(
+    event, since := NULL, until := NULL, node := NULL, pid := NULL, comm := NULL
+) AS TABLE
+    SELECT m.comm, m.stack_id, st.frames, st.kinds,
+           array_to_string(list_prepend(m.comm, st.frames), ';') AS folded, m.weight
+    FROM (
+        SELECT s.comm, s.stack_id, sum(s.weight)::BIGINT AS weight
+        FROM selected_samples(event, since := since, until := until,
+                              node := node, pid := pid, comm := comm) s
+        GROUP BY ALL
+    ) m
+    JOIN stacks st USING (stack_id)
+    ORDER BY m.weight DESC, folded;
+-- Self (leaf) and total (inclusive) weight per function, heaviest self first; a function
+-- recurring in a stack counts once in its total. Percentages are of the selection's total.
+CREATE OR REPLACE MACRO top_functions(
+    event, since := NULL, until := NULL, node := NULL, pid := NULL, comm := NULL
+) AS TABLE
+    WITH per_stack AS (
+        SELECT s.stack_id, sum(s.weight) AS weight
+        FROM selected_samples(event, since := since, until := until,
+                              node := node, pid := pid, comm := comm) s
+        GROUP BY s.stack_id
+    )
+    SELECT f AS function,
+           coalesce(sum(p.weight) FILTER (WHERE f = st.frames[-1]), 0)::BIGINT AS self,
+           sum(p.weight)::BIGINT AS total,
+           round(100 * self / (SELECT sum(weight) FROM per_stack), 2) AS self_percent,
+           round(100 * total / (SELECT sum(weight) FROM per_stack), 2) AS total_percent
+    FROM per_stack p JOIN stacks st USING (stack_id), unnest(list_distinct(st.frames)) AS t(f)
+    GROUP BY f
+    ORDER BY self DESC, total DESC, function;
 """
 
 
@@ -74,8 +176,35 @@ class ProfileStore:
         """A cursor of its own for one reader thread (MVCC snapshot per query)."""
         return self._db.cursor()
 
+    def record_session(self, order: control_pb2.SessionOrder, state: str) -> None:
+        """Insert or update one on-demand session (the `sessions` view)."""
+        with self._write_lock:
+            self._db.execute(
+                """
+                INSERT INTO session_rows VALUES (
+                    $id, $job, $events, $frequency, now(), make_timestamptz($deadline * 1000),
+                    $state)
+                ON CONFLICT (session_id) DO UPDATE SET state = excluded.state
+                """,
+                {
+                    "id": order.session_id,
+                    "job": order.job,
+                    "events": list(order.events),
+                    "frequency": order.frequency,
+                    "deadline": order.deadline_unix_ms,
+                    "state": state,
+                },
+            )
+
     def append(
-        self, agent_id: str, sequence: int, node: str, samples: pa.Table, stacks: pa.Table
+        self,
+        agent_id: str,
+        sequence: int,
+        node: str,
+        samples: pa.Table,
+        stacks: pa.Table,
+        processes: pa.Table | None = None,
+        io_latency: pa.Table | None = None,
     ) -> StoreResult:
         """Store one validated batch atomically; a (agent_id, sequence) seen before is a no-op.
 
@@ -110,6 +239,27 @@ class ProfileStore:
                     ANTI JOIN stack_rows s ON s.stack_id = b.stack_id
                     """
                 )
+                if processes is not None and processes.num_rows:
+                    cur.register("batch_processes", processes)
+                    cur.execute(
+                        """
+                        INSERT INTO process_rows
+                        SELECT ts, $node, $agent, pid, nspid, comm, exe, runtime,
+                               frame_pointers, attach, perf_map_entries
+                        FROM batch_processes
+                        """,
+                        {"node": node, "agent": agent_id},
+                    )
+                if io_latency is not None and io_latency.num_rows:
+                    cur.register("batch_io_latency", io_latency)
+                    cur.execute(
+                        """
+                        INSERT INTO io_latency_rows
+                        SELECT ts, $node, $agent, pid, comm, device, op, bucket_le_ns, count
+                        FROM batch_io_latency
+                        """,
+                        {"node": node, "agent": agent_id},
+                    )
                 cur.execute(
                     "INSERT INTO ingested_batches VALUES (?, ?, ?, now(), ?)",
                     [agent_id, sequence, node, samples.num_rows],

@@ -23,6 +23,8 @@ class ValidBatch:
     node: str
     samples: pa.Table
     stacks: pa.Table
+    processes: pa.Table
+    io_latency: pa.Table
 
 
 def validate_batch(batch: ingest_pb2.IngestBatch) -> ValidBatch:
@@ -37,25 +39,39 @@ def validate_batch(batch: ingest_pb2.IngestBatch) -> ValidBatch:
             raise schema.SchemaError(f"{name} must have 1 to {MAX_ID_CHARS} characters")
     samples = schema.decode(batch.samples, schema.SAMPLES)
     stacks = schema.decode(batch.stacks, schema.STACKS)
+    processes = schema.decode(batch.processes, schema.PROCESSES)
+    io_latency = schema.decode(batch.io_latency, schema.IO_LATENCY)
     _check_samples(samples)
     _check_stacks(stacks)
-    return ValidBatch(batch.agent_id, batch.sequence, batch.node, samples, stacks)
+    _check_processes(processes)
+    _check_io_latency(io_latency)
+    return ValidBatch(
+        batch.agent_id, batch.sequence, batch.node, samples, stacks, processes, io_latency
+    )
+
+
+def _check_not_future(name: str, table: pa.Table) -> None:
+    latest = pc.max(table["ts"]).as_py()
+    if latest > datetime.now(UTC) + MAX_CLOCK_SKEW:
+        raise schema.SchemaError(f"{name}: timestamp {latest.isoformat()} is in the future")
+
+
+def _check_lengths(name: str, table: pa.Table, columns: tuple[str, ...]) -> None:
+    for column in columns:
+        if pc.max(pc.utf8_length(table[column])).as_py() > schema.MAX_STRING_BYTES:
+            raise schema.SchemaError(f"{name}: {column} longer than {schema.MAX_STRING_BYTES}")
 
 
 def _check_samples(samples: pa.Table) -> None:
     if samples.num_rows == 0:
         return
-    latest = pc.max(samples["ts"]).as_py()
-    if latest > datetime.now(UTC) + MAX_CLOCK_SKEW:
-        raise schema.SchemaError(f"samples: timestamp {latest.isoformat()} is in the future")
+    _check_not_future("samples", samples)
     if pc.min(samples["weight"]).as_py() < 0:
         raise schema.SchemaError("samples: negative weight")
     unknown = set(pc.unique(samples["event"]).to_pylist()) - schema.EVENT_UNITS.keys()
     if unknown:
         raise schema.SchemaError(f"samples: unknown event {sorted(unknown)[0]!r}")
-    for column in ("comm", "event"):
-        if pc.max(pc.utf8_length(samples[column])).as_py() > schema.MAX_STRING_BYTES:
-            raise schema.SchemaError(f"samples: {column} longer than {schema.MAX_STRING_BYTES}")
+    _check_lengths("samples", samples, ("comm", "event"))
 
 
 def _check_stacks(stacks: pa.Table) -> None:
@@ -70,3 +86,36 @@ def _check_stacks(stacks: pa.Table) -> None:
     names = pc.list_flatten(stacks["frames"])
     if len(names) and pc.max(pc.utf8_length(names)).as_py() > schema.MAX_STRING_BYTES:
         raise schema.SchemaError(f"stacks: frame name longer than {schema.MAX_STRING_BYTES}")
+
+
+def _check_processes(processes: pa.Table) -> None:
+    if processes.num_rows == 0:
+        return
+    if pc.min(processes["pid"]).as_py() <= 0 or pc.min(processes["nspid"]).as_py() <= 0:
+        raise schema.SchemaError("processes: pid must be positive")
+    unknown = set(pc.unique(processes["runtime"].drop_null()).to_pylist()) - set(schema.RUNTIMES)
+    if unknown:
+        raise schema.SchemaError(f"processes: unknown runtime {sorted(unknown)[0]!r}")
+    for column in ("comm", "exe", "attach"):
+        longest = pc.max(pc.utf8_length(processes[column])).as_py() or 0
+        if longest > schema.MAX_STRING_BYTES:
+            raise schema.SchemaError(f"processes: {column} longer than {schema.MAX_STRING_BYTES}")
+
+
+def _check_io_latency(io_latency: pa.Table) -> None:
+    if io_latency.num_rows == 0:
+        return
+    _check_not_future("io_latency", io_latency)
+    if pc.min(io_latency["count"]).as_py() < 0:
+        raise schema.SchemaError("io_latency: negative count")
+    buckets = io_latency["bucket_le_ns"]
+    # A power of two: n & (n - 1) == 0.
+    if (
+        pc.min(buckets).as_py() <= 0
+        or pc.any(pc.not_equal(pc.bit_wise_and(buckets, pc.subtract(buckets, 1)), 0)).as_py()
+    ):
+        raise schema.SchemaError("io_latency: bucket_le_ns must be a power of two")
+    unknown = set(pc.unique(io_latency["op"]).to_pylist()) - set(schema.IO_OPS)
+    if unknown:
+        raise schema.SchemaError(f"io_latency: unknown op {sorted(unknown)[0]!r}")
+    _check_lengths("io_latency", io_latency, ("comm", "device"))

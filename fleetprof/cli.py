@@ -8,13 +8,25 @@ import os
 import sys
 from collections.abc import Sequence
 
-from fleetprof.commands import agent, aggregator, demo, flamegraph, query
+from fleetprof.commands import (
+    agent,
+    aggregator,
+    demo,
+    diff,
+    flamegraph,
+    import_,
+    profile,
+    query,
+)
 
 COMMANDS = {
     "aggregator": aggregator,
     "agent": agent,
     "query": query,
     "flamegraph": flamegraph,
+    "profile": profile,
+    "diff": diff,
+    "import": import_,
     "demo": demo,
 }
 

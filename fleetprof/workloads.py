@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 NATIVE_SOURCE = "hotspots.c"
 JAVA_SOURCE = "Hotspots.java"
 JAVA_MAIN = "demo.Hotspots"
+# Programs that wait (lock, io, offcpu): waits.c's header says how to run them.
+WAITS_SOURCE = "waits.c"
+CONTENTION_SOURCE = "Contention.java"
+CONTENTION_MAIN = "demo.Contention"
 # Hot functions and the share of the workload's CPU each should get.
 NATIVE_SHARES = {"compute_alpha": 0.75, "compute_beta": 0.25}
 JAVA_SHARES = {"ledgerReconcile": 2 / 3, "ledgerAudit": 1 / 3}
@@ -18,12 +24,12 @@ def _source(name: str) -> str:
     return resources.files("fleetprof").joinpath("demo", name).read_text()
 
 
-def build_native(workdir: Path) -> Path:
-    """Compile hotspots.c with frame pointers; returns the binary."""
+def build_native(workdir: Path, name: str = NATIVE_SOURCE) -> Path:
+    """Compile a bundled C program with frame pointers; returns the binary."""
     workdir.mkdir(parents=True, exist_ok=True)
-    source = workdir / NATIVE_SOURCE
-    source.write_text(_source(NATIVE_SOURCE))
-    binary = workdir / "hotspots"
+    source = workdir / name
+    source.write_text(_source(name))
+    binary = workdir / source.stem
     subprocess.run(
         ["gcc", "-O1", "-fno-omit-frame-pointer", "-o", str(binary), str(source), "-lpthread"],
         check=True,
@@ -31,12 +37,12 @@ def build_native(workdir: Path) -> Path:
     return binary
 
 
-def build_java(workdir: Path) -> Path:
-    """Compile Hotspots.java; returns the class path."""
+def build_java(workdir: Path, name: str = JAVA_SOURCE) -> Path:
+    """Compile a bundled Java program; returns the class path."""
     classes = workdir / "classes"
     classes.mkdir(parents=True, exist_ok=True)
-    source = workdir / JAVA_SOURCE
-    source.write_text(_source(JAVA_SOURCE))
+    source = workdir / name
+    source.write_text(_source(name))
     subprocess.run(["javac", "-d", str(classes), str(source)], check=True)
     return classes
 
@@ -48,23 +54,15 @@ def start_native(
     return subprocess.Popen([str(binary), str(seconds), str(threads), str(rounds)])
 
 
-def start_java(classes: Path, seconds: float, threads: int = 2) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [
-            "java",
-            "-XX:+PreserveFramePointer",
-            "-cp",
-            str(classes),
-            JAVA_MAIN,
-            str(seconds),
-            str(threads),
-        ]
-    )
-
-
-def write_perf_map(pid: int) -> bool:
-    """Ask a JVM (JDK 17+) to write /tmp/perf-PID.map; False if it could not."""
-    result = subprocess.run(
-        ["jcmd", str(pid), "Compiler.perfmap"], capture_output=True, timeout=30, check=False
-    )
-    return result.returncode == 0
+def start_java(
+    classes: Path,
+    seconds: float,
+    threads: int = 2,
+    options: Sequence[str] = ("-XX:+PreserveFramePointer",),
+    main: str = JAVA_MAIN,
+    **popen: Any,
+) -> subprocess.Popen[bytes]:
+    """Run Hotspots.java (or another `main` class taking SECONDS THREADS) with these JVM
+    options (frame pointers kept, by default)."""
+    command = ["java", *options, "-cp", str(classes), main, str(seconds), str(threads)]
+    return subprocess.Popen(command, **popen)

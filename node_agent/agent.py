@@ -12,7 +12,8 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from fleetprof.node_agent.batch import BatchBuilder
+from fleetprof.node_agent.batch import Batch, BatchBuilder
+from fleetprof.node_agent.jvms import Jvms
 from fleetprof.node_agent.process_events import ProcessEvents
 from fleetprof.node_agent.samplers import SamplerOptions
 from fleetprof.node_agent.samplers.registry import SAMPLERS
@@ -20,6 +21,7 @@ from fleetprof.node_agent.samplers.stack_maps import StackSample
 from fleetprof.node_agent.shipper import Shipper
 from fleetprof.node_agent.spool import Spool
 from fleetprof.node_agent.symbolize.symbolizer import Symbolizer
+from fleetprof.proto import schema
 from fleetprof.proto.security import ClientSecurity
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,9 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.symbolizer = Symbolizer()
+        # JVMs are found in the snapshots; their perf maps refreshed at most once an interval.
+        self.jvms = Jvms(self.symbolizer.reload_perf_map, interval_s=config.interval_s)
+        self.symbolizer.on_snapshot = self.jvms.observe
         self._exited: set[int] = set()
         self._new_code: set[int] = set()
         # Before the sampler starts, so no process is sampled before it can be remembered.
@@ -78,6 +83,7 @@ class Agent:
 
     def _on_exit(self, pid: int) -> None:
         self._remember_new_code()
+        self.jvms.exited(pid)
         self._exited.add(pid)
 
     def _remember_new_code(self) -> None:
@@ -92,6 +98,7 @@ class Agent:
                 wait_ms = (next_drain - time.monotonic()) * 1000
                 self._events.poll(int(max(0, min(EVENT_POLL_MS, wait_ms))))
                 self._remember_new_code()
+                self.jvms.poll(next_drain)
                 if self.shipper.retry_due:
                     self.shipper.flush()
                 if time.monotonic() >= next_drain:
@@ -102,6 +109,13 @@ class Agent:
                 log.warning("exiting with %d undelivered batches", self.shipper.pending)
         finally:
             self.close()
+        log.info(
+            "agent stopped: %d samples in %d drains, %d batches acked, %d left in the spool",
+            self.stats["samples"],
+            self.stats["drains"],
+            self.shipper.stats["acked"],
+            self.shipper.pending,
+        )
 
     def drain_once(self) -> None:
         # Processes that exited before the flip have all their samples in this drain.
@@ -113,14 +127,22 @@ class Agent:
             if dropped:
                 # The kernel's counts map was full: keep their weight under [lost stack].
                 log.warning(
-                    "%s: %d events found the kernel counts map full", sampler.event, dropped
+                    "%s: %d %s of weight found the kernel counts map full",
+                    sampler.event,
+                    dropped,
+                    sampler.unit,
                 )
-                drained.append(StackSample(0, 0, "[dropped]", None, (), dropped))
+                drained.samples.append(StackSample(0, 0, "[dropped]", None, (), dropped))
                 self._dropped[sampler.event] += dropped
             self.shipper.ship(self._builder.build(sampler.event, now, drained))
-            self.stats["samples"] += sum(s.weight for s in drained)
+            self.stats["samples"] += sum(s.weight for s in drained.samples)
+        self.jvms.after_drain(*self.symbolizer.take_jit_activity())
+        processes = self.jvms.take_processes()
+        if processes is not None:
+            self.shipper.ship(Batch(schema.SAMPLES.empty_table(), {}, processes))
         for pid in exited:
             self.symbolizer.forget(pid)
+            self.jvms.forget(pid)
         # Symbol tables of new processes leave parse garbage behind: hand it back.
         release_free_memory()
         self.stats["drains"] += 1
@@ -129,4 +151,5 @@ class Agent:
         for sampler in self._samplers:
             sampler.close()
         self._events.close()
+        self.jvms.close()
         self.shipper.close()

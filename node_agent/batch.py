@@ -1,4 +1,5 @@
-"""Turns drained stack counts into one wire batch: SAMPLES rows + the STACKS they use."""
+"""Turns a sampler's drain into one wire batch: SAMPLES rows, the STACKS they use and,
+for io, IO_LATENCY rows."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import NamedTuple
 
 import pyarrow as pa
 
-from fleetprof.node_agent.samplers.stack_maps import StackSample
+from fleetprof.node_agent.samplers import Drain, LatencyBucket
 from fleetprof.node_agent.symbolize.frame import Frame
 from fleetprof.node_agent.symbolize.symbolizer import Symbolizer
 from fleetprof.proto import schema
@@ -44,6 +45,10 @@ def stack_id(row: StackRow) -> int:
 class Batch(NamedTuple):
     samples: pa.Table
     stacks: dict[int, StackRow]
+    # schema.PROCESSES rows, when the agent learned something about processes.
+    processes: pa.Table | None = None
+    # schema.IO_LATENCY rows, drained with the io event's samples.
+    io_latency: pa.Table | None = None
 
 
 class BatchBuilder:
@@ -52,18 +57,21 @@ class BatchBuilder:
     def __init__(self, symbolizer: Symbolizer) -> None:
         self._symbolizer = symbolizer
 
-    def build(self, event: str, ts: datetime, drained: Sequence[StackSample]) -> Batch:
+    def build(self, event: str, ts: datetime, drain: Drain) -> Batch:
+        drained = drain.samples
         kernel_frames: dict[tuple[int, ...] | None, list[Frame]] = {}
-        ids: dict[tuple[int, tuple[int, ...] | None, tuple[int, ...] | None], int] = {}
+        ids: dict[tuple[int, tuple[int, ...] | None, tuple[int, ...] | None, str], int] = {}
         stacks: dict[int, StackRow] = {}
         stack_ids = []
         for sample in drained:
-            key = (sample.pid, sample.kernel_stack, sample.user_stack)
+            key = (sample.pid, sample.kernel_stack, sample.user_stack, sample.leaf)
             if key not in ids:
                 if sample.kernel_stack not in kernel_frames:
                     kernel_frames[sample.kernel_stack] = self._kernel(sample.kernel_stack)
                 frames = self._user(sample.pid, sample.user_stack)
                 frames.extend(kernel_frames[sample.kernel_stack])
+                if sample.leaf:
+                    frames.append(Frame(sample.leaf, "", "kernel"))
                 row = stack_row(frames or [LOST_STACK])
                 ids[key] = stack_id(row)
                 stacks[ids[key]] = row
@@ -80,7 +88,22 @@ class BatchBuilder:
             },
             schema=schema.SAMPLES,
         )
-        return Batch(samples, stacks)
+        io_latency = self._io_latency(ts, drain.io_latency) if drain.io_latency else None
+        return Batch(samples, stacks, io_latency=io_latency)
+
+    def _io_latency(self, ts: datetime, buckets: Sequence[LatencyBucket]) -> pa.Table:
+        return pa.table(
+            {
+                "ts": pa.array([ts] * len(buckets), pa.timestamp("us", tz="UTC")),
+                "pid": [b.pid for b in buckets],
+                "comm": [self._symbolizer.process_name(b.pid) or b.comm for b in buckets],
+                "device": [b.device for b in buckets],
+                "op": [b.op for b in buckets],
+                "bucket_le_ns": [b.bucket_le_ns for b in buckets],
+                "count": [b.count for b in buckets],
+            },
+            schema=schema.IO_LATENCY,
+        )
 
     def _kernel(self, addresses: tuple[int, ...] | None) -> list[Frame]:
         if addresses is None:

@@ -27,7 +27,7 @@ from fleetprof.proto.security import ClientSecurity
 
 log = logging.getLogger(__name__)
 
-ACK_TIMEOUT_S = 30.0
+ACK_TIMEOUT_S = 10.0
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", schema.MAX_MESSAGE_BYTES),
     # Notice a vanished aggregator within seconds, not at the next TCP timeout.
@@ -97,7 +97,7 @@ class Shipper:
 
     def ship(self, batch: Batch) -> None:
         """Deliver a batch now if nothing older waits, else spool it behind the others."""
-        if not batch.samples.num_rows:
+        if not batch.samples.num_rows and batch.processes is None and batch.io_latency is None:
             return
         message = ingest_pb2.IngestBatch(
             agent_id=self.agent_id,
@@ -107,6 +107,8 @@ class Shipper:
             samples=schema.encode(batch.samples),
             # Every stack the batch uses: a spooled batch must stand on its own.
             stacks=schema.encode(stacks_table(batch.stacks)),
+            processes=schema.encode(batch.processes) if batch.processes is not None else b"",
+            io_latency=schema.encode(batch.io_latency) if batch.io_latency is not None else b"",
         )
         self._next_sequence += 1
         if not self._spool and time.monotonic() >= self._retry_at and self._deliver(message):

@@ -13,7 +13,8 @@ from pathlib import Path
 from grpc_tools import protoc
 
 PROTO_ROOT = Path(__file__).resolve().parent
-PROTO_FILES = ["ingest/v1/ingest.proto"]
+# pprof/profile.proto is google/pprof's, unchanged (Apache-2.0): `.pb.gz` exports and imports.
+PROTO_FILES = ["ingest/v1/ingest.proto", "control/v1/control.proto", "pprof/profile.proto"]
 # Generated modules import each other as fleetprof.proto.<path>: map that virtual path onto
 # this folder so protoc writes the right import lines.
 VIRTUAL_ROOT = "fleetprof/proto"

@@ -1,7 +1,9 @@
 """The Arrow schemas of the wire contract, defined once for agents and aggregator.
 
-A batch is two Arrow IPC streams: SAMPLES rows (one per in-kernel aggregated
-(pid, tid, stack) count) and STACKS rows (each distinct stack once per connection).
+A batch is Arrow IPC streams: SAMPLES rows (one per in-kernel aggregated
+(pid, tid, stack) count), STACKS rows (each distinct stack once per connection) and
+PROCESSES rows (what the agent learned about processes, when it learned it) and IO_LATENCY
+rows (block I/O latency histograms of the `io` event).
 Bump SCHEMA_VERSION and keep the old schema readable when a column changes.
 """
 
@@ -14,7 +16,9 @@ SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
 
 # The events (SAMPLES.event) and the unit of their weight: counts, or nanoseconds of time.
-EVENT_UNITS = {"cpu": "samples"}
+# cpu: on-CPU samples; lock: blocked in futex waits and on kernel locks; offcpu: off CPU
+# (above a minimum duration); io: in I/O syscalls and block requests (README "Events").
+EVENT_UNITS = {"cpu": "samples", "lock": "ns", "offcpu": "ns", "io": "ns"}
 
 # Frame kinds, as used in STACKS.kinds; flame graphs colour by them.
 FRAME_KINDS = ("kernel", "native", "jit", "interpreted", "lost", "unknown")
@@ -43,6 +47,55 @@ STACKS = pa.schema(
         pa.field("kinds", pa.list_(pa.string()), nullable=False),
     ],
     metadata={"fleetprof.table": "stacks", "fleetprof.schema_version": str(SCHEMA_VERSION)},
+)
+
+# Language runtimes the agent recognises (PROCESSES.runtime): "jvm" is HotSpot.
+RUNTIMES = ("jvm",)
+
+# What the agent learned about a process, sent when it learns it (IngestBatch.processes):
+# the latest row of a (node, pid) is the current state.
+PROCESSES = pa.schema(
+    [
+        pa.field("ts", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("pid", pa.int32(), nullable=False),
+        # The pid the process sees in its own PID namespace (its container).
+        pa.field("nspid", pa.int32(), nullable=False),
+        pa.field("comm", pa.string(), nullable=False),
+        pa.field("exe", pa.string(), nullable=False),
+        # One of RUNTIMES, or null.
+        pa.field("runtime", pa.string()),
+        # Whether JIT-compiled code keeps frame pointers (JVM: -XX:+PreserveFramePointer);
+        # without them stacks stop at the first JIT frame. Null: not known.
+        pa.field("frame_pointers", pa.bool_()),
+        # The outcome of the agent's last attach to the JVM ("ok", or why it failed or was
+        # not tried); null if not tried yet.
+        pa.field("attach", pa.string()),
+        # Entries of its perf map (JIT symbols) when last read; null if it has none.
+        pa.field("perf_map_entries", pa.int64()),
+    ],
+    metadata={"fleetprof.table": "processes", "fleetprof.schema_version": str(SCHEMA_VERSION)},
+)
+
+# Block request ops (IO_LATENCY.op).
+IO_OPS = ("read", "write", "flush", "discard", "other")
+
+# Block requests completed in one interval, per (process, device, op), in log2 latency
+# buckets (IngestBatch.io_latency): one row per non-empty bucket.
+IO_LATENCY = pa.schema(
+    [
+        pa.field("ts", pa.timestamp("us", tz="UTC"), nullable=False),
+        # The process that queued the request.
+        pa.field("pid", pa.int32(), nullable=False),
+        pa.field("comm", pa.string(), nullable=False),
+        # Block device name ("vda", "nvme0n1"), or "major:minor" when it has none.
+        pa.field("device", pa.string(), nullable=False),
+        # One of IO_OPS.
+        pa.field("op", pa.string(), nullable=False),
+        # A power of two: these requests took more than half of it and at most it.
+        pa.field("bucket_le_ns", pa.int64(), nullable=False),
+        pa.field("count", pa.int64(), nullable=False),
+    ],
+    metadata={"fleetprof.table": "io_latency", "fleetprof.schema_version": str(SCHEMA_VERSION)},
 )
 
 # Hostile-input limits, checked before anything is decoded or stored.

@@ -10,12 +10,18 @@ _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as '90s', '15m', '2h', '7d'."""
+    match = _RELATIVE.match(text.strip())
+    if not match:
+        raise ValueError(f"bad duration {text!r}: use a number and s, m, h or d, like 60s")
+    return float(match[1]) * _UNIT_SECONDS[match[2]]
+
+
 def parse_time(text: str, now: datetime | None = None) -> datetime:
     """An ISO 8601 time (UTC if no zone) or a duration ago such as '15m', '2h', '7d'."""
-    match = _RELATIVE.match(text.strip())
-    if match:
-        ago = float(match[1]) * _UNIT_SECONDS[match[2]]
-        return (now or datetime.now(UTC)) - timedelta(seconds=ago)
+    if _RELATIVE.match(text.strip()):
+        return (now or datetime.now(UTC)) - timedelta(seconds=parse_duration(text))
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
@@ -38,6 +44,9 @@ class SampleFilter:
     nodes: tuple[str, ...] = ()
     pids: tuple[int, ...] = ()
     comms: tuple[str, ...] = ()
+    jobs: tuple[str, ...] = ()
+    # An on-demand session's rows only (fleetprof profile); None: continuous profiling.
+    session: str | None = None
 
     def where(self) -> str:
         clauses = [f"event = {sql_literal(self.event)}"]
@@ -45,7 +54,15 @@ class SampleFilter:
             clauses.append(f"ts >= {sql_literal(self.since.isoformat())}::TIMESTAMPTZ")
         if self.until:
             clauses.append(f"ts < {sql_literal(self.until.isoformat())}::TIMESTAMPTZ")
-        for column, values in (("node", self.nodes), ("pid", self.pids), ("comm", self.comms)):
+        if self.session:
+            clauses.append(f"session_id = {sql_literal(self.session)}")
+        columns = (
+            ("node", self.nodes),
+            ("pid", self.pids),
+            ("comm", self.comms),
+            ("job", self.jobs),
+        )
+        for column, values in columns:
             if values:
                 clauses.append(f"{column} IN ({', '.join(sql_literal(v) for v in values)})")
         return " AND ".join(clauses)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import compress, count
 from operator import ne
@@ -48,9 +49,16 @@ class FlameNode:
         while stack:
             depth, offset, node = stack.pop()
             yield depth, offset, node
+            children = node.children
+            if len(children) == 1:
+                # most nodes of deep trees: no sort, no list (a third of the walk's time)
+                (child,) = children.values()
+                if child.total > 0 and child.total >= min_total:
+                    stack.append((depth + 1, offset, child))
+                continue
             shown = []
-            for name in sorted(node.children):
-                child = node.children[name]
+            for name in sorted(children):
+                child = children[name]
                 if child.total > 0 and child.total >= min_total:
                     shown.append((depth + 1, offset, child))
                 offset += child.total
@@ -67,12 +75,19 @@ def build_tree(rows: Iterable[StackRow]) -> FlameNode:
     build two to three times faster, since each row then only walks the frames that differ
     from the previous row. Zero weights are ignored; negative weights raise `ValueError`.
     """
-    # The tree has no reference cycles, so the cyclic GC can only waste time here, and it
-    # does: repeated full collections over ~1M young nodes doubled the build time.
+    with gc_paused():
+        return _build(rows)
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Without the cyclic GC. A tree has no reference cycles, so the GC can only waste time
+    while one is built or walked, and it does: repeated full collections over ~1M young
+    nodes doubled the build time, and tripled the web UI's walk to a JSON payload."""
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _build(rows)
+        yield
     finally:
         if gc_was_enabled:
             gc.enable()

@@ -56,10 +56,10 @@ def write_json_lines(reader: pa.RecordBatchReader, out: BinaryIO) -> None:
     """One JSON object per row (JSON Lines), so large results stream."""
     for batch in reader:
         for row in batch.to_pylist():
-            out.write(json.dumps(row, default=_json_value).encode() + b"\n")
+            out.write(json.dumps(row, default=json_value).encode() + b"\n")
 
 
-def _json_value(value: object) -> object:
+def json_value(value: object) -> object:
     # DuckDB's sum() of BIGINT is HUGEINT, which arrives as an integral Decimal.
     if isinstance(value, Decimal):
         return int(value) if value == value.to_integral_value() else float(value)

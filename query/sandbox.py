@@ -7,6 +7,7 @@ query can neither write nor read anything but the profile tables.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,15 +30,24 @@ def one_line(exc: BaseException) -> str:
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
+_MEMORY = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B|B)$", re.IGNORECASE)
+
+
 def lock_down(conn: duckdb.DuckDBPyConnection, memory_limit: str | None = None) -> None:
-    """Forbid file/network access and freeze settings for the whole database instance."""
+    """Forbid file/network access and freeze settings for the whole database instance.
+
+    `memory_limit` (e.g. "2GB") is DuckDB's: it bounds the buffer memory of the whole
+    instance, every connection and query on it together, not one query.
+    """
     if memory_limit:
+        if not _MEMORY.match(memory_limit):
+            raise QueryError(f"bad memory limit {memory_limit!r}: use e.g. 512MB, 2GB, 1.5GiB")
         conn.execute(f"SET memory_limit = '{memory_limit}'")
     conn.execute("SET enable_external_access = false")
     conn.execute("SET lock_configuration = true")
 
 
-def open_read_only(path: str | Path) -> duckdb.DuckDBPyConnection:
+def open_read_only(path: str | Path, memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
     """Open a profile database file for queries only."""
     if not Path(path).exists():
         raise QueryError(f"no profile database at {path}")
@@ -48,7 +58,11 @@ def open_read_only(path: str | Path) -> duckdb.DuckDBPyConnection:
             f"cannot open {path}: {one_line(exc)} "
             "(is an aggregator writing it? query it with --aggregator instead)"
         ) from exc
-    lock_down(conn)
+    try:
+        lock_down(conn, memory_limit)
+    except QueryError:
+        conn.close()
+        raise
     return conn
 
 

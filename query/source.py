@@ -46,8 +46,13 @@ class ConnectionSource:
 class DatabaseSource(ConnectionSource):
     """A profile database file opened read-only (no aggregator may be writing it)."""
 
-    def __init__(self, path: str | Path, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-        super().__init__(open_read_only(path), timeout_s)
+    def __init__(
+        self,
+        path: str | Path,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        memory_limit: str | None = None,
+    ) -> None:
+        super().__init__(open_read_only(path, memory_limit), timeout_s)
 
 
 class AggregatorSource:
@@ -118,10 +123,13 @@ class _ChunkReader:
 
 
 def open_source(
-    aggregator: str | None, db: str | None, security: ClientSecurity | None = None
+    aggregator: str | None,
+    db: str | None,
+    security: ClientSecurity | None = None,
+    memory_limit: str | None = None,
 ) -> ProfileSource:
     if (aggregator is None) == (db is None):
         raise QueryError("give exactly one of --aggregator HOST:PORT or --db PATH")
     if aggregator:
         return AggregatorSource(aggregator, security=security)
-    return DatabaseSource(db)
+    return DatabaseSource(db, memory_limit=memory_limit)

@@ -34,7 +34,8 @@ def require_ebpf() -> None:
 
 @pytest.fixture
 def aggregator(tmp_path: Path) -> Iterator[Aggregator]:
-    server = Aggregator(tmp_path / "profiles.duckdb", "127.0.0.1:0")
+    # the web UI too (server.web.url), on a free loopback port
+    server = Aggregator(tmp_path / "profiles.duckdb", "127.0.0.1:0", http_listen="127.0.0.1:0")
     server.start()
     yield server
     server.stop(grace_s=0)

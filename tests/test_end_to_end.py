@@ -31,11 +31,12 @@ def flame_for(aggregator: Aggregator, pid: int) -> FlameNode:
 
 def test_native_shares_come_out_right(aggregator, running_agent, native_binary) -> None:
     agent = running_agent(frequency=99, interval_s=1.0)
-    process = workloads.start_native(native_binary, seconds=8)
+    process = workloads.start_native(native_binary, seconds=10, threads=2)
     process.wait()
     agent.stop()
     tree = flame_for(aggregator, process.pid)
-    assert tree.total >= 8 * 99 * 0.8, f"too few samples: {tree.total}"
+    # Enough samples for ±5 points to be ~3 standard deviations, even on a busy machine.
+    assert tree.total >= 500, f"too few samples: {tree.total}"
     for function, share in workloads.NATIVE_SHARES.items():
         measured = weight_under(tree, function) / tree.total
         assert abs(measured - share) <= 0.05, f"{function}: {measured:.3f} vs {share}"
@@ -58,10 +59,9 @@ def test_short_lived_process_is_named(aggregator, running_agent, native_binary) 
 
 def test_java_hot_methods_are_named(aggregator, running_agent, java_classes) -> None:
     agent = running_agent(frequency=99, interval_s=2.0)
+    # No jcmd: the agent attaches to the JVM for its perf map.
     process = workloads.start_java(java_classes, seconds=12)
-    while process.poll() is None:
-        time.sleep(1.5)
-        workloads.write_perf_map(process.pid)
+    process.wait()
     agent.stop()
     tree = flame_for(aggregator, process.pid)
     names = set()

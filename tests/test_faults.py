@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -76,9 +78,11 @@ def test_outage_and_crash_lose_nothing(tmp_path: Path, native_binary: Path) -> N
     stop = threading.Event()
     thread = threading.Thread(target=agent.run, args=(stop,))
     thread.start()
-    workload = workloads.start_native(native_binary, seconds=OUTAGE_S + 8)
+    workload = workloads.start_native(native_binary, seconds=OUTAGE_S + 20)
     try:
-        time.sleep(3)
+        deadline = time.monotonic() + 30
+        while agent.shipper.stats["acked"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
         # A crash in the middle of ingest: SIGKILL, no chance to clean up.
         aggregator.send_signal(signal.SIGKILL)
         aggregator.wait()
@@ -189,3 +193,169 @@ def test_full_disk_refuses_ingest_keeps_queries_and_recovers(small_disk: Path) -
         assert totals(aggregator)[0] == stored[0] + 20_000
     finally:
         aggregator.stop(grace_s=0)
+
+
+def agent_process(address: str, spool: Path, *extra: str) -> subprocess.Popen[str]:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fleetprof",
+            "agent",
+            "--aggregator",
+            address,
+            "--frequency",
+            "99",
+            "--spool-dir",
+            str(spool),
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in process.stderr:
+        if "sampling" in line:
+            return process
+    raise AssertionError(f"agent did not start: exit code {process.wait()}")
+
+
+def test_sigterm_drains_the_last_interval(tmp_path: Path, native_binary: Path) -> None:
+    require_ebpf()
+    db, port = tmp_path / "profiles.duckdb", free_port()
+    aggregator = start_aggregator(db, port)
+    # A long interval: everything the agent samples arrives with its final drain.
+    agent = agent_process(f"127.0.0.1:{port}", tmp_path / "spool", "--interval", "600")
+    workload = workloads.start_native(native_binary, seconds=3)
+    workload.wait()
+    agent.send_signal(signal.SIGTERM)
+    log = agent.stderr.read()
+    assert agent.wait(timeout=30) == 0
+    aggregator.send_signal(signal.SIGTERM)
+    aggregator.wait()
+    final = next(line for line in log.splitlines() if "agent stopped" in line)
+    drained = int(final.split("agent stopped: ")[1].split()[0])
+    assert drained >= 3 * 99 * 0.8
+    assert "0 left in the spool" in final
+    assert stored_weight(db) == drained
+
+
+def test_process_storm_is_survived(aggregator, running_agent) -> None:
+    agent = running_agent(frequency=99, interval_s=1.0)
+    # Thousands of short-lived processes, each exec'ing and exiting within the interval.
+    storm = subprocess.run(
+        ["sh", "-c", "i=0; while [ $i -lt 3000 ]; do /bin/true; i=$((i+1)); done"],
+        timeout=120,
+        check=True,
+    )
+    assert storm.returncode == 0
+    time.sleep(1.5)
+    agent.stop()
+    assert agent.shipper.stats["acked"] >= 1 and agent.shipper.pending == 0
+    # Exited processes are forgotten after their last drain: memory does not grow with them.
+    assert len(agent.symbolizer.exited_pids()) < 100
+    stored = aggregator.store.reader().execute("SELECT sum(weight) FROM samples").fetchone()[0]
+    assert stored == agent.stats["samples"]
+
+
+@pytest.fixture
+def aggregator_host(tmp_path: Path):
+    """A separate network host (namespace + veth pair) for the aggregator; yields
+    (namespace, host-side link, aggregator address)."""
+    require(shutil.which("ip") is not None, "iproute2 is not installed")
+    tag = f"{os.getpid() % 10_000}"
+    namespace, link, peer = f"fpagg{tag}", f"fph{tag}", f"fpa{tag}"
+    octet = os.getpid() % 200 + 20
+    commands = [
+        ["ip", "netns", "add", namespace],
+        ["ip", "link", "add", link, "type", "veth", "peer", "name", peer, "netns", namespace],
+        ["ip", "addr", "add", f"10.213.{octet}.1/30", "dev", link],
+        ["ip", "link", "set", link, "up"],
+        [
+            "ip",
+            "netns",
+            "exec",
+            namespace,
+            "ip",
+            "addr",
+            "add",
+            f"10.213.{octet}.2/30",
+            "dev",
+            peer,
+        ],
+        ["ip", "netns", "exec", namespace, "ip", "link", "set", peer, "up"],
+        ["ip", "netns", "exec", namespace, "ip", "link", "set", "lo", "up"],
+    ]
+    try:
+        for command in commands:
+            result = subprocess.run(command, capture_output=True, text=True)
+            require(result.returncode == 0, f"{' '.join(command)}: {result.stderr.strip()}")
+        yield namespace, link, f"10.213.{octet}.2:7470"
+    finally:
+        subprocess.run(["ip", "link", "del", link], capture_output=True)
+        subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+
+
+def test_network_cut_between_agent_and_aggregator(
+    tmp_path: Path, native_binary: Path, aggregator_host
+) -> None:
+    require_ebpf()
+    from fleetprof.node_agent.agent import Agent, AgentConfig
+    from fleetprof.node_agent.samplers import SamplerOptions
+    from fleetprof.proto.security import ClientSecurity
+
+    namespace, link, address = aggregator_host
+    db = tmp_path / "profiles.duckdb"
+    aggregator = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            namespace,
+            sys.executable,
+            "-m",
+            "fleetprof",
+            "aggregator",
+            "--db",
+            str(db),
+            "--listen",
+            address,
+            "--insecure",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert "listening" in aggregator.stdout.readline()
+    agent = Agent(
+        AgentConfig(
+            address,
+            "cut-node",
+            1.0,
+            spool_dir=str(tmp_path / "spool"),
+            security=ClientSecurity(insecure=True),
+            sampling=SamplerOptions(frequency=99),
+        )
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=agent.run, args=(stop,))
+    thread.start()
+    workload = workloads.start_native(native_binary, seconds=20)
+    try:
+        time.sleep(3)
+        subprocess.run(["ip", "link", "set", link, "down"], check=True)
+        time.sleep(12)  # longer than the ack timeout: batches go to the spool
+        assert agent.shipper.pending >= 1
+        subprocess.run(["ip", "link", "set", link, "up"], check=True)
+        workload.wait()
+        deadline = time.monotonic() + 30
+        while agent.shipper.pending and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        thread.join()
+        workload.kill()
+        aggregator.send_signal(signal.SIGTERM)
+        aggregator.wait()
+    assert agent.shipper.pending == 0
+    assert stored_weight(db) == agent.stats["samples"]

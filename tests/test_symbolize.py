@@ -231,17 +231,21 @@ def test_jit_frames_from_the_perf_map(running: Running) -> None:
         symbolizer.remember(pid)
 
         # Leaf first; the caller's return address jit+0x40 is the end of its call in LFoo.
+        # A readable name; the entry as written is the module.
         assert symbolizer.symbolize_user(pid, [jit + 0x50, jit + 0x40]) == [
-            Frame("Interpreter", "[jit]", "jit"),
-            Frame("LFoo;::bar", "[jit]", "jit"),
+            Frame("Interpreter", "Interpreter", "interpreted"),
+            Frame("Foo.bar", "LFoo;::bar", "jit"),
         ]
         assert symbolizer.symbolize_user(pid, [0x10000010]) == [
-            Frame("LBeyond;::mappings", "[jit]", "jit")
+            Frame("Beyond.mappings", "LBeyond;::mappings", "jit")
         ]
         assert symbolizer.symbolize_user(pid, [jit + 0x1000]) == [
             Frame(f"[jit 0x{jit + 0x1000:x}]", "[anon]", "jit")
         ]
         assert symbolizer.stats["jit_unresolved"] == 1
+        # Per process, what the agent's JVM support reads to refresh maps.
+        assert symbolizer.take_jit_activity() == ({pid: 3}, {pid: 1})
+        assert symbolizer.take_jit_activity() == ({}, {})
         perf_map = perf_maps.get(pid, pid)
         assert perf_map is not None and perf_map.bad_lines == 1
 
@@ -250,8 +254,8 @@ def test_jit_frames_from_the_perf_map(running: Running) -> None:
             f.write(f"0 Lfinished;::line\n{jit:x} 40 LFoo;::recompiled\n")
         reads = perf_maps.reads
         assert symbolizer.symbolize_user(pid, [jit + 0x80, jit + 0x10]) == [
-            Frame("Lfinished;::line", "[jit]", "jit"),
-            Frame("LFoo;::recompiled", "[jit]", "jit"),
+            Frame("finished.line", "Lfinished;::line", "jit"),
+            Frame("Foo.recompiled", "LFoo;::recompiled", "jit"),
         ]
         assert perf_maps.reads == reads + 1
 
@@ -305,7 +309,7 @@ def test_perf_map_of_a_process_in_its_own_pid_and_mount_namespace() -> None:
         assert not Path("/tmp/perf-1.map").exists()  # the namespace's /tmp is its own
 
         frames = Symbolizer().symbolize_user(pid, [0x10000004])
-        assert frames == [Frame("LContained;::run", "[jit]", "jit")]
+        assert frames == [Frame("Contained.run", "LContained;::run", "jit")]
     finally:
         # Its pid 1 first: unshare then reaps it and exits.
         if pid is not None:
@@ -358,7 +362,7 @@ def test_a_real_jvm_perf_map(tmp_path: Path) -> None:
         perf_maps = PerfMapCache()
         frames = Symbolizer(perf_maps=perf_maps).symbolize_user(java.pid, [start + 4])
 
-        assert frames == [Frame("long Spin.work(long)", "[jit]", "jit")]
+        assert frames == [Frame("Spin.work", "long Spin.work(long)", "jit")]
         perf_map = perf_maps.get(java.pid, java.pid)
         assert perf_map is not None and perf_map.bad_lines == 0
         assert len(perf_map) > 0.9 * len(lines)

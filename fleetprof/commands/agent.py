@@ -32,6 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--include-idle", action="store_true", help="also count samples of the idle task"
     )
     parser.add_argument(
+        "--offcpu-min-us",
+        type=int,
+        default=1000,
+        metavar="US",
+        help="offcpu: shortest time off CPU that counts (microseconds)",
+    )
+    parser.add_argument(
         "--spool-dir", default="/var/lib/fleetprof/spool", help="undelivered batches wait here"
     )
     parser.add_argument(
@@ -49,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--frequency must be between 1 and 10000 Hz")
     if args.interval <= 0:
         raise ValueError("--interval must be positive")
+    if args.offcpu_min_us < 1:
+        raise ValueError("--offcpu-min-us must be at least 1")
     events = tuple(e.strip() for e in args.events.split(",") if e.strip())
     unknown = set(events) - EVENT_UNITS.keys()
     if not events or unknown:
@@ -61,7 +70,11 @@ def run(args: argparse.Namespace) -> int:
         spool_dir=args.spool_dir,
         spool_max_bytes=int(args.spool_max_mb * 1024 * 1024),
         security=client_security(args),
-        sampling=SamplerOptions(frequency=args.frequency, include_idle=args.include_idle),
+        sampling=SamplerOptions(
+            frequency=args.frequency,
+            include_idle=args.include_idle,
+            offcpu_min_us=args.offcpu_min_us,
+        ),
     )
     Agent(config).run(stop_on_signals())
     return 0

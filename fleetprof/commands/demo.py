@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
-import time
 from pathlib import Path
 
 HELP = "run the end-to-end demo on this machine"
@@ -65,11 +64,7 @@ def run(args: argparse.Namespace) -> int:
         workloads.start_native(native, args.seconds),
         workloads.start_java(java_classes, args.seconds),
     ]
-    java = processes[1]
-    while java.poll() is None:
-        # Until the agent fetches JIT symbols itself, the JVM is asked to write its map.
-        time.sleep(2)
-        workloads.write_perf_map(java.pid)
+    # The agent attaches to the JVM itself for its JIT symbols (perf map).
     for process in processes:
         process.wait()
     stop_agent.set()

@@ -1,58 +1,130 @@
-"""Write a flame graph merged over all matching samples; the format follows -o's suffix."""
+"""Write a flame graph merged over all matching samples; the format follows -o's suffix.
+
+Tree formats: .html (interactive), .svg, .folded, .json (speedscope). Row formats: .pb.gz
+(pprof, one sample per process and stack, labelled), .parquet and .arrow (every sample row
+joined with its stack).
+"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fleetprof.commands.options import add_source_arguments, open_profiles
 from fleetprof.proto.schema import EVENT_UNITS
 from fleetprof.query.filters import SampleFilter, parse_time
 
-HELP = "write a flame graph (.html, .svg, .folded)"
+if TYPE_CHECKING:
+    from fleetprof.query.render import RenderOptions
+    from fleetprof.query.source import ProfileSource
+
+HELP = "write a flame graph (.html, .svg, .folded, .json, .pb.gz, .parquet, .arrow)"
+
+
+def add_selection_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """--since/--until/--node/--pid/--comm, or --base-since... with prefix "base-"."""
+    which = f"the {prefix.rstrip('-')} selection's " if prefix else ""
+    parser.add_argument(
+        f"--{prefix}since", type=parse_time, help=f"{which}start: ISO time or 15m, 2h ago"
+    )
+    parser.add_argument(
+        f"--{prefix}until", type=parse_time, help=f"{which}end: ISO time or duration ago"
+    )
+    parser.add_argument(f"--{prefix}node", action="append", default=[], help="repeatable")
+    parser.add_argument(f"--{prefix}pid", type=int, action="append", default=[], help="repeatable")
+    parser.add_argument(f"--{prefix}comm", action="append", default=[], help="repeatable")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_source_arguments(parser)
     parser.add_argument("-o", "--output", required=True, metavar="FILE")
     parser.add_argument("--event", default="cpu", choices=sorted(EVENT_UNITS))
-    parser.add_argument("--since", type=parse_time, help="ISO time or duration ago (15m, 2h)")
-    parser.add_argument("--until", type=parse_time, help="ISO time or duration ago")
-    parser.add_argument("--node", action="append", default=[], help="repeatable")
-    parser.add_argument("--pid", type=int, action="append", default=[], help="repeatable")
-    parser.add_argument("--comm", action="append", default=[], help="repeatable")
+    add_selection_arguments(parser)
     parser.add_argument("--title", default=None)
+    parser.add_argument("--icicle", action="store_true", help="root at the top (SVG)")
+    parser.add_argument(
+        "--sandwich",
+        metavar="FUNCTION",
+        help="one function's callers (inverted) and callees instead of the whole graph",
+    )
+    parser.add_argument(
+        "--frequency",
+        type=float,
+        metavar="HZ",
+        help="the agents' sampling frequency: pprof then also gives CPU nanoseconds",
+    )
 
 
-def selection_from(args: argparse.Namespace) -> SampleFilter:
+def selection_from(args: argparse.Namespace, prefix: str = "") -> SampleFilter:
+    def value(name: str) -> object:
+        return getattr(args, f"{prefix.replace('-', '_')}{name}")
+
     return SampleFilter(
         event=args.event,
-        since=args.since,
-        until=args.until,
-        nodes=tuple(args.node),
-        pids=tuple(args.pid),
-        comms=tuple(args.comm),
+        since=value("since"),
+        until=value("until"),
+        nodes=tuple(value("node")),
+        pids=tuple(value("pid")),
+        comms=tuple(value("comm")),
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    from fleetprof.query.flame import load_flame
-    from fleetprof.query.render import RenderOptions, renderer_for
+    from fleetprof.query.render import RenderOptions
+    from fleetprof.query.render.base import format_weight
 
-    renderer = renderer_for(args.output)
     selection = selection_from(args)
-    source = open_profiles(args)
-    try:
-        tree = load_flame(source, selection)
-    finally:
-        source.close()
-    if tree.total == 0:
-        raise ValueError(f"no {selection.event} samples match ({selection.where()})")
     options = RenderOptions(
-        title=args.title or f"fleetprof {selection.event} flame graph",
+        title=args.title
+        or f"fleetprof {selection.event} "
+        + (f"sandwich of {args.sandwich}" if args.sandwich else "flame graph"),
         event=selection.event,
         unit=EVENT_UNITS[selection.event],
+        subtitle="left: its callers, inverted; right: its callees" if args.sandwich else "",
+        frequency_hz=args.frequency,
+        icicle=args.icicle,
     )
-    with open(args.output, "wb") as out:
-        renderer.render(tree, options, out)
-    print(f"wrote {args.output} ({tree.total} {options.unit})")
+    source = open_profiles(args)
+    try:
+        total = write_graph(source, selection, args.output, options, args.sandwich)
+    finally:
+        source.close()
+    print(f"wrote {args.output} ({format_weight(total, options.unit)})")
     return 0
+
+
+def write_graph(
+    source: ProfileSource,
+    selection: SampleFilter,
+    output: str,
+    options: RenderOptions,
+    sandwich_of: str | None = None,
+) -> int:
+    """Write the selection's graph in the format output's suffix names; returns its total."""
+    from fleetprof.query.flame import load_flame
+    from fleetprof.query.render import renderer_for
+    from fleetprof.query.render.base import RowRenderer
+    from fleetprof.query.sandwich import sandwich
+
+    renderer = renderer_for(output)
+    nothing = ValueError(f"no {selection.event} samples match ({selection.where()})")
+    if isinstance(renderer, RowRenderer):
+        if sandwich_of:
+            raise ValueError(f"--sandwich draws a tree: {output} is a row format")
+        with source.stream(renderer.rows_sql(selection)) as rows, open(output, "wb") as out:
+            total = renderer.render_rows(rows, options, out)
+        if total == 0:
+            Path(output).unlink()
+            raise nothing
+        return total
+    tree = load_flame(source, selection)
+    if tree.total == 0:
+        raise nothing
+    if sandwich_of:
+        tree = sandwich(tree, sandwich_of)
+        if tree.total == 0:
+            raise ValueError(f"no frame named {sandwich_of!r} in the selection")
+    with open(output, "wb") as out:
+        renderer.render(tree, options, out)
+    return tree.total

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 DEFAULT_AGGREGATOR = "127.0.0.1:7470"
 
 
-def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+def add_aggregator_or_db(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--aggregator",
@@ -24,6 +24,15 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"a running aggregator (default {DEFAULT_AGGREGATOR})",
     )
     source.add_argument("--db", metavar="PATH", help="a profile database file (no aggregator)")
+
+
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    add_aggregator_or_db(parser)
+    parser.add_argument(
+        "--memory-limit",
+        metavar="SIZE",
+        help="with --db: DuckDB's memory limit for the query (e.g. 2GB; default 80%% of RAM)",
+    )
     add_client_security_arguments(parser, token=True)
 
 
@@ -88,7 +97,7 @@ def open_profiles(args: argparse.Namespace) -> ProfileSource:
     from fleetprof.query.source import open_source  # loads DuckDB: only when used
 
     if args.db:
-        return open_source(None, args.db)
+        return open_source(None, args.db, memory_limit=args.memory_limit)
     return open_source(args.aggregator or DEFAULT_AGGREGATOR, None, client_security(args))
 
 

@@ -1,14 +1,16 @@
 """One sampler per signal, each owning its BPF C file next to its Python module.
 
 Every sampler counts (pid, tid, comm, kernel stack, user stack) → weight in the kernel, in
-the two-generation maps that stack_maps.GenerationalStackMaps drains.
+the two-generation maps that stack_maps.GenerationalStackMaps drains (bpf_sampler.BpfSampler
+is what they share).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from fleetprof.node_agent.samplers.stack_maps import StackSample
 
@@ -20,6 +22,12 @@ class SamplerOptions:
     include_idle: bool = False
     max_sample_keys: int = 65_536
     max_stacks: int = 32_768
+    # offcpu: only times off CPU at least this long count (shorter ones are the bulk of
+    # context switches and rarely the problem).
+    offcpu_min_us: int = 1000
+    # lock, io syscalls: waits shorter than this are sampled (probability wait / this,
+    # weight this), keeping totals unbiased while skipping most stack walks.
+    wait_sample_us: int = 100
 
     def cflags(self) -> list[str]:
         """Defines every BPF program of ours understands."""
@@ -28,7 +36,29 @@ class SamplerOptions:
             f"-DINCLUDE_IDLE={int(self.include_idle)}",
             f"-DMAX_SAMPLE_KEYS={self.max_sample_keys}",
             f"-DMAX_STACKS={self.max_stacks}",
+            f"-DOFFCPU_MIN_NS={self.offcpu_min_us * 1000}ULL",
+            f"-DWAIT_SAMPLE_NS={self.wait_sample_us * 1000}ULL",
         ]
+
+
+class LatencyBucket(NamedTuple):
+    """Block requests of one (process, device, op) whose latency was in one log2 bucket."""
+
+    pid: int
+    comm: str
+    device: str
+    op: str
+    # Latencies in (bucket_le_ns / 2, bucket_le_ns].
+    bucket_le_ns: int
+    count: int
+
+
+class Drain(NamedTuple):
+    """What a sampler counted since its previous drain."""
+
+    samples: list[StackSample]
+    # Block I/O latency histograms (io only).
+    io_latency: Sequence[LatencyBucket] = ()
 
 
 class Sampler(Protocol):
@@ -36,10 +66,10 @@ class Sampler(Protocol):
     # "samples" (counts) or "ns" (time): what `weight` means for this event.
     unit: str
 
-    def drain(self) -> list[StackSample]: ...
+    def drain(self) -> Drain: ...
 
     def dropped_samples(self) -> int:
-        """Events the kernel could not count since start (map full)."""
+        """Weight (in `unit`) the kernel could not count since start (map full)."""
         ...
 
     def close(self) -> None: ...

@@ -1,20 +1,26 @@
 """Draining in-kernel stack counts kept in two generations of BPF maps.
 
-Every sampler's BPF program counts into `counts_<g>` / `stacks_<g>` for the generation g
-named in its `generation` array. To drain, user space flips the generation, lets programs
-already running finish, then reads and clears the previous generation: each sample lands
-in exactly one drain.
+Every sampler's BPF program (see stack_counts.bpf.h) counts into `counts_<g>`, with stacks
+in `stacks_<g>` (kernel) and `user_stacks_<g>` (user, see user_stacks.bpf.h), for the
+generation g = epoch & 1 of its `epoch` array. To drain, user space
+bumps the epoch, lets programs already running finish, then reads and clears the previous
+generation: each sample lands in exactly one drain. Samplers with more per-generation maps
+(io's latency histograms) read theirs for the generation `flip` returns.
 """
 
 from __future__ import annotations
 
 import errno
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 # Longest a BPF program runs (microseconds); waiting this long after the flip means no
 # program still writes into the generation being drained.
 _FLIP_SETTLE_S = 0.002
+# sample_key_t.user_stack values that are not hashes (user_stacks.bpf.h).
+_USER_STACK_NONE = 0
+_USER_STACK_LOST = 1
 
 
 class StackSample(NamedTuple):
@@ -29,22 +35,37 @@ class StackSample(NamedTuple):
     kernel_stack: tuple[int, ...] | None
     user_stack: tuple[int, ...] | None
     weight: int
+    # A synthetic leaf frame naming what the stack alone does not say ("[syscall fsync]",
+    # "[block write vda]"); empty for none.
+    leaf: str = ""
 
 
 class GenerationalStackMaps:
-    def __init__(self, bpf: Any) -> None:
+    def __init__(self, bpf: Any, describe: Callable[[int], str]) -> None:
+        """`describe` names the leaf frame of a key's `detail` (see StackSample.leaf)."""
         self._bpf = bpf
-        self._generation = bpf[b"generation"]
-        self._current = 0
+        self._epoch_map = bpf[b"epoch"]
+        self._epoch = 0
+        self._describe = describe
 
-    def drain(self) -> list[StackSample]:
-        previous = self._current
-        self._current = 1 - previous
-        self._generation[self._generation.Key(0)] = self._generation.Leaf(self._current)
+    def flip(self) -> int:
+        """Start a new epoch; returns the generation that is now safe to read and clear."""
+        previous = self._epoch & 1
+        self._epoch += 1
+        self._epoch_map[self._epoch_map.Key(0)] = self._epoch_map.Leaf(self._epoch)
         time.sleep(_FLIP_SETTLE_S)
-        counts = self._bpf[f"counts_{previous}".encode()]
-        stacks = self._bpf[f"stacks_{previous}".encode()]
+        return previous
+
+    def take(self, generation: int) -> list[StackSample]:
+        """Read and clear one generation's counts and stacks."""
+        counts = self._bpf[f"counts_{generation}".encode()]
+        stacks = self._bpf[f"stacks_{generation}".encode()]
+        user_stacks = self._bpf[f"user_stacks_{generation}".encode()]
         walked: dict[int, tuple[int, ...] | None] = {}
+        users: dict[int, tuple[int, ...] | None] = {
+            key.value: tuple(stack.ips[: stack.depth]) for key, stack in user_stacks.items()
+        }
+        users[_USER_STACK_NONE] = ()
 
         def walk(stack_id: int) -> tuple[int, ...] | None:
             if stack_id not in walked:
@@ -59,13 +80,18 @@ class GenerationalStackMaps:
                     tid=key.tid,
                     comm=key.comm.decode(errors="replace"),
                     kernel_stack=walk(key.kernel_stack_id),
-                    user_stack=walk(key.user_stack_id),
+                    user_stack=users.get(key.user_stack),
                     weight=value.value,
+                    leaf=self._describe(key.detail),
                 )
             )
         counts.clear()
         stacks.clear()
+        user_stacks.clear()
         return samples
+
+    def drain(self) -> list[StackSample]:
+        return self.take(self.flip())
 
 
 def _read_stack(stacks: Any, stack_id: int) -> tuple[int, ...] | None:
@@ -73,7 +99,7 @@ def _read_stack(stacks: Any, stack_id: int) -> tuple[int, ...] | None:
     if stack_id == -errno.EFAULT:
         return ()  # no stack of this kind: nothing was lost
     if stack_id < 0:
-        return None  # -EEXIST (hash collision) or -ENOMEM (map full)
+        return None  # -EEXIST (hash collision), -ENOMEM (map full), -ENOENT (outlived a drain)
     try:
         return tuple(stacks.walk(stack_id))
     except KeyError:

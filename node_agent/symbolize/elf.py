@@ -14,7 +14,8 @@ import stat
 import struct
 from array import array
 from bisect import bisect_right
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from itertools import accumulate
 
 from fleetprof.node_agent.symbolize.frame import LruCache
 
@@ -70,7 +71,7 @@ class ElfSymbols:
                 for i, (start, size, _, _) in enumerate(symbols)
             ],
         )
-        self._names = NameBlob([name for _, _, _, name in symbols])
+        self._names = NameBlob([name.decode("utf-8", "replace") for _, _, _, name in symbols])
 
     @classmethod
     def load(cls, path: str) -> ElfSymbols:
@@ -162,25 +163,22 @@ class ElfSymbols:
 
 
 class NameBlob:
-    """Many names in one bytes object: a str per symbol would cost ~50 bytes of overhead
-    each, and a process can map several hundred thousand symbols."""
+    """Many names in one str: a str per symbol would cost ~50 bytes of overhead each, and a
+    process can map several hundred thousand symbols. Being few large objects, it also
+    leaves no small ones scattered among the parser's garbage, which would keep that
+    garbage's memory from going back to the system."""
 
     __slots__ = ("_blob", "_offsets")
 
-    def __init__(self, names: list[bytes]) -> None:
-        self._offsets = array("Q")
-        position = 0
-        for name in names:
-            self._offsets.append(position)
-            position += len(name) + 1
-        self._blob = b"\0".join(names) + b"\0"
+    def __init__(self, names: Sequence[str]) -> None:
+        self._offsets = array("Q", accumulate(map(len, names), initial=0))
+        self._blob = "".join(names)
 
     def __getitem__(self, index: int) -> str:
-        start = self._offsets[index]
-        return self._blob[start : self._blob.index(b"\0", start)].decode("utf-8", "replace")
+        return self._blob[self._offsets[index] : self._offsets[index + 1]]
 
     def __len__(self) -> int:
-        return len(self._offsets)
+        return len(self._offsets) - 1
 
 
 def _read_functions(table: bytes, strings: bytes, into: dict[int, _Symbol]) -> None:

@@ -26,7 +26,7 @@ class KernelSymbols:
     def __init__(self, symbols: dict[int, tuple[str, str]]) -> None:
         starts = sorted(symbols)
         self._starts = array("Q", starts)
-        self._names = NameBlob([symbols[start][0].encode() for start in starts])
+        self._names = NameBlob([symbols[start][0] for start in starts])
         # Few distinct modules: one small index per symbol instead of a reference.
         self._modules = sorted({module for _, module in symbols.values()})
         index = {module: i for i, module in enumerate(self._modules)}

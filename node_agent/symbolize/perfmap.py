@@ -12,8 +12,10 @@ import stat
 import time
 from array import array
 from bisect import bisect_right
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from fleetprof.node_agent.symbolize.elf import NameBlob
 from fleetprof.node_agent.symbolize.frame import LruCache
 
 # A map larger than this is not a perf map worth holding (or is hostile).
@@ -27,22 +29,32 @@ class PerfMap:
 
     __slots__ = ("_ends", "_names", "_starts", "bad_lines")
 
-    def __init__(self, entries: dict[int, tuple[int, str]], bad_lines: int) -> None:
-        starts = sorted(entries)
-        self._starts = array("Q", starts)
-        self._ends = array("Q", [entries[start][0] for start in starts])
-        self._names = [entries[start][1] for start in starts]
+    def __init__(
+        self, starts: Sequence[int], ends: Sequence[int], names: Sequence[str], bad_lines: int
+    ) -> None:
+        """Entries in the order written: of several at one start, the last one wins."""
+        # A stable sort keeps entries of equal start in written order.
+        order = sorted(range(len(starts)), key=starts.__getitem__)
+        last = len(order) - 1
+        keep = [i for n, i in enumerate(order) if n == last or starts[order[n + 1]] != starts[i]]
+        self._starts = array("Q", [starts[i] for i in keep])
+        self._ends = array("Q", [ends[i] for i in keep])
+        self._names = NameBlob([names[i] for i in keep])
         self.bad_lines = bad_lines
 
     @classmethod
     def parse(cls, text: str) -> PerfMap:
-        entries: dict[int, tuple[int, str]] = {}
-        return cls(entries, _parse_into(entries, text))
+        return cls(*_parse(text))
 
     def updated(self, appended: str) -> PerfMap:
         """This map plus appended lines, which override entries at the same start."""
-        entries = dict(zip(self._starts, zip(self._ends, self._names, strict=True), strict=True))
-        return PerfMap(entries, self.bad_lines + _parse_into(entries, appended))
+        starts, ends, names, bad = _parse(appended)
+        return PerfMap(
+            [*self._starts, *starts],
+            [*self._ends, *ends],
+            [*map(self._names.__getitem__, range(len(self))), *names],
+            self.bad_lines + bad,
+        )
 
     def __len__(self) -> int:
         return len(self._starts)
@@ -54,8 +66,12 @@ class PerfMap:
         return self._names[i]
 
 
-def _parse_into(entries: dict[int, tuple[int, str]], text: str) -> int:
-    """Add text's entries (later ones win); return how many non-empty lines were unusable."""
+def _parse(text: str) -> tuple[list[int], list[int], list[str], int]:
+    """Starts, ends and names of text's entries, in written order, and how many non-empty
+    lines were unusable."""
+    starts: list[int] = []
+    ends: list[int] = []
+    names: list[str] = []
     bad = 0
     for line in text.split("\n"):
         parts = line.split(None, 2)
@@ -69,8 +85,10 @@ def _parse_into(entries: dict[int, tuple[int, str]], text: str) -> int:
         if start < 0 or size <= 0 or start + size > _MAX_ADDRESS or not name:
             bad += 1
             continue
-        entries[start] = (start + size, name)
-    return bad
+        starts.append(start)
+        ends.append(start + size)
+        names.append(name)
+    return starts, ends, names, bad
 
 
 @dataclass
@@ -104,13 +122,19 @@ class PerfMapCache:
             max_entries, lambda cached: 1 + len(cached.perf_map or ())
         )
 
-    def get(self, pid: int, nspid: int) -> PerfMap | None:
+    def get(
+        self, pid: int, nspid: int, root: str | None = None, *, fresh: bool = False
+    ) -> PerfMap | None:
+        """pid's map; `fresh` reads it even if checked within recheck_interval (it was just
+        rewritten). `root` is the process's root directory if not /proc/PID/root (which
+        is gone once it exited)."""
         cached = self._maps.get(pid)
-        now = time.monotonic()
-        if cached is not None and now - cached.checked_at < self.recheck_interval:
+        checked = time.monotonic()
+        if not fresh and cached is not None and checked - cached.checked_at < self.recheck_interval:
             return cached.perf_map
-        latest = self._read(pid, nspid, cached) or cached or _missing()
-        latest.checked_at = now
+        latest = self._read(f"{root or f'/proc/{pid}/root'}/tmp/perf-{nspid}.map", cached)
+        latest = latest or cached or _missing()
+        latest.checked_at = checked
         if latest is not cached:
             self._maps.put(pid, latest)
         return latest.perf_map
@@ -118,9 +142,8 @@ class PerfMapCache:
     def forget(self, pid: int) -> None:
         self._maps.pop(pid)
 
-    def _read(self, pid: int, nspid: int, cached: _Cached | None) -> _Cached | None:
+    def _read(self, path: str, cached: _Cached | None) -> _Cached | None:
         """The map re-read if it changed (cached itself if not); None if it can't be read."""
-        path = f"/proc/{pid}/root/tmp/perf-{nspid}.map"
         try:
             # O_NOFOLLOW: a container must not point the (root) agent at another file.
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)

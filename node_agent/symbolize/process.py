@@ -51,6 +51,12 @@ class ProcessSnapshot:
     def __post_init__(self) -> None:
         self._starts = [m.start for m in self.mappings]
 
+    @property
+    def hotspot(self) -> bool:
+        """A HotSpot JVM: its libjvm.so is mapped (OpenJ9's is libj9vm*, GraalVM native
+        images have none)."""
+        return any(m.module == "libjvm.so" for m in self.mappings)
+
     def mapping(self, addr: int) -> Mapping | None:
         i = bisect_right(self._starts, addr) - 1
         if i >= 0 and addr < self.mappings[i].end:

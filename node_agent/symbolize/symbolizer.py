@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 
 from fleetprof.node_agent.symbolize.elf import ElfCache
 from fleetprof.node_agent.symbolize.frame import Frame, LruCache
 from fleetprof.node_agent.symbolize.kernel import KernelSymbols
+from fleetprof.node_agent.symbolize.names import native_name, runtime_frame
 from fleetprof.node_agent.symbolize.perfmap import PerfMapCache
 from fleetprof.node_agent.symbolize.process import (
     Mapping,
@@ -17,7 +19,6 @@ from fleetprof.node_agent.symbolize.process import (
 )
 
 UNKNOWN = Frame("[unknown]", "", "unknown")
-JIT_MODULE = "[jit]"
 
 
 def _callsite(addrs: Sequence[int]) -> Iterable[int]:
@@ -37,6 +38,10 @@ class Symbolizer:
 
     stats counts user and kernel frames looked up, those left unknown, JIT frames with no
     perf map entry, and snapshots taken.
+
+    A frame named from a perf map has the entry as its module (the full Java signature,
+    say) and a readable name (names.runtime_frame); C++ symbols are demangled. on_snapshot,
+    if set, sees every snapshot taken (the agent finds its JVMs there).
     """
 
     def __init__(
@@ -56,6 +61,10 @@ class Symbolizer:
         self._elf_cache = elf_cache or ElfCache()
         self._perf_maps = perf_maps or PerfMapCache()
         self._kernel = kernel
+        self.on_snapshot: Callable[[ProcessSnapshot], None] | None = None
+        # Per pid since take_jit_activity(): frames looked up in JIT code, and those missed.
+        self._jit_lookups: Counter[int] = Counter()
+        self._jit_misses: Counter[int] = Counter()
 
     def remember(self, pid: int) -> None:
         """Snapshot pid, new or changed (exec, new executable mapping), until forget(pid).
@@ -71,6 +80,23 @@ class Symbolizer:
         """Drop what is known of pid, once its last samples were symbolized."""
         self._snapshots.pop(pid)
         self._perf_maps.forget(pid)
+
+    def reload_perf_map(self, pid: int, root: str | None = None) -> int | None:
+        """Read pid's perf map now (its JVM just rewrote it, or is exiting); its size.
+
+        root: the process's root directory, if /proc/PID/root is gone (see PerfMapCache).
+        """
+        snapshot = self._snapshots.get(pid)
+        if snapshot is None:
+            return None
+        perf_map = self._perf_maps.get(pid, snapshot.nspid, root, fresh=True)
+        return len(perf_map) if perf_map is not None else None
+
+    def take_jit_activity(self) -> tuple[Counter[int], Counter[int]]:
+        """(JIT frames looked up, those with no perf map entry) per pid since the last call."""
+        activity = self._jit_lookups, self._jit_misses
+        self._jit_lookups, self._jit_misses = Counter(), Counter()
+        return activity
 
     def prune(self, pids: Iterable[int]) -> None:
         for pid in pids:
@@ -130,14 +156,18 @@ class Symbolizer:
         if mapping is not None and mapping.symbols is not None:
             name = mapping.symbols.resolve_file_offset(site - mapping.start + mapping.offset)
             if name is not None:
-                return Frame(name, mapping.module, "native")
+                return Frame(native_name(name), mapping.module, "native")
         elif mapping is None or mapping.anonymous:
             perf_map = self._perf_maps.get(snapshot.pid, snapshot.nspid)
-            name = perf_map.resolve(site) if perf_map is not None else None
-            if name is not None:
-                return Frame(name, JIT_MODULE, "jit")
+            entry = perf_map.resolve(site) if perf_map is not None else None
+            if mapping is not None:
+                self._jit_lookups[snapshot.pid] += 1
+            if entry is not None:
+                name, kind = runtime_frame(entry)
+                return Frame(name, entry, kind)
             if mapping is not None:
                 self.stats["jit_unresolved"] += 1
+                self._jit_misses[snapshot.pid] += 1
                 return Frame(f"[jit 0x{addr:x}]", "[anon]", "jit")
         self.stats["unknown"] += 1
         # Like perf, name an unsymbolized frame after its binary: "[libc.so.6]".
@@ -148,8 +178,7 @@ class Symbolizer:
     def _take(self, pid: int) -> ProcessSnapshot | None:
         snapshot = take_snapshot(pid, self._elf_cache)
         if snapshot is not None:
-            self.stats["snapshots"] += 1
-            self._snapshots.put(pid, snapshot)
+            self._store(snapshot)
         return snapshot
 
     def _refresh(self, snapshot: ProcessSnapshot) -> ProcessSnapshot:
@@ -161,6 +190,11 @@ class Symbolizer:
         fresh = take_snapshot(snapshot.pid, self._elf_cache)
         if fresh is None or fresh.start_time != snapshot.start_time:
             return snapshot  # exited, or its pid reused: the old mappings are the right ones
-        self.stats["snapshots"] += 1
-        self._snapshots.put(snapshot.pid, fresh)
+        self._store(fresh)
         return fresh
+
+    def _store(self, snapshot: ProcessSnapshot) -> None:
+        self.stats["snapshots"] += 1
+        self._snapshots.put(snapshot.pid, snapshot)
+        if self.on_snapshot is not None:
+            self.on_snapshot(snapshot)

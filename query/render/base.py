@@ -5,8 +5,11 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal, Protocol, get_args
+from typing import BinaryIO, Literal, Protocol, get_args, runtime_checkable
 
+import pyarrow as pa
+
+from fleetprof.query.filters import SampleFilter
 from fleetprof.query.flame_tree import FlameNode
 
 Unit = Literal["samples", "ns"]
@@ -21,6 +24,12 @@ class RenderOptions:
     event: str
     unit: Unit
     subtitle: str = ""
+    # Samples per second per CPU of a sampled event, when known: pprof then also gives
+    # the CPU time each sample stands for.
+    frequency_hz: float | None = None
+    # Top-down (root at the top) instead of a flame graph's bottom-up, for the SVG (the
+    # HTML page has its own toggle).
+    icicle: bool = False
 
     def __post_init__(self) -> None:
         if self.unit not in get_args(Unit):
@@ -28,19 +37,57 @@ class RenderOptions:
 
 
 class Renderer(Protocol):
+    """A format of the merged call tree."""
+
     suffixes: tuple[str, ...]
 
     def render(self, tree: FlameNode, options: RenderOptions, out: BinaryIO) -> None: ...
 
 
-def renderer_for(path: str | Path) -> Renderer:
+@runtime_checkable
+class DiffRenderer(Renderer, Protocol):
+    """A tree format that can also show a comparison against a base (query/diff.py)."""
+
+    def render_diff(
+        self, base: FlameNode, tree: FlameNode, options: RenderOptions, out: BinaryIO
+    ) -> None: ...
+
+
+@runtime_checkable
+class RowRenderer(Protocol):
+    """A format of the selected rows themselves rather than of the merged tree (pprof keeps
+    per-process labels and modules; Parquet and Arrow keep every sample row)."""
+
+    suffixes: tuple[str, ...]
+
+    def rows_sql(self, selection: SampleFilter) -> str:
+        """The query whose result `render_rows` reads."""
+        ...
+
+    def render_rows(self, rows: pa.RecordBatchReader, options: RenderOptions, out: BinaryIO) -> int:
+        """Write the rows; returns the total weight written."""
+        ...
+
+
+def renderer_for(path: str | Path) -> Renderer | RowRenderer:
     """Pick the renderer whose suffix ends the file name (case-insensitive)."""
     # imported here because every renderer module imports this one
     from fleetprof.query.render.folded import FoldedRenderer
     from fleetprof.query.render.html import HtmlRenderer
+    from fleetprof.query.render.pprof import PprofRenderer
+    from fleetprof.query.render.raw import ARROW, PARQUET
+    from fleetprof.query.render.speedscope import SpeedscopeRenderer
     from fleetprof.query.render.svg import SvgRenderer
 
-    renderers: tuple[Renderer, ...] = (FoldedRenderer(), SvgRenderer(), HtmlRenderer())
+    renderers: tuple[Renderer | RowRenderer, ...] = (
+        FoldedRenderer(),
+        SvgRenderer(),
+        HtmlRenderer(),
+        PprofRenderer(),
+        SpeedscopeRenderer(),
+        PARQUET,
+        ARROW,
+    )
     name = Path(path).name
     for renderer in renderers:
         if name.lower().endswith(renderer.suffixes):
@@ -84,3 +131,12 @@ def frame_color(name: str, kind: str) -> str:
     shades = (digest & 0xFF, (digest >> 8) & 0xFF, (digest >> 16) & 0xFF)
     r, g, b = (base + spread * shades[i] // 255 for base, spread, i in _PALETTES[palette])
     return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def diff_color(change: float, largest: float) -> str:
+    """Gregg's differential colours, as flamegraph.js draws them: red for a frame whose
+    share of the whole grew, blue for one that shrank, paler the smaller `change` is
+    against the `largest` change of the graph (white: unchanged)."""
+    strength = abs(change) / largest if largest > 0 else 0.0
+    fade = int(255 - 190 * strength + 0.5)
+    return f"#ff{fade:02x}{fade:02x}" if change >= 0 else f"#{fade:02x}{fade:02x}ff"

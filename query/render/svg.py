@@ -1,4 +1,5 @@
-"""A static flame graph in SVG, laid out like flamegraph.pl (root at the bottom)."""
+"""A static flame graph in SVG, laid out like flamegraph.pl (root at the bottom, or at the
+top as an icicle graph); differential graphs are coloured as flamegraph.js colours them."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import html
 import re
 from typing import BinaryIO
 
+from fleetprof.query.diff import base_totals
 from fleetprof.query.flame_tree import FlameNode
-from fleetprof.query.render.base import RenderOptions, format_weight, frame_color
+from fleetprof.query.render.base import RenderOptions, diff_color, format_weight, frame_color
 
 WIDTH = 1200
 PAD_X = 10
@@ -38,11 +40,33 @@ class SvgRenderer:
     suffixes: tuple[str, ...] = (".svg",)
 
     def render(self, tree: FlameNode, options: RenderOptions, out: BinaryIO) -> None:
+        self._render(tree, None, options, out)
+
+    def render_diff(
+        self, base: FlameNode, tree: FlameNode, options: RenderOptions, out: BinaryIO
+    ) -> None:
+        self._render(tree, base, options, out)
+
+    def _render(
+        self, tree: FlameNode, base: FlameNode | None, options: RenderOptions, out: BinaryIO
+    ) -> None:
         plot_width = WIDTH - 2 * PAD_X
         total = tree.total
         scale = plot_width / total if total else 0.0
+        min_total = MIN_WIDTH_PX / scale if total else 0.0
         # frames under MIN_WIDTH_PX are invisible; walk() drops them with their subtrees
-        frames = list(tree.walk(MIN_WIDTH_PX / scale)) if total else []
+        frames = list(tree.walk(min_total)) if total else []
+        changes = [0.0] * len(frames)
+        if base is not None and total:
+            # base_totals follows the unpruned walk; a child is never wider than its
+            # parent, so keeping the wide enough nodes gives the pruned walk again
+            pairs = zip(tree.walk(), base_totals(base, tree), strict=True)
+            befores = [b for (_, _, n), b in pairs if n.total > 0 and n.total >= min_total]
+            changes = [
+                n.total / total - (b / base.total if base.total else 0.0)
+                for (_, _, n), b in zip(frames, befores, strict=True)
+            ]
+        largest = max(map(abs, changes), default=0.0)
         rows = 1 + max((depth for depth, _, _ in frames), default=0)
         top = FONT_SIZE * (5 if options.subtitle else 3)
         height = top + rows * ROW_HEIGHT + PAD_BOTTOM
@@ -70,16 +94,22 @@ class SvgRenderer:
             f"Event: {_xml(options.event)}   Total: {format_weight(total, options.unit)}</text>\n"
         )
         bottom = height - PAD_BOTTOM
-        for depth, offset, node in frames:
+        for (depth, offset, node), change in zip(frames, changes, strict=True):
             x = PAD_X + offset * scale
             width = node.total * scale
-            y = bottom - (depth + 1) * ROW_HEIGHT
+            y = top + depth * ROW_HEIGHT if options.icicle else bottom - (depth + 1) * ROW_HEIGHT
             weight = format_weight(node.total, options.unit)
             percent = 100 * node.total / total
+            if base is None:
+                title = f"{node.name} ({weight}, {percent:.2f}%)"
+                fill = frame_color(node.name, node.kind)
+            else:
+                title = f"{node.name} ({weight}, {percent:.2f}%, {100 * change:+.2f} points)"
+                fill = diff_color(change, largest)
             parts.append(
-                f'<g class="frame"><title>{_xml(node.name)} ({weight}, {percent:.2f}%)</title>'
+                f'<g class="frame"><title>{_xml(title)}</title>'
                 f'<rect x="{x:.2f}" y="{y}" width="{width:.2f}" height="{ROW_HEIGHT - 1}" '
-                f'fill="{frame_color(node.name, node.kind)}" rx="2" ry="2"/>'
+                f'fill="{fill}" rx="2" ry="2"/>'
             )
             label = _label(node.name, width)
             if label:

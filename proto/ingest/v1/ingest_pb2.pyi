@@ -5,20 +5,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class IngestBatch(_message.Message):
-    __slots__ = ("agent_id", "sequence", "schema_version", "node", "samples", "stacks")
+    __slots__ = ("agent_id", "sequence", "schema_version", "node", "samples", "stacks", "processes", "io_latency")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     STACKS_FIELD_NUMBER: _ClassVar[int]
+    PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    IO_LATENCY_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     sequence: int
     schema_version: int
     node: str
     samples: bytes
     stacks: bytes
-    def __init__(self, agent_id: _Optional[str] = ..., sequence: _Optional[int] = ..., schema_version: _Optional[int] = ..., node: _Optional[str] = ..., samples: _Optional[bytes] = ..., stacks: _Optional[bytes] = ...) -> None: ...
+    processes: bytes
+    io_latency: bytes
+    def __init__(self, agent_id: _Optional[str] = ..., sequence: _Optional[int] = ..., schema_version: _Optional[int] = ..., node: _Optional[str] = ..., samples: _Optional[bytes] = ..., stacks: _Optional[bytes] = ..., processes: _Optional[bytes] = ..., io_latency: _Optional[bytes] = ...) -> None: ...
 
 class IngestAck(_message.Message):
     __slots__ = ("sequence", "duplicate", "rows_stored")

@@ -1,0 +1,254 @@
+"""The aggregator's web UI and JSON API over HTTP, on the standard library's server.
+
+Off unless `fleetprof aggregator --http HOST:PORT`. `WebServer.__init__` is the one place
+the server is built and `_Handler._dispatch` the one place every request passes, so TLS
+and token authentication (not there yet: the server refuses configurations that would
+need them) go there.
+
+    GET  /                  the UI page (query/render/templates/webui.html)
+    GET  /static/NAME       its scripts and style sheets, flamegraph.js among them
+    GET  /api/meta|flame|top|diff?...   JSON (aggregator/web_api.py)
+    POST /api/sql           {"sql": "..."}: JSON, or Arrow IPC for Accept: ARROW_STREAM
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+from fleetprof.aggregator.query_service import ipc_chunks
+from fleetprof.aggregator.storage import ProfileStore
+from fleetprof.aggregator.web_api import ENDPOINTS, BadRequest, json_bytes, sql_json, sql_request
+from fleetprof.proto.security import ServerSecurity, is_loopback
+from fleetprof.query.render.html import template
+from fleetprof.query.sandbox import QueryError, one_line
+from fleetprof.query.source import ConnectionSource
+
+log = logging.getLogger(__name__)
+
+PAGE = "webui.html"
+STATIC = {
+    "flamegraph.js": "text/javascript; charset=utf-8",
+    "flamegraph.css": "text/css; charset=utf-8",
+    "webui.js": "text/javascript; charset=utf-8",
+    "webui.css": "text/css; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
+}
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
+MAX_BODY_BYTES = 1 << 20
+# The page runs only its own files and talks only to its own origin: even a frame name
+# that slipped past escaping could neither run script nor send data anywhere.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+        "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+class NotFound(LookupError):
+    pass
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """`HOST:PORT` (`[::1]:PORT` for IPv6) as a bindable address."""
+    host, sep, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"bad HTTP address {listen!r}: expected HOST:PORT")
+    return host, int(port)
+
+
+class _Server(ThreadingHTTPServer):
+    # Not joined at close: an idle keep-alive connection would hold stop() for its timeout.
+    daemon_threads = True
+    store: ProfileStore
+    loopback_only: bool
+    stopping = False
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class WebServer:
+    """The HTTP server on its own thread; `address` is HOST:PORT as bound (useful with :0)."""
+
+    def __init__(self, store: ProfileStore, listen: str, security: ServerSecurity) -> None:
+        host, port = split_listen(listen)
+        # Until the UI has TLS and token login, it must not open what gRPC protects.
+        if security.tokens:
+            raise ValueError("the web UI cannot check bearer tokens yet: drop --token-file")
+        if not (is_loopback(listen) or security.insecure):
+            raise ValueError(
+                f"refusing to serve the web UI on {listen} in plaintext: "
+                "use a loopback address or --insecure"
+            )
+        self._httpd = (_Server6 if ":" in host else _Server)((host, port), _Handler)
+        self._httpd.store = store
+        # Served on loopback, the UI answers only to loopback names: a web page whose
+        # DNS name rebinds to 127.0.0.1 must not reach it.
+        self._httpd.loopback_only = is_loopback(listen)
+        bound = self._httpd.server_address[1]
+        self.address = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
+        self.url = f"http://{self.address}/"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="http")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        # kept-alive connections outlive shutdown(): their next request is turned away
+        self._httpd.stopping = True
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: the page makes several requests
+    server_version = "fleetprof"
+    sys_version = ""
+    timeout = 120  # s: a stalled or idle keep-alive client gives its thread back
+    server: _Server
+
+    def do_GET(self) -> None:
+        self._dispatch(self._get)
+
+    def do_POST(self) -> None:
+        self._dispatch(self._post)
+
+    def log_message(self, format: str, *args: object) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def _dispatch(self, handle: Callable[[], None]) -> None:
+        self._started = False  # True once a streamed answer has sent its status line
+        if self.server.stopping:
+            self.close_connection = True
+            self._error(HTTPStatus.SERVICE_UNAVAILABLE, "the aggregator is stopping")
+            return
+        try:
+            self._check_host()
+            handle()
+        except (BadRequest, QueryError) as exc:
+            self._error(HTTPStatus.BAD_REQUEST, one_line(exc))
+        except NotFound as exc:
+            self._error(HTTPStatus.NOT_FOUND, str(exc))
+        except ConnectionError:
+            self.close_connection = True  # the client went away: no one to answer
+        except Exception as exc:
+            log.exception("HTTP %s %s failed", self.command, self.path)
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {one_line(exc)}")
+
+    def _check_host(self) -> None:
+        host = self.headers.get("Host")
+        if self.server.loopback_only and host:
+            name = urlsplit(f"//{host}").hostname or ""
+            if not is_loopback(f"[{name}]:0"):  # a Host may lack the port
+                raise BadRequest(f"this aggregator serves loopback names only, not {host!r}")
+
+    def _get(self) -> None:
+        url = urlsplit(self.path)
+        if url.path == "/":
+            self._send(HTTPStatus.OK, template(PAGE).encode(), "text/html; charset=utf-8")
+        elif url.path.startswith("/static/") and url.path[8:] in STATIC:
+            name = url.path[8:]
+            self._send(HTTPStatus.OK, template(name).encode(), STATIC[name])
+        elif url.path in ENDPOINTS:
+            try:
+                params = parse_qs(url.query, keep_blank_values=True, max_num_fields=200)
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from None
+            source = ConnectionSource(self.server.store.reader())
+            try:
+                answer = ENDPOINTS[url.path](source, params)
+            finally:
+                source.close()
+            self._send(HTTPStatus.OK, json_bytes(answer), "application/json")
+        elif url.path == "/api/sql":
+            self._method_not_allowed("POST")
+        else:
+            raise NotFound(f"no such page: {url.path}")
+
+    def _post(self) -> None:
+        path = urlsplit(self.path).path
+        if path != "/api/sql":
+            if path in ENDPOINTS:
+                self._method_not_allowed("GET")
+                return
+            raise NotFound(f"no such page: {path}")
+        # JSON only: a cross-site form can post text/plain without asking, never JSON.
+        if self.headers.get_content_type() != "application/json":
+            self.close_connection = True  # the body was not read
+            raise BadRequest("send the query as JSON: Content-Type: application/json")
+        length = self.headers.get("Content-Length", "")
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            self.close_connection = True
+            raise BadRequest(f"a Content-Length up to {MAX_BODY_BYTES} bytes is required")
+        sql = sql_request(self.rfile.read(int(length)))
+        source = ConnectionSource(self.server.store.reader())
+        try:
+            if ARROW_STREAM in self.headers.get("Accept", ""):
+                self._send_arrow(source, sql)
+            else:
+                self._send(HTTPStatus.OK, sql_json(source, sql), "application/json")
+        finally:
+            source.close()
+
+    def _send_arrow(self, source: ConnectionSource, sql: str) -> None:
+        """Stream the result as chunked Arrow IPC. A query that fails before its first
+        batch still gets a 400; one that fails later (its timeout) ends the connection
+        without the final chunk, so the client sees a truncated stream, not a short one."""
+        with source.stream(sql) as reader:
+            for data in ipc_chunks(reader):
+                if not self._started:
+                    self._started = True
+                    self.send_response(HTTPStatus.OK)
+                    self.send_header("Content-Type", ARROW_STREAM)
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self._security_headers()
+                    self.end_headers()
+                if data:
+                    self.wfile.write(b"%x\r\n%b\r\n" % (len(data), data))
+        self.wfile.write(b"0\r\n\r\n")
+
+    def _method_not_allowed(self, allowed: str) -> None:
+        self._error(HTTPStatus.METHOD_NOT_ALLOWED, f"use {allowed}", {"Allow": allowed})
+
+    def _error(
+        self, status: HTTPStatus, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        if self._started:
+            self.close_connection = True
+            return
+        self._send(status, json_bytes({"error": message}), "application/json", headers)
+
+    def _send(
+        self,
+        status: HTTPStatus,
+        body: bytes,
+        content_type: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self._security_headers()
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _security_headers(self) -> None:
+        for name, value in SECURITY_HEADERS.items():
+            self.send_header(name, value)

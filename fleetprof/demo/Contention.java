@@ -1,0 +1,39 @@
+// Test workload: worker threads contending on one monitor (`synchronized`) in a named method.
+// Run with -XX:+PreserveFramePointer so frame-pointer unwinding walks Java frames.
+// Usage: java -XX:+PreserveFramePointer demo.Contention SECONDS [THREADS]
+package demo;
+
+public final class Contention {
+    private static final Object JOURNAL = new Object();
+    private static volatile long sink;
+
+    // Holds the journal's monitor for ~1 ms of work: the other threads block on it here.
+    static void appendToJournal() {
+        synchronized (JOURNAL) {
+            long until = System.nanoTime() + 1_000_000;
+            long x = sink;
+            while (System.nanoTime() < until) {
+                x = x * 6364136223846793005L + 1442695040888963407L;
+            }
+            sink = x;
+        }
+    }
+
+    public static void main(String[] args) throws InterruptedException {
+        double seconds = args.length > 0 ? Double.parseDouble(args[0]) : 10;
+        int threads = args.length > 1 ? Integer.parseInt(args[1]) : 4;
+        long deadline = System.nanoTime() + (long) (seconds * 1e9);
+        Thread[] workers = new Thread[threads];
+        for (int t = 0; t < threads; t++) {
+            workers[t] = new Thread(() -> {
+                while (System.nanoTime() < deadline) {
+                    appendToJournal();
+                }
+            }, "journal-writer-" + t);
+            workers[t].start();
+        }
+        for (Thread worker : workers) {
+            worker.join();
+        }
+    }
+}

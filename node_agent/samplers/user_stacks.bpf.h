@@ -1,0 +1,240 @@
+// User stacks, walked here rather than by bpf_get_stackid: its frame-pointer walk drops the
+// caller of a library function built without frame pointers (glibc's syscall wrappers,
+// pthread_mutex_lock: the function that waited) and stops where such a function reuses
+// rbp (glibc's condition-variable wait, where every parked JVM thread sits).
+//
+// When the leaf function has no frame of its own, the words above sp are scanned for
+// return addresses whose call instruction targets the function below them, until one is in
+// a function with a frame pointer (in rbp, or saved on the stack by a frameless callee);
+// from there frame pointers are followed. Every step is checked against the code, so a
+// stale value on the stack is not taken for a caller; a chain that cannot be joined to a
+// frame pointer is dropped and the plain frame-pointer walk is kept.
+//
+// Stacks are stored once per generation in user_stacks_<g>, keyed by a 64-bit hash.
+#include <linux/ptrace.h>
+
+#define USER_FRAMES 128      // deepest stack kept (bpf_get_stackid's is 127); a power of two
+#define SCAN_WORDS 48        // how far above sp to look for callers of frameless functions
+#define LEAF_CALLERS 4       // at most this many frameless functions in a row
+#define STACK_REACH 65536    // a frame pointer saved on the stack points at most this far up
+#define SAVED_FRAMES 4       // the last this many of those seen are tried (a power of two)
+// A leaf whose callers a scan did not find (a binary without frame pointers) is scanned
+// again only once in this many walks: scans are what walks cost most.
+#define RESCAN_EVERY 64
+// How far from a call's target the code it reaches may be: inside the function, or in
+// another one it tail-jumps to (glibc: sem_wait -> ... -> the futex wait), which is nearby.
+#define CALL_REACH 65536
+#define USER_TOP 0x00007ffffffff000ULL
+// An array index the verifier sees bounded to [0, n) (n a power of two): the empty asm keeps
+// clang from folding the mask into pointer arithmetic it has proven safe by other means.
+#define BOUNDED(index, n)                      \
+    ({                                         \
+        u64 index_ = (index);                  \
+        asm volatile("" : "+r"(index_));       \
+        index_ & ((n) - 1);                    \
+    })
+
+// sample_key_t.user_stack values that are not hashes.
+#define USER_STACK_NONE 0    // no user stack (a kernel thread): nothing lost
+#define USER_STACK_LOST 1    // the stack map was full
+
+struct user_stack_t {
+    u64 depth;
+    u64 ips[USER_FRAMES];  // leaf first
+};
+
+// Scratch space of one walk. The search state is kept here rather than in registers: map
+// memory is not tracked value by value by the verifier, so the paths through the scan
+// converge instead of multiplying.
+struct unwind_t {
+    u64 words[SCAN_WORDS];
+    u64 callee;  // the last frame found
+    u64 found;   // callers found
+    u64 frame;   // the frame pointer they joined; 0 while searching
+    u64 saved[SAVED_FRAMES];  // the last values seen that may be saved frame pointers
+    u64 seen;                 // how many of those were seen
+    struct user_stack_t stack;
+};
+BPF_PERCPU_ARRAY(unwind_scratch, struct unwind_t, 1);
+
+struct leaf_t {
+    u32 pid;
+    u32 pad;
+    u64 ip;
+};
+// Walks since a scan from this leaf last failed.
+BPF_TABLE("lru_hash", struct leaf_t, u32, unjoined_leaves, 4096);
+BPF_F_TABLE("hash", u64, struct user_stack_t, user_stacks_0, MAX_STACKS, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", u64, struct user_stack_t, user_stacks_1, MAX_STACKS, BPF_F_NO_PREALLOC);
+
+static __always_inline u64 read_user_word(u64 address)
+{
+    u64 value = 0;
+    bpf_probe_read_user(&value, sizeof(value), (void *)address);
+    return value;
+}
+
+// Where the PLT entry at `target` jumps (through its GOT slot); `target` if it is none.
+static __always_inline u64 through_plt(u64 target)
+{
+    u8 code[12] = {};
+    s32 disp;
+
+    if (bpf_probe_read_user(code, sizeof(code), (void *)target))
+        return target;
+    if (code[0] == 0xff && code[1] == 0x25) {  // jmp *disp32(%rip)
+        __builtin_memcpy(&disp, &code[2], sizeof(disp));
+        return read_user_word(target + 6 + disp);
+    }
+    // endbr64; bnd jmp *disp32(%rip) (.plt.sec of -fcf-protection builds)
+    if (code[0] == 0xf3 && code[4] == 0xf2 && code[5] == 0xff && code[6] == 0x25) {
+        __builtin_memcpy(&disp, &code[7], sizeof(disp));
+        return read_user_word(target + 11 + disp);
+    }
+    return target;
+}
+
+// Whether `ret` is a return address whose call instruction targets code near `callee` (an
+// instruction address): the function holding it, or one tail-jumping to it.
+static __always_inline bool calls_into(u64 ret, u64 callee)
+{
+    u8 code[8];
+    s32 disp;
+    u64 target;
+
+    if (ret < 4096 || ret >= USER_TOP)
+        return false;
+    if (bpf_probe_read_user(code, sizeof(code), (void *)(ret - sizeof(code))))
+        return false;
+    __builtin_memcpy(&disp, &code[4], sizeof(disp));
+    if (code[3] == 0xe8)  // call rel32
+        target = through_plt(ret + disp);
+    else if (code[2] == 0xff && code[3] == 0x15)  // call *disp32(%rip)
+        target = read_user_word(ret + disp);
+    else
+        return false;
+    return callee + CALL_REACH >= target && callee < target + CALL_REACH;
+}
+
+// The frame pointer of the function holding `ret`, the return address scanned at `slot`:
+// rbp if its frameless callees kept it, else a value one of them saved on the stack; 0 if
+// there is none.
+static __always_inline u64 frame_of(struct unwind_t *unwind, u64 fp, u64 slot, u64 ret)
+{
+    if (calls_into(read_user_word(fp + 8), ret))
+        return fp;
+#pragma unroll
+    for (int i = 0; i < SAVED_FRAMES; i++) {
+        u64 saved = unwind->saved[i];
+        if (saved > slot && calls_into(read_user_word(saved + 8), ret))
+            return saved;
+    }
+    return 0;
+}
+
+// Find the callers of a frameless leaf above sp, into stack.ips[1..found]; returns the
+// frame pointer of the first caller that has one, or 0 if the chain joins none.
+static __always_inline u64 leaf_callers(struct unwind_t *unwind, u64 sp, u64 fp)
+{
+    if (bpf_probe_read_user(unwind->words, sizeof(unwind->words), (void *)sp))
+        return 0;
+    unwind->callee = unwind->stack.ips[0];
+    unwind->found = 0;
+    unwind->frame = 0;
+    unwind->seen = 0;
+    __builtin_memset(unwind->saved, 0, sizeof(unwind->saved));
+    for (u32 i = 0; i < SCAN_WORDS; i++) {
+        u64 word = unwind->words[i], found = unwind->found + 1, here = sp + 8 * i;
+        if (unwind->frame || found > LEAF_CALLERS)
+            break;
+        if (word > here && word < here + STACK_REACH) {
+            // An address up the stack: kept if it may be a frame pointer, which is 16-byte
+            // aligned and has a return address (not another stack address) above it.
+            u64 above = read_user_word(word + 8);
+            if (!(word & 15) && above >= 4096 && above < USER_TOP &&
+                !(above > here && above < here + STACK_REACH))
+                unwind->saved[unwind->seen++ & (SAVED_FRAMES - 1)] = word;
+            continue;
+        }
+        if (!calls_into(word, unwind->callee))
+            continue;
+        unwind->stack.ips[BOUNDED(found, 8)] = word;  // found <= LEAF_CALLERS < 8
+        unwind->found = found;
+        unwind->callee = word;
+        unwind->frame = frame_of(unwind, fp, here, word);
+    }
+    return unwind->frame;
+}
+
+// FNV-1a over the frames, a word at a time.
+#define HASH_START 0xcbf29ce484222325ULL
+#define HASH_STEP(hash, ip) (((hash) ^ (ip)) * 0x100000001b3ULL)
+
+// Walk the current thread's user stack into user_stacks_<at & 1>; returns its hash, or
+// USER_STACK_NONE / USER_STACK_LOST.
+static __always_inline u64 record_user_stack(u32 at)
+{
+    u32 zero = 0, depth = 1;
+    u64 ip = 0, sp = 0, fp = 0, hash = HASH_START;
+    struct unwind_t *unwind = unwind_scratch.lookup(&zero);
+    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+
+    if (!unwind)
+        return USER_STACK_LOST;
+    bpf_probe_read_kernel(&ip, sizeof(ip), &regs->ip);
+    bpf_probe_read_kernel(&sp, sizeof(sp), &regs->sp);
+    bpf_probe_read_kernel(&fp, sizeof(fp), &regs->bp);
+    if (!ip || ip >= USER_TOP)
+        return USER_STACK_NONE;
+    unwind->stack.ips[0] = ip;
+    if (!calls_into(read_user_word(fp + 8), ip)) {
+        struct leaf_t leaf = {.pid = bpf_get_current_pid_tgid() >> 32, .ip = ip};
+        u32 *walks = unjoined_leaves.lookup(&leaf);
+        if (!walks || ++*walks % RESCAN_EVERY == 0) {
+            u64 joined = leaf_callers(unwind, sp, fp);
+            if (joined) {
+                fp = joined;
+                depth = 1 + unwind->found;
+                if (walks)
+                    unjoined_leaves.delete(&leaf);
+            } else if (!walks) {
+                u32 one = 1;
+                unjoined_leaves.update(&leaf, &one);
+            }
+        }  // else no frameless leaf we could see past: plain frame pointers
+    }
+    // Hashed here, not in the walk: the walk's many exits would each be verified with it.
+#pragma unroll
+    for (int i = 0; i <= LEAF_CALLERS; i++) {
+        if (i < depth)
+            hash = HASH_STEP(hash, unwind->stack.ips[i]);
+    }
+    for (int i = 0; i < USER_FRAMES; i++) {
+        u64 frame[2] = {};  // the caller's frame pointer, the return address
+        if (depth >= USER_FRAMES || bpf_probe_read_user(frame, sizeof(frame), (void *)fp))
+            break;
+        if (frame[1] < 4096 || frame[1] >= USER_TOP)
+            break;
+        unwind->stack.ips[BOUNDED(depth, USER_FRAMES)] = frame[1];
+        hash = HASH_STEP(hash, frame[1]);
+        depth++;
+        if (frame[0] <= fp)
+            break;  // frames only go up the stack
+        fp = frame[0];
+    }
+    unwind->stack.depth = depth;
+    hash |= 2;  // never USER_STACK_NONE or USER_STACK_LOST
+    // BCC resolves map names at compile time, so each generation is spelled out.
+    if (at & 1) {
+        if (!user_stacks_1.lookup(&hash))
+            user_stacks_1.insert(&hash, &unwind->stack);
+        if (!user_stacks_1.lookup(&hash))
+            return USER_STACK_LOST;
+    } else {
+        if (!user_stacks_0.lookup(&hash))
+            user_stacks_0.insert(&hash, &unwind->stack);
+        if (!user_stacks_0.lookup(&hash))
+            return USER_STACK_LOST;
+    }
+    return hash;
+}

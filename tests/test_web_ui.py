@@ -1,0 +1,631 @@
+"""The web UI: its JSON API over urllib, then the pages in headless Chromium (Playwright).
+
+Data reaches the aggregator the real way, as Arrow batches over gRPC; one test profiles
+the bundled native workload with the real agent. Screenshots go to tests/artifacts/web_ui/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+from fleetprof import workloads
+from fleetprof.aggregator.server import Aggregator
+from fleetprof.aggregator.web import ARROW_STREAM, WebServer
+from fleetprof.node_agent.batch import StackRow, stacks_table
+from fleetprof.proto import schema
+from fleetprof.proto.ingest.v1 import ingest_pb2
+from fleetprof.proto.security import ServerSecurity
+from fleetprof.query.flame_tree import build_tree
+from fleetprof.query.render import RenderOptions
+from fleetprof.query.render.html import HtmlRenderer
+from tests.conftest import require
+from tests.test_ingest import send
+from tests.test_sql import REFUSED
+
+ARTIFACTS = Path(__file__).parent / "artifacts" / "web_ui"
+HOSTILE = "<img src=x onerror=alert(1)>"
+BIG_ID = 2**62 + 12345  # beyond JavaScript's exact integers
+STACKS = {
+    1: StackRow(("main", "run", "compute_alpha"), ("app",) * 3, ("native",) * 3),
+    2: StackRow(("main", "run", "compute_beta"), ("app",) * 3, ("native",) * 3),
+    3: StackRow(("main", HOSTILE), ("app",) * 2, ("native", "jit")),
+    BIG_ID: StackRow(
+        ("main", "run", "compute_alpha", "memcpy"), ("app",) * 4, ("native",) * 3 + ("kernel",)
+    ),
+}
+T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+MIDDLE = quote((T0 + timedelta(minutes=5)).isoformat())  # for a URL: "+00:00" is no space
+# Base (first batch) and comparison (second, 10 minutes later): beta's share grows.
+BASE = {1: 60, 2: 30, 3: 5, BIG_ID: 10}
+LATER = {1: 30, 2: 60, 3: 5, BIG_ID: 20}
+LAUNCH_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+
+
+def message(
+    sequence: int,
+    weights: dict[int, int],
+    ts: datetime,
+    stacks: dict[int, StackRow] = STACKS,
+    node: str = "node-a",
+    pid: int = 100,
+    comm: str = "app",
+    event: str = "cpu",
+) -> ingest_pb2.IngestBatch:
+    rows = len(weights)
+    table = pa.table(
+        {
+            "ts": [ts] * rows,
+            "pid": [pid] * rows,
+            "tid": [pid] * rows,
+            "comm": [comm] * rows,
+            "event": [event] * rows,
+            "stack_id": list(weights),
+            "weight": list(weights.values()),
+        },
+        schema=schema.SAMPLES,
+    )
+    return ingest_pb2.IngestBatch(
+        agent_id=f"agent-{node}",
+        sequence=sequence,
+        schema_version=schema.SCHEMA_VERSION,
+        node=node,
+        samples=schema.encode(table),
+        stacks=schema.encode(stacks_table({i: stacks[i] for i in weights})),
+    )
+
+
+@pytest.fixture
+def served(aggregator: Aggregator) -> Aggregator:
+    """The aggregator with two batches stored: node-a at T0, node-b ten minutes later."""
+    send(aggregator, message(1, BASE, T0))
+    send(aggregator, message(1, LATER, T0 + timedelta(minutes=10), node="node-b", pid=200))
+    return aggregator
+
+
+def get(aggregator: Aggregator, path: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(aggregator.web.url + path, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def post_sql(
+    aggregator: Aggregator,
+    body: object,
+    accept: str = "application/json",
+    content_type: str = "application/json",
+) -> tuple[int, bytes]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(
+        aggregator.web.url + "api/sql",
+        data=data,
+        headers={"Content-Type": content_type, "Accept": accept},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def decode_flame(payload: dict) -> dict[tuple[str, ...], int]:
+    """Total weight per path of frame names, from the compact flame payload."""
+    path: list[str] = []
+    totals = {}
+    nodes = payload["nodes"]
+    for i in range(0, len(nodes), 3):
+        frame, depth, total = nodes[i : i + 3]
+        del path[depth:]
+        path.append(payload["frames"][frame][0])
+        totals[tuple(path[1:])] = total
+    return totals
+
+
+# --- JSON API --------------------------------------------------------------------------
+
+
+def test_meta_lists_what_there_is_to_pick(served: Aggregator) -> None:
+    status, meta = get(served, "api/meta")
+    assert status == 200
+    (cpu,) = meta["events"]
+    assert (cpu["event"], cpu["unit"], cpu["weight"]) == ("cpu", "samples", 220)
+    assert datetime.fromisoformat(cpu["first"]) == T0
+    assert datetime.fromisoformat(cpu["last"]) == T0 + timedelta(minutes=10)
+    assert meta["known_events"]["cpu"] == "samples"
+    assert [n["node"] for n in meta["nodes"]] == ["node-b", "node-a"]  # heaviest first
+    assert meta["comms"] == [{"comm": "app", "weight": 220}]
+    assert {p["pid"] for p in meta["pids"]} == {100, 200}
+
+
+def test_flame_is_the_html_payload_of_the_selection(served: Aggregator) -> None:
+    status, payload = get(served, "api/flame?event=cpu")
+    assert status == 200
+    assert (payload["event"], payload["unit"]) == ("cpu", "samples")
+    totals = decode_flame(payload)
+    assert totals[()] == 220
+    assert totals[("app", "main", "run", "compute_alpha")] == 120
+    assert totals[("app", "main", "run", "compute_alpha", "memcpy")] == 30
+    assert totals[("app", "main", HOSTILE)] == 10
+    assert [HOSTILE, "jit"] in [frame[:2] for frame in payload["frames"]]
+    # each filter narrows the selection
+    for query, total in [
+        ("node=node-a", 105),
+        ("node=node-a&node=node-b", 220),
+        ("pid=200", 115),
+        ("comm=app", 220),
+        ("comm=other", 0),
+        (f"since={MIDDLE}", 115),
+        (f"until={MIDDLE}", 105),
+    ]:
+        status, payload = get(served, f"api/flame?{query}")
+        assert (status, payload["nodes"][2]) == (200, total), query
+
+
+def test_top_has_self_and_total_in_order(served: Aggregator) -> None:
+    status, top = get(served, "api/top?order=total&limit=3")
+    assert status == 200
+    assert (top["event"], top["unit"], top["total"]) == ("cpu", "samples", 220)
+    assert top["functions"] == [
+        {"function": "main", "self": 0, "total": 220},
+        {"function": "run", "self": 0, "total": 210},
+        {"function": "compute_alpha", "self": 90, "total": 120},
+    ]
+    _, top = get(served, "api/top?node=node-b")  # by self weight by default
+    assert [(f["function"], f["self"]) for f in top["functions"][:2]] == [
+        ("compute_beta", 60),
+        ("compute_alpha", 30),
+    ]
+
+
+def test_diff_carries_base_totals_aligned_with_the_comparison(served: Aggregator) -> None:
+    status, diff = get(served, f"api/diff?base_until={MIDDLE}&since={MIDDLE}")
+    assert status == 200
+    assert (diff["baseTotal"], diff["nodes"][2]) == (105, 115)
+    nodes = diff["nodes"]
+    names = [diff["frames"][nodes[i]][0] for i in range(0, len(nodes), 3)]
+    base = dict(zip(names, diff["base"], strict=True))
+    assert (base["compute_alpha"], base["compute_beta"], base["memcpy"]) == (70, 30, 10)
+    # and the functions whose share changed most, from query/changes.py
+    assert [(c["function"], c["base_percent"], c["percent"]) for c in diff["changes"][:2]] == [
+        ("compute_beta", 28.57, 52.17),
+        ("compute_alpha", 66.67, 43.48),
+    ]
+    # paths the base lacks have a base total of 0
+    status, empty_base = get(served, "api/diff?base_comm=nothing")
+    assert status == 200 and set(empty_base["base"]) == {0} and empty_base["baseTotal"] == 0
+
+
+def test_sql_answers_json_with_exact_big_integers(served: Aggregator) -> None:
+    status, body = post_sql(
+        served,
+        {
+            "sql": "SELECT stack_id, sum(weight) AS w, 'nan'::DOUBLE AS odd, "
+            "list_value(stack_id) AS ids, NULL AS nothing, 1 AS w "
+            "FROM samples GROUP BY stack_id ORDER BY stack_id"
+        },
+    )
+    assert status == 200
+    result = json.loads(body)
+    assert [c["name"] for c in result["columns"]] == ["stack_id", "w", "odd", "ids", "nothing", "w"]
+    assert result["columns"][0]["type"] == "int64"
+    assert result["rows"][0] == [1, 90, "nan", [1], None, 1]
+    assert result["rows"][-1] == [str(BIG_ID), 30, "nan", [str(BIG_ID)], None, 1]
+    assert result["truncated"] is False
+
+
+def test_sql_json_stops_at_the_row_cap_and_arrow_has_all(served: Aggregator) -> None:
+    sql = {"sql": "SELECT range AS n FROM range(12345)"}
+    result = json.loads(post_sql(served, sql)[1])
+    assert len(result["rows"]) == 10_000 and result["truncated"] is True
+    status, body = post_sql(served, sql, accept=ARROW_STREAM)
+    assert status == 200
+    table = ipc.open_stream(pa.py_buffer(body)).read_all()
+    assert table.num_rows == 12345 and table["n"].to_pylist()[-1] == 12344
+
+
+@pytest.mark.parametrize("sql", REFUSED[:12])
+def test_sql_refuses_writes(served: Aggregator, sql: str) -> None:
+    status, body = post_sql(served, {"sql": sql})
+    assert status == 400
+    error = json.loads(body)["error"]
+    assert error and "\n" not in error
+    assert get(served, "api/meta")[1]["events"][0]["weight"] == 220  # nothing changed
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("api/flame?event=nope", "unknown event 'nope'"),
+        ("api/flame?pid=twelve", "bad pid 'twelve'"),
+        ("api/flame?since=yesterday", "since: bad time 'yesterday'"),
+        ("api/flame?since=1h&until=2h", "since must be before until"),
+        ("api/flame?colour=red", "unknown parameter 'colour'"),
+        ("api/flame?event=cpu&event=cpu", "event may be given only once"),
+        ("api/top?order=random", "order must be one of self, total"),
+        ("api/top?limit=0", "limit must be an integer from 1 to 10000"),
+        ("api/top?limit=ten", "limit must be an integer"),
+        ("api/diff?base_pid=x", "bad pid 'x'"),
+        ("api/diff?base_since=2h&base_until=3h", "base_since must be before base_until"),
+        ("api/meta?node=a", "unknown parameter 'node'"),
+    ],
+)
+def test_bad_parameters_get_400_with_one_line(served: Aggregator, path: str, message: str) -> None:
+    status, body = get(served, path)
+    assert status == 400
+    assert message in body["error"] and "\n" not in body["error"]
+
+
+def test_bad_requests(served: Aggregator) -> None:
+    assert get(served, "nothing/here") == (404, {"error": "no such page: /nothing/here"})
+    assert get(served, "api/sql")[0] == 405
+    status, body = post_sql(served, {"sql": "SELECT 1"}, content_type="text/plain")
+    assert (status, json.loads(body)["error"]) == (
+        400,
+        "send the query as JSON: Content-Type: application/json",
+    )
+    assert post_sql(served, b"{not json")[0] == 400
+    assert json.loads(post_sql(served, {"query": "SELECT 1"})[1])["error"].startswith("expected")
+    for accept in ("application/json", ARROW_STREAM):
+        status, body = post_sql(served, {"sql": "SELECT nope FROM samples"}, accept=accept)
+        assert status == 400 and "nope" in json.loads(body)["error"]
+    request = urllib.request.Request(served.web.url + "api/flame", data=b"", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(request, timeout=10)
+    assert (error.value.code, error.value.headers["Allow"]) == (405, "GET")
+    # a page whose DNS name rebinds to 127.0.0.1 is refused
+    request = urllib.request.Request(served.web.url + "api/meta", headers={"Host": "evil.example"})
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(request, timeout=10)
+    assert error.value.code == 400
+
+
+def test_page_and_static_files(served: Aggregator) -> None:
+    with urllib.request.urlopen(served.web.url, timeout=10) as response:
+        page = response.read().decode()
+        csp = response.headers["Content-Security-Policy"]
+    assert '<script src="/static/flamegraph.js">' in page
+    assert "script-src 'self'" in csp and "connect-src 'self'" in csp
+    for name in ("flamegraph.js", "flamegraph.css", "webui.js", "webui.css", "favicon.svg"):
+        with urllib.request.urlopen(f"{served.web.url}static/{name}", timeout=10) as response:
+            assert response.status == 200 and response.read()
+    assert get(served, "static/../web.py")[0] == 404
+
+
+def test_server_refuses_what_it_cannot_protect_yet(tmp_path: Path) -> None:
+    aggregator = Aggregator(tmp_path / "p.duckdb", "127.0.0.1:0")
+    try:
+        with pytest.raises(ValueError, match="plaintext"):
+            WebServer(aggregator.store, "0.0.0.0:0", ServerSecurity())
+        with pytest.raises(ValueError, match="token"):
+            WebServer(aggregator.store, "127.0.0.1:0", ServerSecurity(tokens=frozenset({"t"})))
+        with pytest.raises(ValueError, match="HOST:PORT"):
+            WebServer(aggregator.store, "7471", ServerSecurity())
+    finally:
+        aggregator.stop(grace_s=0)
+
+
+# --- in the browser --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    require(shutil.which("chromium") is not None, "Debian's chromium is not installed")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    print(f"\nweb UI screenshots: {ARTIFACTS}")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=shutil.which("chromium"), args=LAUNCH_ARGS
+        )
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    """A page that fails the test on any script error, console error or dialog (an
+    injected `alert` would open one)."""
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+    page.on(
+        "console",
+        lambda message: (
+            message.type == "error"
+            # the browser's own note on an API answer of 400, which the page shows
+            and not message.text.startswith("Failed to load resource")
+            and problems.append(f"console: {message.text}")
+        ),
+    )
+    page.on(
+        "dialog", lambda dialog: (problems.append(f"dialog: {dialog.message}"), dialog.dismiss())
+    )
+    yield page
+    page.close()
+    assert not problems, problems
+
+
+def shot(page: Any, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def frame_point(page: Any, graph: str, name: str) -> dict[str, float]:
+    """Page coordinates of the middle of the first drawn frame called `name`."""
+    return page.evaluate(
+        """([graph, name]) => {
+            const fg = document.querySelector(graph).flameGraph;
+            let i = 0;
+            while (i < fg.count && fg.data.frames[fg.frameOf[i]][0] !== name) i++;
+            if (i === fg.count) throw new Error(`no frame ${name}`);
+            const scale = fg.width / fg.total[fg.zoom];
+            const box = fg.canvas.getBoundingClientRect();
+            return {
+                x: box.left + (fg.left[i] - fg.left[fg.zoom] + fg.total[i] / 2) * scale,
+                y: box.top + fg.rowTop(fg.depthOf[i]) + 8,
+            };
+        }""",
+        [graph, name],
+    )
+
+
+def pixel(page: Any, graph: str, point: dict[str, float]) -> list[int]:
+    return page.evaluate(
+        """([graph, point]) => {
+            const fg = document.querySelector(graph).flameGraph;
+            const box = fg.canvas.getBoundingClientRect();
+            const ratio = fg.canvas.width / fg.width;
+            const x = Math.round((point.x - box.left) * ratio);
+            const y = Math.round((point.y - box.top) * ratio);
+            return [...fg.ctx.getImageData(x, y, 1, 1).data.slice(0, 3)];
+        }""",
+        [graph, point],
+    )
+
+
+def loaded(page: Any, view: str) -> None:
+    """Wait until a view has loaded and drawn (its status then tells how long it took)."""
+    page.locator(f"#{view}-status[data-load-ms]:not(.busy)").wait_for(timeout=30_000)
+
+
+def test_browser_main_views(served: Aggregator, page: Any) -> None:
+    page.goto(served.web.url)
+    loaded(page, "flame")
+    summary = page.locator("#flame .fg-summary")
+    assert "Total: 220 samples" in summary.inner_text()
+
+    # tooltip: weight and percent; the hostile name is text, not an element
+    point = frame_point(page, "#flame", HOSTILE)
+    page.mouse.move(point["x"], point["y"])
+    tooltip = page.locator(".fg-tooltip:visible")
+    assert tooltip.inner_text().splitlines()[:3] == [
+        HOSTILE,
+        "kind: jit",
+        "total: 10 samples (4.55% of all)",
+    ]
+    assert page.evaluate("document.querySelectorAll('img[src=x]').length") == 0
+    shot(page, "01-flame-tooltip")
+
+    # click to zoom, then search highlights and sums the matches
+    point = frame_point(page, "#flame", "compute_alpha")
+    page.mouse.click(point["x"], point["y"])
+    assert "Zoomed: compute_alpha (54.55%)" in summary.inner_text()
+    assert page.locator("#flame .fg-reset").is_enabled()
+    page.locator("#flame .fg-search").fill("memcpy")
+    assert page.locator("#flame .fg-matched").inner_text() == "Matched: 13.64% (30 samples)"
+    memcpy = frame_point(page, "#flame", "memcpy")
+    page.mouse.move(0, 0)  # no hover outline over the sampled pixel
+    page.wait_for_timeout(100)
+    assert pixel(page, "#flame", memcpy) == [0xE6, 0x00, 0xE6]  # the match colour
+    shot(page, "02-flame-zoom-search")
+    page.keyboard.press("Escape")
+    assert "Zoomed" not in summary.inner_text()
+
+    # the top table, sorted by total, then a function found in the flame graph
+    page.click("[data-tab=top]")
+    loaded(page, "top")
+    rows = page.locator("#top-table tbody tr")
+    assert rows.nth(0).locator("td").nth(1).inner_text() == "compute_alpha"  # ties by name
+    assert HOSTILE in page.locator("#top-table tbody").inner_text()
+    page.click("#top-table th[data-order=total]")
+    expect(rows.nth(0).locator("td.function")).to_have_text("main")
+    assert rows.nth(0).locator("td").all_inner_texts()[2:] == [
+        "0 samples",
+        "0.00%",
+        "220 samples",
+        "100.00%",
+    ]
+    shot(page, "03-top-functions")
+    page.get_by_role("button", name="compute_alpha").click()
+    assert page.locator("#view-flame").is_visible()
+    assert page.locator("#flame .fg-search").input_value() == "compute_alpha"
+    assert page.locator("#flame .fg-matched").inner_text().startswith("Matched: 54.55%")
+
+    # node filter through the selection form
+    page.fill("#selection input[name=node]", "node-a")
+    page.click("#selection button[type=submit]")
+    loaded(page, "flame")
+    assert "Total: 105 samples" in summary.inner_text()
+    assert page.url.endswith("#flame?event=cpu&node=node-a")  # a link to this view
+
+    # diff: by default the first half of the data against the second
+    page.click("[data-tab=diff]")
+    loaded(page, "diff")
+    assert "base 105 samples, comparison 115 samples" in page.locator("#diff-status").inner_text()
+    page.mouse.move(0, 0)
+    page.wait_for_timeout(100)
+    red, _, blue = pixel(page, "#diff", frame_point(page, "#diff", "compute_beta"))
+    assert red == 255 and blue < 100  # grew: 30/105 -> 60/115
+    red, _, blue = pixel(page, "#diff", frame_point(page, "#diff", "compute_alpha"))
+    assert blue == 255 and red < 100  # shrank: 70/105 -> 50/115
+    beta = frame_point(page, "#diff", "compute_beta")
+    page.mouse.move(beta["x"], beta["y"])
+    assert "change: +23.60 points of the total" in page.locator(".fg-tooltip:visible").inner_text()
+    first_change = page.locator("#changes-table tbody tr").first.locator("td")
+    assert first_change.all_inner_texts() == [
+        "compute_beta",
+        "28.57%",
+        "52.17%",
+        "+23.60",
+        "+23.60",
+    ]
+    shot(page, "04-diff")
+
+    # the SQL console: an example query, then a refused write
+    page.click("[data-tab=sql]")
+    page.click("#sql-form button[type=submit]")
+    page.locator("#sql-result tbody tr").first.wait_for()
+    assert page.locator("#sql-result thead th").all_inner_texts()[0].startswith("function")
+    assert HOSTILE in page.locator("#sql-result tbody").inner_text()
+    assert "4 rows" in page.locator("#sql-status").inner_text()
+    shot(page, "05-sql-result")
+    page.fill("#sql", "DELETE FROM sample_rows")
+    page.locator("#sql").press("Control+Enter")
+    error = page.locator("#sql-error")
+    error.wait_for()
+    assert error.inner_text() == (
+        "refused: DELETE statements are not allowed; queries are read-only"
+    )
+    shot(page, "06-sql-refused")
+    assert page.evaluate("document.querySelectorAll('img[src=x]').length") == 0
+
+
+def test_browser_time_event_in_milliseconds(aggregator: Aggregator, page: Any) -> None:
+    waits = {1: 3_000_000, 2: 1_500_000, 3: 500_000}  # ns waited on a lock, per stack
+    send(aggregator, message(1, waits, T0, event="lock"))
+    page.goto(f"{aggregator.web.url}#top?event=lock")
+    loaded(page, "top")
+    assert page.locator("#selection select[name=event]").input_value() == "lock"
+    first = page.locator("#top-table tbody tr").first.locator("td").all_inner_texts()
+    assert first[1:4] == ["compute_alpha", "3.00 ms", "60.00%"]
+    assert "5.00 ms in all" in page.locator("#top-status").inner_text()
+    page.click("[data-tab=flame]")
+    loaded(page, "flame")
+    point = frame_point(page, "#flame", "compute_beta")
+    page.mouse.move(point["x"], point["y"])
+    tooltip = page.locator(".fg-tooltip:visible").inner_text()
+    assert "total: 1.50 ms (30.00% of all)" in tooltip and "sample" not in tooltip
+
+
+def test_browser_empty_database(aggregator: Aggregator, page: Any) -> None:
+    page.goto(aggregator.web.url)
+    loaded(page, "flame")
+    assert page.locator("#data-range").inner_text() == "No profiles stored yet"
+    assert page.locator("#flame .fg-summary").inner_text().endswith("(no data)")
+    page.click("[data-tab=top]")
+    loaded(page, "top")
+    assert page.locator("#top-table tbody").inner_text() == "No samples match this selection."
+
+
+def test_browser_shows_api_errors(served: Aggregator, page: Any) -> None:
+    page.goto(served.web.url + "#top?pid=abc")
+    error = page.locator("#error")
+    error.wait_for()
+    assert error.inner_text() == "bad pid 'abc': expected an integer"
+
+
+def wide_stacks(count: int) -> dict[int, StackRow]:
+    """`count` distinct stacks shaped like a real program's: each extends a random prefix
+    of an earlier one by a few frames, from a few thousand function names."""
+    rng = random.Random(7)
+    names = [f"ns{i % 40}::Module{i % 97}::function_{i}" for i in range(4000)]
+    stacks: list[tuple[str, ...]] = [("main",)]
+    seen: set[tuple[str, ...]] = set()
+    while len(seen) < count:
+        parent = rng.choice(stacks)
+        stack = parent[: rng.randint(1, len(parent))] + tuple(
+            rng.choices(names, k=rng.randint(1, 6))
+        )
+        if len(stack) <= 64 and stack not in seen:
+            seen.add(stack)
+            stacks.append(stack)
+    return {
+        i: StackRow(stack, ("app",) * len(stack), ("native",) * len(stack))
+        for i, stack in enumerate(sorted(seen), start=1)
+    }
+
+
+def test_browser_loads_50k_stacks_in_under_a_second(aggregator: Aggregator, page: Any) -> None:
+    stacks = wide_stacks(50_000)
+    rng = random.Random(8)
+    weights = {stack_id: rng.randint(1, 40) for stack_id in stacks}
+    send(aggregator, message(1, weights, datetime.now(UTC), stacks))
+    page.goto(aggregator.web.url)
+    loaded(page, "flame")
+    for _ in range(2):  # Apply reloads the graph
+        page.click("#selection button[type=submit]")
+        loaded(page, "flame")
+    # User Timing entries of the page: the first from the query's start, and the whole page
+    # (navigation start to the first frame of the graph drawn)
+    loads = page.evaluate(
+        "performance.getEntriesByName('fleetprof flame').map(m => [m.duration, m.startTime])"
+    )
+    requests = [round(duration) for duration, _ in loads]
+    page_load = round(sum(loads[0]))
+    frames = page.evaluate("document.querySelector('#flame').flameGraph.count")
+    # The budget is for a machine of its own (CI); where other work queues for the CPUs
+    # (developers' shared machines) it stretches by how many wait per CPU.
+    budget = 1000 * max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
+    print(
+        f"\nflame graph of 50,000 stacks ({frames:,} frames): whole page {page_load} ms; "
+        f"graph request to drawn {requests} ms (budget {budget:.0f} ms)"
+    )
+    shot(page, "07-flame-50k-stacks")
+    assert frames > 150_000
+    assert min(requests) < budget  # the best of three
+
+
+def test_browser_standalone_html_uses_the_same_graph(tmp_path: Path, page: Any) -> None:
+    rows = [
+        (["app", "main", "compute_alpha"], ["process", "native", "native"], 3_000_000),
+        (["app", "main", HOSTILE], ["process", "native", "jit"], 1_000_000),
+    ]
+    out = tmp_path / "lock.html"
+    with out.open("wb") as stream:
+        HtmlRenderer().render(build_tree(rows), RenderOptions("Locks", "lock", "ns"), stream)
+    page.goto(out.as_uri())
+    point = frame_point(page, "#flamegraph", HOSTILE)
+    page.mouse.move(point["x"], point["y"])
+    text = page.locator(".fg-tooltip:visible").inner_text()
+    assert text.splitlines()[:3] == [HOSTILE, "kind: jit", "total: 1.00 ms (25.00% of all)"]
+    assert page.evaluate("document.querySelectorAll('img').length") == 0
+    shot(page, "08-standalone-html")
+
+
+def test_browser_real_profile(aggregator: Aggregator, running_agent, native_binary, page) -> None:
+    agent = running_agent(frequency=99, interval_s=1.0)
+    process = workloads.start_native(native_binary, seconds=3)
+    process.wait()
+    agent.stop()
+    page.goto(f"{aggregator.web.url}#top?pid={process.pid}")
+    loaded(page, "top")
+    first = page.locator("#top-table tbody tr").first.locator("td").nth(1).inner_text()
+    assert first == "compute_alpha"  # 3:1 against compute_beta
+    shot(page, "09-real-profile-top")
+    page.click("[data-tab=flame]")
+    loaded(page, "flame")
+    page.locator("#flame .fg-search").fill("compute_")
+    matched = page.locator("#flame .fg-matched").inner_text()
+    assert float(matched.split()[1].rstrip("%")) > 80
+    shot(page, "10-real-profile-flame")
