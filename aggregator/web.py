@@ -1,9 +1,9 @@
 """The aggregator's web UI and JSON API over HTTP, on the standard library's server.
 
-Off unless `fleetprof aggregator --http HOST:PORT`. `WebServer.__init__` is the one place
-the server is built and `_Handler._dispatch` the one place every request passes, so TLS
-and token authentication (not there yet: the server refuses configurations that would
-need them) go there.
+Off unless `fleetprof aggregator --http HOST:PORT`. It follows the aggregator's transport
+security: HTTPS with its --tls-cert/--tls-key, and, with --token-file, every /api/ request
+needs a bearer token (`Authorization: Bearer T`, or the HttpOnly cookie that opening
+`/?token=T` once sets for a browser). Plaintext off loopback needs --insecure.
 
     GET  /                  the UI page (query/render/templates/webui.html)
     GET  /static/NAME       its scripts and style sheets, flamegraph.js among them
@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 from http import HTTPStatus
+from http.cookies import SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -54,7 +56,14 @@ SECURITY_HEADERS = {
 }
 
 
+TOKEN_COOKIE = "fleetprof_token"
+
+
 class NotFound(LookupError):
+    pass
+
+
+class Unauthorized(PermissionError):
     pass
 
 
@@ -72,6 +81,8 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     store: ProfileStore
     loopback_only: bool
+    tokens: frozenset[str]
+    https: bool
     stopping = False
 
 
@@ -84,22 +95,26 @@ class WebServer:
 
     def __init__(self, store: ProfileStore, listen: str, security: ServerSecurity) -> None:
         host, port = split_listen(listen)
-        # Until the UI has TLS and token login, it must not open what gRPC protects.
-        if security.tokens:
-            raise ValueError("the web UI cannot check bearer tokens yet: drop --token-file")
-        if not (is_loopback(listen) or security.insecure):
+        if not (security.cert or is_loopback(listen) or security.insecure):
             raise ValueError(
                 f"refusing to serve the web UI on {listen} in plaintext: "
-                "use a loopback address or --insecure"
+                "give --tls-cert/--tls-key, use a loopback address or --insecure"
             )
         self._httpd = (_Server6 if ":" in host else _Server)((host, port), _Handler)
         self._httpd.store = store
+        self._httpd.tokens = security.tokens
+        self._httpd.https = security.cert is not None
+        if security.cert:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.load_cert_chain(security.cert, security.key)
+            self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
         # Served on loopback, the UI answers only to loopback names: a web page whose
         # DNS name rebinds to 127.0.0.1 must not reach it.
         self._httpd.loopback_only = is_loopback(listen)
         bound = self._httpd.server_address[1]
         self.address = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
-        self.url = f"http://{self.address}/"
+        self.url = f"{'https' if security.cert else 'http'}://{self.address}/"
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="http")
 
     def start(self) -> None:
@@ -137,9 +152,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             self._check_host()
+            self._check_token()
             handle()
         except (BadRequest, QueryError) as exc:
             self._error(HTTPStatus.BAD_REQUEST, one_line(exc))
+        except Unauthorized as exc:
+            self._error(HTTPStatus.UNAUTHORIZED, str(exc), {"WWW-Authenticate": "Bearer"})
         except NotFound as exc:
             self._error(HTTPStatus.NOT_FOUND, str(exc))
         except ConnectionError:
@@ -155,9 +173,31 @@ class _Handler(BaseHTTPRequestHandler):
             if not is_loopback(f"[{name}]:0"):  # a Host may lack the port
                 raise BadRequest(f"this aggregator serves loopback names only, not {host!r}")
 
+    def _check_token(self) -> None:
+        """With tokens, the API answers only requests that carry one (header or cookie)."""
+        tokens = self.server.tokens
+        if not tokens or not urlsplit(self.path).path.startswith("/api/"):
+            return
+        scheme, _, token = self.headers.get("Authorization", "").partition(" ")
+        cookie = SimpleCookie(self.headers.get("Cookie", "")).get(TOKEN_COOKIE)
+        if (scheme.lower() == "bearer" and token in tokens) or (cookie and cookie.value in tokens):
+            return
+        raise Unauthorized("a valid bearer token is required (a browser: open /?token=TOKEN)")
+
+    def _log_in(self, token: str) -> None:
+        """`/?token=T`: keep the token in an HttpOnly cookie and drop it from the address."""
+        if token not in self.server.tokens:
+            raise Unauthorized("that token is not valid")
+        secure = "; Secure" if self.server.https else ""
+        cookie = f"{TOKEN_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict{secure}"
+        self._send(HTTPStatus.SEE_OTHER, b"", "text/plain", {"Location": "/", "Set-Cookie": cookie})
+
     def _get(self) -> None:
         url = urlsplit(self.path)
-        if url.path == "/":
+        login = parse_qs(url.query).get("token") if url.path == "/" else None
+        if login:
+            self._log_in(login[0])
+        elif url.path == "/":
             self._send(HTTPStatus.OK, template(PAGE).encode(), "text/html; charset=utf-8")
         elif url.path.startswith("/static/") and url.path[8:] in STATIC:
             name = url.path[8:]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ssl
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,3 +163,43 @@ def test_plaintext_is_refused_off_loopback(tmp_path: Path, capsys) -> None:
         ClientSecurity().channel("10.0.0.7:7470")
     # Explicitly insecure is allowed (no connection is made by creating a channel).
     ClientSecurity(insecure=True).channel("10.0.0.7:7470").close()
+
+
+def test_web_ui_over_https_needs_a_token(tmp_path: Path, pki: Pki) -> None:
+    security = ServerSecurity(
+        cert=str(pki.server_cert), key=str(pki.server_key), tokens=frozenset({TOKEN})
+    )
+    aggregator = Aggregator(
+        tmp_path / "p.duckdb", "127.0.0.1:0", security=security, http_listen="127.0.0.1:0"
+    )
+    aggregator.start()
+    trusted = ssl.create_default_context(cafile=str(pki.ca))
+    meta = f"{aggregator.web.url}api/meta"
+    assert meta.startswith("https://")
+
+    def status(url: str, headers: dict[str, str] | None = None) -> int:
+        request = urllib.request.Request(url, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, context=trusted, timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    try:
+        assert status(meta) == 401
+        assert status(meta, {"Authorization": "Bearer wrong"}) == 401
+        assert status(meta, {"Authorization": f"Bearer {TOKEN}"}) == 200
+        # A browser logs in once: the token moves into an HttpOnly, Secure cookie.
+        opener = urllib.request.build_opener(
+            urllib.request.HTTPSHandler(context=trusted),
+            urllib.request.HTTPCookieProcessor(),
+        )
+        with opener.open(f"{aggregator.web.url}?token={TOKEN}", timeout=10) as page:
+            assert page.status == 200 and page.url == aggregator.web.url
+        with opener.open(meta, timeout=10) as answer:
+            assert answer.status == 200
+        # Plaintext HTTP to the HTTPS port gets nothing.
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(meta.replace("https://", "http://"), timeout=10)
+    finally:
+        aggregator.stop(grace_s=0)
