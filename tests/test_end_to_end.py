@@ -40,8 +40,9 @@ def test_native_shares_come_out_right(aggregator, running_agent, native_binary) 
     for function, share in workloads.NATIVE_SHARES.items():
         measured = weight_under(tree, function) / tree.total
         assert abs(measured - share) <= 0.05, f"{function}: {measured:.3f} vs {share}"
-    # Frames are named from the binary's ELF symbols, under main.
-    assert weight_under(tree, "main") >= 0.9 * tree.total
+    # Frames are named from the binary's ELF symbols: nearly every sample is in one of them.
+    named = weight_under(tree, "compute_alpha") + weight_under(tree, "compute_beta")
+    assert named >= 0.9 * tree.total
 
 
 def test_short_lived_process_is_named(aggregator, running_agent, native_binary) -> None:
