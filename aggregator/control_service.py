@@ -34,6 +34,8 @@ MAX_DURATION_S = 24 * 3600
 @dataclass
 class Session:
     order: control_pb2.SessionOrder
+    # Nodes the order went to; each is waited for (until the grace period ends).
+    expected: set[str] = field(default_factory=set)
     nodes: dict[str, control_pb2.NodeProgress] = field(default_factory=dict)
 
     @property
@@ -43,15 +45,20 @@ class Session:
     def done(self, now: float) -> bool:
         if now < self.deadline:
             return False
-        finished = all(n.state != State.SESSION_STATE_SAMPLING for n in self.nodes.values())
-        return finished or now > self.deadline + FINISH_GRACE_S
+        ended = {
+            node
+            for node, progress in self.nodes.items()
+            if progress.state in (State.SESSION_STATE_FINISHED, State.SESSION_STATE_FAILED)
+        }
+        return self.expected <= ended or now > self.deadline + FINISH_GRACE_S
 
 
 class ControlService(control_pb2_grpc.ControlServiceServicer):
     def __init__(self, store: ProfileStore) -> None:
         self._store = store
         self._lock = threading.Lock()
-        self._agents: dict[str, queue.Queue[control_pb2.AgentOrder | None]] = {}
+        # agent id -> (node, its order queue)
+        self._agents: dict[str, tuple[str, queue.Queue[control_pb2.AgentOrder | None]]] = {}
         self._sessions: dict[str, Session] = {}
         self._changed = threading.Condition(self._lock)
 
@@ -66,10 +73,11 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
         node, agent_id = first.hello.node, first.hello.agent_id
         outbox: queue.Queue[control_pb2.AgentOrder | None] = queue.Queue()
         with self._lock:
-            self._agents[agent_id] = outbox
+            self._agents[agent_id] = (node, outbox)
             now = time.time()
             for session in self._sessions.values():
                 if session.deadline > now:  # a (re)joining agent takes part in what is left
+                    session.expected.add(node)
                     outbox.put(control_pb2.AgentOrder(start_session=session.order))
         log.info("agent %s (%s) connected", agent_id, node)
         reader = threading.Thread(
@@ -126,9 +134,9 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
             deadline_unix_ms=int((time.time() + request.duration_s) * 1000),
         )
         with self._lock:
-            self._sessions[order.session_id] = Session(order)
             agents = list(self._agents.values())
-        for outbox in agents:
+            self._sessions[order.session_id] = Session(order, {node for node, _ in agents})
+        for _, outbox in agents:
             outbox.put(control_pb2.AgentOrder(start_session=order))
         self._store.record_session(order, state="running")
         log.info("session %s: job %s on %d agents", order.session_id, order.job, len(agents))

@@ -28,6 +28,12 @@ CREATE TABLE IF NOT EXISTS sample_rows (
     stack_id BIGINT NOT NULL,
     weight BIGINT NOT NULL
 );
+-- Schema version 2 (databases made before it gain the columns, NULL for old rows).
+ALTER TABLE sample_rows ADD COLUMN IF NOT EXISTS job VARCHAR;
+ALTER TABLE sample_rows ADD COLUMN IF NOT EXISTS session_id VARCHAR;
+ALTER TABLE sample_rows ADD COLUMN IF NOT EXISTS namespace VARCHAR;
+ALTER TABLE sample_rows ADD COLUMN IF NOT EXISTS pod VARCHAR;
+ALTER TABLE sample_rows ADD COLUMN IF NOT EXISTS container VARCHAR;
 CREATE TABLE IF NOT EXISTS stack_rows (
     stack_id BIGINT NOT NULL,
     frames VARCHAR[] NOT NULL,
@@ -77,7 +83,9 @@ CREATE TABLE IF NOT EXISTS session_rows (
 );
 -- The documented, stable SQL surface (README "SQL").
 CREATE OR REPLACE VIEW samples AS
-    SELECT ts, node, pid, tid, comm, event, stack_id, weight, agent_id FROM sample_rows;
+    SELECT ts, node, pid, tid, comm, event, stack_id, weight, agent_id,
+           job, session_id, namespace, pod, container
+    FROM sample_rows;
 CREATE OR REPLACE VIEW stacks AS
     SELECT stack_id, frames, modules, kinds FROM stack_rows;
 -- What agents learned about processes (JVMs), one row each time: latest per (node, pid).
@@ -224,8 +232,9 @@ class ProfileStore:
                 cur.register("batch_stacks", stacks)
                 cur.execute(
                     """
-                    INSERT INTO sample_rows
-                    SELECT ts, $node, $agent, pid, tid, comm, event, stack_id, weight
+                    INSERT INTO sample_rows BY NAME
+                    SELECT ts, $node AS node, $agent AS agent_id, pid, tid, comm, event,
+                           stack_id, weight, job, session_id, namespace, pod, container
                     FROM batch_samples
                     """,
                     {"node": node, "agent": agent_id},
@@ -239,27 +248,17 @@ class ProfileStore:
                     ANTI JOIN stack_rows s ON s.stack_id = b.stack_id
                     """
                 )
-                if processes is not None and processes.num_rows:
-                    cur.register("batch_processes", processes)
-                    cur.execute(
-                        """
-                        INSERT INTO process_rows
-                        SELECT ts, $node, $agent, pid, nspid, comm, exe, runtime,
-                               frame_pointers, attach, perf_map_entries
-                        FROM batch_processes
-                        """,
-                        {"node": node, "agent": agent_id},
-                    )
-                if io_latency is not None and io_latency.num_rows:
-                    cur.register("batch_io_latency", io_latency)
-                    cur.execute(
-                        """
-                        INSERT INTO io_latency_rows
-                        SELECT ts, $node, $agent, pid, comm, device, op, bucket_le_ns, count
-                        FROM batch_io_latency
-                        """,
-                        {"node": node, "agent": agent_id},
-                    )
+                # The optional tables: every row, with the batch's node and agent.
+                for table, rows in (("process_rows", processes), ("io_latency_rows", io_latency)):
+                    if rows is not None and rows.num_rows:
+                        cur.register("batch_rows", rows)
+                        columns = ", ".join(rows.column_names[1:])  # after ts, as in the table
+                        cur.execute(
+                            f"INSERT INTO {table} SELECT ts, $node, $agent, {columns} "
+                            "FROM batch_rows",
+                            {"node": node, "agent": agent_id},
+                        )
+                        cur.unregister("batch_rows")
                 cur.execute(
                     "INSERT INTO ingested_batches VALUES (?, ?, ?, now(), ?)",
                     [agent_id, sequence, node, samples.num_rows],

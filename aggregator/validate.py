@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -37,7 +38,7 @@ def validate_batch(batch: ingest_pb2.IngestBatch) -> ValidBatch:
     for name, value in (("agent_id", batch.agent_id), ("node", batch.node)):
         if not value or len(value) > MAX_ID_CHARS:
             raise schema.SchemaError(f"{name} must have 1 to {MAX_ID_CHARS} characters")
-    samples = schema.decode(batch.samples, schema.SAMPLES)
+    samples = schema.decode_samples(batch.samples, batch.schema_version)
     stacks = schema.decode(batch.stacks, schema.STACKS)
     processes = schema.decode(batch.processes, schema.PROCESSES)
     io_latency = schema.decode(batch.io_latency, schema.IO_LATENCY)
@@ -56,6 +57,12 @@ def _check_not_future(name: str, table: pa.Table) -> None:
         raise schema.SchemaError(f"{name}: timestamp {latest.isoformat()} is in the future")
 
 
+def _check_known(name: str, table: pa.Table, column: str, known: Iterable[str]) -> None:
+    unknown = set(pc.unique(table[column].drop_null()).to_pylist()) - set(known)
+    if unknown:
+        raise schema.SchemaError(f"{name}: unknown {column} {sorted(unknown)[0]!r}")
+
+
 def _check_lengths(name: str, table: pa.Table, columns: tuple[str, ...]) -> None:
     for column in columns:
         if pc.max(pc.utf8_length(table[column])).as_py() > schema.MAX_STRING_BYTES:
@@ -68,9 +75,7 @@ def _check_samples(samples: pa.Table) -> None:
     _check_not_future("samples", samples)
     if pc.min(samples["weight"]).as_py() < 0:
         raise schema.SchemaError("samples: negative weight")
-    unknown = set(pc.unique(samples["event"]).to_pylist()) - schema.EVENT_UNITS.keys()
-    if unknown:
-        raise schema.SchemaError(f"samples: unknown event {sorted(unknown)[0]!r}")
+    _check_known("samples", samples, "event", schema.EVENT_UNITS)
     _check_lengths("samples", samples, ("comm", "event"))
 
 
@@ -93,9 +98,7 @@ def _check_processes(processes: pa.Table) -> None:
         return
     if pc.min(processes["pid"]).as_py() <= 0 or pc.min(processes["nspid"]).as_py() <= 0:
         raise schema.SchemaError("processes: pid must be positive")
-    unknown = set(pc.unique(processes["runtime"].drop_null()).to_pylist()) - set(schema.RUNTIMES)
-    if unknown:
-        raise schema.SchemaError(f"processes: unknown runtime {sorted(unknown)[0]!r}")
+    _check_known("processes", processes, "runtime", schema.RUNTIMES)
     for column in ("comm", "exe", "attach"):
         longest = pc.max(pc.utf8_length(processes[column])).as_py() or 0
         if longest > schema.MAX_STRING_BYTES:
@@ -115,7 +118,5 @@ def _check_io_latency(io_latency: pa.Table) -> None:
         or pc.any(pc.not_equal(pc.bit_wise_and(buckets, pc.subtract(buckets, 1)), 0)).as_py()
     ):
         raise schema.SchemaError("io_latency: bucket_le_ns must be a power of two")
-    unknown = set(pc.unique(io_latency["op"]).to_pylist()) - set(schema.IO_OPS)
-    if unknown:
-        raise schema.SchemaError(f"io_latency: unknown op {sorted(unknown)[0]!r}")
+    _check_known("io_latency", io_latency, "op", schema.IO_OPS)
     _check_lengths("io_latency", io_latency, ("comm", "device"))

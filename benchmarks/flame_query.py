@@ -102,7 +102,7 @@ def fill(store: ProfileStore, rows: int, stack_count: int, seed: int = 1) -> Non
     for sequence, offset in enumerate(range(0, rows, BATCH_ROWS), start=1):
         n = min(BATCH_ROWS, rows - offset)
         pids = [rng.randrange(1000, 1064) for _ in range(n)]
-        samples = pa.table(
+        samples = schema.samples_table(
             {
                 "ts": pa.array(
                     [start + timedelta(seconds=10 * sequence)] * n, pa.timestamp("us", tz="UTC")
@@ -113,8 +113,7 @@ def fill(store: ProfileStore, rows: int, stack_count: int, seed: int = 1) -> Non
                 "event": ["cpu"] * n,
                 "stack_id": rng.choices(ids, cum_weights=cumulative, k=n),
                 "weight": [rng.randint(1, 5) for _ in range(n)],
-            },
-            schema=schema.SAMPLES,
+            }
         )
         store.append("bench", sequence, f"node-{sequence % 16}", samples, stacks_table({}))
 

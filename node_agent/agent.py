@@ -11,22 +11,32 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from fleetprof.node_agent.batch import Batch, BatchBuilder
+from fleetprof.node_agent.control import ControlClient
+from fleetprof.node_agent.jobs import JobResolver
 from fleetprof.node_agent.jvms import Jvms
+from fleetprof.node_agent.kubernetes import KubernetesMetadata
+from fleetprof.node_agent.owners import ProcessOwners
 from fleetprof.node_agent.process_events import ProcessEvents
 from fleetprof.node_agent.samplers import SamplerOptions
 from fleetprof.node_agent.samplers.registry import SAMPLERS
 from fleetprof.node_agent.samplers.stack_maps import StackSample
+from fleetprof.node_agent.sessions import PreparedSamplers, SessionRun
 from fleetprof.node_agent.shipper import Shipper
 from fleetprof.node_agent.spool import Spool
 from fleetprof.node_agent.symbolize.symbolizer import Symbolizer
 from fleetprof.proto import schema
+from fleetprof.proto.control.v1 import control_pb2
 from fleetprof.proto.security import ClientSecurity
 
 log = logging.getLogger(__name__)
 
 EVENT_POLL_MS = 100
+SAMPLING = control_pb2.SessionState.SESSION_STATE_SAMPLING
+FINISHED = control_pb2.SessionState.SESSION_STATE_FINISHED
+FAILED = control_pb2.SessionState.SESSION_STATE_FAILED
 SHUTDOWN_DELIVERY_S = 10.0
 
 
@@ -41,6 +51,10 @@ class AgentConfig:
     spool_max_bytes: int = 256 * 1024 * 1024
     security: ClientSecurity = field(default_factory=ClientSecurity)
     sampling: SamplerOptions = field(default_factory=SamplerOptions)
+    # Job resolver specs (node_agent/jobs.py); empty: the defaults (FLEETPROF_JOB, Spark...).
+    job_resolvers: tuple[dict[str, Any], ...] = ()
+    # Outside a pod, a kubeconfig gives pod metadata; with neither, pod columns stay NULL.
+    kubeconfig: str | None = None
 
 
 def release_free_memory() -> None:
@@ -64,12 +78,22 @@ class Agent:
         if unknown:
             raise ValueError(f"unknown event {sorted(unknown)[0]!r}; known: {sorted(SAMPLERS)}")
         self._samplers = [SAMPLERS[event](config.sampling) for event in config.events]
+        self._prepared = PreparedSamplers(config.sampling)
         release_free_memory()
-        self._builder = BatchBuilder(self.symbolizer)
+        pods = KubernetesMetadata.from_environment(config.node, config.kubeconfig)
+        pods.start()
+        self.owners = ProcessOwners(JobResolver.from_config(config.job_resolvers, pods), pods)
+        self._builder = BatchBuilder(self.symbolizer, self.owners)
+        # Loaded now rather than in the first drain, which must stay short: process events
+        # wait while a drain runs, and a short-lived process can be gone by then.
+        self.symbolizer.symbolize_kernel([0])
         # A fresh id per agent process: sequence numbers restart with it.
         agent_id = f"{config.node}/{uuid.uuid4().hex[:12]}"
         spool = Spool(config.spool_dir, config.spool_max_bytes)
         self.shipper = Shipper(config.aggregator, agent_id, config.node, spool, config.security)
+        # On-demand sessions: ordered over the control stream, one SessionRun each.
+        self._control = ControlClient(config.aggregator, config.security, config.node, agent_id)
+        self._sessions: dict[str, SessionRun] = {}
         self.stats = {"drains": 0, "samples": 0}
         self._dropped = dict.fromkeys(config.events, 0)
         log.info(
@@ -88,7 +112,14 @@ class Agent:
 
     def _remember_new_code(self) -> None:
         while self._new_code:
-            self.symbolizer.remember(self._new_code.pop())
+            pid = self._new_code.pop()
+            self.symbolizer.remember(pid)
+            # An exec may change the job (new environment, command line): ask again now,
+            # while /proc/PID is there to answer.
+            self.owners.forget(pid)
+            self.owners.owner(pid)
+            for session in self._sessions.values():
+                session.consider(pid)
 
     def run(self, stop: threading.Event) -> None:
         """Sample until `stop` is set, then drain the last interval and detach."""
@@ -99,11 +130,15 @@ class Agent:
                 self._events.poll(int(max(0, min(EVENT_POLL_MS, wait_ms))))
                 self._remember_new_code()
                 self.jvms.poll(next_drain)
+                self._run_sessions()
                 if self.shipper.retry_due:
                     self.shipper.flush()
                 if time.monotonic() >= next_drain:
                     self.drain_once()
                     next_drain = max(next_drain + self.config.interval_s, time.monotonic())
+            # Exits of the last moments, so the last drain lets go of those processes.
+            self._events.poll(0)
+            self._remember_new_code()
             self.drain_once()
             if not self.shipper.drain_pending(SHUTDOWN_DELIVERY_S):
                 log.warning("exiting with %d undelivered batches", self.shipper.pending)
@@ -116,6 +151,38 @@ class Agent:
             self.shipper.stats["acked"],
             self.shipper.pending,
         )
+
+    def _run_sessions(self) -> None:
+        """Start what the aggregator ordered; finish what reached its deadline."""
+        while not self._control.orders.empty():
+            order = self._control.orders.get()
+            if order.session_id in self._sessions:
+                continue  # re-sent after a reconnect: already running
+            try:
+                session = SessionRun(order, self.config.sampling, self.owners, self._prepared)
+            except Exception as exc:  # a BPF program that will not load, an unknown event
+                log.error("session %s cannot start: %s", order.session_id, exc)
+                self._control.report(order.session_id, FAILED, 0, 0, str(exc))
+                continue
+            self._sessions[order.session_id] = session
+            self._control.report(order.session_id, SAMPLING, 0, len(session.pids))
+        for session in [s for s in self._sessions.values() if s.expired]:
+            self._ship_session(session)
+            session.close()
+            del self._sessions[session.order.session_id]
+            delivered = self.shipper.pending == 0
+            self._control.report(
+                session.order.session_id,
+                FINISHED,
+                session.samples,
+                len(session.pids),
+                "" if delivered else "some batches wait in the spool",
+            )
+
+    def _ship_session(self, session: SessionRun) -> None:
+        for batch in session.drain(self._builder):
+            self.shipper.ship(batch)
+        self._control.report(session.order.session_id, SAMPLING, session.samples, len(session.pids))
 
     def drain_once(self) -> None:
         # Processes that exited before the flip have all their samples in this drain.
@@ -136,6 +203,8 @@ class Agent:
                 self._dropped[sampler.event] += dropped
             self.shipper.ship(self._builder.build(sampler.event, now, drained))
             self.stats["samples"] += sum(s.weight for s in drained.samples)
+        for session in self._sessions.values():
+            self._ship_session(session)
         self.jvms.after_drain(*self.symbolizer.take_jit_activity())
         processes = self.jvms.take_processes()
         if processes is not None:
@@ -143,13 +212,19 @@ class Agent:
         for pid in exited:
             self.symbolizer.forget(pid)
             self.jvms.forget(pid)
+            self.owners.forget(pid)
         # Symbol tables of new processes leave parse garbage behind: hand it back.
         release_free_memory()
         self.stats["drains"] += 1
 
     def close(self) -> None:
+        self._control.close()
+        for session in self._sessions.values():
+            session.close()
+        self._prepared.close()
         for sampler in self._samplers:
             sampler.close()
         self._events.close()
         self.jvms.close()
+        self.owners.close()
         self.shipper.close()

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import pyarrow as pa
 
+from fleetprof.node_agent.owners import Owner, ProcessOwners
 from fleetprof.node_agent.samplers import Drain, LatencyBucket
 from fleetprof.node_agent.symbolize.frame import Frame
 from fleetprof.node_agent.symbolize.symbolizer import Symbolizer
@@ -54,10 +55,11 @@ class Batch(NamedTuple):
 class BatchBuilder:
     """Symbolizes each distinct stack of a drain once and hashes it to its id."""
 
-    def __init__(self, symbolizer: Symbolizer) -> None:
+    def __init__(self, symbolizer: Symbolizer, owners: ProcessOwners | None = None) -> None:
         self._symbolizer = symbolizer
+        self._owners = owners
 
-    def build(self, event: str, ts: datetime, drain: Drain) -> Batch:
+    def build(self, event: str, ts: datetime, drain: Drain, session_id: str | None = None) -> Batch:
         drained = drain.samples
         kernel_frames: dict[tuple[int, ...] | None, list[Frame]] = {}
         ids: dict[tuple[int, tuple[int, ...] | None, tuple[int, ...] | None, str], int] = {}
@@ -76,7 +78,7 @@ class BatchBuilder:
                 ids[key] = stack_id(row)
                 stacks[ids[key]] = row
             stack_ids.append(ids[key])
-        samples = pa.table(
+        samples = schema.samples_table(
             {
                 "ts": pa.array([ts] * len(drained), pa.timestamp("us", tz="UTC")),
                 "pid": [s.pid for s in drained],
@@ -85,11 +87,19 @@ class BatchBuilder:
                 "event": [event] * len(drained),
                 "stack_id": stack_ids,
                 "weight": [s.weight for s in drained],
-            },
-            schema=schema.SAMPLES,
+                "session_id": [session_id] * len(drained),
+                **self._owner_columns([s.pid for s in drained]),
+            }
         )
         io_latency = self._io_latency(ts, drain.io_latency) if drain.io_latency else None
         return Batch(samples, stacks, io_latency=io_latency)
+
+    def _owner_columns(self, pids: list[int]) -> dict[str, list[str | None]]:
+        """job, namespace, pod and container of each row's process (resolved once per pid)."""
+        if self._owners is None:
+            return {}
+        owners = {pid: self._owners.owner(pid) for pid in set(pids)}
+        return {name: [getattr(owners[pid], name) for pid in pids] for name in Owner._fields}
 
     def _io_latency(self, ts: datetime, buckets: Sequence[LatencyBucket]) -> pa.Table:
         return pa.table(

@@ -233,9 +233,7 @@ class JobResolver:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, pods: PodLookup) -> JobResolver:
-        """From the flags of add_arguments: the config file's resolvers, then the flags'."""
-        specs = load_config(args.job_config) if args.job_config else []
-        return cls.from_config(specs + (args.job_resolvers or []), pods)
+        return cls.from_config(specs_from_args(args), pods)
 
     def resolve(self, pid: int) -> str | None:
         if pid in self._jobs:
@@ -253,6 +251,12 @@ class JobResolver:
 
     def forget(self, pid: int) -> None:
         self._jobs.pop(pid, None)
+
+
+def specs_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """From the flags of add_arguments: the config file's resolvers, then the flags'."""
+    specs = load_config(args.job_config) if args.job_config else []
+    return specs + (args.job_resolvers or [])
 
 
 class _AppendResolver(argparse.Action):

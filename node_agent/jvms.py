@@ -11,7 +11,8 @@ For each JVM (a process with libjvm.so mapped) the agent
   map had grown (the JIT is warming up), and every refresh_every_s while samples run JIT
   code (it reuses the space of code it frees); so at most once an interval;
 - reports what it learned as schema.PROCESSES rows, and warns once per JVM without frame
-  pointers.
+  pointers;
+- once the JVM exited, removes the map it had it write from its /tmp.
 
 A JVM whose options disable attach, or may (an unreadable options file), is never signalled.
 Everything but the attach itself runs on the agent's main thread.
@@ -136,6 +137,7 @@ class _Jvm:
     root_fd: int
     frame_pointers: bool | None
     refusal: str | None  # why it must not be sent SIGQUIT, if it must not
+    writes_map_at_exit: bool  # -XX:+DumpPerfMapAtExit (or maybe: an unreadable options file)
     attach: str | None = None
     perf_map_entries: int | None = None
     flags_known: bool = False
@@ -149,17 +151,21 @@ class _Jvm:
     warned: bool = False
     seen_at: float = field(default_factory=time.monotonic)
 
+    @property
+    def root(self) -> str:
+        return f"/proc/self/fd/{self.root_fd}"
+
 
 class Jvms:
     """The JVMs the agent sampled or saw start, until forget(pid).
 
-    reload_perf_map(pid, root) rereads a process's perf map (root: its root directory when
-    not /proc/PID/root) and returns its entry count: Symbolizer.reload_perf_map.
+    reload_perf_map(pid, root) rereads a process's perf map through its root directory (a
+    JVM's stays open here) and returns its entry count: Symbolizer.reload_perf_map.
     """
 
     def __init__(
         self,
-        reload_perf_map: Callable[[int, str | None], int | None],
+        reload_perf_map: Callable[[int, str], int | None],
         *,
         interval_s: float,
         refresh_every_s: float = 60.0,
@@ -183,7 +189,7 @@ class Jvms:
         if known is not None:
             if known.start_time == snapshot.start_time:
                 return
-            self.forget(pid)  # the pid was reused
+            os.close(self._jvms.pop(pid).root_fd)  # the pid was reused
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmdline = f.read().decode(errors="replace").split("\0")
@@ -209,6 +215,7 @@ class Jvms:
             root_fd,
             frame_pointers=jvm_flag(options, "PreserveFramePointer"),
             refusal=refusal,
+            writes_map_at_exit=jvm_flag(options, "DumpPerfMapAtExit") is not False,
             due=time.monotonic(),
         )
         self._jvms[pid] = jvm
@@ -243,12 +250,18 @@ class Jvms:
         its last samples and a map written at exit."""
         jvm = self._jvms.get(pid)
         if jvm is not None:
-            self._reload(pid, f"/proc/self/fd/{jvm.root_fd}")
+            self._reload(pid, jvm.root)
 
     def forget(self, pid: int) -> None:
+        """Drop a JVM that exited (its last samples symbolized), with the perf map the agent
+        had it write: else every JVM would leave one in its /tmp. One it writes itself as it
+        exits (-XX:+DumpPerfMapAtExit) is its owner's and stays."""
         jvm = self._jvms.pop(pid, None)
-        if jvm is not None:
-            os.close(jvm.root_fd)
+        if jvm is None:
+            return
+        if jvm.perf_map_entries is not None and not jvm.writes_map_at_exit:
+            _remove_perf_map(jvm)
+        os.close(jvm.root_fd)
 
     def take_processes(self) -> pa.Table | None:
         """The PROCESSES rows learned since the last call, or None."""
@@ -259,8 +272,9 @@ class Jvms:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        for pid in list(self._jvms):
-            self.forget(pid)
+        for jvm in self._jvms.values():  # still running: their maps stay
+            os.close(jvm.root_fd)
+        self._jvms.clear()
 
     def _start(self, jvm: _Jvm, now: float, drain_at: float) -> None:
         jvm.due = math.inf
@@ -316,7 +330,7 @@ class Jvms:
             reason = f"failed: {PERF_MAP_COMMAND}: {output.strip()[:200]}"
             self._update(jvm, attach=reason, frame_pointers=frame_pointers)
             return
-        entries = self._reload(jvm.pid, None)
+        entries = self._reload(jvm.pid, jvm.root)  # even if it exited since it answered
         if jvm.perf_map_entries is None:
             log.info("JVM %d (%s): perf map of %s entries", jvm.pid, jvm.comm, entries)
         # Still compiling: the next interval's samples will want a newer map.
@@ -358,6 +372,23 @@ def _running(jvm: _Jvm) -> bool:
         return read_stat(jvm.pid)[1] == jvm.start_time
     except OSError:
         return False
+
+
+def _remove_perf_map(jvm: _Jvm) -> None:
+    try:
+        # Not through a link: a container's /tmp may be one, and the agent's root would
+        # resolve it on the host.
+        tmp = os.open(
+            "tmp", os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=jvm.root_fd
+        )
+    except OSError:
+        return
+    try:
+        os.unlink(f"perf-{jvm.nspid}.map", dir_fd=tmp)  # unlinkat: never follows it either
+    except OSError:
+        pass  # already gone
+    finally:
+        os.close(tmp)
 
 
 def _read_options_file(pid: int, path: str) -> str:

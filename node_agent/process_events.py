@@ -9,6 +9,8 @@ from pathlib import Path
 
 from bcc import BPF
 
+from fleetprof.node_agent.samplers.bpf_sampler import COMPILE_LOCK
+
 BPF_SOURCE = Path(__file__).with_name("process_events.bpf.c")
 EVENT_EXEC, EVENT_EXEC_MMAP, EVENT_EXIT = 1, 2, 3
 
@@ -24,7 +26,8 @@ class ProcessEvents:
         self._on_new_code = on_new_code
         self._on_exit = on_exit
         self._agent_pid = os.getpid()
-        self._bpf = BPF(text=BPF_SOURCE.read_bytes())
+        with COMPILE_LOCK:
+            self._bpf = BPF(text=BPF_SOURCE.read_bytes())
         self._bpf[b"process_events"].open_ring_buffer(self._handle)
 
     def _handle(self, _ctx: int, data: int, _size: int) -> None:

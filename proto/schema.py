@@ -12,8 +12,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-SCHEMA_VERSION = 1
-SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
+SCHEMA_VERSION = 2
+SUPPORTED_SCHEMA_VERSIONS = frozenset({1, 2})
 
 # The events (SAMPLES.event) and the unit of their weight: counts, or nanoseconds of time.
 # cpu: on-CPU samples; lock: blocked in futex waits and on kernel locks; offcpu: off CPU
@@ -23,17 +23,27 @@ EVENT_UNITS = {"cpu": "samples", "lock": "ns", "offcpu": "ns", "io": "ns"}
 # Frame kinds, as used in STACKS.kinds; flame graphs colour by them.
 FRAME_KINDS = ("kernel", "native", "jit", "interpreted", "lost", "unknown")
 
+_SAMPLE_FIELDS_V1 = [
+    pa.field("ts", pa.timestamp("us", tz="UTC"), nullable=False),
+    pa.field("pid", pa.int32(), nullable=False),
+    pa.field("tid", pa.int32(), nullable=False),
+    pa.field("comm", pa.string(), nullable=False),
+    # A key of EVENT_UNITS, which says what weight counts.
+    pa.field("event", pa.string(), nullable=False),
+    pa.field("stack_id", pa.int64(), nullable=False),
+    pa.field("weight", pa.int64(), nullable=False),
+]
+# Version 2: who a process belongs to (NULL when unknown): its job, as the agent's resolvers
+# name it; the on-demand session that sampled it (NULL: continuous profiling); its pod.
+_SAMPLE_FIELDS_V2 = [
+    pa.field(name, pa.string(), nullable=True)
+    for name in ("job", "session_id", "namespace", "pod", "container")
+]
+SAMPLES_V1 = pa.schema(
+    _SAMPLE_FIELDS_V1, metadata={"fleetprof.table": "samples", "fleetprof.schema_version": "1"}
+)
 SAMPLES = pa.schema(
-    [
-        pa.field("ts", pa.timestamp("us", tz="UTC"), nullable=False),
-        pa.field("pid", pa.int32(), nullable=False),
-        pa.field("tid", pa.int32(), nullable=False),
-        pa.field("comm", pa.string(), nullable=False),
-        # A key of EVENT_UNITS, which says what weight counts.
-        pa.field("event", pa.string(), nullable=False),
-        pa.field("stack_id", pa.int64(), nullable=False),
-        pa.field("weight", pa.int64(), nullable=False),
-    ],
+    _SAMPLE_FIELDS_V1 + _SAMPLE_FIELDS_V2,
     metadata={"fleetprof.table": "samples", "fleetprof.schema_version": str(SCHEMA_VERSION)},
 )
 
@@ -136,6 +146,24 @@ def decode(payload: bytes, expected: pa.Schema) -> pa.Table:
     if table.num_rows > MAX_ROWS_PER_BATCH:
         raise SchemaError(f"{name}: {table.num_rows} rows exceeds {MAX_ROWS_PER_BATCH}")
     return table
+
+
+def samples_table(columns: dict[str, object]) -> pa.Table:
+    """A SAMPLES table from columns; the optional (version 2) ones left out are NULL."""
+    rows = len(next(iter(columns.values()))) if columns else 0
+    for field in _SAMPLE_FIELDS_V2:
+        columns.setdefault(field.name, pa.nulls(rows, field.type))
+    return pa.table(columns, schema=SAMPLES)
+
+
+def decode_samples(payload: bytes, version: int) -> pa.Table:
+    """SAMPLES rows of a batch of any supported version, as the current schema."""
+    if version == 1:  # agents not yet upgraded: nothing known about jobs or pods
+        table = decode(payload, SAMPLES_V1)
+        for field in _SAMPLE_FIELDS_V2:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+        return table
+    return decode(payload, SAMPLES)
 
 
 def _describe(arrow_schema: pa.Schema, most: int = 12) -> str:

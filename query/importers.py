@@ -149,7 +149,7 @@ def batches(
     for sequence, start in enumerate(range(0, len(ids), STACKS_PER_BATCH), start=1):
         chunk = set(ids[start : start + STACKS_PER_BATCH])
         keys = [key for key in merged if key[0] in chunk]
-        samples = pa.table(
+        samples = schema.samples_table(
             {
                 "ts": pa.array([profile.ts] * len(keys), pa.timestamp("us", tz="UTC")),
                 "pid": [pid for _, _, pid in keys],
@@ -158,8 +158,7 @@ def batches(
                 "event": [event] * len(keys),
                 "stack_id": [key for key, _, _ in keys],
                 "weight": [merged[key] for key in keys],
-            },
-            schema=schema.SAMPLES,
+            }
         )
         yield ingest_pb2.IngestBatch(
             agent_id=agent_id,

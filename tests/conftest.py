@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -80,6 +81,11 @@ def running_agent(aggregator: Aggregator, tmp_path: Path) -> Iterator[Callable[.
         stop = threading.Event()
         thread = threading.Thread(target=agent.run, args=(stop,), name=f"agent-{node}")
         thread.start()
+        # Past start-up (its first drain loads the symbols of everything already running),
+        # the agent handles process events within milliseconds.
+        deadline = time.monotonic() + 60
+        while not agent.stats["drains"] and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
         started.append((stop, thread))
         agent.stop = lambda: (stop.set(), thread.join())  # type: ignore[attr-defined]
         return agent

@@ -24,7 +24,7 @@ STACKS = {
 
 def samples(weights: dict[int, int], pid: int = 100) -> pa.Table:
     now = datetime.now(UTC)
-    return pa.table(
+    return schema.samples_table(
         {
             "ts": [now] * len(weights),
             "pid": [pid] * len(weights),
@@ -33,8 +33,7 @@ def samples(weights: dict[int, int], pid: int = 100) -> pa.Table:
             "event": ["cpu"] * len(weights),
             "stack_id": list(weights),
             "weight": list(weights.values()),
-        },
-        schema=schema.SAMPLES,
+        }
     )
 
 

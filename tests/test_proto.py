@@ -22,7 +22,7 @@ def test_generated_code_is_current(tmp_path: Path) -> None:
 
 
 def test_samples_round_trip_compressed() -> None:
-    table = pa.table(
+    table = schema.samples_table(
         {
             "ts": [datetime(2026, 1, 1, tzinfo=UTC)] * 1000,
             "pid": [1] * 1000,
@@ -31,8 +31,7 @@ def test_samples_round_trip_compressed() -> None:
             "event": ["cpu"] * 1000,
             "stack_id": list(range(1000)),
             "weight": [3] * 1000,
-        },
-        schema=schema.SAMPLES,
+        }
     )
     payload = schema.encode(table)
     assert len(payload) < table.nbytes  # buffers are compressed

@@ -79,6 +79,23 @@ def fill(store: ProfileStore) -> None:
     processes = pa.Table.from_pylist([jvm], schema=schema.PROCESSES)
     empty = schema.SAMPLES.empty_table(), schema.STACKS.empty_table()
     store.append("agent-node-a", len(batches) + 1, "node-a", *empty, processes)
+    # What node-b's agent saw of postgres with --events lock,io (README, Events): 4 ms
+    # blocked in a lock, and 100 block writes, 90 of them under 128 µs.
+    blocked = rows(after, "node-b", "postgres", 300, {"postgres": 4_000_000})
+    blocked[0]["event"] = "lock"
+    writes = [
+        {"ts": after, "pid": 300, "comm": "postgres", "device": "vda", "op": "write",
+         "bucket_le_ns": bucket, "count": count}
+        for bucket, count in ((1 << 17, 90), (1 << 22, 10))
+    ]  # fmt: skip
+    store.append(
+        "agent-node-b",
+        len(batches) + 2,
+        "node-b",
+        pa.Table.from_pylist(blocked, schema=schema.SAMPLES),
+        stacks_table({IDS["postgres"]: STACKS["postgres"]}),
+        io_latency=pa.Table.from_pylist(writes, schema=schema.IO_LATENCY),
+    )
 
 
 def filled_database(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -74,7 +74,7 @@ def message(
     event: str = "cpu",
 ) -> ingest_pb2.IngestBatch:
     rows = len(weights)
-    table = pa.table(
+    table = schema.samples_table(
         {
             "ts": [ts] * rows,
             "pid": [pid] * rows,
@@ -83,8 +83,7 @@ def message(
             "event": [event] * rows,
             "stack_id": list(weights),
             "weight": list(weights.values()),
-        },
-        schema=schema.SAMPLES,
+        }
     )
     return ingest_pb2.IngestBatch(
         agent_id=f"agent-{node}",

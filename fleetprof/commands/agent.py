@@ -11,6 +11,7 @@ from fleetprof.commands.options import (
     client_security,
     stop_on_signals,
 )
+from fleetprof.node_agent import jobs
 from fleetprof.proto.schema import EVENT_UNITS
 
 HELP = "run the node agent (eBPF sampling; needs root)"
@@ -45,6 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--spool-max-mb", type=float, default=256, help="spool size cap; oldest dropped first"
     )
     add_client_security_arguments(parser, token=False)
+    jobs.add_arguments(parser)
+    parser.add_argument(
+        "--kubeconfig", help="pod metadata outside a cluster's pods (in a pod: automatic)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
         spool_dir=args.spool_dir,
         spool_max_bytes=int(args.spool_max_mb * 1024 * 1024),
         security=client_security(args),
+        job_resolvers=tuple(jobs.specs_from_args(args)),
+        kubeconfig=args.kubeconfig,
         sampling=SamplerOptions(
             frequency=args.frequency,
             include_idle=args.include_idle,

@@ -34,6 +34,7 @@ def add_selection_arguments(parser: argparse.ArgumentParser, prefix: str = "") -
     parser.add_argument(f"--{prefix}node", action="append", default=[], help="repeatable")
     parser.add_argument(f"--{prefix}pid", type=int, action="append", default=[], help="repeatable")
     parser.add_argument(f"--{prefix}comm", action="append", default=[], help="repeatable")
+    parser.add_argument(f"--{prefix}job", action="append", default=[], help="repeatable")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +68,7 @@ def selection_from(args: argparse.Namespace, prefix: str = "") -> SampleFilter:
         nodes=tuple(value("node")),
         pids=tuple(value("pid")),
         comms=tuple(value("comm")),
+        jobs=tuple(value("job")),
     )
 
 

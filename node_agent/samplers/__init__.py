@@ -8,7 +8,7 @@ is what they share).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -28,6 +28,8 @@ class SamplerOptions:
     # lock, io syscalls: waits shorter than this are sampled (probability wait / this,
     # weight this), keeping totals unbiased while skipping most stack walks.
     wait_sample_us: int = 100
+    # An on-demand session's sampler: only pids put in its session_pids map count.
+    session_filter: bool = False
 
     def cflags(self) -> list[str]:
         """Defines every BPF program of ours understands."""
@@ -38,6 +40,7 @@ class SamplerOptions:
             f"-DMAX_STACKS={self.max_stacks}",
             f"-DOFFCPU_MIN_NS={self.offcpu_min_us * 1000}ULL",
             f"-DWAIT_SAMPLE_NS={self.wait_sample_us * 1000}ULL",
+            f"-DSESSION_FILTER={int(self.session_filter)}",
         ]
 
 
@@ -67,6 +70,10 @@ class Sampler(Protocol):
     unit: str
 
     def drain(self) -> Drain: ...
+
+    def add_pids(self, pids: Iterable[int]) -> None:
+        """Let these processes be counted (a sampler built with session_filter only)."""
+        ...
 
     def dropped_samples(self) -> int:
         """Weight (in `unit`) the kernel could not count since start (map full)."""

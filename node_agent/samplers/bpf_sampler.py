@@ -3,6 +3,8 @@ stack_counts.bpf.h, and the two-generation maps it counts into."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar
 
@@ -12,6 +14,9 @@ from fleetprof.node_agent.samplers import Drain, SamplerOptions
 from fleetprof.node_agent.samplers.stack_maps import GenerationalStackMaps
 
 HERE = Path(__file__).parent
+# BCC's compiler (clang in libbcc) is not thread-safe: one compile at a time per process,
+# e.g. a session's samplers starting while another agent in the process starts.
+COMPILE_LOCK = threading.Lock()
 # Put before every sampler's own file, in this order.
 PRELUDE = (HERE / "user_stacks.bpf.h", HERE / "stack_counts.bpf.h")
 
@@ -24,17 +29,28 @@ class BpfSampler:
 
     event: ClassVar[str]
     unit: ClassVar[str]
-    # The BPF C file next to this module.
+    # The BPF C file next to this module, and shared ones to put before it.
     source: ClassVar[str]
+    headers: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, options: SamplerOptions) -> None:
-        text = b"".join(path.read_bytes() for path in (*PRELUDE, HERE / self.source))
-        self._bpf = BPF(text=text, cflags=options.cflags())
-        self.attach(options)
+    def __init__(self, options: SamplerOptions, attach: bool = True) -> None:
+        files = (*PRELUDE, *(HERE / name for name in self.headers), HERE / self.source)
+        text = b"".join(path.read_bytes() for path in files)
+        with COMPILE_LOCK:
+            self._bpf = BPF(text=text, cflags=options.cflags())
+        if attach:
+            self.attach(options)
         self._maps = GenerationalStackMaps(self._bpf, self.describe)
 
     def attach(self, options: SamplerOptions) -> None:
         """Attach programs that do not attach on load (perf events)."""
+
+    def detach(self) -> None:
+        """Undo attach() (a prepared session sampler, between sessions)."""
+        raise NotImplementedError(f"{self.event} samplers are not reused")
+
+    def reset_pids(self) -> None:
+        self._bpf[b"session_pids"].clear()
 
     def describe(self, detail: int) -> str:
         """The leaf frame of a key's `detail` (see StackSample.leaf); none by default."""
@@ -42,6 +58,12 @@ class BpfSampler:
 
     def drain(self) -> Drain:
         return Drain(self._maps.drain())
+
+    def add_pids(self, pids: Iterable[int]) -> None:
+        """Let these processes be counted (a sampler built with session_filter only)."""
+        table = self._bpf[b"session_pids"]
+        for pid in pids:
+            table[table.Key(pid)] = table.Leaf(1)
 
     def dropped_samples(self) -> int:
         return int(self._bpf[b"dropped_samples"].sum(0).value)

@@ -23,3 +23,6 @@ class CpuSampler(BpfSampler):
             sample_freq=options.frequency,
             cpu=-1,
         )
+
+    def detach(self) -> None:
+        self._bpf.detach_perf_event(ev_type=PerfType.SOFTWARE, ev_config=PerfSWConfig.CPU_CLOCK)

@@ -177,8 +177,9 @@ TRACEPOINT_PROBE(block, block_rq_complete)
     struct request_t *request = requests.lookup(&key);
     if (!request)
         return 0;
-    // Not ignored(): requests issued from interrupts on an idle CPU count too.
-    if (request->issued && request->submitter.pid != AGENT_PID) {
+    // Requests issued from interrupts on an idle CPU (pid 0) count too, but in a session.
+    u32 pid = request->submitter.pid;
+    if (request->issued && (pid ? !ignored(pid) : !SESSION_FILTER)) {
         u64 ns = bpf_ktime_get_ns() - request->issued;
         count_latency(request, args->dev, ns);
         struct sample_key_t submitter = request->submitter;

@@ -2,11 +2,10 @@
 //  - asleep in futex waits (pthread mutexes and condition variables, JVM monitors, Java
 //    locks), with the user stack at the wait;
 //  - on contended kernel locks (lock:contention_begin/end), with kernel and user stacks.
-// Futex waits are seen from the scheduler, not from syscall tracepoints: sched_switch
-// stamps a thread going to sleep and, when it runs again (sched_exit_tp, in that thread),
-// the wait counts if the syscall it sleeps in is a futex wait. Tracing every syscall's
-// entry and exit would tax all syscalls of the machine (measured: several % of a
-// futex-heavy workload with empty programs); this taxes only context switches.
+// Futex waits are seen from the scheduler (switches.bpf.h), not from syscall tracepoints:
+// a thread that went to sleep counts when it runs again if the syscall it sleeps in is a
+// futex wait. Tracing every syscall's entry and exit would tax all syscalls of the machine
+// (even empty programs cost several % of a futex-heavy workload); this taxes only switches.
 #include <linux/futex.h>
 #include <linux/ptrace.h>
 #include <asm/unistd.h>
@@ -15,27 +14,26 @@
 #define __NR_futex_wait 454  // futex2 wait (Linux 6.7), newer than the build headers
 #endif
 
-struct blocked_t {
-    u64 asleep_since;  // ns; 0 when not asleep
-    u64 lock_since;    // ns; 0 when not waiting for a kernel lock
-    u64 lock_addr;
+struct contending_t {
+    u64 since;  // ns; 0 when not waiting for a kernel lock
+    u64 lock;
 };
-BPF_TASK_STORAGE(blocked, struct blocked_t);
+BPF_TASK_STORAGE(contending, struct contending_t);
 
 // Whether the current thread is in a futex syscall that waits.
 static __always_inline bool in_futex_wait(void)
 {
     struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
-    long nr = -1;
-    unsigned long op = 0;
+    // si, di and orig_ax follow each other in pt_regs: one read for the syscall number and
+    // futex(uaddr = di, op = si, ...)'s op.
+    unsigned long si_di_nr[3] = {};
 
-    bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
-    if (nr == __NR_futex_waitv || nr == __NR_futex_wait)
+    bpf_probe_read_kernel(si_di_nr, sizeof(si_di_nr), &regs->si);
+    if (si_di_nr[2] == __NR_futex_waitv || si_di_nr[2] == __NR_futex_wait)
         return true;
-    if (nr != __NR_futex)
+    if (si_di_nr[2] != __NR_futex)
         return false;
-    bpf_probe_read_kernel(&op, sizeof(op), &regs->si);  // futex(uaddr, op, ...)
-    switch (op & FUTEX_CMD_MASK) {
+    switch (si_di_nr[0] & FUTEX_CMD_MASK) {
     case FUTEX_WAIT:
     case FUTEX_WAIT_BITSET:
     case FUTEX_LOCK_PI:
@@ -46,32 +44,20 @@ static __always_inline bool in_futex_wait(void)
     return false;
 }
 
-// args: bool preempt, struct task_struct *prev, *next, unsigned int prev_state;
-// it runs in prev (current).
+// args: bool preempt, struct task_struct *prev, *next, unsigned int prev_state
 RAW_TRACEPOINT_PROBE(sched_switch)
 {
-    if (ctx->args[0] || !ctx->args[3])
-        return 0;  // preempted: runnable, not waiting
-    if (ignored(bpf_get_current_pid_tgid() >> 32))
-        return 0;
-    struct blocked_t *b = blocked.task_storage_get(
-        bpf_get_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
-    if (b)
-        b->asleep_since = bpf_ktime_get_ns();
+    // Preempted threads (or any still TASK_RUNNING) are runnable, not waiting.
+    if (!ctx->args[0] && ctx->args[3] && !ignored(bpf_get_current_pid_tgid() >> 32))
+        stamp_switch_out();
     return 0;
 }
 
-// args: bool is_switch, unsigned long ip; it runs in the thread that runs next.
+// args: bool is_switch, unsigned long ip
 RAW_TRACEPOINT_PROBE(sched_exit_tp)
 {
-    if (!ctx->args[0])
-        return 0;
-    struct blocked_t *b = blocked.task_storage_get(bpf_get_current_task_btf(), 0, 0);
-    if (!b || !b->asleep_since)
-        return 0;
-    u64 ns = bpf_ktime_get_ns() - b->asleep_since;
-    b->asleep_since = 0;
-    if (in_futex_wait())
+    u64 ns = time_switched_out(ctx);
+    if (ns && in_futex_wait())
         count_wait(ctx, ns, NO_KERNEL_STACK, 0);
     return 0;
 }
@@ -79,30 +65,27 @@ RAW_TRACEPOINT_PROBE(sched_exit_tp)
 // args: void *lock, unsigned int flags
 RAW_TRACEPOINT_PROBE(contention_begin)
 {
-    if (ignored(bpf_get_current_pid_tgid() >> 32))
+    // A futex wait's own kernel locks (FUTEX_LOCK_PI's rt_mutex) count as that futex wait.
+    if (ignored(bpf_get_current_pid_tgid() >> 32) || in_futex_wait())
         return 0;
-    // A futex wait's own kernel locks (FUTEX_LOCK_PI's rt_mutex) are counted as the futex
-    // wait they are part of.
-    if (in_futex_wait())
-        return 0;
-    struct blocked_t *b = blocked.task_storage_get(
+    struct contending_t *c = contending.task_storage_get(
         bpf_get_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
     // A lock taken while waiting for another is part of that wait.
-    if (!b || b->lock_since)
+    if (!c || c->since)
         return 0;
-    b->lock_since = bpf_ktime_get_ns();
-    b->lock_addr = ctx->args[0];
+    c->since = bpf_ktime_get_ns();
+    c->lock = ctx->args[0];
     return 0;
 }
 
 // args: void *lock, int ret
 RAW_TRACEPOINT_PROBE(contention_end)
 {
-    struct blocked_t *b = blocked.task_storage_get(bpf_get_current_task_btf(), 0, 0);
-    if (!b || !b->lock_since || b->lock_addr != ctx->args[0])
+    struct contending_t *c = contending.task_storage_get(bpf_get_current_task_btf(), 0, 0);
+    if (!c || !c->since || c->lock != ctx->args[0])
         return 0;
-    u64 ns = bpf_ktime_get_ns() - b->lock_since;
-    b->lock_since = 0;
+    u64 ns = bpf_ktime_get_ns() - c->since;
+    c->since = 0;
     count_wait(ctx, ns, RAW_TP_FRAMES, 0);
     return 0;
 }

@@ -11,3 +11,4 @@ class LockSampler(BpfSampler):
     event = "lock"
     unit = "ns"
     source = "lock.bpf.c"
+    headers = ("switches.bpf.h",)

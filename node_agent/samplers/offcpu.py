@@ -14,3 +14,4 @@ class OffCpuSampler(BpfSampler):
     event = "offcpu"
     unit = "ns"
     source = "offcpu.bpf.c"
+    headers = ("switches.bpf.h",)

@@ -37,9 +37,19 @@ static __always_inline u32 current_epoch(void)
     return value ? *value : 0;
 }
 
+#if SESSION_FILTER
+// An on-demand session's sampler counts only the job's processes, which user space puts
+// here (and adds to as the job starts new ones).
+BPF_HASH(session_pids, u32, u8, 16384);
+#endif
+
 // The idle task (pid 0) unless asked for, and the agent itself, are never counted.
 static __always_inline bool ignored(u32 pid)
 {
+#if SESSION_FILTER
+    if (!session_pids.lookup(&pid))
+        return true;
+#endif
     return (pid == 0 && !INCLUDE_IDLE) || pid == AGENT_PID;
 }
 

@@ -18,8 +18,10 @@
 #define LEAF_CALLERS 4       // at most this many frameless functions in a row
 #define STACK_REACH 65536    // a frame pointer saved on the stack points at most this far up
 #define SAVED_FRAMES 4       // the last this many of those seen are tried (a power of two)
-// A leaf whose callers a scan did not find (a binary without frame pointers) is scanned
-// again only once in this many walks: scans are what walks cost most.
+// A leaf whose callers scans did not find this many times in a row (a binary without
+// frame pointers) is scanned again only once in RESCAN_EVERY walks: scans are what walks
+// cost most.
+#define SCAN_PATIENCE 4
 #define RESCAN_EVERY 64
 // How far from a call's target the code it reaches may be: inside the function, or in
 // another one it tail-jumps to (glibc: sem_wait -> ... -> the futex wait), which is nearby.
@@ -62,7 +64,7 @@ struct leaf_t {
     u32 pad;
     u64 ip;
 };
-// Walks since a scan from this leaf last failed.
+// Scans from this leaf that failed in a row, then walks since.
 BPF_TABLE("lru_hash", struct leaf_t, u32, unjoined_leaves, 4096);
 BPF_F_TABLE("hash", u64, struct user_stack_t, user_stacks_0, MAX_STACKS, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("hash", u64, struct user_stack_t, user_stacks_1, MAX_STACKS, BPF_F_NO_PREALLOC);
@@ -189,19 +191,21 @@ static __always_inline u64 record_user_stack(u32 at)
     unwind->stack.ips[0] = ip;
     if (!calls_into(read_user_word(fp + 8), ip)) {
         struct leaf_t leaf = {.pid = bpf_get_current_pid_tgid() >> 32, .ip = ip};
-        u32 *walks = unjoined_leaves.lookup(&leaf);
-        if (!walks || ++*walks % RESCAN_EVERY == 0) {
+        u32 *misses = unjoined_leaves.lookup(&leaf), one = 1;
+        if (!misses || *misses < SCAN_PATIENCE || ++*misses % RESCAN_EVERY == 0) {
             u64 joined = leaf_callers(unwind, sp, fp);
             if (joined) {
                 fp = joined;
                 depth = 1 + unwind->found;
-                if (walks)
+                if (misses)
                     unjoined_leaves.delete(&leaf);
-            } else if (!walks) {
-                u32 one = 1;
+            } else if (!misses) {
                 unjoined_leaves.update(&leaf, &one);
+            } else if (*misses < SCAN_PATIENCE) {
+                (*misses)++;
             }
-        }  // else no frameless leaf we could see past: plain frame pointers
+        }
+        // Without callers found: the plain frame-pointer walk from rbp.
     }
     // Hashed here, not in the walk: the walk's many exits would each be verified with it.
 #pragma unroll

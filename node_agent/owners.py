@@ -1,0 +1,42 @@
+"""Who a process belongs to: its job (the configured resolvers) and its Kubernetes pod.
+
+Asked while the process lives (when it is first seen or execs, and at each drain), since
+/proc/PID is gone after it exits; answers are cached per pid by the resolvers and dropped
+with `forget` after the process's last drain.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from fleetprof.node_agent.jobs import JobResolver
+from fleetprof.node_agent.kubernetes import KubernetesMetadata
+
+
+class Owner(NamedTuple):
+    job: str | None = None
+    namespace: str | None = None
+    pod: str | None = None
+    container: str | None = None
+
+
+class ProcessOwners:
+    def __init__(self, jobs: JobResolver, pods: KubernetesMetadata) -> None:
+        self.jobs = jobs
+        self.pods = pods
+
+    def owner(self, pid: int) -> Owner:
+        pod = self.pods.lookup(pid)
+        return Owner(
+            self.jobs.resolve(pid),
+            pod.namespace if pod else None,
+            pod.pod if pod else None,
+            pod.container if pod else None,
+        )
+
+    def forget(self, pid: int) -> None:
+        self.jobs.forget(pid)
+        self.pods.forget(pid)
+
+    def close(self) -> None:
+        self.pods.stop()

@@ -1,0 +1,506 @@
+"""JVM profiling with no agent in the JVM: real JVMs, attached to by the node agent itself.
+
+The agent finds HotSpot JVMs in its process snapshots and fetches their perf maps over the
+HotSpot attach protocol (hotspot_attach), in containers and as other users; no test here
+runs jcmd.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from fleetprof import workloads
+from fleetprof.aggregator.validate import validate_batch
+from fleetprof.node_agent.hotspot_attach import AttachError, attach, socket_path
+from fleetprof.node_agent.jvms import jvm_flag, jvm_options
+from fleetprof.node_agent.symbolize.names import native_name, runtime_frame
+from fleetprof.node_agent.symbolize.perfmap import PerfMap
+from fleetprof.node_agent.symbolize.process import read_stat
+from fleetprof.proto import schema
+from fleetprof.proto.ingest.v1 import ingest_pb2
+from fleetprof.query.filters import SampleFilter
+from fleetprof.query.flame import load_flame
+from fleetprof.query.flame_tree import FlameNode
+from fleetprof.query.source import AggregatorSource
+from tests.conftest import require, require_ebpf
+from tests.test_end_to_end import flame_for, weight_under
+from tests.test_symbolize import _child_running
+
+RECONCILE, AUDIT = "demo.Hotspots.ledgerReconcile", "demo.Hotspots.ledgerAudit"
+
+PHASES = """
+public final class Phases {
+    static volatile long sink;
+    static long early(long n) {
+        long x = sink;
+        for (long i = 0; i < n; i++) { x = x * 6364136223846793005L + 1; x ^= x >>> 17; }
+        return x;
+    }
+    static long late(long n) {
+        long x = sink;
+        for (long i = 0; i < n; i++) { x = x * 2862933555777941757L + 3; x ^= x >>> 13; }
+        return x;
+    }
+    public static void main(String[] args) {
+        long switchAt = System.nanoTime() + (long) (Double.parseDouble(args[0]) * 1e9);
+        long end = switchAt + (long) (Double.parseDouble(args[1]) * 1e9);
+        while (System.nanoTime() < switchAt) sink += early(1_000_000);
+        while (System.nanoTime() < end) sink += late(1_000_000);
+    }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def shared_classes(java_classes: Path) -> Iterator[Path]:
+    """Hotspots' classes where any user and any mount namespace can read them: outside /tmp
+    (a container gets its own) and outside pytest's private folders."""
+    folder = Path(tempfile.mkdtemp(prefix="fleetprof-jvm-", dir="/var/tmp"))
+    shutil.copytree(java_classes, folder / "classes")
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(0o755)
+    yield folder / "classes"
+    shutil.rmtree(folder)
+
+
+def all_names(tree: FlameNode) -> set[str]:
+    names, stack = set(), [tree]
+    while stack:
+        node = stack.pop()
+        names.add(node.name)
+        stack.extend(node.children.values())
+    return names
+
+
+def sql(aggregator, query: str) -> list[dict[str, object]]:
+    source = AggregatorSource(aggregator.address)
+    try:
+        with source.stream(query) as reader:
+            return reader.read_all().to_pylist()
+    finally:
+        source.close()
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.kill()
+    process.wait()
+
+
+# --- end to end, with a real agent ---------------------------------------------------------
+
+
+def test_hot_methods_named_in_their_ratio_without_jcmd(
+    aggregator, running_agent, java_classes
+) -> None:
+    agent = running_agent(frequency=99, interval_s=2.0)
+    started = datetime.now(UTC)
+    process = workloads.start_java(java_classes, seconds=12)
+    process.wait()
+    agent.stop()
+
+    tree = flame_for(aggregator, process.pid)
+    reconcile, audit = weight_under(tree, RECONCILE), weight_under(tree, AUDIT)
+    assert reconcile + audit >= 0.5 * tree.total, f"{reconcile} + {audit} of {tree.total}"
+    # Shares once the JIT has compiled both: before, their samples are the interpreter's,
+    # and it compiles one before the other (on a busy machine, seconds apart).
+    source = AggregatorSource(aggregator.address)
+    try:
+        warm = SampleFilter(pids=(process.pid,), since=started + timedelta(seconds=4))
+        tree = load_flame(source, warm)
+    finally:
+        source.close()
+    reconcile, audit = weight_under(tree, RECONCILE), weight_under(tree, AUDIT)
+    for weight, share in ((reconcile, 2 / 3), (audit, 1 / 3)):
+        assert abs(weight / (reconcile + audit) - share) <= 0.07, (reconcile, audit)
+    # Java frames are readable, kinds are set, the signature is the frame's module.
+    stacks = sql(aggregator, "SELECT frames, modules, kinds FROM stacks")
+    assert {
+        (module, kind)
+        for row in stacks
+        for name, module, kind in zip(row["frames"], row["modules"], row["kinds"], strict=True)
+        if name == RECONCILE
+    } == {("long demo.Hotspots.ledgerReconcile(long)", "jit")}
+    assert agent.jvms.stats["attaches"] >= 1
+    rows = sql(aggregator, f"SELECT * FROM processes WHERE pid = {process.pid} ORDER BY ts")
+    assert rows[-1]["runtime"] == "jvm" and rows[-1]["attach"] == "ok"
+    assert rows[-1]["frame_pointers"] is True and rows[-1]["perf_map_entries"] > 100
+    # The map the agent had it write is removed once it exited: /tmp keeps none per JVM.
+    assert not Path(f"/tmp/perf-{process.pid}.map").exists()
+
+
+def test_method_compiled_after_the_first_map_is_named(
+    aggregator, running_agent, tmp_path: Path
+) -> None:
+    require(shutil.which("javac") is not None, "a JDK is not installed")
+    (tmp_path / "Phases.java").write_text(PHASES)
+    subprocess.run(["javac", "-d", str(tmp_path), str(tmp_path / "Phases.java")], check=True)
+    agent = running_agent(frequency=99, interval_s=1.0)
+    # late() runs only after 4 s: long after the first map (taken as the JVM starts).
+    process = subprocess.Popen(
+        ["java", "-XX:+PreserveFramePointer", "-cp", str(tmp_path), "Phases", "4", "6"]
+    )
+    process.wait()
+    agent.stop()
+
+    tree = flame_for(aggregator, process.pid)
+    early, late = weight_under(tree, "Phases.early"), weight_under(tree, "Phases.late")
+    # late runs 1.5 times as long as early.
+    assert late >= 0.5 * early > 0, (early, late)
+    assert agent.jvms.stats["refreshes"] >= 1 and agent.jvms.stats["attaches"] >= 2
+
+
+LAUNCHERS = {
+    # Like a container: its own PID and mount namespaces, its own /tmp; the JVM is pid 1.
+    "container": (
+        ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "sh", "-c",
+         "mount -t tmpfs tmpfs /tmp && exec \"$0\" \"$@\""]
+    ),
+    # Another user: the agent must act as that uid to be answered.
+    "other-uid": ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"],
+    # A rootless container: a user namespace in which nobody is root. The host's root is
+    # not even mapped there: only the JVM's own (host) uid gets an answer.
+    "rootless-container": (
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+         "unshare", "--user", "--map-root-user", "--pid", "--fork", "--kill-child",
+         "--mount-proc", "sh", "-c", "mount -t tmpfs tmpfs /tmp && exec \"$0\" \"$@\""]
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_jvm_in_a_container_or_as_another_user(
+    aggregator, running_agent, shared_classes: Path, launcher: str
+) -> None:
+    agent = running_agent(frequency=99, interval_s=1.0)
+    java = ["java", "-XX:+PreserveFramePointer", "-cp", str(shared_classes)]
+    wrapper = subprocess.Popen([*LAUNCHERS[launcher], *java, workloads.JAVA_MAIN, "7", "1"])
+    pid = wrapper.pid if launcher == "other-uid" else _child_running(wrapper.pid, "java")
+    try:
+        if pid is None:
+            pytest.skip(f"cannot start a JVM as a {launcher} here")
+        wrapper.wait(timeout=60)
+    finally:
+        stop(wrapper)
+    agent.stop()
+
+    tree = flame_for(aggregator, pid)
+    reconcile, audit = weight_under(tree, RECONCILE), weight_under(tree, AUDIT)
+    assert reconcile + audit >= 0.4 * tree.total, f"{reconcile} + {audit} of {tree.total}"
+    assert reconcile > audit > 0
+    rows = sql(aggregator, f"SELECT nspid, attach FROM processes WHERE pid = {pid} ORDER BY ts")
+    assert rows[-1]["attach"] == "ok"
+    assert (rows[-1]["nspid"] == 1) == (launcher != "other-uid")
+
+
+def test_exits_and_bad_perf_maps_lose_no_samples(
+    aggregator, running_agent, native_binary, java_classes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Mid-interval exits, garbage and truncated maps, attach disabled, no frame pointers."""
+    caplog.set_level(logging.WARNING, logger="fleetprof.node_agent.jvms")
+    agent = running_agent(frequency=99, interval_s=4.0)
+    native = workloads.start_native(native_binary, seconds=8)
+    # A truncated map (cut mid-line, then binary junk) for a process that is not a JIT.
+    valid = "".join(f"{0x10000 * (i + 1):x} 100 Lx;::m{i}\n" for i in range(100))
+    Path(f"/tmp/perf-{native.pid}.map").write_bytes(valid.encode()[:-7] + os.urandom(512))
+    # Attach disabled: never signalled, named from the map it writes as it exits, 2.5 s in
+    # (mid-interval); until then its map is garbage.
+    quiet = workloads.start_java(
+        java_classes,
+        seconds=2.5,
+        threads=1,
+        options=[
+            "-XX:+PreserveFramePointer",
+            "-XX:+DisableAttachMechanism",
+            "-XX:+UnlockDiagnosticVMOptions",
+            "-XX:+DumpPerfMapAtExit",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    Path(f"/tmp/perf-{quiet.pid}.map").write_bytes(random.Random(3).randbytes(64 << 10))
+    # No -XX:+PreserveFramePointer: listed in SQL, warned about.
+    bare = workloads.start_java(java_classes, seconds=6, threads=1, options=[])
+    try:
+        quiet_output, _ = quiet.communicate(timeout=60)
+        # The machine may be busy: what counts is the CPU time the process got.
+        native_cpu_s = sum(os.wait4(native.pid, 0)[2][:2])
+        bare.wait(timeout=60)
+    finally:
+        for process in (native, quiet, bare):
+            stop(process)
+            Path(f"/tmp/perf-{process.pid}.map").unlink(missing_ok=True)
+    agent.stop()
+
+    tree = flame_for(aggregator, native.pid)
+    expected = native_cpu_s * 99
+    assert abs(tree.total - expected) <= 0.15 * expected, f"{tree.total} samples, not {expected}"
+    named = sum(weight_under(tree, function) for function in workloads.NATIVE_SHARES)
+    assert named >= 0.9 * tree.total, f"{named} of {tree.total} named"
+    # SIGQUIT without attach would have made it print a thread dump.
+    assert b"Full thread dump" not in quiet_output
+    tree = flame_for(aggregator, quiet.pid)
+    reconcile, audit = weight_under(tree, RECONCILE), weight_under(tree, AUDIT)
+    # (A short JVM: much of its CPU is start-up and JIT compiling.)
+    assert reconcile > audit > 0 and reconcile + audit >= 0.3 * tree.total, tree.total
+    no_frame_pointers = sql(
+        aggregator,
+        "SELECT DISTINCT pid FROM processes WHERE runtime = 'jvm' AND NOT frame_pointers",
+    )
+    # (Other JVMs on this machine may be listed too: the agent profiles the whole host.)
+    assert {"pid": bare.pid} in no_frame_pointers and {"pid": quiet.pid} not in no_frame_pointers
+    warnings = [
+        message
+        for message in (record.getMessage() for record in caplog.records)
+        if f"JVM {bare.pid} " in message and "PreserveFramePointer" in message
+    ]
+    assert len(warnings) == 1, caplog.text
+    (quiet_row,) = sql(
+        aggregator, f"SELECT attach FROM processes WHERE pid = {quiet.pid} AND attach IS NOT NULL"
+    )
+    assert quiet_row["attach"] == "not tried: disabled by -XX:+DisableAttachMechanism"
+
+
+# --- the attach protocol, against real JVMs --------------------------------------------------
+
+
+def test_attach_acts_as_the_jvm_uid_in_a_rootless_container(shared_classes: Path) -> None:
+    require(shutil.which("java") is not None, "a JDK is not installed")
+    java = ["java", "-cp", str(shared_classes), workloads.JAVA_MAIN, "30", "1"]
+    wrapper = subprocess.Popen([*LAUNCHERS["rootless-container"], *java])
+    pid = _child_running(wrapper.pid, "java")
+    try:
+        if pid is None:
+            pytest.skip("cannot create a user namespace here")
+        start_time = read_stat(pid)[1]
+        replies = attach(pid, 1, start_time, ["Compiler.perfmap", "VM.flags"], timeout_s=20)
+        assert [status for status, _ in replies] == [0, 0]
+        assert "-XX:+PreserveFramePointer" not in replies[1][1]
+        perf_map = Path(f"/proc/{pid}/root/tmp/perf-1.map")
+        assert perf_map.stat().st_uid == 65534 and "Interpreter" in perf_map.read_text()
+        assert not Path(f"/proc/{pid}/root/tmp/.attach_pid1").exists()  # cleaned up
+
+        # The host's root, not mapped in there, is refused: acting as the JVM's uid matters.
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.settimeout(10)
+            conn.connect(socket_path(pid, 1))
+            try:
+                conn.sendall(b"1\0jcmd\0VM.flags\0\0\0")
+                assert conn.recv(100) == b""
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        with pytest.raises(AttachError, match="exited"):
+            attach(pid, 1, start_time + 1, ["VM.flags"], timeout_s=5)  # not that process
+    finally:
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+        stop(wrapper)
+
+
+def test_attach_never_signals_a_process_that_is_no_jvm() -> None:
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        time.sleep(0.1)
+        with pytest.raises(AttachError, match="SIGQUIT"):
+            attach(sleeper.pid, sleeper.pid, read_stat(sleeper.pid)[1], ["VM.flags"], 5)
+        assert sleeper.poll() is None  # SIGQUIT would have killed it
+    finally:
+        stop(sleeper)
+
+
+# --- names, options, wire -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("entry", "name", "kind"),
+    [
+        ("long demo.Hotspots.ledgerReconcile(long)", RECONCILE, "jit"),
+        ("void java.lang.Object.<init>()", "java.lang.Object.<init>", "jit"),
+        ("java.lang.String[] a.B.c(int[], java.lang.String)", "a.B.c", "jit"),
+        # A lambda's hidden class: its address differs per run, so it is left out.
+        ("java.lang.Object demo.H$$Lambda$14/0x0000000800c03000.run()", "demo.H$$Lambda$14.run",
+         "jit"),
+        ("Interpreter", "Interpreter", "interpreted"),
+        ("I2C/C2I adapters", "I2C/C2I adapters", "jit"),
+        ("StubRoutines (1)", "StubRoutines (1)", "jit"),
+        # perf-map-agent, with and without its `sig` option
+        ("Ljava/util/HashMap;::resize", "java.util.HashMap.resize", "jit"),
+        ("Ljava/lang/String;::hashCode()I", "java.lang.String.hashCode", "jit"),
+        # node --perf-basic-prof: the marker is V8's tier (~ is bytecode)
+        ("JS:*fib /app/fib.js:1:13", "fib (fib.js:1)", "jit"),
+        ("JS:~ /app/fib.js:3:11", "(anonymous) (fib.js:3)", "interpreted"),
+        ("LazyCompile:*fib /app/fib.js:1:13", "fib (fib.js:1)", "jit"),
+        ("BytecodeHandler:Ldar", "BytecodeHandler:Ldar", "interpreted"),
+        ("Builtin:ArrayMap", "Builtin:ArrayMap", "jit"),
+        # python -X perf
+        ("py::Foo.bar:/app/mod.py", "Foo.bar (mod.py)", "interpreted"),
+        ("py::_find_and_load:<frozen importlib._bootstrap>",
+         "_find_and_load (<frozen importlib._bootstrap>)", "interpreted"),
+    ],
+)  # fmt: skip
+def test_runtime_frame_names(entry: str, name: str, kind: str) -> None:
+    assert runtime_frame(entry) == (name, kind)
+
+
+@pytest.mark.parametrize(
+    ("symbol", "name"),
+    [
+        ("_ZN9JavaCalls11call_helperEP9JavaValueRK12methodHandleP17JavaCallArgumentsP10JavaThread",
+         "JavaCalls::call_helper"),
+        ("_ZN18G1ConcurrentRefine6createEPi.cold", "G1ConcurrentRefine::create"),
+        ("_ZNK3FooclEi", "Foo::operator()"),
+        ("_Z3fooIiEvT_", "foo<int>"),
+        ("_ZN12_GLOBAL__N_13barEv", "(anonymous namespace)::bar"),
+        ("_ZNSt6vectorIiSaIiEE9push_backERKi", "std::vector<int, std::allocator<int> >::push_back"),
+        ("_ZN3FoocvbEv", "Foo::operator bool"),
+        ("_ZNKSt8functionIFviEEclEi", "std::function<void (int)>::operator()"),
+        ("_ZN3FooD1Ev", "Foo::~Foo"),
+        ("main", "main"),
+        ("_Znot_mangled", "_Znot_mangled"),
+    ],
+)  # fmt: skip
+def test_cxx_names_are_demangled(symbol: str, name: str) -> None:
+    assert native_name(symbol) == name
+
+
+def perf_map_frames(command: list[str], cwd: Path) -> tuple[PerfMap, set[tuple[str, str]]]:
+    """The perf map a command writes while it runs, and its (name, kind)s."""
+    run = subprocess.Popen(command, cwd=cwd)  # node also writes a v8 log there
+    run.wait()
+    path = Path(f"/tmp/perf-{run.pid}.map")
+    try:
+        perf_map = PerfMap.parse(path.read_text())
+    finally:
+        path.unlink(missing_ok=True)
+    return perf_map, {runtime_frame(perf_map._names[i]) for i in range(len(perf_map))}
+
+
+def test_perf_map_of_node_perf_basic_prof(tmp_path: Path) -> None:
+    if shutil.which("node") is None:
+        pytest.skip("Node.js is not installed")  # not one of the project's tools
+    script = tmp_path / "fib.js"
+    script.write_text(
+        "function fib(n) { return n < 2 ? n : fib(n - 1) + fib(n - 2); }\n"
+        "const t = Date.now(); let s = 0; while (Date.now() - t < 500) s += fib(20);\n"
+    )
+    perf_map, frames = perf_map_frames(["node", "--perf-basic-prof", str(script)], tmp_path)
+    assert perf_map.bad_lines == 0 and len(perf_map) > 1000
+    assert ("fib (fib.js:1)", "jit") in frames
+    assert ("fib (fib.js:1)", "interpreted") in frames  # before V8 optimised it
+
+
+def test_perf_map_of_python_x_perf(tmp_path: Path) -> None:
+    pythons = sorted(Path("/root/.pyenv/versions").glob("3.1[2-9]*/bin/python3"))
+    if sys.version_info < (3, 12) and not pythons:
+        pytest.skip("no Python 3.12+ for -X perf")  # not one of the project's tools
+    python = sys.executable if sys.version_info >= (3, 12) else str(pythons[-1])
+    script = tmp_path / "busy.py"
+    script.write_text(
+        "class Ledger:\n"
+        "    def total(self, n):\n"
+        "        return sum(i * i for i in range(n))\n"
+        "Ledger().total(100_000)\n"
+    )
+    perf_map, frames = perf_map_frames([python, "-X", "perf", str(script)], tmp_path)
+    assert perf_map.bad_lines == 0
+    assert ("Ledger.total (busy.py)", "interpreted") in frames
+
+
+def test_jvm_options_and_flags(tmp_path: Path) -> None:
+    files = {"args.txt": "# JVM options\n-XX:+PreserveFramePointer\n'-Dname=a b'\n"}
+
+    def read(path: str) -> str:
+        if path not in files:
+            raise FileNotFoundError(path)
+        return files[path]
+
+    def options(*argv: str, **environ: str) -> list[str | None]:
+        return jvm_options(["java", *argv], environ, read)
+
+    # The application's own arguments are not JVM options.
+    assert options("-cp", "x.jar", "Main", "-XX:+PreserveFramePointer") == ["-cp", "x.jar"]
+    assert options("-Xmx1g", "-jar", "app.jar", "-XX:+DisableAttachMechanism") == ["-Xmx1g"]
+    assert options("@args.txt", "Main") == ["-XX:+PreserveFramePointer", "-Dname=a b"]
+    assert options("@missing.txt", "Main") == [None]
+    assert options("Main", JAVA_TOOL_OPTIONS="-XX:+PreserveFramePointer -Xmx1g") == [
+        "-XX:+PreserveFramePointer",
+        "-Xmx1g",
+    ]
+    # Later wins: JAVA_TOOL_OPTIONS < JDK_JAVA_OPTIONS < the command line < _JAVA_OPTIONS.
+    ordered = options(
+        "-XX:+PreserveFramePointer",
+        "Main",
+        JAVA_TOOL_OPTIONS="-XX:-PreserveFramePointer",
+        _JAVA_OPTIONS="-XX:-PreserveFramePointer",
+    )
+    assert jvm_flag(ordered, "PreserveFramePointer") is False
+    assert jvm_flag(ordered[:-1], "PreserveFramePointer") is True
+    assert jvm_flag([], "PreserveFramePointer") is False
+    assert jvm_flag(["-XX:+PreserveFramePointer", None], "PreserveFramePointer") is None
+
+
+def test_processes_payload_is_validated() -> None:
+    def batch(table: pa.Table) -> ingest_pb2.IngestBatch:
+        return ingest_pb2.IngestBatch(
+            agent_id="a",
+            sequence=1,
+            schema_version=schema.SCHEMA_VERSION,
+            node="n",
+            processes=schema.encode(table),
+        )
+
+    def row(**changes: object) -> pa.Table:
+        values = {
+            "ts": 0, "pid": 7, "nspid": 1, "comm": "java", "exe": "/usr/bin/java",
+            "runtime": "jvm", "frame_pointers": False, "attach": "ok", "perf_map_entries": 5,
+        }  # fmt: skip
+        return pa.Table.from_pylist([values | changes], schema=schema.PROCESSES)
+
+    assert validate_batch(batch(row())).processes.num_rows == 1
+    for bad, message in (
+        ({"pid": -1}, "pid"),
+        ({"runtime": "cobol"}, "runtime"),
+        ({"exe": "x" * (schema.MAX_STRING_BYTES + 1)}, "exe"),
+    ):
+        with pytest.raises(schema.SchemaError, match=message):
+            validate_batch(batch(row(**bad)))
+    with pytest.raises(schema.SchemaError, match="processes"):
+        validate_batch(batch(pa.table({"pid": [1]})))
+
+
+# --- a real workload -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_spark_job_profile_shows_spark_frames(tmp_path: Path) -> None:
+    """benchmarks/spark_job.py, shorter: a shuffle-heavy PySpark job's JVM, profiled."""
+    require_ebpf()
+    pytest.importorskip("pyspark", reason="pyspark is an optional extra")
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))  # not a package
+    import spark_job
+
+    require(Path(spark_job.JAVA_17).exists(), "Java 17 is not installed")
+
+    summary = spark_job.run_job(tmp_path, seconds=20, rows=2_000_000)
+
+    assert summary["process"]["attach"] == "ok" and summary["process"]["frame_pointers"]
+    assert summary["spark"] >= 0.1 * summary["samples"], summary
+    assert summary["unresolved_leaf"] <= 0.05 * summary["samples"], summary
+    frames = [row["frame"] for row in summary["spark_frames"]]
+    assert any(frame.startswith("org.apache.spark.sql.") for frame in frames), frames
+    assert "org.apache.spark" in (tmp_path / "spark-job.folded").read_text()
