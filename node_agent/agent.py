@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
 import socket
 import threading
@@ -21,6 +19,7 @@ from fleetprof.node_agent.kubernetes import KubernetesMetadata
 from fleetprof.node_agent.owners import ProcessOwners
 from fleetprof.node_agent.process_events import ProcessEvents
 from fleetprof.node_agent.samplers import SamplerOptions
+from fleetprof.node_agent.samplers.bpf_sampler import release_free_memory
 from fleetprof.node_agent.samplers.registry import SAMPLERS
 from fleetprof.node_agent.samplers.stack_maps import StackSample
 from fleetprof.node_agent.sessions import PreparedSamplers, SessionRun
@@ -57,12 +56,6 @@ class AgentConfig:
     kubeconfig: str | None = None
 
 
-def release_free_memory() -> None:
-    """Give freed heap back to the system (after BCC's compiler ran: ~60 MB of RSS)."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
@@ -79,7 +72,6 @@ class Agent:
             raise ValueError(f"unknown event {sorted(unknown)[0]!r}; known: {sorted(SAMPLERS)}")
         self._samplers = [SAMPLERS[event](config.sampling) for event in config.events]
         self._prepared = PreparedSamplers(config.sampling)
-        release_free_memory()
         pods = KubernetesMetadata.from_environment(config.node, config.kubeconfig)
         pods.start()
         self.owners = ProcessOwners(JobResolver.from_config(config.job_resolvers, pods), pods)

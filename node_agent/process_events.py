@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bcc import BPF
 
-from fleetprof.node_agent.samplers.bpf_sampler import COMPILE_LOCK
+from fleetprof.node_agent.samplers.bpf_sampler import COMPILE_LOCK, release_compiler_memory
 
 BPF_SOURCE = Path(__file__).with_name("process_events.bpf.c")
 EVENT_EXEC, EVENT_EXEC_MMAP, EVENT_EXIT = 1, 2, 3
@@ -28,6 +28,7 @@ class ProcessEvents:
         self._agent_pid = os.getpid()
         with COMPILE_LOCK:
             self._bpf = BPF(text=BPF_SOURCE.read_bytes())
+            release_compiler_memory()
         self._bpf[b"process_events"].open_ring_buffer(self._handle)
 
     def _handle(self, _ctx: int, data: int, _size: int) -> None:

@@ -3,6 +3,8 @@ stack_counts.bpf.h, and the two-generation maps it counts into."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -38,6 +40,7 @@ class BpfSampler:
         text = b"".join(path.read_bytes() for path in files)
         with COMPILE_LOCK:
             self._bpf = BPF(text=text, cflags=options.cflags())
+            release_compiler_memory()
         if attach:
             self.attach(options)
         self._maps = GenerationalStackMaps(self._bpf, self.describe)
@@ -70,3 +73,28 @@ class BpfSampler:
 
     def close(self) -> None:
         self._bpf.cleanup()
+
+
+def release_free_memory() -> None:
+    """Give freed heap back to the system (after BCC's compiler ran: ~60 MB of RSS)."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+_MADV_PAGEOUT = 21
+_COMPILER_LIBRARIES = ("libLLVM", "libclang")
+
+
+def release_compiler_memory() -> None:
+    """Drop the pages of BCC's compiler libraries (LLVM, clang) from this process once BPF
+    programs are compiled: ~75 MB of RSS that only the next compile would use. They are
+    clean file pages: a later compile reads them back."""
+    release_free_memory()
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 6 and any(lib in fields[5] for lib in _COMPILER_LIBRARIES):
+                start, end = (int(address, 16) for address in fields[0].split("-"))
+                libc.madvise(start, end - start, _MADV_PAGEOUT)  # best effort: kernel ≥ 5.4
