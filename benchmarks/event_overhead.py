@@ -88,14 +88,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=100_000, help="turns per thread pair")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="fleetprof-events-"))
+    with tempfile.TemporaryDirectory(prefix="fleetprof-events-") as work:
+        benchmark(Path(work), args.repeats, args.rounds)
+
+
+def benchmark(work: Path, repeats: int, rounds: int) -> None:
     binary = str(workloads.build_native(work, workloads.WAITS_SOURCE))
     data = work / "data"
     data.write_bytes(os.urandom(4096))
     commands = {
-        "futex": [binary, "pingpong", str(args.rounds), str(FUTEX_SPIN_NS)],
-        "syscalls": [binary, "syscalls", str(5 * args.rounds), str(data)],
-        "switches": [binary, "pingpong", str(args.rounds), "0"],
+        "futex": [binary, "pingpong", str(rounds), str(FUTEX_SPIN_NS)],
+        "syscalls": [binary, "syscalls", str(5 * rounds), str(data)],
+        "switches": [binary, "pingpong", str(rounds), "0"],
     }
     cpu: dict[tuple[str, str], list[float]] = {}
     wall: dict[tuple[str, str], list[float]] = {}
@@ -110,7 +114,7 @@ def main() -> None:
                 rates.append(float(re.findall(r"(\d+) futex waits/s", output)[0]))
 
     # Runs alone before every agent's, so slow drifts of the machine's load hit both.
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         measure("alone")
         with empty_sched_programs():
             measure(FLOOR)
@@ -120,7 +124,7 @@ def main() -> None:
                 measure(event)
 
     print(
-        f"{args.repeats} runs each, medians; futex workload alone: "
+        f"{repeats} runs each, medians; futex workload alone: "
         f"{statistics.median(rates):,.0f} futex waits/s"
     )
     print(f"{'':12}" + "".join(f"{name:>22}" for name in commands))
