@@ -48,9 +48,10 @@ mkdir -p .venv/debian-bcc
 ln -sfn /usr/lib/python3/dist-packages/bcc .venv/debian-bcc/bcc
 echo "$PWD/.venv/debian-bcc" > "$site/debian_bcc.pth"
 
-stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
+stamp=.venv/.installed-$(cat pyproject.toml setup-host.sh | sha1sum | cut -c1-12)
 if [ ! -e "$stamp" ]; then
-  .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+  # [spark]: the real Spark job's slow test runs in CI too (no skips there).
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[dev,spark]'
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
