@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from fleetprof.node_agent.assignment import assigned_aggregator
 from fleetprof.node_agent.batch import Batch, BatchBuilder
 from fleetprof.node_agent.control import ControlClient
 from fleetprof.node_agent.jobs import JobResolver
@@ -41,6 +42,7 @@ SHUTDOWN_DELIVERY_S = 10.0
 
 @dataclass(frozen=True)
 class AgentConfig:
+    # HOST:PORT, or a comma-separated list of aggregators sharing the fleet (one is chosen).
     aggregator: str
     node: str = socket.gethostname()
     interval_s: float = 10.0
@@ -82,9 +84,11 @@ class Agent:
         # A fresh id per agent process: sequence numbers restart with it.
         agent_id = f"{config.node}/{uuid.uuid4().hex[:12]}"
         spool = Spool(config.spool_dir, config.spool_max_bytes)
-        self.shipper = Shipper(config.aggregator, agent_id, config.node, spool, config.security)
+        # One aggregator of the configured list, by consistent hashing of the node name.
+        self.aggregator = assigned_aggregator(config.aggregator, config.node)
+        self.shipper = Shipper(self.aggregator, agent_id, config.node, spool, config.security)
         # On-demand sessions: ordered over the control stream, one SessionRun each.
-        self._control = ControlClient(config.aggregator, config.security, config.node, agent_id)
+        self._control = ControlClient(self.aggregator, config.security, config.node, agent_id)
         self._sessions: dict[str, SessionRun] = {}
         self.stats = {"drains": 0, "samples": 0}
         self._dropped = dict.fromkeys(config.events, 0)
@@ -94,7 +98,7 @@ class Agent:
             ",".join(config.events),
             config.sampling.frequency,
             config.interval_s,
-            config.aggregator,
+            self.aggregator,
         )
 
     def _on_exit(self, pid: int) -> None:

@@ -12,13 +12,19 @@ from fleetprof.commands.options import (
     stop_on_signals,
 )
 from fleetprof.node_agent import jobs
+from fleetprof.node_agent.assignment import parse_aggregators
 from fleetprof.proto.schema import EVENT_UNITS
 
 HELP = "run the node agent (eBPF sampling; needs root)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--aggregator", default=DEFAULT_AGGREGATOR, metavar="HOST:PORT")
+    parser.add_argument(
+        "--aggregator",
+        default=DEFAULT_AGGREGATOR,
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="an aggregator, or a list of them: the node ships to one, by consistent hashing",
+    )
     parser.add_argument("--node", default=socket.gethostname(), help="this node's name")
     parser.add_argument(
         "--events", default="cpu", help=f"comma-separated, of: {','.join(EVENT_UNITS)}"
@@ -59,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not 1 <= args.frequency <= 10_000:
         raise ValueError("--frequency must be between 1 and 10000 Hz")
+    parse_aggregators(args.aggregator)  # a bad list fails now, not after BPF compiles
     if args.interval <= 0:
         raise ValueError("--interval must be positive")
     if args.offcpu_min_us < 1:
