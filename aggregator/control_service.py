@@ -21,6 +21,7 @@ import grpc
 from fleetprof.aggregator.storage import ProfileStore
 from fleetprof.proto.control.v1 import control_pb2, control_pb2_grpc
 from fleetprof.proto.schema import EVENT_UNITS
+from fleetprof.proto.security import ServerSecurity, bearer_token
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,9 @@ class Session:
 
 
 class ControlService(control_pb2_grpc.ControlServiceServicer):
-    def __init__(self, store: ProfileStore) -> None:
+    def __init__(self, store: ProfileStore, security: ServerSecurity) -> None:
         self._store = store
+        self._security = security
         self._lock = threading.Lock()
         # agent id -> (node, its order queue)
         self._agents: dict[str, tuple[str, queue.Queue[control_pb2.AgentOrder | None]]] = {}
@@ -120,12 +122,19 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
 
     # --- users --------------------------------------------------------------------------
 
+    def _check_access(self, job: str, context: grpc.ServicerContext) -> None:
+        """A token limited to some jobs profiles and watches only those."""
+        scope = self._security.scope(bearer_token(context.invocation_metadata()))
+        if scope is not None and not scope.allows_job(job):
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"this token may not profile {job!r}")
+
     def StartSession(
         self, request: control_pb2.StartSessionRequest, context: grpc.ServicerContext
     ) -> control_pb2.SessionInfo:
         problem = _check(request)
         if problem:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        self._check_access(request.job, context)
         order = control_pb2.SessionOrder(
             session_id=uuid.uuid4().hex[:16],
             job=request.job,
@@ -151,6 +160,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
             session = self._sessions.get(request.session_id)
         if session is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no session {request.session_id!r}")
+        self._check_access(session.order.job, context)
         while context.is_active():
             with self._changed:
                 self._changed.wait(WATCH_PERIOD_S)

@@ -53,8 +53,10 @@ class Aggregator:
             interceptors=security.interceptors(),
         )
         ingest_pb2_grpc.add_IngestServiceServicer_to_server(IngestService(self.store), self._server)
-        ingest_pb2_grpc.add_QueryServiceServicer_to_server(QueryService(self.store), self._server)
-        self.control = ControlService(self.store)
+        ingest_pb2_grpc.add_QueryServiceServicer_to_server(
+            QueryService(self.store, security), self._server
+        )
+        self.control = ControlService(self.store, security)
         control_pb2_grpc.add_ControlServiceServicer_to_server(self.control, self._server)
         self.port = security.add_port(self._server, listen)
         if self.port == 0:

@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 from fleetprof.aggregator.query_service import ipc_chunks
 from fleetprof.aggregator.storage import ProfileStore
 from fleetprof.aggregator.web_api import ENDPOINTS, BadRequest, json_bytes, sql_json, sql_request
-from fleetprof.proto.security import ServerSecurity, is_loopback
+from fleetprof.proto.security import AccessScope, ServerSecurity, bearer_token, is_loopback
 from fleetprof.query.render.html import template
 from fleetprof.query.sandbox import QueryError, one_line
 from fleetprof.query.source import ConnectionSource
@@ -81,7 +81,7 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     store: ProfileStore
     loopback_only: bool
-    tokens: frozenset[str]
+    security: ServerSecurity
     https: bool
     stopping = False
 
@@ -102,7 +102,7 @@ class WebServer:
             )
         self._httpd = (_Server6 if ":" in host else _Server)((host, port), _Handler)
         self._httpd.store = store
-        self._httpd.tokens = security.tokens
+        self._httpd.security = security
         self._httpd.https = security.cert is not None
         if security.cert:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -174,19 +174,23 @@ class _Handler(BaseHTTPRequestHandler):
                 raise BadRequest(f"this aggregator serves loopback names only, not {host!r}")
 
     def _check_token(self) -> None:
-        """With tokens, the API answers only requests that carry one (header or cookie)."""
-        tokens = self.server.tokens
+        """With tokens, the API answers only requests that carry one (header or cookie);
+        `self.scope` is what that token may see."""
+        self.scope: AccessScope | None = None
+        tokens = self.server.security.tokens
         if not tokens or not urlsplit(self.path).path.startswith("/api/"):
             return
-        scheme, _, token = self.headers.get("Authorization", "").partition(" ")
         cookie = SimpleCookie(self.headers.get("Cookie", "")).get(TOKEN_COOKIE)
-        if (scheme.lower() == "bearer" and token in tokens) or (cookie and cookie.value in tokens):
-            return
+        header = [(name.lower(), value) for name, value in self.headers.items()]
+        for token in (bearer_token(header), cookie and cookie.value):
+            if token in tokens:
+                self.scope = tokens[token]
+                return
         raise Unauthorized("a valid bearer token is required (a browser: open /?token=TOKEN)")
 
     def _log_in(self, token: str) -> None:
         """`/?token=T`: keep the token in an HttpOnly cookie and drop it from the address."""
-        if token not in self.server.tokens:
+        if token not in self.server.security.tokens:
             raise Unauthorized("that token is not valid")
         secure = "; Secure" if self.server.https else ""
         cookie = f"{TOKEN_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict{secure}"
@@ -207,7 +211,7 @@ class _Handler(BaseHTTPRequestHandler):
                 params = parse_qs(url.query, keep_blank_values=True, max_num_fields=200)
             except ValueError as exc:
                 raise BadRequest(str(exc)) from None
-            source = ConnectionSource(self.server.store.reader())
+            source = ConnectionSource(self.server.store.reader(), scope=self.scope)
             try:
                 answer = ENDPOINTS[url.path](source, params)
             finally:
@@ -234,7 +238,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise BadRequest(f"a Content-Length up to {MAX_BODY_BYTES} bytes is required")
         sql = sql_request(self.rfile.read(int(length)))
-        source = ConnectionSource(self.server.store.reader())
+        source = ConnectionSource(self.server.store.reader(), scope=self.scope)
         try:
             if ARROW_STREAM in self.headers.get("Accept", ""):
                 self._send_arrow(source, sql)

@@ -4,13 +4,14 @@ Rules: every gRPC endpoint may use TLS; when the aggregator names a client CA, e
 (agents above all) proves who it is with a certificate signed by it (mutual TLS, enforced
 in the handshake); queries also carry a bearer token when the aggregator has tokens.
 Loopback may stay plaintext and open for local use; any other address needs TLS unless
-the user explicitly passes --insecure.
+the user explicitly passes --insecure. A token may be limited to some jobs and namespaces
+(AccessScope): its queries see only their samples, and it can profile only those jobs.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,36 @@ class ClientSecurity:
 
 
 @dataclass(frozen=True)
+class AccessScope:
+    """What a limited token may see: samples of these jobs, or of pods in these namespaces."""
+
+    jobs: frozenset[str] = frozenset()
+    namespaces: frozenset[str] = frozenset()
+
+    def allows_job(self, job: str) -> bool:
+        return job in self.jobs
+
+
+def parse_tokens(lines: Iterable[str]) -> dict[str, AccessScope | None]:
+    """A token file: `TOKEN` (sees everything) or `TOKEN jobs=a,b namespaces=x` per line;
+    blank lines and `#` comments are skipped."""
+    tokens: dict[str, AccessScope | None] = {}
+    for number, line in enumerate(lines, start=1):
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        token, *rules = words
+        limits: dict[str, frozenset[str]] = {}
+        for rule in rules:
+            key, sep, values = rule.partition("=")
+            if key not in ("jobs", "namespaces") or not sep or not values:
+                raise ValueError(f"token file line {number}: expected jobs=A,B or namespaces=X,Y")
+            limits[key] = frozenset(v for v in values.split(",") if v)
+        tokens[token] = AccessScope(**limits) if limits else None
+    return tokens
+
+
+@dataclass(frozen=True)
 class ServerSecurity:
     """What an aggregator demands of its clients."""
 
@@ -72,8 +103,9 @@ class ServerSecurity:
     key: str | None = None
     # With a client CA, every client must present a certificate signed by it.
     client_ca: str | None = None
-    # With tokens, every RPC but ingest (agents) requires one of them as a bearer token.
-    tokens: frozenset[str] = field(default_factory=frozenset)
+    # With tokens, every RPC but ingest (agents) requires one of them as a bearer token;
+    # a token mapped to a scope sees only that scope.
+    tokens: Mapping[str, AccessScope | None] = field(default_factory=dict)
     insecure: bool = False
 
     def add_port(self, server: grpc.Server, listen: str) -> int:
@@ -97,11 +129,16 @@ class ServerSecurity:
     def interceptors(self) -> list[grpc.ServerInterceptor]:
         return [_TokenInterceptor(self.tokens)] if self.tokens else []
 
+    def scope(self, token: str | None) -> AccessScope | None:
+        """The scope of an accepted token (None: everything; the interceptor has already
+        turned away requests without a valid token)."""
+        return self.tokens.get(token) if token else None
+
 
 class _TokenInterceptor(grpc.ServerInterceptor):
     """Requires a bearer token on every RPC but ingest."""
 
-    def __init__(self, tokens: frozenset[str]) -> None:
+    def __init__(self, tokens: Mapping[str, AccessScope | None]) -> None:
         self._tokens = tokens
 
     def intercept_service(
@@ -112,11 +149,16 @@ class _TokenInterceptor(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None or details.method.startswith(INGEST_PREFIX):
             return handler
-        header = dict(details.invocation_metadata or ()).get(AUTHORIZATION, "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() == "bearer" and token in self._tokens:
+        if bearer_token(details.invocation_metadata) in self._tokens:
             return handler
         return _refusing(handler, "a valid bearer token is required")
+
+
+def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    """The token of an `authorization: Bearer T` header, if there is one."""
+    header = dict(metadata or ()).get(AUTHORIZATION, "")
+    scheme, _, token = str(header).partition(" ")
+    return token if scheme.lower() == "bearer" else None
 
 
 def _refusing(handler: grpc.RpcMethodHandler, problem: str) -> grpc.RpcMethodHandler:

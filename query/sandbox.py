@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -85,16 +85,20 @@ def run_query(
     sql: str,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     rows_per_batch: int = 65_536,
+    prepare: Callable[[duckdb.DuckDBPyConnection, str], None] | None = None,
 ) -> Iterator[pa.RecordBatchReader]:
     """Run a read-only query on a cursor of its own and stream its result as Arrow batches.
 
     The timeout covers the whole run, including the caller consuming the stream.
+    `prepare(cursor, sql)` runs on that cursor first (query.access limits it to a scope).
     """
     cursor = conn.cursor()
-    check_read_only(cursor, sql)
     timer = threading.Timer(timeout_s, cursor.interrupt)
-    timer.start()
     try:
+        check_read_only(cursor, sql)
+        if prepare:
+            prepare(cursor, sql)
+        timer.start()
         try:
             reader = cursor.sql(sql).to_arrow_reader(rows_per_batch)
         except duckdb.Error as exc:

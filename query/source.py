@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from fleetprof.proto.ingest.v1 import ingest_pb2, ingest_pb2_grpc
-from fleetprof.proto.security import ClientSecurity
+from fleetprof.proto.security import AccessScope, ClientSecurity
+from fleetprof.query.access import limited_to
 from fleetprof.query.sandbox import DEFAULT_TIMEOUT_S, QueryError, open_read_only, run_query
 
 
@@ -26,17 +27,22 @@ class ProfileSource(Protocol):
 
 
 class ConnectionSource:
-    """An open, locked-down DuckDB connection: the aggregator's own database, in process."""
+    """An open, locked-down DuckDB connection: the aggregator's own database, in process;
+    with a scope, queries see only that scope's rows."""
 
     def __init__(
-        self, conn: duckdb.DuckDBPyConnection, timeout_s: float = DEFAULT_TIMEOUT_S
+        self,
+        conn: duckdb.DuckDBPyConnection,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        scope: AccessScope | None = None,
     ) -> None:
         self._conn = conn
         self._timeout_s = timeout_s
+        self._prepare = limited_to(scope)
 
     @contextmanager
     def stream(self, sql: str) -> Iterator[pa.RecordBatchReader]:
-        with run_query(self._conn, sql, self._timeout_s) as reader:
+        with run_query(self._conn, sql, self._timeout_s, prepare=self._prepare) as reader:
             yield reader
 
     def close(self) -> None:

@@ -98,7 +98,7 @@ def secure_aggregator(tmp_path: Path, pki: Pki) -> Iterator[Aggregator]:
         cert=str(pki.server_cert),
         key=str(pki.server_key),
         client_ca=str(pki.ca),
-        tokens=frozenset({TOKEN}),
+        tokens={TOKEN: None},
     )
     server = Aggregator(tmp_path / "p.duckdb", "127.0.0.1:0", security=security)
     server.start()
@@ -167,7 +167,7 @@ def test_plaintext_is_refused_off_loopback(tmp_path: Path, capsys) -> None:
 
 def test_web_ui_over_https_needs_a_token(tmp_path: Path, pki: Pki) -> None:
     security = ServerSecurity(
-        cert=str(pki.server_cert), key=str(pki.server_key), tokens=frozenset({TOKEN})
+        cert=str(pki.server_cert), key=str(pki.server_key), tokens={TOKEN: None}
     )
     aggregator = Aggregator(
         tmp_path / "p.duckdb", "127.0.0.1:0", security=security, http_listen="127.0.0.1:0"

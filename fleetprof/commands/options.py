@@ -8,7 +8,7 @@ import signal
 import threading
 from typing import TYPE_CHECKING
 
-from fleetprof.proto.security import ClientSecurity, ServerSecurity
+from fleetprof.proto.security import AccessScope, ClientSecurity, ServerSecurity, parse_tokens
 
 if TYPE_CHECKING:
     from fleetprof.query.source import ProfileSource
@@ -70,7 +70,9 @@ def add_server_security_arguments(parser: argparse.ArgumentParser) -> None:
         "--tls-client-ca", metavar="PEM", help="require agents' client certificates (mTLS)"
     )
     group.add_argument(
-        "--token-file", metavar="FILE", help="bearer tokens accepted for queries, one per line"
+        "--token-file",
+        metavar="FILE",
+        help="bearer tokens accepted for queries, one per line: TOKEN [jobs=A,B] [namespaces=X]",
     )
     group.add_argument(
         "--insecure", action="store_true", help="allow plaintext on a non-loopback address"
@@ -78,10 +80,10 @@ def add_server_security_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def server_security(args: argparse.Namespace) -> ServerSecurity:
-    tokens: frozenset[str] = frozenset()
+    tokens: dict[str, AccessScope | None] = {}
     if args.token_file:
         with open(args.token_file) as lines:
-            tokens = frozenset(line.strip() for line in lines if line.strip())
+            tokens = parse_tokens(lines)
         if not tokens:
             raise ValueError(f"{args.token_file} holds no token")
     return ServerSecurity(
