@@ -141,6 +141,32 @@ def test_mutex_contention_lands_under_the_locking_function(
     assert "update_shared_ledger" in top["waiting_in"]
 
 
+def test_sampled_short_waits_keep_their_total(waits_binary) -> None:
+    require_ebpf()
+    from fleetprof.node_agent.samplers import SamplerOptions
+    from fleetprof.node_agent.samplers.lock import LockSampler
+
+    # The same waits, seen by the default sampler (waits under 1 ms sampled, weighing 1 ms)
+    # and by one that records every wait of 1 µs or more as it is.
+    sampled = LockSampler(SamplerOptions())
+    exact = LockSampler(SamplerOptions(wait_sample_us=1))
+    try:
+        # A thread pair per CPU passing a turn through a futex: waits of microseconds.
+        pid, wall = run_waits(waits_binary, "pingpong", 200_000, 2500)
+        # The players' waits (the main thread waits for them in one long wait).
+        totals = [
+            sum(s.weight for s in sampler.drain().samples if s.pid == pid != s.tid)
+            for sampler in (sampled, exact)
+        ]
+    finally:
+        sampled.close()
+        exact.close()
+    # Most of the time one player of each pair waits (less when others preempt them).
+    assert totals[1] >= 0.3 * (os.cpu_count() or 1) * wall * NS, totals[1] / NS
+    # Thousands of 1 ms samples: within 6% (3.5 standard deviations) of the real total.
+    assert abs(totals[0] - totals[1]) <= 0.06 * totals[1], [total / NS for total in totals]
+
+
 def test_java_monitor_contention_names_the_method(
     aggregator, running_agent, contention_classes
 ) -> None:

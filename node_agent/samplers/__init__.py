@@ -27,7 +27,7 @@ class SamplerOptions:
     offcpu_min_us: int = 1000
     # lock, io syscalls: waits shorter than this are sampled (probability wait / this,
     # weight this), keeping totals unbiased while skipping most stack walks.
-    wait_sample_us: int = 100
+    wait_sample_us: int = 1000
     # An on-demand session's sampler: only pids put in its session_pids map count.
     session_filter: bool = False
 

@@ -85,9 +85,10 @@ int io_syscall_exit(struct syscall_exit_t *args)
     struct io_call_t *call = io_calls.task_storage_get(bpf_get_current_task_btf(), 0, 0);
     if (!call || !call->since)
         return 0;
-    u64 ns = bpf_ktime_get_ns() - call->since;
+    u64 weight = sampled_wait(bpf_ktime_get_ns() - call->since);
     call->since = 0;
-    count_wait(args, ns, NO_KERNEL_STACK, DETAIL_SYSCALL | call->nr);
+    if (weight)
+        count_current(args, weight, NO_KERNEL_STACK, DETAIL_SYSCALL | call->nr);
     return 0;
 }
 

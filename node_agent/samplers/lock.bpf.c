@@ -47,9 +47,11 @@ static __always_inline bool in_futex_wait(void)
 // args: bool preempt, struct task_struct *prev, *next, unsigned int prev_state
 RAW_TRACEPOINT_PROBE(sched_switch)
 {
-    // Preempted threads (or any still TASK_RUNNING) are runnable, not waiting.
-    if (!ctx->args[0] && ctx->args[3] && !ignored(bpf_get_current_pid_tgid() >> 32))
-        stamp_switch_out();
+    // Preempted threads (or any still TASK_RUNNING) are runnable, not waiting. Which thread
+    // and which syscall are checked only for the few waits sampled_wait keeps: here they
+    // would cost more than the stamp.
+    if (!ctx->args[0] && ctx->args[3])
+        stamp_switch_out(ctx);
     return 0;
 }
 
@@ -57,8 +59,11 @@ RAW_TRACEPOINT_PROBE(sched_switch)
 RAW_TRACEPOINT_PROBE(sched_exit_tp)
 {
     u64 ns = time_switched_out(ctx);
-    if (ns && in_futex_wait())
-        count_wait(ctx, ns, NO_KERNEL_STACK, 0);
+    if (!ns)
+        return 0;
+    u64 weight = sampled_wait(ns);
+    if (weight && !ignored(bpf_get_current_pid_tgid() >> 32) && in_futex_wait())
+        count_current(ctx, weight, NO_KERNEL_STACK, 0);
     return 0;
 }
 
@@ -84,8 +89,9 @@ RAW_TRACEPOINT_PROBE(contention_end)
     struct contending_t *c = contending.task_storage_get(bpf_get_current_task_btf(), 0, 0);
     if (!c || !c->since || c->lock != ctx->args[0])
         return 0;
-    u64 ns = bpf_ktime_get_ns() - c->since;
+    u64 weight = sampled_wait(bpf_ktime_get_ns() - c->since);
     c->since = 0;
-    count_wait(ctx, ns, RAW_TP_FRAMES, 0);
+    if (weight)
+        count_current(ctx, weight, RAW_TP_FRAMES, 0);
     return 0;
 }

@@ -5,8 +5,8 @@
 // args: bool preempt, struct task_struct *prev, *next, unsigned int prev_state
 RAW_TRACEPOINT_PROBE(sched_switch)
 {
-    if (!ignored(bpf_get_current_pid_tgid() >> 32))
-        stamp_switch_out();
+    // Which thread is checked only for the few times off CPU long enough to count.
+    stamp_switch_out(ctx);
     return 0;
 }
 
@@ -14,12 +14,8 @@ RAW_TRACEPOINT_PROBE(sched_switch)
 RAW_TRACEPOINT_PROBE(sched_exit_tp)
 {
     u64 ns = time_switched_out(ctx);
-    if (ns < OFFCPU_MIN_NS)
+    if (ns < OFFCPU_MIN_NS || ignored(bpf_get_current_pid_tgid() >> 32))
         return 0;
-    struct sample_key_t key = {};
-    u32 at = current_epoch();
-    current_key(&key, 0);
-    record_stacks(ctx, &key, at, RAW_TP_FRAMES);
-    add_weight(&key, at, ns);
+    count_current(ctx, ns, RAW_TP_FRAMES, 0);
     return 0;
 }

@@ -110,24 +110,36 @@ static __always_inline void add_weight(struct sample_key_t *key, u32 at, u64 wei
         dropped_samples.increment(index, weight);
 }
 
+// Per CPU: xorshift64 state for sampled_wait (bpf_get_prandom_u32 costs half an empty
+// program's run; this, an inlined per-CPU load and a few shifts).
+BPF_PERCPU_ARRAY(sample_random, u64, 1);
+
 // A wait of `ns` as the weight to record, or 0 to record nothing. Waits shorter than
 // WAIT_SAMPLE_NS are recorded with probability ns / WAIT_SAMPLE_NS and weigh WAIT_SAMPLE_NS:
 // the expected weight of every stack stays its real blocked time, while most stack walks of
-// short waits (the cost at 200k waits/s) are skipped.
+// short waits (the cost at 200k waits/s) are skipped. Decided before any other check, so
+// that most short waits cost nothing more.
 static __always_inline u64 sampled_wait(u64 ns)
 {
+    u32 zero = 0;
+    u64 *random = sample_random.lookup(&zero), x;
+
     if (ns >= WAIT_SAMPLE_NS)
         return ns;
-    return bpf_get_prandom_u32() % WAIT_SAMPLE_NS < ns ? WAIT_SAMPLE_NS : 0;
+    if (!random)
+        return 0;
+    x = *random ? *random : (u64)bpf_get_prandom_u32() << 32 | bpf_get_prandom_u32() | 1;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    *random = x;
+    return x % WAIT_SAMPLE_NS < ns ? WAIT_SAMPLE_NS : 0;
 }
 
-// Count a wait of the current thread that just ended, with its stacks as they are now.
-static __always_inline void count_wait(void *ctx, u64 ns, int kernel, u64 detail)
+// Count `weight` for the current thread, with its stacks as they are now.
+static __always_inline void count_current(void *ctx, u64 weight, int kernel, u64 detail)
 {
     struct sample_key_t key = {};
-    u64 weight = sampled_wait(ns);
-    if (!weight)
-        return;
     u32 at = current_epoch();
     current_key(&key, detail);
     record_stacks(ctx, &key, at, kernel);
