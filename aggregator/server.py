@@ -10,6 +10,7 @@ import grpc
 
 from fleetprof.aggregator.control_service import ControlService
 from fleetprof.aggregator.ingest_service import IngestService
+from fleetprof.aggregator.partitions import LakePolicy, Partitions
 from fleetprof.aggregator.query_service import QueryService
 from fleetprof.aggregator.storage import ProfileStore
 from fleetprof.aggregator.web import WebServer
@@ -41,12 +42,19 @@ class Aggregator:
         security: ServerSecurity | None = None,
         http_listen: str | None = None,
         memory_limit: str | None = None,
+        lake_dir: str | Path | None = None,
+        name: str | None = None,
+        lake_policy: LakePolicy | None = None,
     ) -> None:
+        """`lake_policy` runs partition maintenance (sealing to the lake, retention) in a
+        thread of its own; without it, nothing is sealed."""
         security = security or ServerSecurity()
-        self.store = ProfileStore(db_path)
-        # Queries run on the same database instance: lock it down before serving anything.
-        # The memory limit is the instance's: ingest and all queries share it.
-        lock_down(self.store.reader(), memory_limit)
+        self.store = ProfileStore(db_path, lake_dir, name)
+        # Queries run on the same database instance: lock it down before serving anything
+        # (the views read the lake). The memory limit is the instance's: ingest and all
+        # queries share it.
+        lock_down(self.store.reader(), memory_limit, self.store.lake_roots())
+        self.partitions = Partitions(self.store, lake_policy) if lake_policy else None
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
             options=GRPC_OPTIONS,
@@ -71,6 +79,9 @@ class Aggregator:
         if self.web:
             self.web.start()
             log.info("web UI on %s", self.web.url)
+        if self.partitions:
+            self.partitions.start()
+            log.info("sealing closed hours into %s as %s", self.store.lake, self.store.name)
 
     def wait(self) -> None:
         self._server.wait_for_termination()
@@ -79,4 +90,6 @@ class Aggregator:
         if self.web:
             self.web.stop()
         self._server.stop(grace_s).wait()
+        if self.partitions:
+            self.partitions.stop()
         self.store.close()

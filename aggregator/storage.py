@@ -7,6 +7,8 @@ has one writer); readers use their own cursors, so queries never block ingest.
 from __future__ import annotations
 
 import contextlib
+import re
+import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from fleetprof.proto import lake
 from fleetprof.proto.control.v1 import control_pb2
 
 _DDL = """
@@ -81,22 +84,28 @@ CREATE TABLE IF NOT EXISTS session_rows (
     deadline TIMESTAMPTZ NOT NULL,
     state VARCHAR NOT NULL
 );
--- The documented, stable SQL surface (README "SQL").
-CREATE OR REPLACE VIEW samples AS
-    SELECT ts, node, pid, tid, comm, event, stack_id, weight, agent_id,
-           job, session_id, namespace, pod, container
-    FROM sample_rows;
+-- Files sealed into the lake (aggregator/partitions.py), recorded in the transaction that
+-- deletes their rows from the tables above; the views below read the tables and these.
+CREATE TABLE IF NOT EXISTS sealed_files (
+    name VARCHAR NOT NULL,  -- the aggregator's, in the file name
+    lake VARCHAR NOT NULL,  -- the lake's root directory
+    path VARCHAR NOT NULL,  -- relative to it (proto/lake.py)
+    table_name VARCHAR NOT NULL,
+    hour TIMESTAMPTZ NOT NULL,
+    rows BIGINT NOT NULL,
+    bytes BIGINT NOT NULL,
+    downsampled BOOLEAN NOT NULL,
+    sealed_at TIMESTAMPTZ NOT NULL
+);
+-- Files that may exist on disk and must go unless they are in sealed_files (a seal or
+-- drop that crashed half-way): absolute paths, cleared by the next maintenance pass.
+CREATE TABLE IF NOT EXISTS lake_pending (path VARCHAR NOT NULL);
+-- The documented, stable SQL surface (README "SQL"): samples, processes, io_latency and
+-- their live_ twins are views made by refresh_views().
+CREATE OR REPLACE VIEW lake_files AS
+    SELECT name, table_name, hour, path, rows, bytes, downsampled FROM sealed_files;
 CREATE OR REPLACE VIEW stacks AS
     SELECT stack_id, frames, modules, kinds FROM stack_rows;
--- What agents learned about processes (JVMs), one row each time: latest per (node, pid).
-CREATE OR REPLACE VIEW processes AS
-    SELECT ts, node, pid, nspid, comm, exe, runtime, frame_pointers, attach, perf_map_entries,
-           agent_id
-    FROM process_rows;
--- Block I/O latency histograms (event io): requests per (interval, process, device, op)
--- whose latency was in (bucket_le_ns / 2, bucket_le_ns].
-CREATE OR REPLACE VIEW io_latency AS
-    SELECT ts, node, pid, comm, device, op, bucket_le_ns, count, agent_id FROM io_latency_rows;
 -- On-demand per-job sessions (fleetprof profile): state is 'running' or 'done'.
 CREATE OR REPLACE VIEW sessions AS
     SELECT session_id, job, events, frequency, started_at, deadline, state FROM session_rows;
@@ -108,13 +117,16 @@ CREATE OR REPLACE VIEW frames AS
            unnest(modules) AS module,
            unnest(kinds) AS kind
     FROM stack_rows;
+"""
+# Macros over the views (made after them).
+_MACROS = """
 -- The samples of one event in [since, until) (NULL: unbounded), optionally of one node,
--- pid or process name; the table macros below all select through it. It reads sample_rows,
--- not the samples view: DuckDB would bind the view's unqualified columns to these parameters.
+-- pid or process name; the table macros below all select through it. The samples view
+-- qualifies its columns: DuckDB would bind unqualified ones to these parameters.
 CREATE OR REPLACE MACRO selected_samples(
     event, since := NULL, until := NULL, node := NULL, pid := NULL, comm := NULL
 ) AS TABLE
-    SELECT s.* FROM sample_rows s
+    SELECT s.* FROM samples s
     WHERE s.event = event
       AND s.ts >= coalesce(since::TIMESTAMPTZ, '-infinity'::TIMESTAMPTZ)
       AND s.ts < coalesce(until::TIMESTAMPTZ, 'infinity'::TIMESTAMPTZ)
@@ -156,6 +168,38 @@ CREATE OR REPLACE MACRO top_functions(
     GROUP BY f
     ORDER BY self DESC, total DESC, function;
 """
+# The hour-partitioned views: (lake table, DuckDB table of its rows not sealed yet).
+PARTITIONED = {
+    "samples": "sample_rows",
+    # Block I/O latency histograms (event io): requests per (interval, process, device, op)
+    # whose latency was in (bucket_le_ns / 2, bucket_le_ns].
+    "io_latency": "io_latency_rows",
+    # What agents learned about processes (JVMs), one row each time: latest per (node, pid).
+    "processes": "process_rows",
+}
+
+
+def refresh_views(cur: duckdb.DuckDBPyConnection) -> None:
+    """(Re)define the partitioned views as the rows in DuckDB plus the sealed files that
+    sealed_files lists, in the caller's transaction: a reader sees rows before or after a
+    seal, never both or neither. `live_<view>` is the DuckDB part alone."""
+    sealed = dict(
+        cur.execute(
+            "SELECT table_name, list(lake || '/' || path ORDER BY hour, path) "
+            "FROM sealed_files GROUP BY table_name"
+        ).fetchall()
+    )
+    for view, table in PARTITIONED.items():
+        live = f"SELECT {', '.join(f'r.{c}' for c in lake.COLUMNS[view])} FROM {table} r"
+        cur.execute(f"CREATE OR REPLACE VIEW live_{view} AS {live}")
+        files = sealed.get(view)
+        union = f"{live} UNION ALL {lake.scan_sql(view, files)}" if files else live
+        cur.execute(f"CREATE OR REPLACE VIEW {view} AS {union}")
+
+
+def default_name() -> str:
+    """This host's name, as an aggregator name (characters a file name may not have: `-`)."""
+    return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()).strip(".-") or "aggregator"
 
 
 class StorageUnavailable(RuntimeError):
@@ -171,11 +215,23 @@ class StoreResult:
 class ProfileStore:
     """The aggregator's DuckDB file."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(
+        self, path: str | Path, lake_dir: str | Path | None = None, name: str | None = None
+    ) -> None:
         self.path = str(path)
+        # Where closed hours are sealed (aggregator/partitions.py), as this aggregator's name.
+        self.lake = Path(lake_dir or f"{self.path}.lake").resolve()
+        self.name = lake.check_name(name or default_name())
         self._db = duckdb.connect(self.path)
         self._db.execute(_DDL)
+        refresh_views(self._db)
+        self._db.execute(_MACROS)
         self._write_lock = threading.Lock()
+
+    def lake_roots(self) -> list[Path]:
+        """Directories the views read files from: the lake, and any earlier one with files."""
+        recorded = self._db.cursor().execute("SELECT DISTINCT lake FROM sealed_files").fetchall()
+        return sorted({self.lake, *(Path(root) for (root,) in recorded)})
 
     def close(self) -> None:
         self._db.close()
@@ -183,6 +239,24 @@ class ProfileStore:
     def reader(self) -> duckdb.DuckDBPyConnection:
         """A cursor of its own for one reader thread (MVCC snapshot per query)."""
         return self._db.cursor()
+
+    def prune_stacks(self, stack_files: list[str]) -> int:
+        """Delete the stacks referenced neither by a row in DuckDB nor by `stack_files`
+        (the sealed stacks); returns how many. Holds the write lock only for the check
+        against DuckDB's rows, so that a batch counting on a stack keeps it."""
+        cur = self.reader()
+        try:
+            unsealed = "SELECT stack_id FROM stack_rows"
+            if stack_files:
+                unsealed += f" ANTI JOIN {lake.read_sql(stack_files)} f USING (stack_id)"
+            cur.register("candidates", cur.sql(unsealed).to_arrow_table())
+            with self._write_lock:
+                return cur.execute(
+                    "DELETE FROM stack_rows WHERE stack_id IN (SELECT stack_id FROM candidates) "
+                    "AND stack_id NOT IN (SELECT stack_id FROM sample_rows)"
+                ).fetchone()[0]
+        finally:
+            cur.close()
 
     def record_session(self, order: control_pb2.SessionOrder, state: str) -> None:
         """Insert or update one on-demand session (the `sessions` view)."""

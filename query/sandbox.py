@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,12 +33,23 @@ def one_line(exc: BaseException) -> str:
 _MEMORY = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B|B)$", re.IGNORECASE)
 
 
-def lock_down(conn: duckdb.DuckDBPyConnection, memory_limit: str | None = None) -> None:
+def lock_down(
+    conn: duckdb.DuckDBPyConnection,
+    memory_limit: str | None = None,
+    readable_dirs: Iterable[str | Path] = (),
+) -> None:
     """Forbid file/network access and freeze settings for the whole database instance.
 
     `memory_limit` (e.g. "2GB") is DuckDB's: it bounds the buffer memory of the whole
-    instance, every connection and query on it together, not one query.
+    instance, every connection and query on it together, not one query. `readable_dirs`
+    stay accessible (the Parquet lake the views read).
     """
+    if readable_dirs:
+        # The trailing slash keeps a sibling such as `lake2` out.
+        dirs = ", ".join(
+            "'" + f"{Path(d).resolve()}/".replace("'", "''") + "'" for d in readable_dirs
+        )
+        conn.execute(f"SET allowed_directories = [{dirs}]")
     if memory_limit:
         if not _MEMORY.match(memory_limit):
             raise QueryError(f"bad memory limit {memory_limit!r}: use e.g. 512MB, 2GB, 1.5GiB")
@@ -59,11 +70,21 @@ def open_read_only(path: str | Path, memory_limit: str | None = None) -> duckdb.
             "(is an aggregator writing it? query it with --aggregator instead)"
         ) from exc
     try:
-        lock_down(conn, memory_limit)
+        lock_down(conn, memory_limit, _sealed_lake_roots(conn))
     except QueryError:
         conn.close()
         raise
     return conn
+
+
+def _sealed_lake_roots(conn: duckdb.DuckDBPyConnection) -> list[str]:
+    """The lake directories holding files the database's views read (aggregator/storage.py)."""
+    try:
+        return [
+            root for (root,) in conn.execute("SELECT DISTINCT lake FROM sealed_files").fetchall()
+        ]
+    except duckdb.CatalogException:  # not a profile database, or one from before the lake
+        return []
 
 
 def check_read_only(conn: duckdb.DuckDBPyConnection, sql: str) -> None:

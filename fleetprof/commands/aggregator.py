@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from datetime import timedelta
 
 from fleetprof.commands.options import (
     DEFAULT_AGGREGATOR,
@@ -28,11 +29,64 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="DuckDB's memory limit, shared by ingest and all queries (e.g. 4GB; "
         "default 80%% of RAM)",
     )
+    storage = parser.add_argument_group("storage (README: Storage, retention and the lake)")
+    storage.add_argument(
+        "--lake",
+        metavar="DIR",
+        help="where closed hours are sealed as Parquet (default: the --db path + .lake)",
+    )
+    storage.add_argument(
+        "--name", help="this aggregator's name in lake file names (default: the host name)"
+    )
+    storage.add_argument(
+        "--seal-after",
+        type=_duration,
+        default=timedelta(minutes=2),
+        metavar="DURATION",
+        help="seal an hour this long after it ends, for late batches (default 2m)",
+    )
+    storage.add_argument(
+        "--retention",
+        type=_duration,
+        metavar="DURATION",
+        help="drop hour partitions older than this (e.g. 14d; default: keep)",
+    )
+    storage.add_argument(
+        "--max-disk",
+        type=_size,
+        metavar="SIZE",
+        help="evict the oldest hours until the DuckDB file and the lake fit (e.g. 10GB)",
+    )
+    storage.add_argument(
+        "--downsample-after",
+        type=_duration,
+        metavar="DURATION",
+        help="merge sealed rows older than this to one per minute (e.g. 1d; default: never)",
+    )
     add_server_security_arguments(parser)
+
+
+def _duration(text: str) -> timedelta:
+    from fleetprof.query.filters import parse_duration
+
+    try:
+        return timedelta(seconds=parse_duration(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _size(text: str) -> int:
+    from fleetprof.aggregator.partitions import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def run(args: argparse.Namespace) -> int:
     # Imported here so that other commands (the agent above all) do not load DuckDB.
+    from fleetprof.aggregator.partitions import LakePolicy
     from fleetprof.aggregator.server import Aggregator
 
     aggregator = Aggregator(
@@ -41,6 +95,14 @@ def run(args: argparse.Namespace) -> int:
         security=server_security(args),
         http_listen=args.http,
         memory_limit=args.memory_limit,
+        lake_dir=args.lake,
+        name=args.name,
+        lake_policy=LakePolicy(
+            seal_after=args.seal_after,
+            retention=args.retention,
+            max_disk_bytes=args.max_disk,
+            downsample_after=args.downsample_after,
+        ),
     )
     stop = stop_on_signals()
     aggregator.start()

@@ -1,0 +1,125 @@
+"""The lake: closed hours of profiles as Parquet files, the storage contract shared by
+aggregators (which write it) and every reader of it (fleetprof query, Spark).
+
+    LAKE/<table>/date=YYYY-MM-DD/hour=HH/<aggregator>.parquet      first file of that hour
+    LAKE/<table>/date=YYYY-MM-DD/hour=HH/<aggregator>_<n>.parquet  later ones (late batches,
+                                                                   downsampled rewrites)
+
+Dates and hours are UTC; the hour is the hour of `ts` (for stacks: of the samples that
+reference them). Each file is written once under a hidden temporary name in its directory
+and renamed into place, so a reader listing `*.parquet` never sees a partial file. An
+aggregator writes and deletes only files carrying its own name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+# The columns of each table's files, in order: those of the SQL views of the same name.
+# fmt: off
+COLUMNS: dict[str, tuple[str, ...]] = {
+    "samples": ("ts", "node", "pid", "tid", "comm", "event", "stack_id", "weight", "agent_id",
+                "job", "session_id", "namespace", "pod", "container"),
+    # The stacks referenced by the same hour's samples: one stack is in many files, so
+    # readers keep one row per stack_id (stack ids are hashes of the frames).
+    "stacks": ("stack_id", "frames", "modules", "kinds"),
+    "io_latency": ("ts", "node", "pid", "comm", "device", "op", "bucket_le_ns", "count",
+                   "agent_id"),
+    "processes": ("ts", "node", "pid", "nspid", "comm", "exe", "runtime", "frame_pointers",
+                  "attach", "perf_map_entries", "agent_id"),
+}
+# fmt: on
+TABLES = tuple(COLUMNS)
+# Row order inside a file: groups equal values (compression) and lets readers skip row
+# groups of other events and jobs by their min/max statistics.
+SORT_KEYS: dict[str, tuple[str, ...]] = {
+    "samples": ("event", "job", "stack_id", "node", "pid", "tid", "ts"),
+    "stacks": ("stack_id",),
+    "io_latency": ("node", "device", "op", "pid", "bucket_le_ns", "ts"),
+    "processes": ("node", "pid", "ts"),
+}
+HOUR = timedelta(hours=1)
+# Aggregator names: host-name characters, so `_` can separate the file number.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,127}$")
+_FILE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9.-]*)(?:_(?P<n>[1-9]\d*))?\.parquet$")
+_DIR = re.compile(r"^date=(\d{4}-\d{2}-\d{2})$")
+_HOUR_DIR = re.compile(r"^hour=(\d{2})$")
+
+
+@dataclass(frozen=True)
+class LakeFile:
+    """One file of the lake, as its path names it."""
+
+    table: str
+    hour: datetime  # UTC start of the hour
+    aggregator: str
+    number: int  # 0 for `<aggregator>.parquet`
+
+
+def check_name(name: str) -> str:
+    """An aggregator name fit for file names (letters, digits, `.`, `-`), or ValueError."""
+    if not _NAME.match(name):
+        raise ValueError(
+            f"bad aggregator name {name!r}: use letters, digits, '.' and '-' (a host name)"
+        )
+    return name
+
+
+def hour_start(ts: datetime) -> datetime:
+    """The UTC hour a timestamp falls in."""
+    return ts.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def partition_dir(lake: str | Path, table: str, hour: datetime) -> Path:
+    hour = hour.astimezone(UTC)
+    return Path(lake) / table / f"date={hour:%Y-%m-%d}" / f"hour={hour:%H}"
+
+
+def file_path(lake: str | Path, table: str, hour: datetime, aggregator: str, number: int) -> Path:
+    name = f"{aggregator}.parquet" if number == 0 else f"{aggregator}_{number}.parquet"
+    return partition_dir(lake, table, hour) / name
+
+
+def parse_path(path: str | Path) -> LakeFile | None:
+    """What a lake file's path says (None for anything else, e.g. a temporary file)."""
+    path = Path(path)
+    file, hour_dir, date_dir = _FILE.match(path.name), _HOUR_DIR.match(path.parent.name), None
+    if path.parent.parent.name:
+        date_dir = _DIR.match(path.parent.parent.name)
+    table = path.parent.parent.parent.name
+    if not (file and hour_dir and date_dir and table in COLUMNS):
+        return None
+    hour = datetime.fromisoformat(date_dir[1]).replace(hour=int(hour_dir[1]), tzinfo=UTC)
+    return LakeFile(table, hour, file["name"], int(file["n"] or 0))
+
+
+def table_glob(lake: str | Path, table: str) -> str:
+    """Every file of one table, as a glob for DuckDB's read_parquet or Spark's load."""
+    return f"{Path(lake)}/{table}/date=*/hour=*/*.parquet"
+
+
+def read_sql(files: str | Sequence[str | Path]) -> str:
+    """DuckDB's read_parquet over a glob or a list of files of one table (without the
+    date/hour columns of the directory names)."""
+    if isinstance(files, str):
+        source = _quote(files)
+    else:
+        source = "[" + ", ".join(_quote(str(f)) for f in files) + "]"
+    return f"read_parquet({source}, hive_partitioning = false)"
+
+
+def scan_sql(table: str, files: str | Sequence[str | Path]) -> str:
+    """DuckDB SQL selecting one table's columns (qualified, so the query can sit in a view
+    that table macros with same-named parameters use) from a glob or a list of files;
+    stacks keep one row per stack_id."""
+    distinct = "DISTINCT ON (f.stack_id) " if table == "stacks" else ""
+    columns = ", ".join(f"f.{c}" for c in COLUMNS[table])
+    return f"SELECT {distinct}{columns} FROM {read_sql(files)} f"
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
