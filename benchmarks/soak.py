@@ -46,28 +46,28 @@ def spool_bytes(directory: Path) -> int:
     return sum(path.stat().st_size for path in directory.glob("*.batch") if path.exists())
 
 
-def start_aggregator(db: Path, port: int) -> subprocess.Popen[str]:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fleetprof",
-            "aggregator",
-            "--db",
-            str(db),
-            "--listen",
-            f"127.0.0.1:{port}",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert process.stdout is not None and "listening" in process.stdout.readline()
+def start_aggregator(db: Path, port: int) -> subprocess.Popen[bytes]:
+    """The aggregator logs to aggregator.log next to the database (appended across restarts)."""
+    log = db.parent / "aggregator.log"
+    start = log.stat().st_size if log.exists() else 0
+    with log.open("ab") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fleetprof", "aggregator", "--db", str(db),
+             "--listen", f"127.0.0.1:{port}"],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while b"listening" not in log.read_bytes()[start:]:
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the aggregator did not start: see {log}")
+        time.sleep(0.1)
     return process
 
 
 class AgentProcess:
     def __init__(self, address: str, node: str, spool: Path) -> None:
+        self.node = node
         self.spool = spool
         self.process = subprocess.Popen(
             [
@@ -151,6 +151,21 @@ def main() -> None:
     with duckdb.connect(str(db), read_only=True) as conn:
         stored = int(conn.execute("SELECT sum(weight) FROM samples").fetchone()[0])
         batches = conn.execute("SELECT count(*) FROM ingested_batches").fetchone()[0]
+        per_node = dict(
+            conn.execute("SELECT node, sum(weight)::BIGINT FROM samples GROUP BY node").fetchall()
+        )
+    for agent in agents:
+        # Each agent's log stays with the run, for whoever has to explain a difference.
+        (work / f"{agent.node}.log").write_text("".join(agent.lines))
+        if agent.drained_samples() != per_node.get(agent.node, 0):
+            problems = [line for line in agent.lines if "WARNING" in line or "ERROR" in line]
+            print(
+                f"{agent.node}: drained {agent.drained_samples():,}, stored "
+                f"{per_node.get(agent.node, 0):,}; its warnings and errors:",
+                *problems[-10:],
+                sep="\n  ",
+            )
+    print(f"logs and database in {work}")
     print(f"samples drained by the agents: {sent:,}")
     print(f"samples stored:                {stored:,}  ({'EQUAL' if sent == stored else 'DIFFER'})")
     print(f"batches stored: {batches:,}")
