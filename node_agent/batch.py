@@ -29,10 +29,18 @@ class StackRow(NamedTuple):
 
 def stack_row(frames: Sequence[Frame]) -> StackRow:
     return StackRow(
-        tuple(f.name for f in frames),
-        tuple(f.module for f in frames),
+        tuple(fit(f.name) for f in frames),
+        tuple(fit(f.module) for f in frames),
         tuple(f.kind for f in frames),
     )
+
+
+def fit(name: str) -> str:
+    """A name cut to what the wire contract accepts: demangled C++ templates (LLVM's reach
+    8k characters) would otherwise get the whole batch refused."""
+    if len(name) <= schema.MAX_STRING_BYTES:
+        return name
+    return name[: schema.MAX_STRING_BYTES - 1] + "…"
 
 
 def stack_id(row: StackRow) -> int:

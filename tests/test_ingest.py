@@ -10,9 +10,10 @@ import pyarrow as pa
 import pytest
 
 from fleetprof.aggregator.server import Aggregator
-from fleetprof.node_agent.batch import Batch, StackRow, stacks_table
+from fleetprof.node_agent.batch import Batch, StackRow, stack_row, stacks_table
 from fleetprof.node_agent.shipper import Shipper
 from fleetprof.node_agent.spool import Spool
+from fleetprof.node_agent.symbolize.frame import Frame
 from fleetprof.proto import schema
 from fleetprof.proto.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
@@ -131,3 +132,16 @@ def test_shipper_resends_stacks_after_reconnect_and_keeps_order(tmp_path) -> Non
     finally:
         shipper.close()
         aggregator.stop(grace_s=0)
+
+
+def test_agent_batches_with_huge_demangled_names_are_accepted(aggregator: Aggregator) -> None:
+    """LLVM's longest demangled symbols pass 8k characters: the agent cuts them to fit the
+    contract rather than have the aggregator refuse (and the agent drop) the whole batch."""
+    template = "llvm::DenseMap<" + "std::pair<int, int>, " * 400 + ">::grow(unsigned int)"
+    row = stack_row([Frame("main", "app", "native"), Frame(template, "libLLVM-15.so.1", "native")])
+    assert len(row.frames[1]) == schema.MAX_STRING_BYTES and row.frames[1].endswith("…")
+    message = batch(1, stacks=schema.encode(stacks_table({11: row, 12: STACKS[12]})))
+    assert send(aggregator, message)[0].rows_stored == 2
+    with aggregator.store.reader() as conn:
+        stored = conn.execute("SELECT frames[2] FROM stacks WHERE stack_id = 11").fetchone()[0]
+    assert stored == row.frames[1]
