@@ -211,7 +211,8 @@ class _Handler(BaseHTTPRequestHandler):
                 params = parse_qs(url.query, keep_blank_values=True, max_num_fields=200)
             except ValueError as exc:
                 raise BadRequest(str(exc)) from None
-            source = ConnectionSource(self.server.store.reader(), scope=self.scope)
+            store = self.server.store
+            source = ConnectionSource(store.reader(), scope=self.scope, identity=store.path)
             try:
                 answer = ENDPOINTS[url.path](source, params)
             finally:

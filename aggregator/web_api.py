@@ -18,9 +18,11 @@ from typing import Any, get_args
 from fleetprof.proto.schema import EVENT_UNITS
 from fleetprof.query.changes import function_changes
 from fleetprof.query.filters import SampleFilter, parse_time
-from fleetprof.query.flame import load_flame
+from fleetprof.query.flame import load_flame, load_flat
+from fleetprof.query.flame_index import FocusNotFound
 from fleetprof.query.flame_tree import gc_paused
 from fleetprof.query.render import RenderOptions
+from fleetprof.query.render.base import MIN_FRACTION
 from fleetprof.query.render.html import flame_payload
 from fleetprof.query.result_formats import json_value
 from fleetprof.query.source import ProfileSource
@@ -143,14 +145,34 @@ def meta(source: ProfileSource, params: Params) -> dict[str, object]:
     }
 
 
+def _focus(params: Params) -> list[str]:
+    """`focus`: a JSON array of frame names, the path from the root's child down to the
+    node to zoom into."""
+    text = _single(params, "focus")
+    if text is None:
+        return []
+    try:
+        focus = json.loads(text)
+    except json.JSONDecodeError:
+        focus = None
+    if not isinstance(focus, list) or not all(isinstance(name, str) for name in focus):
+        raise BadRequest('focus must be a JSON array of frame names, like ["app","main"]')
+    return focus
+
+
 def flame(source: ProfileSource, params: Params) -> dict[str, object]:
-    """The flame graph of one selection, as render.html.flame_payload gives it."""
-    _check_keys(params, ("event", *SELECTION_KEYS))
+    """The flame graph of one selection, as render.html.flame_payload gives it: the frames
+    of at least MIN_FRACTION of the whole, or with `focus` of the focused frame (its
+    subtree and its ancestors only), which is how the page zooms into narrow frames."""
+    _check_keys(params, ("event", "focus", *SELECTION_KEYS))
     event = _event(params)
     selection = selection_from(params, event)
-    with gc_paused():
-        tree = load_flame(source, selection)
-        return flame_payload(tree, _options(event, f"{event} flame graph"))
+    focus = _focus(params)
+    try:
+        tree = load_flat(source, selection, MIN_FRACTION, focus)
+    except FocusNotFound:
+        raise BadRequest(f"no frame path {focus!r} in this selection") from None
+    return flame_payload(tree, _options(event, f"{event} flame graph"), focus=focus)
 
 
 def top(source: ProfileSource, params: Params) -> dict[str, object]:

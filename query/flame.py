@@ -1,53 +1,70 @@
-"""Flame graphs: DuckDB merges the samples per stack, Python builds one tree per graph."""
+"""Flame graphs: DuckDB merges the samples per stack, the path index (flame_index.py)
+merges the stacks into a tree, keeping only what a graph can show when asked to."""
 
 from __future__ import annotations
 
-from itertools import pairwise
-from operator import itemgetter
-
-import pyarrow as pa
-import pyarrow.compute as pc
+import threading
+from collections.abc import Sequence
 
 from fleetprof.query.filters import SampleFilter
-from fleetprof.query.flame_tree import FlameNode, build_tree, gc_paused
+from fleetprof.query.flame_index import PathIndex, Selected
+from fleetprof.query.flame_tree import FlameNode, FlatTree
 from fleetprof.query.source import ProfileSource
 
+# Per database (a source's `identity`), the paths of the stacks read once serve every later
+# graph; a few databases at most, the least recently used dropped first.
+MAX_INDEXES = 4
+_indexes: dict[str, PathIndex] = {}
+_indexes_lock = threading.Lock()
 
-def flame_sql(selection: SampleFilter) -> str:
-    """Weights summed per (process name, stack); the process name becomes the root frame."""
-    # No ORDER BY: sorting lists of strings costs DuckDB more than Python's sort of the
-    # decoded rows, whose equal names are then one shared object each.
+
+def path_index(source: ProfileSource) -> PathIndex:
+    """The path index of the source's database; a new, unshared one when the source
+    cannot name its database (stack ids are hashes of their frames for agents and
+    imports, but any id can be stored, so paths are never shared across databases)."""
+    identity = getattr(source, "identity", None)
+    if identity is None:
+        return PathIndex()
+    with _indexes_lock:
+        index = _indexes.pop(identity, None) or PathIndex()
+        _indexes[identity] = index  # now the most recently used
+        while len(_indexes) > MAX_INDEXES:
+            del _indexes[next(iter(_indexes))]
+    return index
+
+
+def grouped_sql(selection: SampleFilter) -> str:
+    """Weights summed per (process name, stack): the only pass over the sample rows."""
     return f"""
-        SELECT list_prepend(m.comm, s.frames) AS frames,
-               list_prepend('process', s.kinds) AS kinds,
-               m.weight
-        FROM (
-            SELECT comm, stack_id, sum(weight)::BIGINT AS weight
-            FROM samples WHERE {selection.where()}
-            GROUP BY comm, stack_id
-        ) m
-        JOIN stacks s USING (stack_id)
+        SELECT comm, stack_id, sum(weight)::BIGINT AS weight
+        FROM samples WHERE {selection.where()}
+        GROUP BY comm, stack_id
     """
 
 
-def load_flame(source: ProfileSource, selection: SampleFilter) -> FlameNode:
-    with source.stream(flame_sql(selection)) as reader:
+def load_flat(
+    source: ProfileSource,
+    selection: SampleFilter,
+    min_fraction: float = 0.0,
+    focus: Sequence[str] = (),
+) -> FlatTree:
+    """The merged tree of the selection, the process names as the root's children.
+
+    `min_fraction` 0 gives the exact tree; above 0, only the nodes of at least that
+    fraction of the focused node's total (`PathIndex.merged`), each with its exact total
+    and self weight.
+    """
+    with source.stream(grouped_sql(selection)) as reader:
         table = reader.read_all()
-    with gc_paused():  # millions of new lists and strings, no cycles: the GC only costs
-        frames, kinds = _lists(table["frames"]), _lists(table["kinds"])
-        rows = list(zip(frames, kinds, table["weight"].to_pylist(), strict=True))
-        # sorted by frames, each row shares its prefix with the previous one: the fast path
-        rows.sort(key=itemgetter(0))
-    return build_tree(rows)
+    selected = Selected(
+        comms=table["comm"].combine_chunks(),
+        stack_ids=table["stack_id"].combine_chunks(),
+        weights=table["weight"].to_numpy(),
+        where=selection.where(),
+    )
+    return path_index(source).merged(source, selected, min_fraction, focus)
 
 
-def _lists(column: pa.ChunkedArray) -> list[list[str]]:
-    """A list<string> column as Python lists, each distinct string decoded once: a
-    stack's frames are mostly names that thousands of other stacks share."""
-    lists = pa.concat_arrays(column.chunks) if column.num_chunks else pa.array([], column.type)
-    encoded = pc.dictionary_encode(lists.flatten())
-    words = encoded.dictionary.to_pylist()
-    names = list(map(words.__getitem__, encoded.indices.to_pylist()))
-    offsets = lists.offsets.to_pylist()
-    first = offsets[0]
-    return [names[a - first : b - first] for a, b in pairwise(offsets)]
+def load_flame(source: ProfileSource, selection: SampleFilter) -> FlameNode:
+    """The exact merged tree of the selection, as linked nodes."""
+    return load_flat(source, selection).to_nodes()

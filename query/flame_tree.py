@@ -136,3 +136,65 @@ def _flush(path: list[FlameNode], pending: list[int], keep: int) -> None:
         pending[depth - 1] += weight
     del path[keep + 1 :]
     del pending[keep + 1 :]
+
+
+@dataclass(frozen=True)
+class FlatTree:
+    """A merged tree as columns in `FlameNode.walk()` order (pre-order, children in name
+    order): what the graph renderers draw. `frames` lists each distinct (name, kind) once
+    and `frame[i]` is node i's index in it; node 0 is the root.
+
+    A pruned tree (query/flame_index.py) leaves out the nodes too narrow to draw: every
+    node kept has its exact total and self weight, and its total exceeds its self weight
+    plus its kept children's totals by the weight of the children left out.
+    """
+
+    frames: list[tuple[str, str]]
+    frame: list[int]
+    depth: list[int]
+    total: list[int]
+    self_weight: list[int]
+
+    @classmethod
+    def of(cls, root: FlameNode) -> FlatTree:
+        frame_ids: dict[tuple[str, str], int] = {}
+        frame, depths, totals, selfs = [], [], [], []
+        with gc_paused():
+            for depth, _, node in root.walk():
+                frame.append(frame_ids.setdefault((node.name, node.kind), len(frame_ids)))
+                depths.append(depth)
+                totals.append(node.total)
+                selfs.append(node.self_weight)
+        return cls(list(frame_ids), frame, depths, totals, selfs)
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def offsets(self) -> list[int]:
+        """Per node, the weight left of it in flame-graph layout (children from their
+        parent's left edge, in order; self and left-out weight is the gap on the right)."""
+        offsets = []
+        cursor: list[int] = []  # cursor[d]: where the next child of the open depth-d node starts
+        for depth, total in zip(self.depth, self.total, strict=True):
+            del cursor[depth:]
+            offset = cursor[depth - 1] if depth else 0
+            if depth:
+                cursor[depth - 1] += total
+            cursor.append(offset)
+            offsets.append(offset)
+        return offsets
+
+    def to_nodes(self) -> FlameNode:
+        """The same tree as linked `FlameNode`s."""
+        path: list[FlameNode] = []
+        with gc_paused():
+            for frame, depth, total, self_weight in zip(
+                self.frame, self.depth, self.total, self.self_weight, strict=True
+            ):
+                name, kind = self.frames[frame]
+                node = FlameNode(name, kind, total, self_weight, {})
+                del path[depth:]
+                if path:
+                    path[-1].children[name] = node
+                path.append(node)
+        return path[0] if path else FlameNode(ROOT_NAME, "unknown", 0, 0, {})

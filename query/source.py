@@ -28,14 +28,17 @@ class ProfileSource(Protocol):
 
 class ConnectionSource:
     """An open, locked-down DuckDB connection: the aggregator's own database, in process;
-    with a scope, queries see only that scope's rows."""
+    with a scope, queries see only that scope's rows. `identity` names the database for
+    caches of its immutable rows (query/flame.py keeps stack paths per database)."""
 
     def __init__(
         self,
         conn: duckdb.DuckDBPyConnection,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         scope: AccessScope | None = None,
+        identity: str | None = None,
     ) -> None:
+        self.identity = identity
         self._conn = conn
         self._timeout_s = timeout_s
         self._prepare = limited_to(scope)
@@ -58,7 +61,10 @@ class DatabaseSource(ConnectionSource):
         timeout_s: float = DEFAULT_TIMEOUT_S,
         memory_limit: str | None = None,
     ) -> None:
-        super().__init__(open_read_only(path, memory_limit), timeout_s)
+        found = Path(path).resolve()
+        conn = open_read_only(path, memory_limit)
+        status = found.stat()  # with the inode: a file made anew at the path is another
+        super().__init__(conn, timeout_s, identity=f"{found}:{status.st_dev}:{status.st_ino}")
 
 
 class AggregatorSource:

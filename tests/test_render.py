@@ -215,7 +215,7 @@ def test_empty_tree_renders_everywhere() -> None:
     tree = build_tree([])
     assert render(FoldedRenderer(), tree) == ""
     ET.fromstring(render(SvgRenderer(), tree))
-    assert '"nodes":[0,0,0]' in render(HtmlRenderer(), tree)
+    assert '"nodes":[0,0,0,0]' in render(HtmlRenderer(), tree)
 
 
 # --- HTML ---------------------------------------------------------------------------
@@ -244,9 +244,15 @@ def test_html_payload_round_trips_hostile_names() -> None:
 def test_html_payload_is_the_tree_in_pre_order() -> None:
     tree = small_tree()
     data = html_payload(render(HtmlRenderer(), tree))
-    nodes = [data["nodes"][i : i + 3] for i in range(0, len(data["nodes"]), 3)]
-    decoded = [(data["frames"][f][0], depth, total) for f, depth, total in nodes]
-    assert decoded == [("all", 0, 10), ("main", 1, 10), ("a", 2, 7), ("b", 3, 5), ("c", 2, 3)]
+    nodes = [data["nodes"][i : i + 4] for i in range(0, len(data["nodes"]), 4)]
+    decoded = [(data["frames"][f][0], depth, total, own) for f, depth, total, own in nodes]
+    assert decoded == [
+        ("all", 0, 10, 0),
+        ("main", 1, 10, 0),
+        ("a", 2, 7, 2),
+        ("b", 3, 5, 5),
+        ("c", 2, 3, 3),
+    ]
     assert data["unit"] == "samples" and data["event"] == "cpu"
     main_kind, main_color = data["frames"][nodes[1][0]][1:]
     assert main_kind == "native" and main_color == frame_color("main", "native")

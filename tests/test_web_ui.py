@@ -11,6 +11,7 @@ import random
 import shutil
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,6 +32,7 @@ from fleetprof.proto.ingest.v1 import ingest_pb2
 from fleetprof.proto.security import ServerSecurity
 from fleetprof.query.flame_tree import build_tree
 from fleetprof.query.render import RenderOptions
+from fleetprof.query.render.base import MIN_FRACTION
 from fleetprof.query.render.html import HtmlRenderer
 from tests.conftest import require
 from tests.test_ingest import send
@@ -134,8 +136,8 @@ def decode_flame(payload: dict) -> dict[tuple[str, ...], int]:
     path: list[str] = []
     totals = {}
     nodes = payload["nodes"]
-    for i in range(0, len(nodes), 3):
-        frame, depth, total = nodes[i : i + 3]
+    for i in range(0, len(nodes), 4):
+        frame, depth, total, _ = nodes[i : i + 4]
         del path[depth:]
         path.append(payload["frames"][frame][0])
         totals[tuple(path[1:])] = total
@@ -203,7 +205,7 @@ def test_diff_carries_base_totals_aligned_with_the_comparison(served: Aggregator
     assert status == 200
     assert (diff["baseTotal"], diff["nodes"][2]) == (105, 115)
     nodes = diff["nodes"]
-    names = [diff["frames"][nodes[i]][0] for i in range(0, len(nodes), 3)]
+    names = [diff["frames"][nodes[i]][0] for i in range(0, len(nodes), 4)]
     base = dict(zip(names, diff["base"], strict=True))
     assert (base["compute_alpha"], base["compute_beta"], base["memcpy"]) == (70, 30, 10)
     # and the functions whose share changed most, from query/changes.py
@@ -562,6 +564,81 @@ def wide_stacks(count: int) -> dict[int, StackRow]:
     }
 
 
+def exact_totals(
+    stacks: dict[int, StackRow], weights: dict[int, int], comm: str = "app"
+) -> tuple[Counter[tuple[str, ...]], Counter[tuple[str, ...]]]:
+    """Brute force: total and self weight per path of names below the root."""
+    totals: Counter[tuple[str, ...]] = Counter()
+    selfs: Counter[tuple[str, ...]] = Counter()
+    for stack_id, weight in weights.items():
+        path = (comm, *stacks[stack_id].frames)
+        for depth in range(len(path) + 1):
+            totals[path[:depth]] += weight
+        selfs[path] += weight
+    return totals, selfs
+
+
+def decode_nodes(payload: dict) -> dict[tuple[str, ...], tuple[int, int]]:
+    """(total, self) per path of names below the root, from the flame payload."""
+    path: list[str] = []
+    nodes = payload["nodes"]
+    decoded = {}
+    for i in range(0, len(nodes), 4):
+        frame, depth, total, own = nodes[i : i + 4]
+        del path[depth:]
+        path.append(payload["frames"][frame][0])
+        decoded[tuple(path[1:])] = (total, own)
+    return decoded
+
+
+def test_flame_keeps_drawable_frames_exact_and_zooms_into_narrow_ones(
+    aggregator: Aggregator,
+) -> None:
+    stacks = wide_stacks(5_000)
+    rng = random.Random(9)
+    weights = {stack_id: rng.randint(1, 40) for stack_id in stacks}
+    send(aggregator, message(1, weights, T0, stacks))
+    totals, selfs = exact_totals(stacks, weights)
+    status, payload = get(aggregator, "api/flame")
+    assert status == 200
+    shown = decode_nodes(payload)
+    # every frame shown has its exact total and self weight, so parents stay exact
+    assert {path: totals[path] for path in shown} == {p: t for p, (t, _) in shown.items()}
+    assert all(own == selfs[path] for path, (_, own) in shown.items())
+    # exactly the frames of at least MIN_FRACTION of the whole are shown
+    wide = {path for path, total in totals.items() if total >= MIN_FRACTION * totals[()]}
+    assert set(shown) == wide
+    assert len(wide) < len(totals)  # some frames were too narrow to draw
+
+    # zooming into a frame fetches its subtree, complete to the same share of the frame
+    parent = max(
+        (p for p in wide if any(q[:-1] == p and q not in wide for q in totals)),
+        key=len,
+    )
+    status, zoomed = get(aggregator, "api/flame?focus=" + quote(json.dumps(parent)))
+    assert status == 200 and zoomed["focus"] == list(parent)
+    inside = decode_nodes(zoomed)
+    assert {path: totals[path] for path in inside} == {p: t for p, (t, _) in inside.items()}
+    below = {
+        path
+        for path, total in totals.items()
+        if path[: len(parent)] == parent and total >= MIN_FRACTION * totals[parent]
+    }
+    ancestors = {parent[:depth] for depth in range(len(parent))}
+    assert set(inside) == below | ancestors
+    assert any(path not in wide for path in inside)  # frames the whole graph left out
+
+    # a frame too narrow for the whole graph can be zoomed into directly, too
+    narrow = min((p for p in totals if p not in wide), key=lambda p: (totals[p], p))
+    status, tiny = get(aggregator, "api/flame?focus=" + quote(json.dumps(narrow)))
+    assert status == 200 and decode_nodes(tiny)[narrow][0] == totals[narrow]
+
+    status, error = get(aggregator, "api/flame?focus=" + quote('["app","nowhere"]'))
+    assert status == 400 and error["error"].startswith("no frame path ['app', 'nowhere']")
+    status, error = get(aggregator, "api/flame?focus=app")
+    assert status == 400 and "JSON array" in error["error"]
+
+
 def test_browser_draws_50k_stacks(aggregator: Aggregator, page: Any) -> None:
     stacks = wide_stacks(50_000)
     rng = random.Random(8)
@@ -583,11 +660,61 @@ def test_browser_draws_50k_stacks(aggregator: Aggregator, page: Any) -> None:
     # Reported, not asserted: speed targets are for benchmarks, not for unit tests on a
     # machine whose load the test does not control.
     print(
-        f"\nflame graph of 50,000 stacks ({frames:,} frames): whole page {page_load} ms; "
+        f"\nflame graph of 50,000 stacks ({frames:,} frames drawn): whole page {page_load} ms; "
         f"graph request to drawn {requests} ms (target < 1000 ms)"
     )
     shot(page, "07-flame-50k-stacks")
-    assert frames > 150_000
+    totals, _ = exact_totals(stacks, weights)
+    summary = page.locator("#flame .fg-summary")
+    assert f"Total: {totals[()]:,} samples" in summary.inner_text()
+
+    # click the narrowest frame still easy to click whose narrow callees were left out:
+    # its subtree is fetched, complete to MIN_FRACTION of the frame
+    target = page.evaluate(
+        """() => {
+            const fg = document.querySelector('#flame').flameGraph;
+            let best = -1;
+            for (let i = 1; i < fg.count; i++) {
+                const clickable = (fg.total[i] / fg.total[0]) * fg.width >= 4;
+                const narrower = best < 0 || fg.total[i] < fg.total[best];
+                if (fg.elided[i] > 0 && clickable && narrower) best = i;
+            }
+            const path = [];
+            for (let a = best; a > 0; a = fg.parent[a]) {
+                path.unshift(fg.data.frames[fg.frameOf[a]][0]);
+            }
+            const box = fg.canvas.getBoundingClientRect();
+            const scale = fg.width / fg.total[0];
+            const x = box.left + (fg.left[best] + fg.total[best] / 2) * scale;
+            return { path, x, y: box.top + fg.rowTop(fg.depthOf[best]) + 8 };
+        }"""
+    )
+    before = page.evaluate("document.querySelector('#flame').flameGraph.count")
+    page.mouse.click(target["x"], target["y"])
+    target = target["path"]
+    loaded(page, "flame")
+    expect(summary).to_contain_text(f"Zoomed: {target[-1]}")
+    zoomed = page.evaluate(
+        """() => {
+            const fg = document.querySelector('#flame').flameGraph;
+            const shown = [];
+            const path = [];
+            for (let i = 0; i < fg.count; i++) {
+                path.length = fg.depthOf[i];
+                path.push(fg.data.frames[fg.frameOf[i]][0]);
+                shown.push([path.slice(1), fg.total[i]]);
+            }
+            return { focus: fg.data.focus, shown };
+        }"""
+    )
+    assert zoomed["focus"] == target
+    assert all(totals[tuple(path)] == total for path, total in zoomed["shown"])
+    narrower = [p for p, _ in zoomed["shown"] if totals[tuple(p)] < MIN_FRACTION * totals[()]]
+    assert narrower, "the zoomed graph shows the callees the whole graph left out"
+    shot(page, "07b-flame-50k-zoomed")
+    page.keyboard.press("Escape")
+    assert "Zoomed" not in summary.inner_text()
+    assert page.evaluate("document.querySelector('#flame').flameGraph.count") == before
 
 
 def test_browser_standalone_html_uses_the_same_graph(tmp_path: Path, page: Any) -> None:

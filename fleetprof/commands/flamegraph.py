@@ -104,7 +104,7 @@ def write_graph(
     sandwich_of: str | None = None,
 ) -> int:
     """Write the selection's graph in the format output's suffix names; returns its total."""
-    from fleetprof.query.flame import load_flame
+    from fleetprof.query.flame import load_flame, load_flat
     from fleetprof.query.render import renderer_for
     from fleetprof.query.render.base import RowRenderer
     from fleetprof.query.sandwich import sandwich
@@ -120,6 +120,14 @@ def write_graph(
             Path(output).unlink()
             raise nothing
         return total
+    if renderer.min_fraction and not sandwich_of:
+        # a drawn graph needs no frame it cannot draw (the sandwich merges them all)
+        flat = load_flat(source, selection, renderer.min_fraction)
+        if flat.total[0] == 0:
+            raise nothing
+        with open(output, "wb") as out:
+            renderer.render(flat, options, out)
+        return flat.total[0]
     tree = load_flame(source, selection)
     if tree.total == 0:
         raise nothing

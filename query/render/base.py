@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO, Literal, Protocol, get_args, runtime_checkable
 
 import pyarrow as pa
 
 from fleetprof.query.filters import SampleFilter
-from fleetprof.query.flame_tree import FlameNode
+from fleetprof.query.flame_tree import FlameNode, FlatTree
 
 Unit = Literal["samples", "ns"]
+
+# The drawn graphs (HTML, SVG) leave out frames narrower than this share of the whole:
+# 0.1 px of flamegraph.pl's 1,200 px (its --minwidth default), which nothing draws. The
+# frames kept have exact totals; the text formats (folded, speedscope) stay exact.
+MIN_FRACTION = 0.1 / 1200
 
 
 @dataclass(frozen=True)
@@ -37,11 +43,14 @@ class RenderOptions:
 
 
 class Renderer(Protocol):
-    """A format of the merged call tree."""
+    """A format of the merged call tree. `min_fraction` > 0: the format draws no node
+    narrower than that share of the whole, so it may be given a tree pruned there
+    (`FlatTree`, query/flame.py load_flat); 0: it needs the exact tree."""
 
     suffixes: tuple[str, ...]
+    min_fraction: float
 
-    def render(self, tree: FlameNode, options: RenderOptions, out: BinaryIO) -> None: ...
+    def render(self, tree: FlameNode | FlatTree, options: RenderOptions, out: BinaryIO) -> None: ...
 
 
 @runtime_checkable
@@ -120,6 +129,7 @@ _PALETTES = {
 _KIND_PALETTE = {"jit": "green", "interpreted": "green", "kernel": "orange"}
 
 
+@lru_cache(maxsize=1 << 16)  # the same few thousand frames in every graph
 def frame_color(name: str, kind: str) -> str:
     """A `#rrggbb` colour from the kind's palette, varied by a stable hash of the name so
     a function keeps its colour across graphs and runs."""

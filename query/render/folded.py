@@ -13,6 +13,7 @@ _SANITIZE = str.maketrans({";": ":", "\n": " ", "\r": " "})
 
 class FoldedRenderer:
     suffixes: tuple[str, ...] = (".folded", ".collapsed")
+    min_fraction: float = 0.0  # exact: every path, however light
 
     def render(self, tree: FlameNode, options: RenderOptions, out: BinaryIO) -> None:
         """One line per path with self weight, sorted, without the synthetic root; weights

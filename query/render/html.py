@@ -7,13 +7,14 @@ which serves the same files; here they are inlined so the file needs nothing els
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from functools import cache
 from importlib.resources import files
 from typing import BinaryIO
 
 from fleetprof.query.diff import base_totals
-from fleetprof.query.flame_tree import FlameNode, gc_paused
-from fleetprof.query.render.base import RenderOptions, frame_color
+from fleetprof.query.flame_tree import FlameNode, FlatTree
+from fleetprof.query.render.base import MIN_FRACTION, RenderOptions, frame_color
 
 _PAYLOAD = "__FLEETPROF_PAYLOAD__"
 _CSS = "/*__FLEETPROF_FLAMEGRAPH_CSS__*/"
@@ -37,31 +38,35 @@ def _page() -> str:
 
 
 def flame_payload(
-    tree: FlameNode, options: RenderOptions, base: FlameNode | None = None
+    tree: FlameNode | FlatTree,
+    options: RenderOptions,
+    base: FlameNode | None = None,
+    focus: Sequence[str] = (),
 ) -> dict[str, object]:
     """The tree for flamegraph.js, flat so that deep stacks cannot hit recursion limits
     (in json or in the browser): `frames` lists each distinct `[name, kind, colour]` once,
-    and `nodes` holds `frame index, depth, total` per node in pre-order, children in name
-    order; the page rebuilds offsets and self weights from that.
+    and `nodes` holds `frame index, depth, total, self weight` per node in pre-order,
+    children in name order; the page rebuilds offsets from that, and the weight of frames
+    a pruned tree left out (total - self - children) from the self weights.
 
-    With a `base` tree the payload is differential (query/diff.py): `base` holds the base's
-    total per node, in the same order, and `baseTotal` its whole."""
-    frame_ids: dict[tuple[str, str], int] = {}
-    nodes: list[int] = []
-    with gc_paused():  # 8x faster on a tree of 1.4M nodes (benchmarks/flame_query.py)
-        for depth, _, node in tree.walk():
-            key = (node.name, node.kind)
-            frame_id = frame_ids.setdefault(key, len(frame_ids))
-            nodes += (frame_id, depth, node.total)
+    With a `base` tree (the comparison `tree` then being a `FlameNode`) the payload is
+    differential (query/diff.py): `base` holds the base's total per node, in the same
+    order, and `baseTotal` its whole. `focus` is the path of names a focused tree
+    (PathIndex.merged) was made for: its node follows its ancestors in `nodes`."""
+    flat = tree if isinstance(tree, FlatTree) else FlatTree.of(tree)
+    quads = zip(flat.frame, flat.depth, flat.total, flat.self_weight, strict=True)
     payload: dict[str, object] = {
         "title": options.title,
         "subtitle": options.subtitle,
         "event": options.event,
         "unit": options.unit,
-        "frames": [[name, kind, frame_color(name, kind)] for name, kind in frame_ids],
-        "nodes": nodes,
+        "frames": [[name, kind, frame_color(name, kind)] for name, kind in flat.frames],
+        "nodes": [value for quad in quads for value in quad],
+        "focus": list(focus),
     }
     if base is not None:
+        if not isinstance(tree, FlameNode):
+            raise TypeError("a differential payload compares whole trees (FlameNode)")
         payload["base"] = base_totals(base, tree)
         payload["baseTotal"] = base.total
     return payload
@@ -69,8 +74,9 @@ def flame_payload(
 
 class HtmlRenderer:
     suffixes: tuple[str, ...] = (".html", ".htm")
+    min_fraction: float = MIN_FRACTION
 
-    def render(self, tree: FlameNode, options: RenderOptions, out: BinaryIO) -> None:
+    def render(self, tree: FlameNode | FlatTree, options: RenderOptions, out: BinaryIO) -> None:
         self._write(flame_payload(tree, options), out)
 
     def render_diff(

@@ -54,6 +54,7 @@ def speedscope_document(tree: FlameNode, options: RenderOptions) -> dict[str, ob
 
 class SpeedscopeRenderer:
     suffixes: tuple[str, ...] = (".speedscope.json", ".json")
+    min_fraction: float = 0.0  # exact: every path, however light
 
     def render(self, tree: FlameNode, options: RenderOptions, out: BinaryIO) -> None:
         document = speedscope_document(tree, options)

@@ -8,8 +8,14 @@ import re
 from typing import BinaryIO
 
 from fleetprof.query.diff import base_totals
-from fleetprof.query.flame_tree import FlameNode
-from fleetprof.query.render.base import RenderOptions, diff_color, format_weight, frame_color
+from fleetprof.query.flame_tree import FlameNode, FlatTree
+from fleetprof.query.render.base import (
+    MIN_FRACTION,
+    RenderOptions,
+    diff_color,
+    format_weight,
+    frame_color,
+)
 
 WIDTH = 1200
 PAD_X = 10
@@ -38,8 +44,9 @@ def _label(name: str, width: float) -> str:
 
 class SvgRenderer:
     suffixes: tuple[str, ...] = (".svg",)
+    min_fraction: float = MIN_FRACTION  # below MIN_WIDTH_PX of the plot
 
-    def render(self, tree: FlameNode, options: RenderOptions, out: BinaryIO) -> None:
+    def render(self, tree: FlameNode | FlatTree, options: RenderOptions, out: BinaryIO) -> None:
         self._render(tree, None, options, out)
 
     def render_diff(
@@ -48,26 +55,29 @@ class SvgRenderer:
         self._render(tree, base, options, out)
 
     def _render(
-        self, tree: FlameNode, base: FlameNode | None, options: RenderOptions, out: BinaryIO
+        self,
+        tree: FlameNode | FlatTree,
+        base: FlameNode | None,
+        options: RenderOptions,
+        out: BinaryIO,
     ) -> None:
+        flat = tree if isinstance(tree, FlatTree) else FlatTree.of(tree)
         plot_width = WIDTH - 2 * PAD_X
-        total = tree.total
+        total = flat.total[0]
         scale = plot_width / total if total else 0.0
         min_total = MIN_WIDTH_PX / scale if total else 0.0
-        # frames under MIN_WIDTH_PX are invisible; walk() drops them with their subtrees
-        frames = list(tree.walk(min_total)) if total else []
-        changes = [0.0] * len(frames)
-        if base is not None and total:
-            # base_totals follows the unpruned walk; a child is never wider than its
-            # parent, so keeping the wide enough nodes gives the pruned walk again
-            pairs = zip(tree.walk(), base_totals(base, tree), strict=True)
-            befores = [b for (_, _, n), b in pairs if n.total > 0 and n.total >= min_total]
+        # frames under MIN_WIDTH_PX are invisible; their children are narrower still
+        shown = [i for i, weight in enumerate(flat.total) if weight > 0 and weight >= min_total]
+        offsets = flat.offsets()
+        changes = [0.0] * len(shown)
+        if base is not None and total and isinstance(tree, FlameNode):
+            befores = base_totals(base, tree)  # aligned with FlatTree.of(tree)
             changes = [
-                n.total / total - (b / base.total if base.total else 0.0)
-                for (_, _, n), b in zip(frames, befores, strict=True)
+                flat.total[i] / total - (befores[i] / base.total if base.total else 0.0)
+                for i in shown
             ]
         largest = max(map(abs, changes), default=0.0)
-        rows = 1 + max((depth for depth, _, _ in frames), default=0)
+        rows = 1 + max((flat.depth[i] for i in shown), default=0)
         top = FONT_SIZE * (5 if options.subtitle else 3)
         height = top + rows * ROW_HEIGHT + PAD_BOTTOM
 
@@ -94,24 +104,26 @@ class SvgRenderer:
             f"Event: {_xml(options.event)}   Total: {format_weight(total, options.unit)}</text>\n"
         )
         bottom = height - PAD_BOTTOM
-        for (depth, offset, node), change in zip(frames, changes, strict=True):
-            x = PAD_X + offset * scale
-            width = node.total * scale
+        for i, change in zip(shown, changes, strict=True):
+            depth, node_total = flat.depth[i], flat.total[i]
+            name, kind = flat.frames[flat.frame[i]]
+            x = PAD_X + offsets[i] * scale
+            width = node_total * scale
             y = top + depth * ROW_HEIGHT if options.icicle else bottom - (depth + 1) * ROW_HEIGHT
-            weight = format_weight(node.total, options.unit)
-            percent = 100 * node.total / total
+            weight = format_weight(node_total, options.unit)
+            percent = 100 * node_total / total
             if base is None:
-                title = f"{node.name} ({weight}, {percent:.2f}%)"
-                fill = frame_color(node.name, node.kind)
+                title = f"{name} ({weight}, {percent:.2f}%)"
+                fill = frame_color(name, kind)
             else:
-                title = f"{node.name} ({weight}, {percent:.2f}%, {100 * change:+.2f} points)"
+                title = f"{name} ({weight}, {percent:.2f}%, {100 * change:+.2f} points)"
                 fill = diff_color(change, largest)
             parts.append(
                 f'<g class="frame"><title>{_xml(title)}</title>'
                 f'<rect x="{x:.2f}" y="{y}" width="{width:.2f}" height="{ROW_HEIGHT - 1}" '
                 f'fill="{fill}" rx="2" ry="2"/>'
             )
-            label = _label(node.name, width)
+            label = _label(name, width)
             if label:
                 parts.append(f'<text x="{x + 3:.2f}" y="{y + 11.5}">{_xml(label)}</text>')
             parts.append("</g>\n")

@@ -5,9 +5,14 @@
 // page as canvas text or textContent, never as markup.
 
 // The payload (query/render/html.py flame_payload) is flat: `frames` lists each distinct
-// [name, kind, colour] once, `nodes` is [frame index, depth, total] per node in pre-order.
+// [name, kind, colour] once, `nodes` is [frame index, depth, total, self] per node in
+// pre-order. Frames too narrow to draw may be left out of it, their weight kept in their
+// parent's total: the part of a total that is neither self nor a child is "elided".
 // A differential payload adds `base`: the base selection's total per node (same order)
 // and `baseTotal`; frames are then coloured by the change of their normalised share.
+// `focus` (the web UI's zoom into elided frames): the names from the root down to the
+// focused frame, which follows its ancestors in `nodes`; its subtree is complete down to
+// the same share of its own total.
 class FlameGraph {
   static ROW = 16;           // px per stack level
   static MIN_PX = 0.5;       // narrower frames are skipped (with their subtrees)
@@ -56,6 +61,8 @@ class FlameGraph {
     this.charWidth = 7;
     this.icicle = false;
     this.drawPending = false;
+    // Set by a page that can fetch a focused payload (the web UI): path => Promise<data>.
+    this.fetchFocus = null;
     this.show(data);
     this.bind();
   }
@@ -63,9 +70,10 @@ class FlameGraph {
   // Replace the graph with a new payload; zoom and search matches start over.
   show(data) {
     this.data = data;
+    if (!data.focus?.length) this.rootData = data;  // where zooming out returns to
     const frames = data.frames;
     const flat = data.nodes;
-    const count = flat.length / 3;
+    const count = flat.length / 4;
     this.count = count;
     this.frameOf = new Int32Array(count);
     this.depthOf = new Int32Array(count);
@@ -74,7 +82,9 @@ class FlameGraph {
     this.total = new Float64Array(count);
     this.left = new Float64Array(count);    // weight left of the node
     this.self = new Float64Array(count);
-    const { frameOf, depthOf, parent, end, total, left, self } = this;
+    this.elided = new Float64Array(count);  // weight of children left out of the payload
+    this.elidedBelow = new Uint8Array(count);  // 1: the subtree lacks some frames
+    const { frameOf, depthOf, parent, end, total, left, self, elided, elidedBelow } = this;
     let maxDepth = 0;
     const open = [];    // open[d]: the current node at depth d
     const cursor = [];  // cursor[d]: where the next child of open[d] starts
@@ -82,14 +92,17 @@ class FlameGraph {
       while (open.length > keep) {
         const i = open.pop();
         end[i] = at;
-        self[i] = total[i] - (cursor[depthOf[i]] - left[i]);
+        elided[i] = total[i] - self[i] - (cursor[depthOf[i]] - left[i]);
+        if (elided[i] > 0) elidedBelow[i] = 1;
+        if (elidedBelow[i] && i > 0) elidedBelow[parent[i]] = 1;
       }
     };
     for (let i = 0; i < count; i++) {
-      const d = flat[3 * i + 1];
-      frameOf[i] = flat[3 * i];
+      const d = flat[4 * i + 1];
+      frameOf[i] = flat[4 * i];
       depthOf[i] = d;
-      total[i] = flat[3 * i + 2];
+      total[i] = flat[4 * i + 2];
+      self[i] = flat[4 * i + 3];
       close(d, i);
       if (d === 0) {
         parent[i] = -1;
@@ -281,6 +294,11 @@ class FlameGraph {
       lines.push(`${percent(total[i], total[zoom])} of the zoomed frame`);
     }
     lines.push(`self: ${this.formatWeight(self[i])} (${percent(self[i], total[0])})`);
+    if (this.elided[i] > 0) {
+      const narrow = this.elided[i];
+      lines.push(`narrower callees: ${this.formatWeight(narrow)} (${percent(narrow, total[0])})` +
+        (this.fetchFocus ? ", click to zoom in" : ", not in this file"));
+    }
     if (data.base) {
       const before = data.base[i];
       const sign = this.change[i] >= 0 ? "+" : "";
@@ -314,6 +332,24 @@ class FlameGraph {
       text += `   Zoomed: ${name} (${FlameGraph.percent(total[zoom], total[0])})`;
     }
     this.summary.textContent = text;
+  }
+
+  // Zoom into node i. With fetchFocus, a frame whose subtree lacks frames (or an
+  // ancestor of a focused payload's frame) is fetched again, focused, so every frame
+  // can be zoomed into; the root comes back from the unfocused payload.
+  async zoomTo(i) {
+    const focused = this.data.focus?.length ?? 0;
+    if (this.fetchFocus && i === 0 && focused) {
+      this.show(this.rootData);
+    } else if (this.fetchFocus && i > 0 && (this.elidedBelow[i] || i < focused)) {
+      const path = [];
+      for (let a = i; a > 0; a = this.parent[a]) path.unshift(this.data.frames[this.frameOf[a]][0]);
+      const data = await this.fetchFocus(path);
+      if (!data) return;
+      this.show(data);
+      i = path.length;  // the focused frame follows its ancestors
+    }
+    this.setZoom(i);
   }
 
   setZoom(i) {
@@ -386,9 +422,9 @@ class FlameGraph {
     });
     canvas.addEventListener("click", (event) => {
       const i = this.frameAt(event.offsetX, event.offsetY);
-      if (i >= 0) this.setZoom(i);
+      if (i >= 0) this.zoomTo(i);
     });
-    this.resetButton.addEventListener("click", () => this.setZoom(0));
+    this.resetButton.addEventListener("click", () => this.zoomTo(0));
     this.orientationButton.addEventListener("click", () => {
       this.icicle = !this.icicle;
       this.orientationButton.textContent = this.icicle ? "Switch to flame" : "Switch to icicle";
@@ -404,7 +440,7 @@ class FlameGraph {
         this.search.focus();
         this.search.select();
       } else if (event.key === "Escape") {
-        this.setZoom(0);
+        this.zoomTo(0);
       }
     });
     // also redraws a graph whose hidden tab is shown, as its width changes from 0

@@ -125,11 +125,25 @@
       if (stale()) return "";
       if (graphs[view]) graphs[view].show(data);
       else graphs[view] = new FlameGraph($(view), data);
+      if (view === "flame") {
+        // zooming into a frame whose narrow callees were left out fetches its subtree
+        graphs.flame.fetchFocus = async (path) => {
+          const focus = encodeURIComponent(JSON.stringify(path));
+          let subtree = null;
+          await request("flame", async (stale) => {
+            const data = await api(`/api/flame?${query}&focus=${focus}`);
+            if (stale()) return "";
+            subtree = data;
+            return `${integer(data.nodes.length / 4)} frames under ${path.at(-1)}`;
+          });
+          return subtree;
+        };
+      }
       return describe(data);
     });
   }
 
-  const loadFlame = () => loadGraph("flame", (data) => `${integer(data.nodes.length / 3)} frames`);
+  const loadFlame = () => loadGraph("flame", (data) => `${integer(data.nodes.length / 4)} frames`);
 
   function loadDiff() {
     return loadGraph("diff", (data) => {

@@ -1,0 +1,155 @@
+"""Pruned flame trees (query/flame_index.py) against brute force, on a real DuckDB store."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from fleetprof.aggregator.storage import ProfileStore
+from fleetprof.node_agent.batch import StackRow, stack_id, stacks_table
+from fleetprof.proto import schema
+from fleetprof.query.filters import SampleFilter
+from fleetprof.query.flame import load_flame, load_flat
+from fleetprof.query.flame_index import FocusNotFound
+from fleetprof.query.flame_tree import FlatTree
+from fleetprof.query.source import ConnectionSource
+
+FramePath = tuple[str, ...]
+NAMES = [f"f{i}" for i in range(30)]
+
+
+def random_stacks(rng: random.Random, count: int) -> list[StackRow]:
+    """Stacks sharing prefixes, as real call trees do, some of them narrow and deep."""
+    grown: list[tuple[str, ...]] = [("main",)]
+    while len(grown) < count:
+        parent = rng.choice(grown)
+        grown.append(parent[: rng.randint(1, len(parent))] + tuple(rng.choices(NAMES, k=3)))
+    unique = sorted(set(grown))
+    return [StackRow(s, ("app",) * len(s), ("native",) * len(s)) for s in unique]
+
+
+class Store:
+    """A real store the test appends to, read the way the aggregator's web UI reads it."""
+
+    def __init__(self, path: Path) -> None:
+        self.store = ProfileStore(path)
+        self.sequence = 0
+        self.samples: list[tuple[str, StackRow, int]] = []
+
+    def add(self, rows: list[tuple[str, StackRow, int]]) -> None:
+        self.sequence += 1
+        samples = schema.samples_table(
+            {
+                "ts": [datetime.now(UTC)] * len(rows),
+                "pid": [1] * len(rows),
+                "tid": [1] * len(rows),
+                "comm": [comm for comm, _, _ in rows],
+                "event": ["cpu"] * len(rows),
+                "stack_id": [stack_id(stack) for _, stack, _ in rows],
+                "weight": [weight for _, _, weight in rows],
+            }
+        )
+        stacks = stacks_table({stack_id(stack): stack for _, stack, _ in rows})
+        self.store.append("agent", self.sequence, "node", samples, stacks)
+        self.samples += rows
+
+    def source(self) -> ConnectionSource:
+        return ConnectionSource(self.store.reader(), identity=self.store.path)
+
+    def brute_force(self) -> tuple[Counter[FramePath], Counter[FramePath]]:
+        """Total and self weight per path of names below the root "all"."""
+        totals: Counter[FramePath] = Counter({(): 0})
+        selfs: Counter[FramePath] = Counter()
+        for comm, stack, weight in self.samples:
+            path = (comm, *stack.frames)
+            for depth in range(len(path) + 1):
+                totals[path[:depth]] += weight
+            selfs[path] += weight
+        return totals, selfs
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    store = Store(tmp_path / "profiles.duckdb")
+    yield store
+    store.store.close()
+
+
+def paths(tree: FlatTree) -> dict[FramePath, tuple[int, int]]:
+    """(total, self) per path of names below the root, checking the walk order."""
+    found: dict[FramePath, tuple[int, int]] = {}
+    path: list[str] = []
+    for frame, depth, total, own in zip(
+        tree.frame, tree.depth, tree.total, tree.self_weight, strict=True
+    ):
+        del path[depth:]
+        path.append(tree.frames[frame][0])
+        found[tuple(path[1:])] = (total, own)
+    return found
+
+
+def fill(store: Store, rng: random.Random, count: int) -> None:
+    stacks = random_stacks(rng, count)
+    store.add(
+        [(rng.choice(("java", "python")), stack, rng.choice((1, 1, 2, 50))) for stack in stacks]
+    )
+
+
+def test_pruned_tree_keeps_exact_totals_of_every_wide_node(store: Store) -> None:
+    rng = random.Random(1)
+    fill(store, rng, 3_000)
+    totals, selfs = store.brute_force()
+    source = store.source()
+    for fraction in (0.0, 1e-4, 1e-3, 0.05):
+        tree = load_flat(source, SampleFilter(), fraction)
+        shown = paths(tree)
+        wide = {p for p, t in totals.items() if t > 0 and t >= fraction * totals[()]}
+        assert set(shown) == wide, fraction
+        assert shown == {p: (totals[p], selfs[p]) for p in wide}
+        # the walk order is FlameNode.walk()'s, so the renderers draw what they drew
+        exact = FlatTree.of(load_flame(source, SampleFilter()))
+        kept = [i for i, t in enumerate(exact.total) if t >= fraction * totals[()]]
+        assert [exact.frames[exact.frame[i]] for i in kept] == [
+            tree.frames[frame] for frame in tree.frame
+        ]
+
+
+def test_focus_reaches_any_narrow_node_with_its_ancestors(store: Store) -> None:
+    rng = random.Random(2)
+    fill(store, rng, 2_000)
+    totals, selfs = store.brute_force()
+    source = store.source()
+    fraction = 0.01
+    whole = paths(load_flat(source, SampleFilter(), fraction))
+    narrow = [p for p in totals if p not in whole and len(p) > 2]
+    assert narrow
+    for focus in rng.sample(narrow, 20):
+        shown = paths(load_flat(source, SampleFilter(), fraction, focus))
+        ancestors = {focus[:depth] for depth in range(len(focus))}
+        below = {
+            p
+            for p, t in totals.items()
+            if p[: len(focus)] == focus and t >= fraction * totals[focus]
+        }
+        assert set(shown) == ancestors | below
+        assert shown == {p: (totals[p], selfs[p]) for p in shown}
+    with pytest.raises(FocusNotFound):
+        load_flat(source, SampleFilter(), fraction, ("java", "no such frame"))
+
+
+def test_stacks_stored_later_join_the_cached_paths(store: Store) -> None:
+    rng = random.Random(3)
+    fill(store, rng, 500)
+    load_flat(store.source(), SampleFilter(), 1e-3)  # caches the first stacks' paths
+    fill(store, rng, 800)  # new stacks, and more weight on old ones
+    fill(store, rng, 500)
+    totals, selfs = store.brute_force()
+    tree = load_flat(store.source(), SampleFilter(), 0.0)
+    assert paths(tree) == {p: (t, selfs[p]) for p, t in totals.items()}
+    java = paths(load_flat(store.source(), SampleFilter(comms=("java",)), 0.0))
+    assert java[()][0] == totals[("java",)] and ("python",) not in java
