@@ -7,13 +7,14 @@ import json
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
 import pyarrow as pa
 import pytest
 
+from fleetprof.aggregator.partitions import Partitions
 from fleetprof.aggregator.server import Aggregator
 from fleetprof.node_agent.batch import StackRow, stack_id, stacks_table
 from fleetprof.proto import schema
@@ -48,22 +49,27 @@ def limited_aggregator(tmp_path: Path) -> Iterator[Aggregator]:
     server = Aggregator(
         tmp_path / "p.duckdb", "127.0.0.1:0", security=security, http_listen="127.0.0.1:0"
     )
+    # Each job in a closed hour (sealed into the lake below) and in the open one.
     now = datetime.now(UTC)
-    for sequence, (job, (namespace, weight, pid)) in enumerate(JOBS.items(), start=1):
+    batches = [(ts, job) for ts in (now - timedelta(hours=3), now) for job in JOBS]
+    for sequence, (ts, job) in enumerate(batches, start=1):
+        namespace, weight, pid = JOBS[job]
         samples = pa.Table.from_pylist(
             [
-                {"ts": now, "pid": pid, "tid": pid, "comm": job, "event": "cpu",
+                {"ts": ts, "pid": pid, "tid": pid, "comm": job, "event": "cpu",
                  "stack_id": IDS[job], "weight": weight, "job": job, "namespace": namespace}
             ],
             schema=schema.SAMPLES,
         )  # fmt: skip
         writes = pa.Table.from_pylist(
-            [{"ts": now, "pid": pid, "comm": job, "device": "vda", "op": "write",
+            [{"ts": ts, "pid": pid, "comm": job, "device": "vda", "op": "write",
               "bucket_le_ns": 1 << 17, "count": weight}],
             schema=schema.IO_LATENCY,
         )  # fmt: skip
         stacks = stacks_table({IDS[job]: STACKS[job]})
         server.store.append("agent-1", sequence, "node-1", samples, stacks, io_latency=writes)
+    Partitions(server.store).maintain(now)
+    assert list(server.store.lake.rglob("*.parquet"))
     server.start()
     yield server
     server.stop(grace_s=0)
@@ -103,13 +109,13 @@ def test_sql_sees_only_the_tokens_jobs(limited_aggregator: Aggregator) -> None:
         "etl-42"
     }
     flame = sql(limited_aggregator, ETL_ONLY, "SELECT folded, weight FROM flame('cpu')")
-    assert flame == [{"folded": "etl-42;main;etl-42.work", "weight": 30}]
+    assert flame == [{"folded": "etl-42;main;etl-42.work", "weight": 60}]
     functions = sql(limited_aggregator, TEAM_WEB, "SELECT DISTINCT function FROM frames")
     assert {row["function"] for row in functions} == {"main", "frontend.work"}
     writes = sql(
         limited_aggregator, ETL_ONLY, "SELECT comm, sum(count) AS n FROM io_latency GROUP BY comm"
     )
-    assert writes == [{"comm": "etl-42", "n": 30}]
+    assert writes == [{"comm": "etl-42", "n": 60}]
     assert sql(limited_aggregator, ETL_ONLY, "SELECT count(*) AS n FROM ingested_batches") == [
         {"n": 0}
     ]
