@@ -4,12 +4,14 @@ partitions they should."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -23,6 +25,7 @@ from fleetprof.node_agent.batch import StackRow, stacks_table
 from fleetprof.proto import lake, schema
 from fleetprof.query.sandbox import QueryError
 from fleetprof.query.source import AggregatorSource, DatabaseSource
+from tests.test_faults import small_disk  # noqa: F401 (fixture)
 
 STACKS = {
     11: StackRow(("main", "compute_alpha"), ("app", "app"), ("native", "native")),
@@ -343,3 +346,27 @@ def test_storage_flags_refuse_bad_values_in_one_line(
     assert main(["aggregator", "--db", db, "--name", "a_b", "--listen", "127.0.0.1:0"]) == 2
     assert "bad aggregator name 'a_b'" in capsys.readouterr().err
     assert parse_size("10GB") == 10_000_000_000 and parse_size("2GiB") == 2 * 1024**3
+
+
+def test_a_full_lake_disk_fails_the_seal_and_loses_nothing(
+    tmp_path: Path,
+    small_disk: Path,  # noqa: F811 (the fixture imported above)
+) -> None:
+    store = ProfileStore(tmp_path / "p.duckdb", small_disk / "lake", name="agg1")
+    fill_hours(store, HOURS[-3:-1])
+    before = per_hour(store)
+    filler = small_disk / "filler"
+    with open(filler, "wb") as file, contextlib.suppress(OSError):
+        while True:
+            file.write(b"\0" * 65536)
+            file.flush()
+
+    with pytest.raises(duckdb.Error):
+        Partitions(store).maintain(NOW)
+    assert per_hour(store) == before and live_rows(store) == 48
+    assert [p.name for p in small_disk.rglob("*") if p.is_file()] == ["filler"]
+
+    filler.unlink()
+    Partitions(store).maintain(NOW)
+    assert per_hour(store) == before and live_rows(store) == 0
+    store.close()
