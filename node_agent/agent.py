@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import socket
 import threading
 import time
@@ -14,6 +15,7 @@ from typing import Any
 from fleetprof.node_agent.assignment import assigned_aggregator
 from fleetprof.node_agent.batch import Batch, BatchBuilder
 from fleetprof.node_agent.control import ControlClient
+from fleetprof.node_agent.host_sampling import HostSampling
 from fleetprof.node_agent.jobs import JobResolver
 from fleetprof.node_agent.jvms import Jvms
 from fleetprof.node_agent.kubernetes import KubernetesMetadata
@@ -56,6 +58,10 @@ class AgentConfig:
     job_resolvers: tuple[dict[str, Any], ...] = ()
     # Outside a pod, a kubeconfig gives pod metadata; with neither, pod columns stay NULL.
     kubeconfig: str | None = None
+    # Probability that an interval's continuous-mode samples ship (weights scaled by 1/p);
+    # the seed makes the choices reproducible (tests).
+    host_sampling: float = 1.0
+    host_sampling_seed: int | None = None
 
 
 class Agent:
@@ -78,6 +84,9 @@ class Agent:
         pods.start()
         self.owners = ProcessOwners(JobResolver.from_config(config.job_resolvers, pods), pods)
         self._builder = BatchBuilder(self.symbolizer, self.owners)
+        self.host_sampling = HostSampling(
+            config.host_sampling, random.Random(config.host_sampling_seed)
+        )
         # Loaded now rather than in the first drain, which must stay short: process events
         # wait while a drain runs, and a short-lived process can be gone by then.
         self.symbolizer.symbolize_kernel([0])
@@ -90,14 +99,16 @@ class Agent:
         # On-demand sessions: ordered over the control stream, one SessionRun each.
         self._control = ControlClient(self.aggregator, config.security, config.node, agent_id)
         self._sessions: dict[str, SessionRun] = {}
-        self.stats = {"drains": 0, "samples": 0}
+        # samples: weight shipped (scaled by host sampling); drained: weight counted.
+        self.stats = {"drains": 0, "skipped": 0, "samples": 0, "drained": 0}
         self._dropped = dict.fromkeys(config.events, 0)
         log.info(
-            "agent %s sampling %s (cpu at %d Hz), shipping every %g s to %s",
+            "agent %s sampling %s (cpu at %d Hz), shipping every %g s (p = %g) to %s",
             agent_id,
             ",".join(config.events),
             config.sampling.frequency,
             config.interval_s,
+            config.host_sampling,
             self.aggregator,
         )
 
@@ -141,9 +152,11 @@ class Agent:
         finally:
             self.close()
         log.info(
-            "agent stopped: %d samples in %d drains, %d batches acked, %d left in the spool",
+            "agent stopped: %d samples in %d drains (%d skipped), %d batches acked, "
+            "%d left in the spool",
             self.stats["samples"],
             self.stats["drains"],
+            self.stats["skipped"],
             self.shipper.stats["acked"],
             self.shipper.pending,
         )
@@ -163,8 +176,8 @@ class Agent:
             self._sessions[order.session_id] = session
             self._control.report(order.session_id, SAMPLING, 0, len(session.pids))
         for session in [s for s in self._sessions.values() if s.expired]:
-            self._ship_session(session)
-            session.close()
+            for batch in session.finish(self._builder):
+                self.shipper.ship(batch)
             del self._sessions[session.order.session_id]
             delivered = self.shipper.pending == 0
             self._control.report(
@@ -184,9 +197,16 @@ class Agent:
         # Processes that exited before the flip have all their samples in this drain.
         exited, self._exited = self._exited, set()
         now = datetime.now(UTC)
+        profiled = self.host_sampling.profile_this_interval()
+        self.stats["skipped"] += not profiled
         for sampler in self._samplers:
+            # Drained even when skipped: the kernel maps must start the next interval empty.
             drained = sampler.drain()
             dropped = sampler.dropped_samples() - self._dropped[sampler.event]
+            self._dropped[sampler.event] += dropped
+            self.stats["drained"] += sum(s.weight for s in drained.samples) + dropped
+            if not profiled:
+                continue  # not symbolized, not shipped
             if dropped:
                 # The kernel's counts map was full: keep their weight under [lost stack].
                 log.warning(
@@ -196,7 +216,7 @@ class Agent:
                     sampler.unit,
                 )
                 drained.samples.append(StackSample(0, 0, "[dropped]", None, (), dropped))
-                self._dropped[sampler.event] += dropped
+            drained = self.host_sampling.scale_drain(drained)
             self.shipper.ship(self._builder.build(sampler.event, now, drained))
             self.stats["samples"] += sum(s.weight for s in drained.samples)
         for session in self._sessions.values():

@@ -36,6 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--interval", type=float, default=10.0, metavar="SECONDS", help="time between shipments"
     )
     parser.add_argument(
+        "--host-sampling",
+        type=float,
+        default=1.0,
+        metavar="P",
+        help="ship each interval with probability P (0 < P <= 1), weights scaled by 1/P",
+    )
+    parser.add_argument(
         "--include-idle", action="store_true", help="also count samples of the idle task"
     )
     parser.add_argument(
@@ -68,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
     parse_aggregators(args.aggregator)  # a bad list fails now, not after BPF compiles
     if args.interval <= 0:
         raise ValueError("--interval must be positive")
+    if not 0 < args.host_sampling <= 1:
+        raise ValueError("--host-sampling must be in (0, 1]")
     if args.offcpu_min_us < 1:
         raise ValueError("--offcpu-min-us must be at least 1")
     events = tuple(e.strip() for e in args.events.split(",") if e.strip())
@@ -84,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         security=client_security(args),
         job_resolvers=tuple(jobs.specs_from_args(args)),
         kubeconfig=args.kubeconfig,
+        host_sampling=args.host_sampling,
         sampling=SamplerOptions(
             frequency=args.frequency,
             include_idle=args.include_idle,
