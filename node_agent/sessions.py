@@ -53,11 +53,13 @@ class SessionRun:
             options, frequency=order.frequency or options.frequency, session_filter=True
         )
         self._prepared = prepared if "cpu" in order.events and not prepared.in_use else None
+        self._attached = False
         self._samplers: list[Sampler] = []
         for event in order.events:
             if event == "cpu" and self._prepared:
                 self._prepared.in_use = True
                 self._prepared.cpu.attach(session_options)
+                self._attached = True
                 self._samplers.append(self._prepared.cpu)
             else:
                 self._samplers.append(SAMPLERS[event](session_options))
@@ -93,15 +95,28 @@ class SessionRun:
             batches.append(builder.build(sampler.event, now, drain, self.order.session_id))
         return batches
 
+    def finish(self, builder: BatchBuilder) -> list[Batch]:
+        """Stop sampling, then drain: the last batches hold all the session counted."""
+        self._detach()
+        batches = self.drain(builder)
+        self.close()
+        return batches
+
     def close(self) -> None:
+        self._detach()
         for sampler in self._samplers:
             if self._prepared and sampler is self._prepared.cpu:
-                sampler.detach()
-                sampler.drain()  # what fell between the last drain and the detach
+                sampler.drain()  # the next session starts from empty maps
                 sampler.reset_pids()
                 self._prepared.in_use = False
             else:
                 sampler.close()
+
+    def _detach(self) -> None:
+        """Stop the prepared sampler; the others stop when closed."""
+        if self._prepared and self._attached:
+            self._prepared.cpu.detach()
+            self._attached = False
 
 
 def _all_pids() -> list[int]:
