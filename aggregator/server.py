@@ -28,6 +28,11 @@ GRPC_OPTIONS = [
     # A second aggregator on the same port must fail, not silently share the traffic.
     ("grpc.so_reuseport", 0),
 ]
+# The synchronous gRPC server holds a worker thread for as long as a call lasts, and every
+# agent keeps two streams open (ingest, control): the pool bounds the fleet one aggregator
+# serves, and calls beyond it wait (a 16-thread pool stalled the 9th stream of 8 agents
+# for the agents' 10 s ack timeout). Threads start only when calls need them.
+DEFAULT_WORKERS = 4096
 
 
 class Aggregator:
@@ -38,7 +43,7 @@ class Aggregator:
         self,
         db_path: str | Path,
         listen: str,
-        workers: int = 16,
+        workers: int = DEFAULT_WORKERS,
         security: ServerSecurity | None = None,
         http_listen: str | None = None,
         memory_limit: str | None = None,

@@ -29,6 +29,7 @@ from fleetprof.query.render import RenderOptions
 from fleetprof.query.source import AggregatorSource
 
 SAMPLING = control_pb2.SessionState.SESSION_STATE_SAMPLING
+FINISHED = control_pb2.SessionState.SESSION_STATE_FINISHED
 
 
 def main() -> None:
@@ -38,47 +39,64 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fleetprof-control-"))
     binary = workloads.build_native(work)
-    job = subprocess.Popen(
-        [str(binary), str(args.duration + 60)], env={**os.environ, "FLEETPROF_JOB": "bench-job"}
-    )
     aggregator = Aggregator(work / "p.duckdb", "127.0.0.1:0")
     aggregator.start()
-    stops, threads = [], []
-    for i in range(args.agents):
-        config = AgentConfig(
-            aggregator.address,
-            f"node-{i}",
-            10.0,
-            spool_dir=str(work / f"spool-{i}"),
-            sampling=SamplerOptions(frequency=19),
+    agents, stops, threads, job = [], [], [], None
+    try:
+        for i in range(args.agents):
+            config = AgentConfig(
+                aggregator.address,
+                f"node-{i}",
+                10.0,
+                spool_dir=str(work / f"spool-{i}"),
+                sampling=SamplerOptions(frequency=19),
+            )
+            agent, stop = Agent(config), threading.Event()
+            thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
+            thread.start()
+            agents.append(agent)
+            stops.append(stop)
+            threads.append(thread)
+        # Past start-up: an agent's first drain symbolizes every process already running.
+        while len(aggregator.control._agents) < args.agents or not all(
+            agent.stats["drains"] for agent in agents
+        ):
+            time.sleep(0.05)
+        # Started now: the agents' BPF compiles can take minutes on a loaded machine.
+        job = subprocess.Popen(
+            [str(binary), str(args.duration + 60)],
+            env={**os.environ, "FLEETPROF_JOB": "bench-job"},
         )
-        agent, stop = Agent(config), threading.Event()
-        thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
-        thread.start()
-        stops.append(stop)
-        threads.append(thread)
-    while len(aggregator.control._agents) < args.agents:
-        time.sleep(0.05)
-    print(f"{args.agents} agents connected; starting a {args.duration} s session", flush=True)
+        print(f"{args.agents} agents connected; starting a {args.duration} s session", flush=True)
+        measure(aggregator, args.agents, args.duration, work)
+    finally:
+        for stop in stops:
+            stop.set()
+        for thread in threads:
+            thread.join()
+        if job:
+            job.kill()
+        aggregator.stop()
 
+
+def measure(aggregator: Aggregator, agents: int, duration: int, work: Path) -> None:
     channel = grpc.insecure_channel(aggregator.address)
     control = control_pb2_grpc.ControlServiceStub(channel)
     started = time.monotonic()
     info = control.StartSession(
-        control_pb2.StartSessionRequest(job="bench-job", duration_s=args.duration, frequency=99)
+        control_pb2.StartSessionRequest(job="bench-job", duration_s=duration, frequency=99)
     )
-    all_sampling = None
+    all_sampling = all_finished = None
     for progress in control.WatchSession(
         control_pb2.WatchSessionRequest(session_id=info.session_id)
     ):
         states = [n.state for n in progress.nodes]
-        if (
-            all_sampling is None
-            and len(states) == args.agents
-            and all(s >= SAMPLING for s in states)
-        ):
+        if all_sampling is None and len(states) == agents and all(s >= SAMPLING for s in states):
             all_sampling = time.monotonic() - started
-    deadline_passed = time.time() - info.deadline_unix_ms / 1000
+        if all_finished is None and len(states) == agents and all(s == FINISHED for s in states):
+            all_finished = time.time() - info.deadline_unix_ms / 1000
+    done = time.time() - info.deadline_unix_ms / 1000
+    channel.close()
     source = AggregatorSource(aggregator.address)
     options = RenderOptions(title="bench", event="cpu", unit="samples")
     total = write_graph(
@@ -86,18 +104,12 @@ def main() -> None:
     )
     to_graph = time.time() - info.deadline_unix_ms / 1000
     source.close()
-    print(f"profile → all {args.agents} agents sampling: {all_sampling:.2f} s (target < 2 s)")
+    print(f"profile → all {agents} agents sampling: {all_sampling:.2f} s (target < 2 s)")
     print(
-        f"deadline → session done: {deadline_passed:.2f} s; → merged graph written: "
-        f"{to_graph:.2f} s (target < 2 s); {total} samples"
+        f"deadline → all FINISHED: {all_finished:.2f} s; → session done: {done:.2f} s; "
+        f"→ merged graph written: {to_graph:.2f} s (target < 2 s); {total} samples"
     )
-    for stop in stops:
-        stop.set()
-    for thread in threads:
-        thread.join()
-    job.kill()
-    channel.close()
-    aggregator.stop()
+    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":
