@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
@@ -23,6 +22,7 @@ from fleetprof.node_agent.shipper import Shipper
 from fleetprof.node_agent.spool import Spool
 from fleetprof.proto import schema
 from tests.conftest import require, require_ebpf
+from tests.netns import Host, network_hosts
 from tests.test_ingest import STACKS, batch, samples, send, totals
 
 OUTAGE_S = 30
@@ -34,20 +34,23 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_aggregator(db: Path, port: int) -> subprocess.Popen[str]:
+def start_aggregator(
+    db: Path,
+    port: int,
+    address: str = "127.0.0.1",
+    host: Host | None = None,
+    log: Path | None = None,
+) -> subprocess.Popen[str]:
+    """An aggregator process listening on address:port (plaintext, --insecure off loopback),
+    in `host`'s network namespace if given; its log to `log` if given."""
+    command = [sys.executable, "-m", "fleetprof", "aggregator", "--db", str(db)]
+    command += ["--listen", f"{address}:{port}"]
+    if address != "127.0.0.1":
+        command.append("--insecure")
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fleetprof",
-            "aggregator",
-            "--db",
-            str(db),
-            "--listen",
-            f"127.0.0.1:{port}",
-        ],
+        host.command(*command) if host else command,
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=log.open("w") if log else subprocess.DEVNULL,
         text=True,
     )
     assert "listening" in process.stdout.readline()
@@ -195,21 +198,14 @@ def test_full_disk_refuses_ingest_keeps_queries_and_recovers(small_disk: Path) -
         aggregator.stop(grace_s=0)
 
 
-def agent_process(address: str, spool: Path, *extra: str) -> subprocess.Popen[str]:
+def agent_process(
+    address: str, spool: Path, *extra: str, host: Host | None = None
+) -> subprocess.Popen[str]:
+    """A started agent process (past its BPF compile), in `host`'s namespace if given."""
+    command = [sys.executable, "-m", "fleetprof", "agent", "--aggregator", address]
+    command += ["--frequency", "99", "--spool-dir", str(spool), *extra]
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fleetprof",
-            "agent",
-            "--aggregator",
-            address,
-            "--frequency",
-            "99",
-            "--spool-dir",
-            str(spool),
-            *extra,
-        ],
+        host.command(*command) if host else command,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -259,74 +255,23 @@ def test_process_storm_is_survived(aggregator, running_agent) -> None:
 
 
 @pytest.fixture
-def aggregator_host(tmp_path: Path):
-    """A separate network host (namespace + veth pair) for the aggregator; yields
-    (namespace, host-side link, aggregator address)."""
-    require(shutil.which("ip") is not None, "iproute2 is not installed")
-    tag = f"{os.getpid() % 10_000}"
-    namespace, link, peer = f"fpagg{tag}", f"fph{tag}", f"fpa{tag}"
-    octet = os.getpid() % 200 + 20
-    commands = [
-        ["ip", "netns", "add", namespace],
-        ["ip", "link", "add", link, "type", "veth", "peer", "name", peer, "netns", namespace],
-        ["ip", "addr", "add", f"10.213.{octet}.1/30", "dev", link],
-        ["ip", "link", "set", link, "up"],
-        [
-            "ip",
-            "netns",
-            "exec",
-            namespace,
-            "ip",
-            "addr",
-            "add",
-            f"10.213.{octet}.2/30",
-            "dev",
-            peer,
-        ],
-        ["ip", "netns", "exec", namespace, "ip", "link", "set", peer, "up"],
-        ["ip", "netns", "exec", namespace, "ip", "link", "set", "lo", "up"],
-    ]
-    try:
-        for command in commands:
-            result = subprocess.run(command, capture_output=True, text=True)
-            require(result.returncode == 0, f"{' '.join(command)}: {result.stderr.strip()}")
-        yield namespace, link, f"10.213.{octet}.2:7470"
-    finally:
-        subprocess.run(["ip", "link", "del", link], capture_output=True)
-        subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+def aggregator_host() -> Iterator[Host]:
+    """A separate network host (namespace + veth pair) for the aggregator."""
+    with network_hosts(1) as (host,):
+        yield host
 
 
 def test_network_cut_between_agent_and_aggregator(
-    tmp_path: Path, native_binary: Path, aggregator_host
+    tmp_path: Path, native_binary: Path, aggregator_host: Host
 ) -> None:
     require_ebpf()
     from fleetprof.node_agent.agent import Agent, AgentConfig
     from fleetprof.node_agent.samplers import SamplerOptions
     from fleetprof.proto.security import ClientSecurity
 
-    namespace, link, address = aggregator_host
+    address = f"{aggregator_host.address}:7470"
     db = tmp_path / "profiles.duckdb"
-    aggregator = subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            namespace,
-            sys.executable,
-            "-m",
-            "fleetprof",
-            "aggregator",
-            "--db",
-            str(db),
-            "--listen",
-            address,
-            "--insecure",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert "listening" in aggregator.stdout.readline()
+    aggregator = start_aggregator(db, 7470, aggregator_host.address, aggregator_host)
     agent = Agent(
         AgentConfig(
             address,
@@ -343,10 +288,10 @@ def test_network_cut_between_agent_and_aggregator(
     workload = workloads.start_native(native_binary, seconds=20)
     try:
         time.sleep(3)
-        subprocess.run(["ip", "link", "set", link, "down"], check=True)
+        subprocess.run(["ip", "link", "set", aggregator_host.link, "down"], check=True)
         time.sleep(12)  # longer than the ack timeout: batches go to the spool
         assert agent.shipper.pending >= 1
-        subprocess.run(["ip", "link", "set", link, "up"], check=True)
+        subprocess.run(["ip", "link", "set", aggregator_host.link, "up"], check=True)
         workload.wait()
         deadline = time.monotonic() + 30
         while agent.shipper.pending and time.monotonic() < deadline:
