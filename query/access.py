@@ -44,8 +44,9 @@ def restrict(cursor: duckdb.DuckDBPyConnection, scope: AccessScope) -> None:
         GROUP BY table_name
         """
     ).fetchall()
-    # The samples of the scope first: the other relations are filtered through them.
-    relations.sort(key=lambda relation: relation[0] != "sample_rows")
+    # Relations with a job column first: the others are filtered through `samples` (live
+    # and sealed rows), which must exist when they are defined.
+    relations.sort(key=lambda relation: "job" not in relation[1])
     for name, columns in relations:
         source = f'"{catalog}".main."{name}"'
         where = _row_filter(scope, columns)
@@ -60,9 +61,9 @@ def _row_filter(scope: AccessScope, columns: list[str]) -> str:
         return f"({allowed})"
     # Stacks and per-process rows: only those the scope's samples refer to.
     if "stack_id" in columns:
-        return "stack_id IN (SELECT stack_id FROM temp.main.sample_rows)"
+        return "stack_id IN (SELECT stack_id FROM temp.main.samples)"
     if {"node", "pid"} <= set(columns):
-        return "(node, pid) IN (SELECT node, pid FROM temp.main.sample_rows)"
+        return "(node, pid) IN (SELECT node, pid FROM temp.main.samples)"
     return "false"  # bookkeeping (ingested batches, ...): nothing of it
 
 

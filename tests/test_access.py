@@ -30,11 +30,13 @@ TOKEN_FILE = f"""
 {ETL_ONLY} jobs=etl-42
 {TEAM_WEB} namespaces=web   # a namespace's pods, whatever their job
 """
+# (job, phase) -> stack; the sealed hour ran each job's start-up, the open hour its work.
 STACKS = {
-    job: StackRow(("main", f"{job}.work"), ("app", "app"), ("native", "native"))
+    (job, phase): StackRow(("main", f"{job}.{phase}"), ("app", "app"), ("native", "native"))
     for job in ("etl-42", "frontend", "batch-7")
+    for phase in ("startup", "work")
 }
-IDS = {job: stack_id(row) for job, row in STACKS.items()}
+IDS = {key: stack_id(row) for key, row in STACKS.items()}
 # job -> (namespace, weight, process)
 JOBS = {
     "etl-42": (None, 30, 100),
@@ -51,13 +53,17 @@ def limited_aggregator(tmp_path: Path) -> Iterator[Aggregator]:
     )
     # Each job in a closed hour (sealed into the lake below) and in the open one.
     now = datetime.now(UTC)
-    batches = [(ts, job) for ts in (now - timedelta(hours=3), now) for job in JOBS]
-    for sequence, (ts, job) in enumerate(batches, start=1):
+    batches = [
+        (ts, job, phase)
+        for ts, phase in ((now - timedelta(hours=3), "startup"), (now, "work"))
+        for job in JOBS
+    ]
+    for sequence, (ts, job, phase) in enumerate(batches, start=1):
         namespace, weight, pid = JOBS[job]
         samples = pa.Table.from_pylist(
             [
                 {"ts": ts, "pid": pid, "tid": pid, "comm": job, "event": "cpu",
-                 "stack_id": IDS[job], "weight": weight, "job": job, "namespace": namespace}
+                 "stack_id": IDS[job, phase], "weight": weight, "job": job, "namespace": namespace}
             ],
             schema=schema.SAMPLES,
         )  # fmt: skip
@@ -66,7 +72,7 @@ def limited_aggregator(tmp_path: Path) -> Iterator[Aggregator]:
               "bucket_le_ns": 1 << 17, "count": weight}],
             schema=schema.IO_LATENCY,
         )  # fmt: skip
-        stacks = stacks_table({IDS[job]: STACKS[job]})
+        stacks = stacks_table({IDS[job, phase]: STACKS[job, phase]})
         server.store.append("agent-1", sequence, "node-1", samples, stacks, io_latency=writes)
     Partitions(server.store).maintain(now)
     assert list(server.store.lake.rglob("*.parquet"))
@@ -109,9 +115,12 @@ def test_sql_sees_only_the_tokens_jobs(limited_aggregator: Aggregator) -> None:
         "etl-42"
     }
     flame = sql(limited_aggregator, ETL_ONLY, "SELECT folded, weight FROM flame('cpu')")
-    assert flame == [{"folded": "etl-42;main;etl-42.work", "weight": 60}]
+    assert flame == [
+        {"folded": "etl-42;main;etl-42.startup", "weight": 30},
+        {"folded": "etl-42;main;etl-42.work", "weight": 30},
+    ]
     functions = sql(limited_aggregator, TEAM_WEB, "SELECT DISTINCT function FROM frames")
-    assert {row["function"] for row in functions} == {"main", "frontend.work"}
+    assert {row["function"] for row in functions} == {"main", "frontend.startup", "frontend.work"}
     writes = sql(
         limited_aggregator, ETL_ONLY, "SELECT comm, sum(count) AS n FROM io_latency GROUP BY comm"
     )
@@ -161,9 +170,11 @@ def test_http_api_and_flame_graph_see_only_the_tokens_jobs(
         flame = http(limited_aggregator, "api/flame?event=cpu", token)
         return {name for name, *_ in flame["frames"]} - {"all", "main"}
 
-    assert functions(ETL_ONLY) == {"etl-42", "etl-42.work"}
-    assert functions(ADMIN) == {"etl-42", "etl-42.work", "frontend", "frontend.work",
-                                "batch-7", "batch-7.work"}  # fmt: skip
+    def of(*jobs: str) -> set[str]:
+        return {f"{job}{phase}" for job in jobs for phase in ("", ".startup", ".work")}
+
+    assert functions(ETL_ONLY) == of("etl-42")
+    assert functions(ADMIN) == of(*JOBS)
     answer = http(limited_aggregator, "api/sql", TEAM_WEB, {"sql": "SELECT job FROM samples"})
     assert "frontend" in json.dumps(answer) and "batch-7" not in json.dumps(answer)
     with pytest.raises(urllib.error.HTTPError) as refused:
