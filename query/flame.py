@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from fleetprof.query.filters import SampleFilter
 from fleetprof.query.flame_index import PathIndex, Selected
 from fleetprof.query.flame_tree import FlameNode, FlatTree
+from fleetprof.query.fleet import read_parts
 from fleetprof.query.source import ProfileSource
 
 # Per database (a source's `identity`), the paths of the stacks read once serve every later
@@ -54,8 +55,8 @@ def load_flat(
     fraction of the focused node's total (`PathIndex.merged`), each with its exact total
     and self weight.
     """
-    with source.stream(grouped_sql(selection)) as reader:
-        table = reader.read_all()
+    # From a fleet: each aggregator's and the lake's rows; equal stacks add up in the tree.
+    table = read_parts(source, grouped_sql(selection))
     selected = Selected(
         comms=table["comm"].combine_chunks(),
         stack_ids=table["stack_id"].combine_chunks(),

@@ -21,13 +21,19 @@ def add_aggregator_or_db(parser: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--aggregator",
         metavar="HOST:PORT",
-        help=f"a running aggregator (default {DEFAULT_AGGREGATOR})",
+        help=f"a running aggregator (default {DEFAULT_AGGREGATOR}); queries take a list: A,B,...",
     )
     source.add_argument("--db", metavar="PATH", help="a profile database file (no aggregator)")
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     add_aggregator_or_db(parser)
+    parser.add_argument(
+        "--lake",
+        metavar="DIR",
+        help="the Parquet lake of sealed hours; with --aggregator A,B,...: one fleet, the lake "
+        "plus the aggregators' unsealed rows",
+    )
     parser.add_argument(
         "--memory-limit",
         metavar="SIZE",
@@ -98,6 +104,16 @@ def server_security(args: argparse.Namespace) -> ServerSecurity:
 def open_profiles(args: argparse.Namespace) -> ProfileSource:
     from fleetprof.query.source import open_source  # loads DuckDB: only when used
 
+    if args.lake or (args.aggregator and "," in args.aggregator):
+        if args.db:
+            raise ValueError("--lake combines with --aggregator, not with --db")
+        from fleetprof.node_agent.assignment import parse_aggregators
+        from fleetprof.query.fleet import FleetSource
+
+        aggregators = parse_aggregators(args.aggregator) if args.aggregator else []
+        return FleetSource(
+            args.lake, aggregators, client_security(args), memory_limit=args.memory_limit
+        )
     if args.db:
         return open_source(None, args.db, memory_limit=args.memory_limit)
     return open_source(args.aggregator or DEFAULT_AGGREGATOR, None, client_security(args))
