@@ -59,7 +59,7 @@ def load_flat(
     table = read_parts(source, grouped_sql(selection))
     selected = Selected(
         comms=table["comm"].combine_chunks(),
-        stack_ids=table["stack_id"].combine_chunks(),
+        stack_ids=table["stack_id"].to_numpy(),
         weights=table["weight"].to_numpy(),
         where=selection.where(),
     )

@@ -40,7 +40,7 @@ class Selected:
     """The grouped rows of one selection: one per (process name, stack id)."""
 
     comms: pa.Array
-    stack_ids: pa.Array
+    stack_ids: np.ndarray
     weights: np.ndarray
     # the selection's WHERE clause over samples, to fetch the stacks of many rows at once
     where: str
@@ -104,7 +104,9 @@ class PathIndex:
         self._kind = array("i", [0])
         self._depth = array("i", [0])
         self._layout_cache: _Layout | None = None
-        self._children: dict[int, int] = {}  # parent << 32 | name id -> child
+        # children: node ids by their key, parent << 32 | name id; keys sorted
+        self._child_keys = np.zeros(0, np.int64)
+        self._child_ids = np.zeros(0, np.int64)
         # per process name: stack id -> row of _start/_length, whose path (node ids below
         # the root, the process first) is _flat[start : start + length]
         self._rows: dict[str, dict[int, int]] = {}
@@ -144,12 +146,12 @@ class PathIndex:
         groups = []
         for code, comm in enumerate(comms.dictionary.to_pylist()):
             where = np.flatnonzero(codes == code)
-            groups.append((comm, where, selected.stack_ids.take(pa.array(where))))
+            groups.append((comm, where, selected.stack_ids[where]))
         missing = []
         for comm, _, ids in groups:
             lacking = self._lookup(comm, ids) < 0
             if lacking.any():
-                missing.append((comm, ids.to_numpy()[lacking]))
+                missing.append((comm, ids[lacking]))
         if missing:
             self._add(source, missing, selected.where)
         rows = np.empty(len(selected.stack_ids), np.int64)
@@ -157,16 +159,16 @@ class PathIndex:
             rows[where] = self._lookup(comm, ids)
         return rows
 
-    def _lookup(self, comm: str, ids: pa.Array) -> np.ndarray:
+    def _lookup(self, comm: str, ids: np.ndarray) -> np.ndarray:
         known = self._known.get(comm)
         if known is None:
             cached = self._rows.get(comm, {})
             known = self._known[comm] = (
-                pa.array(list(cached), pa.int64()),
+                pa.array(np.fromiter(cached, np.int64, len(cached))),
                 np.fromiter(cached.values(), np.int64, len(cached)),
             )
         keys, rows = known
-        found = pc.index_in(ids, value_set=keys).fill_null(-1).to_numpy(zero_copy_only=False)
+        found = pc.index_in(pa.array(ids), value_set=keys).fill_null(-1).to_numpy()
         return np.where(found >= 0, rows[np.maximum(found, 0)] if len(rows) else -1, -1)
 
     def _add(
@@ -178,54 +180,87 @@ class PathIndex:
         if len(wanted) <= MAX_LISTED_IDS:
             chosen = ", ".join(map(str, wanted.tolist()))
         else:
-            chosen = f"SELECT stack_id FROM samples WHERE {where}"
+            chosen = f"SELECT DISTINCT stack_id FROM samples WHERE {where}"
         sql = f"SELECT stack_id, frames, kinds FROM stacks WHERE stack_id IN ({chosen})"
         with source.stream(sql) as reader:
             table = reader.read_all()
-        frames = _encoded(table["frames"], self._names, self._name_ids)
-        kinds = _encoded(table["kinds"], self._kinds, self._kind_ids)
-        offsets = (
-            pa.concat_arrays(table["frames"].chunks).offsets.to_pylist() if table.num_rows else [0]
-        )
-        first = offsets[0]
-        position = {stack_id: i for i, stack_id in enumerate(table["stack_id"].to_pylist())}
-        process = _id(PROCESS_KIND, self._kinds, self._kind_ids)
+        if not table.num_rows:
+            return
+        frames = pa.concat_arrays(table["frames"].chunks)
+        names = _encoded(frames, self._names, self._name_ids)
+        kinds = _encoded(pa.concat_arrays(table["kinds"].chunks), self._kinds, self._kind_ids)
+        offsets = frames.offsets.to_numpy() - frames.offsets[0].as_py()
+        fetched = table["stack_id"].to_numpy()
+        by_id = np.argsort(fetched)
+        comm_names, starts, lengths = [], [], []
         for comm, ids in missing:
-            comm_node = self._child(0, _id(comm, self._names, self._name_ids), process, 1)
+            ids = np.unique(ids)
+            at = np.minimum(np.searchsorted(fetched, ids, sorter=by_id), len(fetched) - 1)
+            found = fetched[by_id[at]] == ids  # stacks without a stack row are left out
+            ids, rows = ids[found], by_id[at[found]]
             cached = self._rows.setdefault(comm, {})
+            base = len(self._start) + sum(map(len, starts))
+            cached.update(zip(ids.tolist(), range(base, base + len(ids)), strict=True))
             self._known.pop(comm, None)
-            for stack_id in ids.tolist():
-                at = position.get(stack_id)
-                if at is None or stack_id in cached:
-                    continue
-                a, b = offsets[at] - first, offsets[at + 1] - first
-                cached[stack_id] = len(self._start)
-                self._start.append(len(self._flat))
-                self._length.append(b - a + 1)
-                self._walk(comm_node, frames[a:b], kinds[a:b])
+            comm_names.append(np.full(len(ids), _id(comm, self._names, self._name_ids)))
+            starts.append(offsets[rows])
+            lengths.append(offsets[rows + 1] - offsets[rows])
+        self._walk(
+            np.concatenate(comm_names),
+            np.concatenate(starts),
+            np.concatenate(lengths),
+            names,
+            kinds,
+        )
 
-    def _walk(self, node: int, names: list[int], kinds: list[int]) -> None:
-        """Append the path from `node` (at depth 1) down `names` to _flat, making the
-        nodes it lacks."""
-        children, flat = self._children, self._flat
-        flat.append(node)
-        for depth, (name, kind) in enumerate(zip(names, kinds, strict=True), start=2):
-            child = children.get(node << 32 | name)
-            if child is None:
-                child = self._child(node, name, kind, depth)
-            flat.append(child)
-            node = child
-
-    def _child(self, parent: int, name: int, kind: int, depth: int) -> int:
-        key = parent << 32 | name
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = len(self._parent)
-            self._parent.append(parent)
-            self._name.append(name)
-            self._kind.append(kind)
-            self._depth.append(depth)
-        return child
+    def _walk(
+        self,
+        comm_names: np.ndarray,
+        starts: np.ndarray,
+        lengths: np.ndarray,
+        names: np.ndarray,
+        kinds: np.ndarray,
+    ) -> None:
+        """Append the paths of new rows to _flat, one level at a time for all of them,
+        making the nodes the tree lacks: the process name `comm_names[r]` at depth 1, then
+        the frames `names[starts[r] : starts[r] + lengths[r]]` (`kinds` parallel)."""
+        path_lengths = lengths + 1
+        bases = np.cumsum(path_lengths) - path_lengths  # where each row's path starts
+        flat = np.empty(int(path_lengths.sum()), np.int32)
+        process = _id(PROCESS_KIND, self._kinds, self._kind_ids)
+        nodes = np.zeros(len(starts), np.int64)  # each row's node at the level above
+        alive = np.arange(len(starts))
+        # A key made at one level (its parent a level up) is never looked up at another,
+        # so the sorted keys take the new ones once, at the end.
+        added_keys, added_ids = [self._child_keys], [self._child_ids]
+        for depth in itertools.count(1):
+            alive = alive[path_lengths[alive] >= depth]
+            if not len(alive):
+                break
+            if depth == 1:
+                level_names, level_kinds = comm_names, np.full(len(alive), process)
+            else:
+                at = starts[alive] + depth - 2
+                level_names, level_kinds = names[at], kinds[at]
+            keys = nodes[alive] << 32 | level_names
+            distinct, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+            ids = self._children(distinct)
+            new = ids < 0
+            ids[new] = np.arange(len(self._parent), len(self._parent) + int(new.sum()))
+            added_keys.append(distinct[new])
+            added_ids.append(ids[new])
+            self._parent.frombytes((distinct[new] >> 32).astype(np.int32).tobytes())
+            self._name.frombytes((distinct[new] & 0xFFFFFFFF).astype(np.int32).tobytes())
+            self._kind.frombytes(level_kinds[first[new]].astype(np.int32).tobytes())
+            self._depth.frombytes(np.full(int(new.sum()), depth, np.int32).tobytes())
+            nodes[alive] = ids[inverse]
+            flat[bases[alive] + depth - 1] = nodes[alive]
+        keys, ids = np.concatenate(added_keys), np.concatenate(added_ids)
+        order = np.argsort(keys, kind="stable")
+        self._child_keys, self._child_ids = keys[order], ids[order]
+        self._start.frombytes((bases + len(self._flat)).astype(np.int64).tobytes())
+        self._length.frombytes(path_lengths.astype(np.int32).tobytes())
+        self._flat.frombytes(flat.tobytes())
 
     def _tree(
         self, rows: np.ndarray, weights: np.ndarray, min_fraction: float, focus: Sequence[str]
@@ -234,17 +269,16 @@ class PathIndex:
         start = np.frombuffer(self._start, np.int64)[rows]
         length = np.frombuffer(self._length, np.int32)[rows]
         leaves = np.frombuffer(self._flat, np.int32)[start + length - 1]
-        # The rows sorted by the pre-order position of their leaf: a node's subtree is a
-        # range of positions, so its total is a difference of two cumulative weights.
-        positions = layout.preorder[leaves]
-        order = np.argsort(positions, kind="stable")
-        positions = positions[order]
-        cumulative = np.concatenate(([0], np.cumsum(weights[order])))
+        # Weights by the pre-order position of the rows' leaves, summed up to each
+        # position: a node's subtree is a range of positions, so its total is the
+        # difference of two cumulative weights.
+        cumulative = np.zeros(len(layout.size) + 1, np.int64)
+        np.add.at(cumulative, layout.preorder[leaves] + 1, weights)
+        np.cumsum(cumulative, out=cumulative)
 
         def weight_in(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
             """The weight of the rows whose leaf is at a position in [lo, hi)."""
-            below = cumulative[np.searchsorted(positions, lo)]
-            return cumulative[np.searchsorted(positions, hi)] - below
+            return cumulative[hi] - cumulative[lo]
 
         total = int(cumulative[-1])
         kept_ids, kept_totals = [np.zeros(1, np.int64)], [np.array([total], np.int64)]
@@ -307,12 +341,20 @@ class PathIndex:
             )
         return self._layout_cache
 
+    def _children(self, keys: np.ndarray) -> np.ndarray:
+        """The node ids of `keys` (parent << 32 | name id), -1 where there is none."""
+        if not len(self._child_keys):
+            return np.full(len(keys), -1, np.int64)
+        at = np.minimum(np.searchsorted(self._child_keys, keys), len(self._child_keys) - 1)
+        return np.where(self._child_keys[at] == keys, self._child_ids[at], -1)
+
     def _focus_ids(self, focus: Sequence[str]) -> list[int]:
         ids, node = [], 0
         for name in focus:
             name_id = self._name_ids.get(name)
-            child = None if name_id is None else self._children.get(node << 32 | name_id)
-            if child is None:
+            key = np.array([node << 32 | (name_id or 0)], np.int64)
+            child = -1 if name_id is None else int(self._children(key)[0])
+            if child < 0:
                 raise FocusNotFound(list(focus))
             ids.append(node := child)
         return ids
@@ -326,13 +368,11 @@ def _id(value: str, values: list[str], ids: dict[str, int]) -> int:
     return found
 
 
-def _encoded(column: pa.ChunkedArray, values: list[str], ids: dict[str, int]) -> list[int]:
-    """The strings of a list<string> column, flattened, as ids of `values` (each distinct
+def _encoded(strings: pa.ListArray, values: list[str], ids: dict[str, int]) -> np.ndarray:
+    """The strings of a list<string> array, flattened, as ids of `values` (each distinct
     string looked up once: a stack's frames are mostly names thousands of others share)."""
-    if not column.num_chunks:
-        return []
-    encoded = pc.dictionary_encode(pa.concat_arrays(column.chunks).flatten())
+    encoded = pc.dictionary_encode(strings.flatten())
     mapping = np.array(
         [_id(value, values, ids) for value in encoded.dictionary.to_pylist()], np.int64
     )
-    return mapping[encoded.indices.to_numpy(zero_copy_only=False)].tolist()
+    return mapping[encoded.indices.to_numpy(zero_copy_only=False)]

@@ -13,7 +13,7 @@ from importlib.resources import files
 from typing import BinaryIO
 
 from fleetprof.query.diff import base_totals
-from fleetprof.query.flame_tree import FlameNode, FlatTree
+from fleetprof.query.flame_tree import FlameNode, FlatTree, gc_paused
 from fleetprof.query.render.base import MIN_FRACTION, RenderOptions, frame_color
 
 _PAYLOAD = "__FLEETPROF_PAYLOAD__"
@@ -53,15 +53,31 @@ def flame_payload(
     differential (query/diff.py): `base` holds the base's total per node, in the same
     order, and `baseTotal` its whole. `focus` is the path of names a focused tree
     (PathIndex.merged) was made for: its node follows its ancestors in `nodes`."""
+    with gc_paused():  # no cycles here, and a full collection over the process costs more
+        return _payload(tree, options, base, focus)
+
+
+def _payload(
+    tree: FlameNode | FlatTree,
+    options: RenderOptions,
+    base: FlameNode | None,
+    focus: Sequence[str],
+) -> dict[str, object]:
     flat = tree if isinstance(tree, FlatTree) else FlatTree.of(tree)
-    quads = zip(flat.frame, flat.depth, flat.total, flat.self_weight, strict=True)
+    nodes = [0] * (4 * len(flat))
+    nodes[0::4], nodes[1::4], nodes[2::4], nodes[3::4] = (
+        flat.frame,
+        flat.depth,
+        flat.total,
+        flat.self_weight,
+    )
     payload: dict[str, object] = {
         "title": options.title,
         "subtitle": options.subtitle,
         "event": options.event,
         "unit": options.unit,
         "frames": [[name, kind, frame_color(name, kind)] for name, kind in flat.frames],
-        "nodes": [value for quad in quads for value in quad],
+        "nodes": nodes,
         "focus": list(focus),
     }
     if base is not None:
