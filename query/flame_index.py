@@ -1,11 +1,12 @@
 """A prefix tree of every (process name, stack) the flame graphs of a database have read.
 
 A flame graph used to build its whole merged tree in Python (1.4M nodes for 100k JVM
-stacks), which cost thirty times DuckDB's GROUP BY. Here each (process, stack) is walked
-into a shared prefix tree once and its path of node ids is kept; a flame graph then sums
-its grouped weights along the cached paths with numpy, level by level, following only the
-rows under nodes wide enough to keep. A database stores each stack id once and never
-changes it, so a cached path never goes stale.
+stacks), thirty times the cost of DuckDB's GROUP BY. Here each (process, stack) is walked
+into a prefix tree once (numpy, one level at a time for all new stacks) and its path of
+node ids is kept. A graph then places its grouped weights at their stacks' leaves in the
+tree's pre-order, so that each node's total is the difference of two cumulative sums, and
+descends from the root only into the nodes wide enough to keep. A database stores each
+stack id once and never changes it, so a cached path never goes stale.
 """
 
 from __future__ import annotations

@@ -398,8 +398,10 @@ class FlameGraph {
         }
       }
     }
+    // frames left out of the payload cannot be searched: say so rather than undercount
+    const among = this.elidedBelow[0] ? " among the frames drawn" : "";
     this.matched.textContent = test
-      ? `Matched: ${FlameGraph.percent(matched, total[0])} (${this.formatWeight(matched)})`
+      ? `Matched: ${FlameGraph.percent(matched, total[0])} (${this.formatWeight(matched)})${among}`
       : "";
     this.scheduleDraw();
   }
