@@ -8,7 +8,7 @@ import re
 from typing import BinaryIO
 
 from fleetprof.query.diff import base_totals
-from fleetprof.query.flame_tree import FlameNode, FlatTree
+from fleetprof.query.flame_tree import FlameNode, FlatTree, gc_paused
 from fleetprof.query.render.base import (
     MIN_FRACTION,
     RenderOptions,
@@ -47,12 +47,14 @@ class SvgRenderer:
     min_fraction: float = MIN_FRACTION  # below MIN_WIDTH_PX of the plot
 
     def render(self, tree: FlameNode | FlatTree, options: RenderOptions, out: BinaryIO) -> None:
-        self._render(tree, None, options, out)
+        with gc_paused():  # tens of thousands of strings, no cycles
+            self._render(tree, None, options, out)
 
     def render_diff(
         self, base: FlameNode, tree: FlameNode, options: RenderOptions, out: BinaryIO
     ) -> None:
-        self._render(tree, base, options, out)
+        with gc_paused():
+            self._render(tree, base, options, out)
 
     def _render(
         self,
@@ -104,6 +106,8 @@ class SvgRenderer:
             f"Event: {_xml(options.event)}   Total: {format_weight(total, options.unit)}</text>\n"
         )
         bottom = height - PAD_BOTTOM
+        # once per distinct frame, not per node (weights and percents need no escaping)
+        escaped = [_xml(name) for name, _ in flat.frames]
         for i, change in zip(shown, changes, strict=True):
             depth, node_total = flat.depth[i], flat.total[i]
             name, kind = flat.frames[flat.frame[i]]
@@ -112,14 +116,15 @@ class SvgRenderer:
             y = top + depth * ROW_HEIGHT if options.icicle else bottom - (depth + 1) * ROW_HEIGHT
             weight = format_weight(node_total, options.unit)
             percent = 100 * node_total / total
+            title = f"{escaped[flat.frame[i]]} ({weight}, {percent:.2f}%"
             if base is None:
-                title = f"{name} ({weight}, {percent:.2f}%)"
+                title += ")"
                 fill = frame_color(name, kind)
             else:
-                title = f"{name} ({weight}, {percent:.2f}%, {100 * change:+.2f} points)"
+                title += f", {100 * change:+.2f} points)"
                 fill = diff_color(change, largest)
             parts.append(
-                f'<g class="frame"><title>{_xml(title)}</title>'
+                f'<g class="frame"><title>{title}</title>'
                 f'<rect x="{x:.2f}" y="{y}" width="{width:.2f}" height="{ROW_HEIGHT - 1}" '
                 f'fill="{fill}" rx="2" ry="2"/>'
             )
