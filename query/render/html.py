@@ -22,7 +22,8 @@ _JS = "/*__FLEETPROF_FLAMEGRAPH_JS__*/"
 
 # With ensure_ascii the JSON already escapes U+2028/2029 and lone surrogates; these three
 # are what lets a frame name end the <script> element ("</script>") or open a comment.
-_SCRIPT_SAFE = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"})
+# (str.replace, one pass each: several times faster than str.translate on a large payload)
+_SCRIPT_SAFE = (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"))
 
 
 @cache
@@ -102,5 +103,7 @@ class HtmlRenderer:
 
     def _write(self, payload: dict[str, object], out: BinaryIO) -> None:
         data = json.dumps(payload, separators=(",", ":"))
-        page = _page().replace(_PAYLOAD, data.translate(_SCRIPT_SAFE))
+        for unsafe, escaped in _SCRIPT_SAFE:
+            data = data.replace(unsafe, escaped)
+        page = _page().replace(_PAYLOAD, data)
         out.write(page.encode("utf-8"))
