@@ -25,7 +25,7 @@ from fleetprof.node_agent.samplers import SamplerOptions
 from fleetprof.node_agent.samplers.bpf_sampler import release_free_memory
 from fleetprof.node_agent.samplers.registry import SAMPLERS
 from fleetprof.node_agent.samplers.stack_maps import StackSample
-from fleetprof.node_agent.sessions import PreparedSamplers, SessionRun
+from fleetprof.node_agent.sessions import PreparedSamplers, SessionRun, all_pids
 from fleetprof.node_agent.shipper import Shipper
 from fleetprof.node_agent.spool import Spool
 from fleetprof.node_agent.symbolize.symbolizer import Symbolizer
@@ -83,6 +83,11 @@ class Agent:
         pods = KubernetesMetadata.from_environment(config.node, config.kubeconfig)
         pods.start()
         self.owners = ProcessOwners(JobResolver.from_config(config.job_resolvers, pods), pods)
+        # Every process's owner now, while start-up pays for it: a session's scan of /proc
+        # then finds them cached (~1 ms, not ~150), and processes started later are
+        # resolved at their exec.
+        for pid in all_pids():
+            self.owners.owner(pid)
         self._builder = BatchBuilder(self.symbolizer, self.owners)
         self.host_sampling = HostSampling(
             config.host_sampling, random.Random(config.host_sampling_seed)

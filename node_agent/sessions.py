@@ -65,7 +65,7 @@ class SessionRun:
                 self._samplers.append(SAMPLERS[event](session_options))
         self.pids: set[int] = set()
         self.samples = 0
-        for pid in _all_pids():
+        for pid in all_pids():
             self.consider(pid)
         log.info(
             "session %s: job %s, %d processes here, until %s",
@@ -119,5 +119,5 @@ class SessionRun:
             self._attached = False
 
 
-def _all_pids() -> list[int]:
+def all_pids() -> list[int]:
     return [int(name) for name in os.listdir("/proc") if name.isdigit()]
