@@ -21,7 +21,7 @@ from fleetprof.aggregator.server import Aggregator
 from fleetprof.aggregator.storage import ProfileStore
 from fleetprof.cli import main
 from fleetprof.node_agent.assignment import assign
-from fleetprof.node_agent.batch import Batch, StackRow
+from fleetprof.node_agent.batch import Batch, StackRow, stacks_table
 from fleetprof.node_agent.shipper import Shipper
 from fleetprof.node_agent.spool import Spool
 from fleetprof.proto import lake, schema
@@ -44,17 +44,7 @@ _sequence = itertools.count(1)
 
 def ship(address: str, node: str, ts: datetime, weights: dict[int, int], spool: Path) -> None:
     """One agent batch of `node` through the agent's Shipper (real gRPC, acked)."""
-    samples = schema.samples_table(
-        {
-            "ts": pa.array([ts] * len(weights), pa.timestamp("us", tz="UTC")),
-            "pid": [100] * len(weights),
-            "tid": [100] * len(weights),
-            "comm": ["app"] * len(weights),
-            "event": ["cpu"] * len(weights),
-            "stack_id": list(weights),
-            "weight": list(weights.values()),
-        }
-    )
+    samples = _samples(weights, ts)
     shipper = Shipper(address, f"{node}/{next(_sequence)}", node, Spool(spool, 1 << 20))
     shipper.ship(Batch(samples, {s: STACKS[s] for s in weights}))
     assert shipper.stats["acked"] == 1 and shipper.pending == 0
@@ -95,7 +85,8 @@ def test_lake_and_live_aggregators_count_every_row_once(
     ship(a.address, "node-3", NOW, {23: 4}, spool)
     # a decommissioned aggregator whose sealed hour only the lake still has
     gone = ProfileStore(tmp_path / "gone.duckdb", lake_dir, "agg-gone")
-    gone.append("old", 1, "node-9", _samples({21: 11}, OLD_HOUR), _stacks({21}))
+    old = _samples({21: 11}, OLD_HOUR + timedelta(minutes=10))
+    gone.append("old", 1, "node-9", old, stacks_table({21: STACKS[21]}))
     Partitions(gone).seal(lake.hour_start(NOW))
     gone.close()
     for server in (a, b):
@@ -155,21 +146,15 @@ def test_lake_and_live_aggregators_count_every_row_once(
 def _samples(weights: dict[int, int], ts: datetime) -> pa.Table:
     return schema.samples_table(
         {
-            "ts": pa.array([ts + timedelta(minutes=10)] * len(weights), pa.timestamp("us", "UTC")),
-            "pid": [7] * len(weights),
-            "tid": [7] * len(weights),
+            "ts": pa.array([ts] * len(weights), pa.timestamp("us", tz="UTC")),
+            "pid": [100] * len(weights),
+            "tid": [100] * len(weights),
             "comm": ["app"] * len(weights),
             "event": ["cpu"] * len(weights),
             "stack_id": list(weights),
             "weight": list(weights.values()),
         }
     )
-
-
-def _stacks(ids: set[int]) -> pa.Table:
-    from fleetprof.node_agent.batch import stacks_table
-
-    return stacks_table({s: STACKS[s] for s in ids})
 
 
 def _files(lake_dir: Path, table: str) -> list[str]:
