@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import threading
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +29,7 @@ MAX_NODES = 8_000_000
 # Missing stacks are fetched by id up to this many (a SQL IN list), else by re-selecting.
 MAX_LISTED_IDS = 5_000
 PROCESS_KIND = "process"
+UNKNOWN_PROCESS = "[unknown process]"
 _ROOT_KIND = "unknown"
 
 
@@ -38,13 +39,16 @@ class FocusNotFound(KeyError):
 
 @dataclass(frozen=True)
 class Selected:
-    """The grouped rows of one selection: one per (process name, stack id)."""
+    """The grouped rows of one selection: one per (process name, stack id), the name by
+    its hash (DuckDB's `hash(comm)`)."""
 
-    comms: pa.Array
+    comm_hashes: np.ndarray
     stack_ids: np.ndarray
     weights: np.ndarray
     # the selection's WHERE clause over samples, to fetch the stacks of many rows at once
     where: str
+    # the process names of hashes
+    comm_names: Callable[[Sequence[int]], dict[int, str]]
 
 
 @dataclass(frozen=True)
@@ -108,10 +112,11 @@ class PathIndex:
         # children: node ids by their key, parent << 32 | name id; keys sorted
         self._child_keys = np.zeros(0, np.int64)
         self._child_ids = np.zeros(0, np.int64)
-        # per process name: stack id -> row of _start/_length, whose path (node ids below
-        # the root, the process first) is _flat[start : start + length]
-        self._rows: dict[str, dict[int, int]] = {}
-        self._known: dict[str, tuple[pa.Array, np.ndarray]] = {}  # _rows as arrays
+        # per process name hash: stack id -> row of _start/_length, whose path (node ids
+        # below the root, the process first) is _flat[start : start + length]
+        self._rows: dict[int, dict[int, int]] = {}
+        self._known: dict[int, tuple[pa.Array, np.ndarray]] = {}  # _rows as arrays
+        self._comm_names: dict[int, str] = {}
         self._start = array("q")
         self._length = array("i")
         self._flat = array("i")
@@ -142,7 +147,7 @@ class PathIndex:
     def _row_indices(self, source: ProfileSource, selected: Selected) -> np.ndarray:
         """Per selected row, its row of the path cache (-1 if it has no stack), caching
         the paths the index lacks first."""
-        comms = pc.dictionary_encode(selected.comms)
+        comms = pc.dictionary_encode(pa.array(selected.comm_hashes))
         codes = comms.indices.to_numpy(zero_copy_only=False)
         groups = []
         for code, comm in enumerate(comms.dictionary.to_pylist()):
@@ -154,13 +159,16 @@ class PathIndex:
             if lacking.any():
                 missing.append((comm, ids[lacking]))
         if missing:
+            unnamed = [comm for comm, _ in missing if comm not in self._comm_names]
+            if unnamed:
+                self._comm_names.update(selected.comm_names(unnamed))
             self._add(source, missing, selected.where)
         rows = np.empty(len(selected.stack_ids), np.int64)
         for comm, where, ids in groups:
             rows[where] = self._lookup(comm, ids)
         return rows
 
-    def _lookup(self, comm: str, ids: np.ndarray) -> np.ndarray:
+    def _lookup(self, comm: int, ids: np.ndarray) -> np.ndarray:
         known = self._known.get(comm)
         if known is None:
             cached = self._rows.get(comm, {})
@@ -173,10 +181,10 @@ class PathIndex:
         return np.where(found >= 0, rows[np.maximum(found, 0)] if len(rows) else -1, -1)
 
     def _add(
-        self, source: ProfileSource, missing: list[tuple[str, np.ndarray]], where: str
+        self, source: ProfileSource, missing: list[tuple[int, np.ndarray]], where: str
     ) -> None:
-        """Fetch the stacks of the `(process name, stack ids)` pairs and walk their paths
-        into the tree."""
+        """Fetch the stacks of the `(process name hash, stack ids)` pairs and walk their
+        paths into the tree."""
         wanted = np.unique(np.concatenate([ids for _, ids in missing]))
         if len(wanted) <= MAX_LISTED_IDS:
             chosen = ", ".join(map(str, wanted.tolist()))
@@ -203,7 +211,9 @@ class PathIndex:
             base = len(self._start) + sum(map(len, starts))
             cached.update(zip(ids.tolist(), range(base, base + len(ids)), strict=True))
             self._known.pop(comm, None)
-            comm_names.append(np.full(len(ids), _id(comm, self._names, self._name_ids)))
+            # a name the selection no longer has (rows deleted meanwhile) is still shown
+            name = self._comm_names.get(comm, UNKNOWN_PROCESS)
+            comm_names.append(np.full(len(ids), _id(name, self._names, self._name_ids)))
             starts.append(offsets[rows])
             lengths.append(offsets[rows + 1] - offsets[rows])
         self._walk(
