@@ -149,9 +149,15 @@ class PathIndex:
         the paths the index lacks first."""
         comms = pc.dictionary_encode(pa.array(selected.comm_hashes))
         codes = comms.indices.to_numpy(zero_copy_only=False)
+        # the rows of each process name, one after another (one sort for any number)
+        order = np.argsort(codes, kind="stable") if len(comms.dictionary) > 1 else None
+        bounds = np.cumsum(np.bincount(codes, minlength=len(comms.dictionary)))
         groups = []
         for code, comm in enumerate(comms.dictionary.to_pylist()):
-            where = np.flatnonzero(codes == code)
+            if order is None:
+                where = np.arange(len(codes))
+            else:
+                where = order[bounds[code - 1] if code else 0 : bounds[code]]
             groups.append((comm, where, selected.stack_ids[where]))
         missing = []
         for comm, _, ids in groups:
