@@ -19,11 +19,10 @@ same files wherever they are mounted (a local path, `s3a://`, `abfss://`, ...):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fleetprof.proto import lake as layout
+from fleetprof.query.filters import SampleFilter
 from fleetprof.query.fleet import COLUMN_TYPES
 
 if TYPE_CHECKING:
@@ -79,48 +78,40 @@ def register_views(spark: SparkSession, lake: str) -> None:
     spark.sql(FRAMES_VIEW)
 
 
-def selected_samples(
-    spark: SparkSession,
-    event: str = "cpu",
-    since: datetime | None = None,
-    until: datetime | None = None,
-    nodes: Iterable[str] = (),
-    pids: Iterable[int] = (),
-    comms: Iterable[str] = (),
-    jobs: Iterable[str] = (),
-) -> DataFrame:
-    """The `samples` rows of one event in [since, until), of some nodes, pids, processes
-    or jobs (none given: all), as `fleetprof flamegraph` selects them."""
+def selected_samples(spark: SparkSession, selection: SampleFilter) -> DataFrame:
+    """The `samples` rows of a selection (event, time range, nodes, pids, processes, jobs,
+    session), as `fleetprof flamegraph` selects them."""
     from pyspark.sql import functions as F
 
-    rows = spark.table("samples").where(F.col("event") == event)
-    if since is not None:
-        rows = rows.where(F.col("ts") >= F.lit(since))
-    if until is not None:
-        rows = rows.where(F.col("ts") < F.lit(until))
-    for column, values in (("node", nodes), ("pid", pids), ("comm", comms), ("job", jobs)):
-        if values := list(values):
-            rows = rows.where(F.col(column).isin(values))
+    rows = spark.table("samples").where(F.col("event") == selection.event)
+    if selection.since is not None:
+        rows = rows.where(F.col("ts") >= F.lit(selection.since))
+    if selection.until is not None:
+        rows = rows.where(F.col("ts") < F.lit(selection.until))
+    if selection.session is not None:
+        rows = rows.where(F.col("session_id") == selection.session)
+    columns = (
+        ("node", selection.nodes),
+        ("pid", selection.pids),
+        ("comm", selection.comms),
+        ("job", selection.jobs),
+    )
+    for column, values in columns:
+        if values:
+            rows = rows.where(F.col(column).isin(list(values)))
     return rows
 
 
-def folded(
-    spark: SparkSession,
-    event: str = "cpu",
-    since: datetime | None = None,
-    until: datetime | None = None,
-    nodes: Iterable[str] = (),
-    pids: Iterable[int] = (),
-    comms: Iterable[str] = (),
-    jobs: Iterable[str] = (),
-) -> list[str]:
-    """The selection's flame graph as sorted folded lines (`comm;root;...;leaf weight\\n`),
-    exactly as `fleetprof flamegraph -o FILE.folded` writes them: Spark merges the samples
-    per stack, then per path; only the sorted lines come back to the driver."""
+def folded(spark: SparkSession, **selection: Any) -> list[str]:
+    """The flame graph of a selection as sorted folded lines (`comm;root;...;leaf weight\n`),
+    exactly as `fleetprof flamegraph -o FILE.folded` writes them. `selection` takes the
+    fields of fleetprof.query.filters.SampleFilter: event (default "cpu"), since, until
+    (aware datetimes), nodes, pids, comms, jobs (sequences), session. Spark merges the
+    samples per stack, then per path; only the sorted lines come back to the driver."""
     from pyspark.sql import functions as F
 
     per_stack = (
-        selected_samples(spark, event, since, until, nodes, pids, comms, jobs)
+        selected_samples(spark, SampleFilter(**selection))
         .groupBy("comm", "stack_id")
         .agg(F.sum("weight").alias("weight"))
     )

@@ -152,16 +152,7 @@ def test_spark_and_duckdb_give_identical_folded_output(
     fleetprof_spark.register_views(spark, str(lake_dir))
     expected = duckdb_folded(lake_dir, selection)
     assert expected.count("\n") >= 2  # a real graph, not two empty ones
-    lines = fleetprof_spark.folded(
-        spark,
-        event=selection.event,
-        since=selection.since,
-        until=selection.until,
-        nodes=selection.nodes,
-        pids=selection.pids,
-        comms=selection.comms,
-        jobs=selection.jobs,
-    )
+    lines = fleetprof_spark.folded(spark, **vars(selection))
     assert "".join(lines) == expected
 
 
