@@ -37,13 +37,12 @@ class FlameNode:
     self_weight: int = 0
     children: dict[str, FlameNode] = field(default_factory=dict)
 
-    def walk(self, min_total: float = 0) -> Iterator[tuple[int, int, FlameNode]]:
+    def walk(self) -> Iterator[tuple[int, int, FlameNode]]:
         """Yield `(depth, offset, node)` in pre-order, children in name order.
 
         `offset` is the weight left of the node in flame-graph layout (children start at
         their parent's left edge, self weight is the gap on the right). Children with zero
-        weight or lighter than `min_total` are skipped with their subtrees, which is how
-        renderers drop frames too narrow to draw; the offsets of the others don't move.
+        weight are skipped with their subtrees; the offsets of the others don't move.
         """
         stack = [(0, 0, self)]
         while stack:
@@ -53,13 +52,13 @@ class FlameNode:
             if len(children) == 1:
                 # most nodes of deep trees: no sort, no list (a third of the walk's time)
                 (child,) = children.values()
-                if child.total > 0 and child.total >= min_total:
+                if child.total > 0:
                     stack.append((depth + 1, offset, child))
                 continue
             shown = []
             for name in sorted(children):
                 child = children[name]
-                if child.total > 0 and child.total >= min_total:
+                if child.total > 0:
                     shown.append((depth + 1, offset, child))
                 offset += child.total
             # reversed so they pop in name order
