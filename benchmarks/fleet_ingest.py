@@ -1,0 +1,402 @@
+"""Fleet-scale ingest through the real gRPC path, and a flame graph over 100M stored rows.
+
+A synthetic fleet: `--stacks` distinct JVM-like stacks of 10 to 60 frames grown from each
+other's prefixes (benchmarks/flame_query.py), shared by every node, each sample row's stack
+drawn Zipf-like (P(k) ~ 1/k); `--nodes` nodes in `--jobs` jobs, one batch per node and
+interval with `--batch-rows` rows. `--clients` processes each open `--streams` Ingest streams
+to a real Aggregator (its own process, a DuckDB file) and send real IngestBatch messages
+the way the agent's Shipper does: zstd Arrow IPC, each stack once per stream, one batch in
+flight per stream, the next sent when the previous is acked (after its commit).
+
+Printed, on this machine's load (`uptime` is printed too):
+1. rows/s end to end (first batch sent → last ack), and its ratio to a bare DuckDB append
+   of the same Arrow batches (one INSERT each, same table, same process count: one).
+   Targets: >= 1M rows/s, >= 50% of the bare append.
+2. ingest latency (batch sent → acked) p50/p99 while a flame graph of one job is drawn
+   over and over through the QueryService. Target: p99 < 500 ms.
+3. a flame graph of one job and one hour over `--rows` stored rows (default 100M, appended
+   as Arrow batches through ProfileStore.append), against a bare GROUP BY stack_id of the
+   same rows; bytes per stored row. Target: < 2 s.
+
+Run: .venv/bin/python benchmarks/fleet_ingest.py [--quick] [--rows 100M] [--skip-flame]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import queue
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from fleetprof.aggregator.server import Aggregator
+from fleetprof.aggregator.storage import ProfileStore
+from fleetprof.commands.flamegraph import write_graph
+from fleetprof.node_agent.batch import stack_id, stacks_table
+from fleetprof.proto import schema
+from fleetprof.proto.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from fleetprof.query.filters import SampleFilter
+from fleetprof.query.render import RenderOptions
+from fleetprof.query.source import AggregatorSource, DatabaseSource
+
+sys.path.insert(0, str(Path(__file__).parent))
+from flame_query import best_of, synthetic_stacks
+
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", schema.MAX_MESSAGE_BYTES)]
+FLAME_JOB = "job-0"
+OPTIONS = RenderOptions(title="fleet", event="cpu", unit="samples")
+
+
+def parse_count(text: str) -> int:
+    """100M, 5M, 250k, 1000."""
+    scale = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000}.get(text[-1].lower(), 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """The shared stacks: ids in popularity order (the most used first), and their rows."""
+
+    ids: list[int]
+    stacks: pa.Table  # schema.STACKS, in the same order
+
+    @classmethod
+    def make(cls, count: int, seed: int = 7) -> Fleet:
+        rng = random.Random(seed)
+        rows = synthetic_stacks(count, rng)
+        ids = [stack_id(row) for row in rows]
+        order = list(range(count))
+        rng.shuffle(order)  # popularity independent of the order stacks were grown in
+        return cls([ids[i] for i in order], stacks_table({ids[i]: rows[i] for i in order}))
+
+    def connect(self) -> duckdb.DuckDBPyConnection:
+        """A DuckDB connection where `fleet_ids` maps popularity rank k to a stack id."""
+        conn = duckdb.connect()
+        ranks = pa.array(range(len(self.ids)), pa.int64())
+        conn.register("fleet_ids", pa.table({"k": ranks, "stack_id": self.ids}))
+        return conn
+
+
+def sample_rows(
+    conn: duckdb.DuckDBPyConnection, stacks: int, rows: int, job: str, ts: datetime
+) -> pa.Table:
+    """One node's batch: `rows` SAMPLES rows of 16 JVM threads, Zipf-like stack choice."""
+    table = conn.sql(
+        """
+        SELECT $ts::TIMESTAMPTZ AS ts, 1000 + (hash(i) % 4)::INTEGER AS pid,
+               2000 + (hash(i * 7) % 16)::INTEGER AS tid, 'java' AS comm, 'cpu' AS event,
+               f.stack_id, (1 + hash(i * 13) % 5)::BIGINT AS weight, $job AS job,
+               NULL::VARCHAR AS session_id, 'prod' AS namespace, $job || '-pod' AS pod,
+               'main' AS container
+        FROM (
+            SELECT i, (floor(pow($stacks + 1, random())) - 1)::BIGINT AS k FROM range($rows) t(i)
+        ) r JOIN fleet_ids f USING (k)
+        """,
+        params={"ts": ts, "rows": rows, "stacks": stacks, "job": job},
+    ).to_arrow_table()
+    return table.cast(schema.SAMPLES)
+
+
+def make_batches(
+    fleet: Fleet, nodes: int, jobs: int, batches: int, rows: int, seed: int
+) -> list[tuple[str, pa.Table]]:
+    """`batches` (node, SAMPLES table) of distinct nodes, each with its job."""
+    conn = fleet.connect()
+    conn.execute(f"SELECT setseed({(seed % 1000) / 1000})").fetchall()
+    now = datetime.now(UTC)
+    out = []
+    for b in range(batches):
+        node = (seed * 7919 + b) % nodes
+        table = sample_rows(conn, len(fleet.ids), rows, f"job-{node % jobs}", now)
+        out.append((f"node-{node:05d}", table))
+    return out
+
+
+def run_client(
+    address: str,
+    streams: list[list[tuple[str, bytes]]],
+    stacks: bytes,
+    rounds: int,
+    ready: mp.Barrier,
+    results: mp.Queue,
+) -> None:
+    """Send each stream's batches `rounds` times, one in flight per stream; put
+    (rows acked, [(sent, acked)] per batch) on `results`."""
+    import grpc
+
+    channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    stub = ingest_pb2_grpc.IngestServiceStub(channel)
+    all_stacks = schema.decode(stacks, schema.STACKS)
+    # Every message is made before the start: the clients share the aggregator's CPUs.
+    messages = [
+        _messages(f"bench-{os.getpid()}-{i}", batches, rounds, all_stacks)
+        for i, batches in enumerate(streams)
+    ]
+    ready.wait()
+    timings: list[tuple[float, float]] = []
+    acked = [0]
+    lock = threading.Lock()
+
+    def one_stream(stream: list[ingest_pb2.IngestBatch]) -> None:
+        requests: queue.Queue[ingest_pb2.IngestBatch | None] = queue.Queue()
+        acks = stub.Ingest(iter(requests.get, None))
+        for message in stream:
+            sent = time.time()
+            requests.put(message)
+            ack = next(acks)
+            with lock:
+                timings.append((sent, time.time()))
+                acked[0] += ack.rows_stored
+        requests.put(None)
+
+    threads = [threading.Thread(target=one_stream, args=(stream,)) for stream in messages]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    channel.close()
+    results.put((acked[0], timings))
+
+
+def _messages(
+    agent_id: str, batches: list[tuple[str, bytes]], rounds: int, stacks: pa.Table
+) -> list[ingest_pb2.IngestBatch]:
+    """One stream's messages: its batches `rounds` times, each stack in the first batch
+    that uses it, as the Shipper sends them."""
+    messages, sent = [], pa.array([], pa.int64())
+    for sequence, (node, samples) in enumerate(batches * rounds, start=1):
+        used = pc.unique(schema.decode(samples, schema.SAMPLES)["stack_id"])
+        new = pc.filter(used, pc.invert(pc.is_in(used, value_set=sent)))
+        sent = pa.concat_arrays([sent, new])
+        messages.append(
+            ingest_pb2.IngestBatch(
+                agent_id=agent_id,
+                sequence=sequence,
+                schema_version=schema.SCHEMA_VERSION,
+                node=node,
+                samples=samples,
+                stacks=schema.encode(stacks.filter(pc.is_in(stacks["stack_id"], value_set=new)))
+                if len(new)
+                else b"",
+            )
+        )
+    return messages
+
+
+def run_aggregator(db: str, port: mp.Queue, stop: mp.Event) -> None:
+    aggregator = Aggregator(db, "127.0.0.1:0")
+    aggregator.start()
+    port.put(aggregator.address)
+    stop.wait()
+    aggregator.stop(grace_s=0)
+
+
+def ingest(
+    address: str, per_client: list[list[list[tuple[str, bytes]]]], stacks: bytes, rounds: int
+) -> tuple[int, float, list[float]]:
+    """Run the clients once; (rows acked, seconds, latencies in seconds)."""
+    ctx = mp.get_context("spawn")
+    ready = ctx.Barrier(len(per_client) + 1)
+    results = ctx.Queue()
+    clients = [
+        ctx.Process(target=run_client, args=(address, streams, stacks, rounds, ready, results))
+        for streams in per_client
+    ]
+    for client in clients:
+        client.start()
+    ready.wait()
+    started = time.time()
+    rows, timings = 0, []
+    for _ in clients:
+        acked, times = results.get()
+        rows += acked
+        timings += times
+    for client in clients:
+        client.join()
+    took = max(acked for _, acked in timings) - started
+    return rows, took, sorted(acked - sent for sent, acked in timings)
+
+
+def bare_append(db: Path, tables: list[pa.Table], rounds: int) -> tuple[int, float]:
+    """The same Arrow batches appended to a bare DuckDB table, one INSERT (commit) each."""
+    conn = duckdb.connect(str(db))
+    columns = ", ".join(f"{f.name} {_duck_type(f.type)}" for f in schema.SAMPLES)
+    conn.execute(f"CREATE TABLE sample_rows (node VARCHAR, agent_id VARCHAR, {columns})")
+    rows = 0
+    started = time.perf_counter()
+    for _ in range(rounds):
+        for table in tables:
+            conn.register("batch", table)
+            conn.execute("INSERT INTO sample_rows SELECT 'node', 'agent', * FROM batch")
+            conn.unregister("batch")
+            rows += table.num_rows
+    took = time.perf_counter() - started
+    conn.close()
+    return rows, took
+
+
+def _duck_type(arrow_type: pa.DataType) -> str:
+    return {
+        pa.int32(): "INTEGER",
+        pa.int64(): "BIGINT",
+        pa.string(): "VARCHAR",
+    }.get(arrow_type, "TIMESTAMPTZ")
+
+
+def percentile(values: list[float], p: float) -> float:
+    return values[min(len(values) - 1, int(p / 100 * len(values)))]
+
+
+def flame_loop(address: str, out: Path, stop: threading.Event, times: list[float]) -> None:
+    """Draw one job's flame graph (HTML) through the QueryService until stopped."""
+    source = AggregatorSource(address)
+    while not stop.is_set():
+        started = time.perf_counter()
+        write_graph(source, SampleFilter(jobs=(FLAME_JOB,)), str(out), OPTIONS)
+        times.append(time.perf_counter() - started)
+    source.close()
+
+
+def flame_over_stored(work: Path, fleet: Fleet, rows: int, batch_rows: int = 1_000_000) -> None:
+    """Store `rows` rows of one job in one hour through ProfileStore.append, then time
+    its flame graph against a bare GROUP BY stack_id."""
+    path = work / "flame.duckdb"
+    store = ProfileStore(path)
+    store.append("flame", 0, "node-0", schema.SAMPLES.empty_table(), fleet.stacks)
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=2)
+    conn = fleet.connect()
+    started = time.perf_counter()
+    # a few distinct batches appended over and over: generation must not dominate
+    distinct = [sample_rows(conn, len(fleet.ids), batch_rows, FLAME_JOB, hour) for _ in range(4)]
+    count = 0
+    for sequence in range(1, rows // batch_rows + 1):
+        table = distinct[sequence % len(distinct)]
+        later = pa.scalar(timedelta(seconds=(sequence * 37) % 3600), pa.duration("us"))
+        table = table.set_column(0, "ts", pc.add(table["ts"], later))
+        store.append(
+            "flame", sequence, f"node-{sequence % 997:05d}", table, fleet.stacks.slice(0, 0)
+        )
+        count += table.num_rows
+    store.close()
+    took = time.perf_counter() - started
+    size = path.stat().st_size
+    print(
+        f"stored {count:,} rows in {took:.0f} s ({count / took / 1e6:.2f}M rows/s in "
+        f"{batch_rows:,}-row appends): {size / count:.1f} bytes per row on disk"
+    )
+
+    selection = SampleFilter(jobs=(FLAME_JOB,), since=hour, until=hour + timedelta(hours=1))
+    source = DatabaseSource(path)
+
+    def bare() -> None:
+        sql = (
+            f"SELECT stack_id, sum(weight) FROM samples WHERE {selection.where()} GROUP BY stack_id"
+        )
+        with source.stream(sql) as reader:
+            reader.read_all()
+
+    def flame() -> None:
+        write_graph(source, selection, str(work / "flame.html"), OPTIONS)
+
+    first_s = best_of(1, {"flame": flame})["flame"]  # reads the stacks into the path index
+    times = best_of(3, {"bare": bare, "flame": flame})
+    bare_s, flame_s = times["bare"], times["flame"]
+    source.close()
+    print(
+        f"3. flame graph (HTML) of {FLAME_JOB}, one hour, {count:,} rows: {flame_s:.2f} s "
+        f"(target < 2 s; the first after start {first_s:.2f} s); bare GROUP BY stack_id "
+        f"{bare_s:.2f} s; ratio {flame_s / bare_s:.2f}x"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few minutes: smaller everything")
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--streams", type=int, default=2, help="Ingest streams per client")
+    parser.add_argument("--nodes", type=int, default=10_000)
+    parser.add_argument("--jobs", type=int, default=50)
+    parser.add_argument("--stacks", type=int, default=100_000)
+    parser.add_argument("--batch-rows", type=int, default=10_000)
+    parser.add_argument("--batches", type=int, default=16, help="distinct batches per stream")
+    parser.add_argument("--rounds", type=int, default=4, help="times each batch is sent")
+    parser.add_argument("--rows", type=parse_count, default=100_000_000, help="for the flame graph")
+    parser.add_argument("--skip-flame", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.stacks, args.batches, args.rounds = 20_000, 8, 2
+        args.rows = min(args.rows, 10_000_000)
+
+    print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+    work = Path(tempfile.mkdtemp(prefix="fleetprof-fleet-"))
+    fleet = Fleet.make(args.stacks)
+    stacks = schema.encode(fleet.stacks)
+    per_client = []
+    tables = []
+    for c in range(args.clients):
+        streams = []
+        for s in range(args.streams):
+            batches = make_batches(
+                fleet, args.nodes, args.jobs, args.batches, args.batch_rows, seed=c * 100 + s
+            )
+            tables += [table for _, table in batches]
+            streams.append([(node, schema.encode(table)) for node, table in batches])
+        per_client.append(streams)
+    print(
+        f"fleet: {args.stacks:,} stacks, {args.nodes:,} nodes, {args.jobs} jobs; "
+        f"{args.clients} clients x {args.streams} streams, {args.batch_rows:,} rows/batch"
+    )
+
+    ctx = mp.get_context("spawn")
+    port, stop = ctx.Queue(), ctx.Event()
+    server = ctx.Process(target=run_aggregator, args=(str(work / "agg.duckdb"), port, stop))
+    server.start()
+    address = port.get()
+
+    rows, took, latencies = ingest(address, per_client, stacks, args.rounds)
+    bare_rows, bare_s = bare_append(work / "bare.duckdb", tables, args.rounds)
+    rate, bare_rate = rows / took, bare_rows / bare_s
+    print(
+        f"1. ingest: {rows:,} rows in {took:.1f} s = {rate / 1e6:.2f}M rows/s end to end "
+        f"(target >= 1M); bare DuckDB append {bare_rate / 1e6:.2f}M rows/s; "
+        f"ratio {rate / bare_rate:.0%} (target >= 50%); "
+        f"latency p50 {percentile(latencies, 50) * 1000:.0f} ms, "
+        f"p99 {percentile(latencies, 99) * 1000:.0f} ms"
+    )
+
+    stop_flames, flame_times = threading.Event(), []
+    flames = threading.Thread(
+        target=flame_loop, args=(address, work / "live.html", stop_flames, flame_times)
+    )
+    flames.start()
+    rows, took, latencies = ingest(address, per_client, stacks, args.rounds)
+    stop_flames.set()
+    flames.join()
+    print(
+        f"2. ingest while {len(flame_times)} flame graphs of {FLAME_JOB} were drawn "
+        f"(median {statistics.median(flame_times):.2f} s each): {rows / took / 1e6:.2f}M rows/s, "
+        f"latency p50 {percentile(latencies, 50) * 1000:.0f} ms, "
+        f"p99 {percentile(latencies, 99) * 1000:.0f} ms (target < 500 ms)"
+    )
+    stop.set()
+    server.join()
+    if not args.skip_flame:
+        flame_over_stored(work, fleet, args.rows)
+    print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+
+
+if __name__ == "__main__":
+    main()
