@@ -139,8 +139,18 @@ def benchmark(work: Path, repeats: int, rounds: int) -> None:
             )
             cells.append(f"cpu {cpu_ratio:5.3f} wall {wall_ratio:5.3f}")
         print(f"{setting:12}" + "".join(f"{cell:>22}" for cell in cells))
-    alone = {name: statistics.median(cpu["alone", name]) for name in commands}
-    print("alone: " + ", ".join(f"{name} {seconds:.2f} CPU s" for name, seconds in alone.items()))
+    # How far runs alone stray from their median: ratios closer to 1 than this are noise.
+    spread = {
+        name: statistics.pstdev(cpu["alone", name]) / statistics.median(cpu["alone", name])
+        for name in commands
+    }
+    print(
+        "alone: "
+        + ", ".join(
+            f"{name} {statistics.median(cpu['alone', name]):.2f} CPU s (sd {spread[name]:.1%})"
+            for name in commands
+        )
+    )
 
 
 if __name__ == "__main__":
