@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import grpc
@@ -10,6 +11,7 @@ import pyarrow as pa
 import pytest
 
 from fleetprof.aggregator.server import Aggregator
+from fleetprof.aggregator.storage import ProfileStore
 from fleetprof.node_agent.batch import Batch, StackRow, stack_row, stacks_table
 from fleetprof.node_agent.shipper import Shipper
 from fleetprof.node_agent.spool import Spool
@@ -145,3 +147,26 @@ def test_agent_batches_with_huge_demangled_names_are_accepted(aggregator: Aggreg
     with aggregator.store.reader() as conn:
         stored = conn.execute("SELECT frames[2] FROM stacks WHERE stack_id = 11").fetchone()[0]
     assert stored == row.frames[1]
+
+
+def test_concurrent_batches_commit_together_each_once(tmp_path) -> None:
+    """Group commit: 16 agents append at once, each batch twice; every batch is stored once
+    and every caller learns whether its batch was new or a duplicate."""
+    store = ProfileStore(tmp_path / "p.duckdb")
+    jobs = [(f"agent-{a}", sequence) for a in range(16) for sequence in (1, 2, 3)] * 2
+
+    def append(key: tuple[str, int]) -> bool:
+        agent, sequence = key
+        result = store.append(
+            agent, sequence, "node-a", samples({11: sequence}), stacks_table(STACKS)
+        )
+        return result.duplicate
+
+    with ThreadPoolExecutor(16) as pool:
+        duplicates = list(pool.map(append, jobs))
+    assert duplicates.count(False) == duplicates.count(True) == 48
+    conn = store.reader()
+    assert conn.execute("SELECT count(*), sum(weight) FROM samples").fetchone() == (48, 16 * 6)
+    assert conn.execute("SELECT count(*) FROM stacks").fetchone() == (2,)
+    assert conn.execute("SELECT count(*) FROM ingested_batches").fetchone() == (48,)
+    store.close()
