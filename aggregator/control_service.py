@@ -161,9 +161,13 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
         if session is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no session {request.session_id!r}")
         self._check_access(session.order.job, context)
+        first = True
         while context.is_active():
             with self._changed:
-                self._changed.wait(WATCH_PERIOD_S)
+                # The state so far at once, then at each change (or tick: the deadline passes).
+                if not first:
+                    self._changed.wait(WATCH_PERIOD_S)
+                first = False
                 done = session.done(time.time())
                 progress = control_pb2.SessionProgress(
                     nodes=sorted(session.nodes.values(), key=lambda n: n.node),

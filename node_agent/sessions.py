@@ -25,11 +25,17 @@ log = logging.getLogger(__name__)
 
 
 class PreparedSamplers:
-    """A cpu session sampler compiled at agent start-up, attached when a session starts:
-    compiling takes seconds, attaching milliseconds. One session at a time uses it."""
+    """A cpu session sampler compiled and loaded at agent start-up, attached when a session
+    starts: compiling and loading take seconds, attaching milliseconds. One session at a
+    time uses it."""
 
     def __init__(self, options: SamplerOptions) -> None:
-        self.cpu = CpuSampler(replace(options, session_filter=True), attach=False)
+        session_options = replace(options, session_filter=True)
+        self.cpu = CpuSampler(session_options, attach=False)
+        # The first attach loads the program through the kernel's verifier (a second or
+        # more on a busy machine); BCC keeps it loaded. Nothing counts meanwhile: no pids.
+        self.cpu.attach(session_options)
+        self.cpu.detach()
         self.in_use = False
 
     def close(self) -> None:
