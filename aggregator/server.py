@@ -30,8 +30,8 @@ GRPC_OPTIONS = [
 ]
 # The synchronous gRPC server holds a worker thread for as long as a call lasts, and every
 # agent keeps two streams open (ingest, control): the pool bounds the fleet one aggregator
-# serves, and calls beyond it wait (a 16-thread pool stalled the 9th stream of 8 agents
-# for the agents' 10 s ack timeout). Threads start only when calls need them.
+# serves, and calls beyond it wait (16 threads: 8 agents' streams and one watcher left an
+# ingest stream waiting past the agents' 10 s ack timeout). Threads start only when needed.
 DEFAULT_WORKERS = 4096
 
 
