@@ -37,6 +37,8 @@ ALTER TABLE sample_rows ADD COLUMN IF NOT EXISTS session_id VARCHAR;
 ALTER TABLE sample_rows ADD COLUMN IF NOT EXISTS namespace VARCHAR;
 ALTER TABLE sample_rows ADD COLUMN IF NOT EXISTS pod VARCHAR;
 ALTER TABLE sample_rows ADD COLUMN IF NOT EXISTS container VARCHAR;
+-- lake.DERIVED's flame_key, stored (set for rows of databases made before it by _migrate).
+ALTER TABLE sample_rows ADD COLUMN IF NOT EXISTS flame_key BIGINT;
 CREATE TABLE IF NOT EXISTS stack_rows (
     stack_id BIGINT NOT NULL,
     frames VARCHAR[] NOT NULL,
@@ -190,11 +192,19 @@ def refresh_views(cur: duckdb.DuckDBPyConnection) -> None:
         ).fetchall()
     )
     for view, table in PARTITIONED.items():
-        live = f"SELECT {', '.join(f'r.{c}' for c in lake.COLUMNS[view])} FROM {table} r"
+        live = f"SELECT {', '.join(f'r.{c}' for c in lake.view_columns(view))} FROM {table} r"
         cur.execute(f"CREATE OR REPLACE VIEW live_{view} AS {live}")
         files = sealed.get(view)
         union = f"{live} UNION ALL {lake.scan_sql(view, files)}" if files else live
         cur.execute(f"CREATE OR REPLACE VIEW {view} AS {union}")
+
+
+def _derive_missing(cur: duckdb.DuckDBPyConnection) -> None:
+    """Fill the DERIVED columns of rows stored before they existed (NULL)."""
+    for view, columns in lake.DERIVED.items():
+        table = PARTITIONED[view]
+        for name, sql in columns.items():
+            cur.execute(f"UPDATE {table} AS f SET {name} = {sql} WHERE f.{name} IS NULL")
 
 
 def default_name() -> str:
@@ -224,6 +234,7 @@ class ProfileStore:
         self.name = lake.check_name(name or default_name())
         self._db = duckdb.connect(self.path)
         self._db.execute(_DDL)
+        _derive_missing(self._db)
         refresh_views(self._db)
         self._db.execute(_MACROS)
         self._write_lock = threading.Lock()
@@ -384,15 +395,18 @@ def _fresh_batches(cur: duckdb.DuckDBPyConnection, batches: list[_Batch]) -> lis
 
 def _insert(cur: duckdb.DuckDBPyConnection, batches: list[_Batch]) -> None:
     """Every row of `batches`, each with its batch's node and agent, one INSERT per table."""
-    for table, parts in (
-        ("sample_rows", [(b, b.samples) for b in batches]),
-        ("process_rows", [(b, b.processes) for b in batches if b.processes is not None]),
-        ("io_latency_rows", [(b, b.io_latency) for b in batches if b.io_latency is not None]),
+    for view, parts in (
+        ("samples", [(b, b.samples) for b in batches]),
+        ("processes", [(b, b.processes) for b in batches if b.processes is not None]),
+        ("io_latency", [(b, b.io_latency) for b in batches if b.io_latency is not None]),
     ):
         tables = [_with_origin(rows, b) for b, rows in parts if rows.num_rows]
         if tables:
+            derived = "".join(f", {sql} AS {n}" for n, sql in lake.DERIVED.get(view, {}).items())
             cur.register("group_rows", pa.concat_tables(tables))
-            cur.execute(f"INSERT INTO {table} BY NAME SELECT * FROM group_rows")
+            cur.execute(
+                f"INSERT INTO {PARTITIONED[view]} BY NAME SELECT *{derived} FROM group_rows f"
+            )
             cur.unregister("group_rows")
     # Set-based dedup: only stacks this database has never seen.
     cur.register("group_stacks", pa.concat_tables([b.stacks for b in batches]))

@@ -35,22 +35,21 @@ def path_index(source: ProfileSource) -> PathIndex:
 
 
 def grouped_sql(selection: SampleFilter) -> str:
-    """Weights summed per (process name, stack): the only pass over the sample rows. The
-    name is grouped by its 64-bit hash, an integer key, a fifth faster than the string (two
-    names would have to share a hash to merge, as two stacks would to share an id); the
-    names of hashes the path index has not seen come from `comm_names_sql`."""
+    """Weights summed per (process name, stack), by its `flame_key`: the only pass over the
+    sample rows, which costs what a GROUP BY stack_id does (proto/lake.py DERIVED)."""
     return f"""
-        SELECT stack_id, hash(comm) AS comm_hash, sum(weight)::BIGINT AS weight
+        SELECT flame_key, sum(weight)::BIGINT AS weight
         FROM samples WHERE {selection.where()}
-        GROUP BY stack_id, comm_hash
+        GROUP BY flame_key
     """
 
 
-def comm_names_sql(selection: SampleFilter, hashes: Sequence[int]) -> str:
+def pairs_sql(selection: SampleFilter, keys: Sequence[int] | None) -> str:
+    """The stack id and process name of flame keys of the selection (None: of all)."""
+    listed = "" if keys is None else f" AND flame_key IN ({', '.join(map(str, keys))})"
     return f"""
-        SELECT DISTINCT hash(comm) AS comm_hash, comm
-        FROM samples WHERE {selection.where()}
-          AND hash(comm) IN ({", ".join(map(str, hashes))})
+        SELECT DISTINCT flame_key, stack_id, comm
+        FROM samples WHERE {selection.where()}{listed}
     """
 
 
@@ -66,20 +65,13 @@ def load_flat(
     fraction of the focused node's total (`PathIndex.merged`), each with its exact total
     and self weight.
     """
-    # From a fleet: each aggregator's and the lake's rows; equal stacks add up in the tree.
+    # From a fleet: each aggregator's and the lake's rows; equal keys add up in the tree.
     table = read_parts(source, grouped_sql(selection))
-
-    def comm_names(hashes: Sequence[int]) -> dict[int, str]:
-        # where the hashes were computed, so that a fleet's engines agree on them
-        names = read_parts(source, comm_names_sql(selection, hashes))
-        return dict(zip(names["comm_hash"].to_pylist(), names["comm"].to_pylist(), strict=True))
-
     selected = Selected(
-        comm_hashes=table["comm_hash"].to_numpy(),
-        stack_ids=table["stack_id"].to_numpy(),
+        flame_keys=table["flame_key"].to_numpy(),
         weights=table["weight"].to_numpy(),
         where=selection.where(),
-        comm_names=comm_names,
+        pairs=lambda keys: read_parts(source, pairs_sql(selection, keys)),
     )
     return path_index(source).merged(source, selected, min_fraction, focus)
 

@@ -2,11 +2,11 @@
 
 A flame graph used to build its whole merged tree in Python (1.4M nodes for 100k JVM
 stacks), thirty times the cost of DuckDB's GROUP BY. Here each (process, stack) is walked
-into a prefix tree once (numpy, one level at a time for all new stacks) and its path of
-node ids is kept. A graph then places its grouped weights at their stacks' leaves in the
-tree's pre-order, so that each node's total is the difference of two cumulative sums, and
-descends from the root only into the nodes wide enough to keep. A database stores each
-stack id once and never changes it, so a cached path never goes stale.
+into a prefix tree once (numpy, one level at a time for all new stacks) and its leaf node
+is kept. A graph then places its grouped weights at their leaves in the tree's pre-order,
+so that each node's total is the difference of two cumulative sums, and descends from the
+root only into the nodes wide enough to keep. A database stores each stack id once and
+never changes it, so a cached leaf never goes stale.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ MAX_NODES = 8_000_000
 # Missing stacks are fetched by id up to this many (a SQL IN list), else by re-selecting.
 MAX_LISTED_IDS = 5_000
 PROCESS_KIND = "process"
-UNKNOWN_PROCESS = "[unknown process]"
 _ROOT_KIND = "unknown"
 
 
@@ -39,16 +38,15 @@ class FocusNotFound(KeyError):
 
 @dataclass(frozen=True)
 class Selected:
-    """The grouped rows of one selection: one per (process name, stack id), the name by
-    its hash (DuckDB's `hash(comm)`)."""
+    """The grouped rows of one selection: one per (process name, stack id), by its
+    `flame_key` (proto/lake.py)."""
 
-    comm_hashes: np.ndarray
-    stack_ids: np.ndarray
+    flame_keys: np.ndarray
     weights: np.ndarray
     # the selection's WHERE clause over samples, to fetch the stacks of many rows at once
     where: str
-    # the process names of hashes
-    comm_names: Callable[[Sequence[int]], dict[int, str]]
+    # (flame_key, stack_id, comm) rows of the given keys (None: of every key selected)
+    pairs: Callable[[Sequence[int] | None], pa.Table]
 
 
 @dataclass(frozen=True)
@@ -112,14 +110,9 @@ class PathIndex:
         # children: node ids by their key, parent << 32 | name id; keys sorted
         self._child_keys = np.zeros(0, np.int64)
         self._child_ids = np.zeros(0, np.int64)
-        # per process name hash: stack id -> row of _start/_length, whose path (node ids
-        # below the root, the process first) is _flat[start : start + length]
-        self._rows: dict[int, dict[int, int]] = {}
-        self._known: dict[int, tuple[pa.Array, np.ndarray]] = {}  # _rows as arrays
-        self._comm_names: dict[int, str] = {}
-        self._start = array("q")
-        self._length = array("i")
-        self._flat = array("i")
+        # flame_key -> the node of its stack's leaf frame, under its process name
+        self._leaves: dict[int, int] = {}
+        self._known: tuple[pa.Array, np.ndarray] | None = None  # _leaves as arrays
 
     def merged(
         self,
@@ -140,62 +133,44 @@ class PathIndex:
         with self._lock, gc_paused():
             if len(self._parent) > MAX_NODES:
                 self._clear()
-            rows = self._row_indices(source, selected)
-            found = rows >= 0  # a stack id without a stack row is dropped, as a JOIN does
-            return self._tree(rows[found], selected.weights[found], min_fraction, focus)
+            leaves = self._leaf_nodes(source, selected)
+            found = leaves >= 0  # a stack id without a stack row is dropped, as a JOIN does
+            return self._tree(leaves[found], selected.weights[found], min_fraction, focus)
 
-    def _row_indices(self, source: ProfileSource, selected: Selected) -> np.ndarray:
-        """Per selected row, its row of the path cache (-1 if it has no stack), caching
-        the paths the index lacks first."""
-        comms = pc.dictionary_encode(pa.array(selected.comm_hashes))
-        codes = comms.indices.to_numpy(zero_copy_only=False)
-        # the rows of each process name, one after another (one sort for any number)
-        order = np.argsort(codes, kind="stable") if len(comms.dictionary) > 1 else None
-        bounds = np.cumsum(np.bincount(codes, minlength=len(comms.dictionary)))
-        groups = []
-        for code, comm in enumerate(comms.dictionary.to_pylist()):
-            if order is None:
-                where = np.arange(len(codes))
-            else:
-                where = order[bounds[code - 1] if code else 0 : bounds[code]]
-            groups.append((comm, where, selected.stack_ids[where]))
-        missing = []
-        for comm, _, ids in groups:
-            lacking = self._lookup(comm, ids) < 0
-            if lacking.any():
-                missing.append((comm, ids[lacking]))
-        if missing:
-            unnamed = [comm for comm, _ in missing if comm not in self._comm_names]
-            if unnamed:
-                self._comm_names.update(selected.comm_names(unnamed))
-            self._add(source, missing, selected.where)
-        rows = np.empty(len(selected.stack_ids), np.int64)
-        for comm, where, ids in groups:
-            rows[where] = self._lookup(comm, ids)
-        return rows
+    def _leaf_nodes(self, source: ProfileSource, selected: Selected) -> np.ndarray:
+        """Per selected row, the node of its stack's leaf frame (-1 if it has no stack),
+        walking the stacks the index lacks into the tree first."""
+        leaves = self._lookup(selected.flame_keys)
+        lacking = leaves < 0
+        if lacking.any():
+            self._add(source, selected, selected.flame_keys[lacking])
+            leaves[lacking] = self._lookup(selected.flame_keys[lacking])
+        return leaves
 
-    def _lookup(self, comm: int, ids: np.ndarray) -> np.ndarray:
-        known = self._known.get(comm)
-        if known is None:
-            cached = self._rows.get(comm, {})
-            known = self._known[comm] = (
-                pa.array(np.fromiter(cached, np.int64, len(cached))),
-                np.fromiter(cached.values(), np.int64, len(cached)),
+    def _lookup(self, keys: np.ndarray) -> np.ndarray:
+        """The leaf nodes of flame keys; -1 for those not walked yet."""
+        if self._known is None:
+            self._known = (
+                pa.array(np.fromiter(self._leaves, np.int64, len(self._leaves))),
+                np.fromiter(self._leaves.values(), np.int64, len(self._leaves)),
             )
-        keys, rows = known
-        found = pc.index_in(pa.array(ids), value_set=keys).fill_null(-1).to_numpy()
-        return np.where(found >= 0, rows[np.maximum(found, 0)] if len(rows) else -1, -1)
+        known, leaves = self._known
+        found = pc.index_in(pa.array(keys), value_set=known).fill_null(-1).to_numpy()
+        return np.where(found >= 0, leaves[np.maximum(found, 0)] if len(leaves) else -1, -1)
 
-    def _add(
-        self, source: ProfileSource, missing: list[tuple[int, np.ndarray]], where: str
-    ) -> None:
-        """Fetch the stacks of the `(process name hash, stack ids)` pairs and walk their
-        paths into the tree."""
-        wanted = np.unique(np.concatenate([ids for _, ids in missing]))
+    def _add(self, source: ProfileSource, selected: Selected, missing: np.ndarray) -> None:
+        """Fetch the process names and stacks of flame keys and walk them into the tree."""
+        listed = len(missing) <= MAX_LISTED_IDS
+        pairs = selected.pairs(missing.tolist() if listed else None)
+        # one row per key (from a fleet, each part names its keys)
+        pairs = pairs.take(np.unique(pairs["flame_key"].to_numpy(), return_index=True)[1])
+        if not listed:
+            pairs = pairs.filter(pc.is_in(pairs["flame_key"], value_set=pa.array(missing)))
+        wanted = pc.unique(pairs["stack_id"])
         if len(wanted) <= MAX_LISTED_IDS:
-            chosen = ", ".join(map(str, wanted.tolist()))
+            chosen = ", ".join(map(str, wanted.to_pylist())) or "NULL"
         else:
-            chosen = f"SELECT DISTINCT stack_id FROM samples WHERE {where}"
+            chosen = f"SELECT DISTINCT stack_id FROM samples WHERE {selected.where}"
         sql = f"SELECT stack_id, frames, kinds FROM stacks WHERE stack_id IN ({chosen})"
         with source.stream(sql) as reader:
             table = reader.read_all()
@@ -207,28 +182,21 @@ class PathIndex:
         offsets = frames.offsets.to_numpy() - frames.offsets[0].as_py()
         fetched = table["stack_id"].to_numpy()
         by_id = np.argsort(fetched)
-        comm_names, starts, lengths = [], [], []
-        for comm, ids in missing:
-            ids = np.unique(ids)
-            at = np.minimum(np.searchsorted(fetched, ids, sorter=by_id), len(fetched) - 1)
-            found = fetched[by_id[at]] == ids  # stacks without a stack row are left out
-            ids, rows = ids[found], by_id[at[found]]
-            cached = self._rows.setdefault(comm, {})
-            base = len(self._start) + sum(map(len, starts))
-            cached.update(zip(ids.tolist(), range(base, base + len(ids)), strict=True))
-            self._known.pop(comm, None)
-            # a name the selection no longer has (rows deleted meanwhile) is still shown
-            name = self._comm_names.get(comm, UNKNOWN_PROCESS)
-            comm_names.append(np.full(len(ids), _id(name, self._names, self._name_ids)))
-            starts.append(offsets[rows])
-            lengths.append(offsets[rows + 1] - offsets[rows])
-        self._walk(
-            np.concatenate(comm_names),
-            np.concatenate(starts),
-            np.concatenate(lengths),
+        ids = pairs["stack_id"].to_numpy()
+        at = np.minimum(np.searchsorted(fetched, ids, sorter=by_id), len(fetched) - 1)
+        found = fetched[by_id[at]] == ids  # stacks without a stack row are left out
+        rows = by_id[at[found]]
+        comm = pairs["comm"].combine_chunks().filter(pa.array(found))
+        leaves = self._walk(
+            _encoded(comm, self._names, self._name_ids),
+            offsets[rows],
+            offsets[rows + 1] - offsets[rows],
             names,
             kinds,
         )
+        keys = pairs["flame_key"].to_numpy()[found]
+        self._leaves.update(zip(keys.tolist(), leaves.tolist(), strict=True))
+        self._known = None
 
     def _walk(
         self,
@@ -237,13 +205,12 @@ class PathIndex:
         lengths: np.ndarray,
         names: np.ndarray,
         kinds: np.ndarray,
-    ) -> None:
-        """Append the paths of new rows to _flat, one level at a time for all of them,
-        making the nodes the tree lacks: the process name `comm_names[r]` at depth 1, then
-        the frames `names[starts[r] : starts[r] + lengths[r]]` (`kinds` parallel)."""
+    ) -> np.ndarray:
+        """Walk the paths of new rows into the tree, one level at a time for all of them,
+        making the nodes it lacks: the process name `comm_names[r]` at depth 1, then the
+        frames `names[starts[r] : starts[r] + lengths[r]]` (`kinds` parallel). Returns
+        each row's last node, its leaf."""
         path_lengths = lengths + 1
-        bases = np.cumsum(path_lengths) - path_lengths  # where each row's path starts
-        flat = np.empty(int(path_lengths.sum()), np.int32)
         process = _id(PROCESS_KIND, self._kinds, self._kind_ids)
         nodes = np.zeros(len(starts), np.int64)  # each row's node at the level above
         alive = np.arange(len(starts))
@@ -271,21 +238,15 @@ class PathIndex:
             self._kind.frombytes(level_kinds[first[new]].astype(np.int32).tobytes())
             self._depth.frombytes(np.full(int(new.sum()), depth, np.int32).tobytes())
             nodes[alive] = ids[inverse]
-            flat[bases[alive] + depth - 1] = nodes[alive]
         keys, ids = np.concatenate(added_keys), np.concatenate(added_ids)
         order = np.argsort(keys, kind="stable")
         self._child_keys, self._child_ids = keys[order], ids[order]
-        self._start.frombytes((bases + len(self._flat)).astype(np.int64).tobytes())
-        self._length.frombytes(path_lengths.astype(np.int32).tobytes())
-        self._flat.frombytes(flat.tobytes())
+        return nodes
 
     def _tree(
-        self, rows: np.ndarray, weights: np.ndarray, min_fraction: float, focus: Sequence[str]
+        self, leaves: np.ndarray, weights: np.ndarray, min_fraction: float, focus: Sequence[str]
     ) -> FlatTree:
         layout = self._layout()
-        start = np.frombuffer(self._start, np.int64)[rows]
-        length = np.frombuffer(self._length, np.int32)[rows]
-        leaves = np.frombuffer(self._flat, np.int32)[start + length - 1]
         # Weights by the pre-order position of the rows' leaves, summed up to each
         # position: a node's subtree is a range of positions, so its total is the
         # difference of two cumulative weights.
@@ -385,10 +346,12 @@ def _id(value: str, values: list[str], ids: dict[str, int]) -> int:
     return found
 
 
-def _encoded(strings: pa.ListArray, values: list[str], ids: dict[str, int]) -> np.ndarray:
-    """The strings of a list<string> array, flattened, as ids of `values` (each distinct
+def _encoded(strings: pa.Array, values: list[str], ids: dict[str, int]) -> np.ndarray:
+    """Strings (of a list<string> array: flattened) as ids of `values` (each distinct
     string looked up once: a stack's frames are mostly names thousands of others share)."""
-    encoded = pc.dictionary_encode(strings.flatten())
+    if isinstance(strings, pa.ListArray):
+        strings = strings.flatten()
+    encoded = pc.dictionary_encode(strings)
     mapping = np.array(
         [_id(value, values, ids) for value in encoded.dictionary.to_pylist()], np.int64
     )

@@ -51,7 +51,7 @@ COLUMN_TYPES = {
     "frames": "VARCHAR[]", "modules": "VARCHAR[]", "kinds": "VARCHAR[]", "exe": "VARCHAR",
     "runtime": "VARCHAR", "frame_pointers": "BOOLEAN", "attach": "VARCHAR",
     "perf_map_entries": "BIGINT", "device": "VARCHAR", "op": "VARCHAR",
-    "bucket_le_ns": "BIGINT", "count": "BIGINT",
+    "bucket_le_ns": "BIGINT", "count": "BIGINT", "flame_key": "BIGINT",
 }  # fmt: skip
 
 # As the aggregator defines it (aggregator/storage.py): one row per frame, root at depth 0.
@@ -199,12 +199,12 @@ def _writer(path: str) -> str | None:
 
 
 def _columns(table: str) -> str:
-    return ", ".join(layout.COLUMNS[table])
+    return ", ".join(layout.view_columns(table))
 
 
 def _empty(table: str) -> str:
     """The table's columns and no row."""
-    typed = ", ".join(f"NULL::{COLUMN_TYPES[c]} AS {c}" for c in layout.COLUMNS[table])
+    typed = ", ".join(f"NULL::{COLUMN_TYPES[c]} AS {c}" for c in layout.view_columns(table))
     return f"SELECT {typed} WHERE false"
 
 

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from fleetprof.aggregator.storage import ProfileStore
@@ -153,3 +154,25 @@ def test_stacks_stored_later_join_the_cached_paths(store: Store) -> None:
     assert paths(tree) == {p: (t, selfs[p]) for p, t in totals.items()}
     java = paths(load_flat(store.source(), SampleFilter(comms=("java",)), 0.0))
     assert java[()][0] == totals[("java",)] and ("python",) not in java
+
+
+def test_rows_stored_before_flame_keys_get_theirs(store: Store, tmp_path: Path) -> None:
+    """A database of an earlier release has no flame_key: opening it derives the keys of
+    its rows, and the same stacks stored after join them in one tree."""
+    rng = random.Random(4)
+    fill(store, rng, 400)
+    store.store.close()
+    conn = duckdb.connect(store.store.path)  # as the earlier release left it
+    conn.execute("ALTER TABLE sample_rows DROP COLUMN flame_key")
+    conn.close()
+    store.store = ProfileStore(store.store.path)
+    stored = store.samples[:]
+    store.add(stored)  # the same (process, stack) pairs again, with keys made at ingest
+    totals, selfs = store.brute_force()
+    assert paths(load_flat(store.source(), SampleFilter(), 0.0)) == {
+        p: (t, selfs[p]) for p, t in totals.items()
+    }
+    keys = store.store.reader().execute(
+        "SELECT count(*) FILTER (flame_key IS NULL), count(DISTINCT flame_key) FROM samples"
+    )
+    assert keys.fetchall() == [(0, len({(comm, stack) for comm, stack, _ in stored}))]
