@@ -52,18 +52,28 @@ class Selected:
 @dataclass(frozen=True)
 class _Layout:
     """Where each node is in a depth-first walk of the whole tree (children by name),
-    how many nodes its subtree holds, and its children: children[child_start[i] :
-    child_end[i]]."""
+    how many nodes its subtree holds, its children (children[child_start[i] :
+    child_end[i]]) and its (name, kind) as an index of `frames`."""
 
     preorder: np.ndarray
     size: np.ndarray
     children: np.ndarray
     child_start: np.ndarray
     child_end: np.ndarray
+    frame: np.ndarray
+    frames: list[tuple[str, str]]
 
     @classmethod
-    def of(cls, parent: np.ndarray, depth: np.ndarray, name_rank: np.ndarray) -> _Layout:
-        """`name_rank`: per node, its name's place in sorted order (siblings go by it)."""
+    def of(
+        cls,
+        parent: np.ndarray,
+        depth: np.ndarray,
+        name_rank: np.ndarray,
+        frame_keys: np.ndarray,
+        frame_of_key: Callable[[int], tuple[str, str]],
+    ) -> _Layout:
+        """`name_rank`: per node, its name's place in sorted order (siblings go by it);
+        `frame_keys`: per node, an integer for its (name, kind), which `frame_of_key` gives."""
         parent = parent.astype(np.int64)
         count = len(parent)
         children = np.argsort(parent, kind="stable")[1:]  # by parent, ids ascending; no root
@@ -86,7 +96,9 @@ class _Layout:
             heads = np.flatnonzero(np.diff(parents, prepend=-1))
             before -= np.repeat(before[heads], np.diff(heads, append=len(level)))
             preorder[level] = preorder[parents] + 1 + before
-        return cls(preorder, size, children, child_start, child_end)
+        keys, frame = np.unique(frame_keys, return_inverse=True)
+        frames = [frame_of_key(key) for key in keys.tolist()]
+        return cls(preorder, size, children, child_start, child_end, frame, frames)
 
 
 class PathIndex:
@@ -290,15 +302,13 @@ class PathIndex:
         ids, first, totals = ids[walk], first[walk], np.concatenate(kept_totals)[walk]
         # self weight: the weight of the rows whose path ends at the node
         selfs = weight_in(first, first + 1)
-        keys = np.frombuffer(self._name, np.int32)[ids].astype(np.int64) << 32
-        keys |= np.frombuffer(self._kind, np.int32)[ids]
-        distinct, frame = np.unique(keys, return_inverse=True)
-        frames = [
-            (self._names[key >> 32], self._kinds[key & 0xFFFFFFFF]) for key in distinct.tolist()
-        ]
+        # the frames the kept nodes show, numbered anew in the tree's order of frames
+        shown = np.zeros(len(layout.frames), bool)
+        shown[layout.frame[ids]] = True
+        number = np.cumsum(shown) - 1
         return FlatTree(
-            frames,
-            frame.tolist(),
+            [layout.frames[i] for i in np.flatnonzero(shown).tolist()],
+            number[layout.frame[ids]].tolist(),
             np.frombuffer(self._depth, np.int32)[ids].tolist(),
             totals.tolist(),
             selfs.tolist(),
@@ -316,6 +326,8 @@ class PathIndex:
                 np.frombuffer(self._parent, np.int32),
                 np.frombuffer(self._depth, np.int32),
                 rank[names],
+                names.astype(np.int64) << 32 | np.frombuffer(self._kind, np.int32),
+                lambda key: (self._names[key >> 32], self._kinds[key & 0xFFFFFFFF]),
             )
         return self._layout_cache
 
