@@ -233,6 +233,10 @@ class ProfileStore:
         self.lake = Path(lake_dir or f"{self.path}.lake").resolve()
         self.name = lake.check_name(name or default_name())
         self._db = duckdb.connect(self.path)
+        # Rows have no order but the one a query asks for. Without this DuckDB appends an
+        # Arrow table on one thread; with it, on all, and a group of batches past a row
+        # group (122,880 rows) goes straight to compressed blocks: twice the append rate.
+        self._db.execute("SET preserve_insertion_order = false")
         self._db.execute(_DDL)
         _derive_missing(self._db)
         refresh_views(self._db)
