@@ -37,7 +37,7 @@ ALTER TABLE sample_rows ADD COLUMN IF NOT EXISTS session_id VARCHAR;
 ALTER TABLE sample_rows ADD COLUMN IF NOT EXISTS namespace VARCHAR;
 ALTER TABLE sample_rows ADD COLUMN IF NOT EXISTS pod VARCHAR;
 ALTER TABLE sample_rows ADD COLUMN IF NOT EXISTS container VARCHAR;
--- lake.DERIVED's flame_key, stored (set for rows of databases made before it by _migrate).
+-- lake.DERIVED's flame_key, stored (_derive_missing sets it for rows stored before it).
 ALTER TABLE sample_rows ADD COLUMN IF NOT EXISTS flame_key BIGINT;
 CREATE TABLE IF NOT EXISTS stack_rows (
     stack_id BIGINT NOT NULL,

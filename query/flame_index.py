@@ -303,12 +303,13 @@ class PathIndex:
         # self weight: the weight of the rows whose path ends at the node
         selfs = weight_in(first, first + 1)
         # the frames the kept nodes show, numbered anew in the tree's order of frames
+        frame = layout.frame[ids]
         shown = np.zeros(len(layout.frames), bool)
-        shown[layout.frame[ids]] = True
+        shown[frame] = True
         number = np.cumsum(shown) - 1
         return FlatTree(
             [layout.frames[i] for i in np.flatnonzero(shown).tolist()],
-            number[layout.frame[ids]].tolist(),
+            number[frame].tolist(),
             np.frombuffer(self._depth, np.int32)[ids].tolist(),
             totals.tolist(),
             selfs.tolist(),

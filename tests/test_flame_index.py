@@ -156,7 +156,7 @@ def test_stacks_stored_later_join_the_cached_paths(store: Store) -> None:
     assert java[()][0] == totals[("java",)] and ("python",) not in java
 
 
-def test_rows_stored_before_flame_keys_get_theirs(store: Store, tmp_path: Path) -> None:
+def test_rows_stored_before_flame_keys_get_theirs(store: Store) -> None:
     """A database of an earlier release has no flame_key: opening it derives the keys of
     its rows, and the same stacks stored after join them in one tree."""
     rng = random.Random(4)
