@@ -113,6 +113,9 @@ class Partitions:
             )
         if policy.max_disk_bytes is not None:
             self.enforce_disk_budget(policy.max_disk_bytes)
+        pruned = self.store.prune_label_sets()
+        if pruned:
+            log.info("forgot %s label sets of sealed or dropped rows", f"{pruned:,}")
 
     # --- sealing -------------------------------------------------------------------------
 
@@ -133,8 +136,9 @@ class Partitions:
         in_hour = f"ts >= {_timestamp(hour)} AND ts < {_timestamp(hour + HOUR)}"
         written: list[_NewFile] = []
         try:
-            for table, rows in PARTITIONED.items():
-                select = f"SELECT {', '.join(lake.COLUMNS[table])} FROM {rows} WHERE {in_hour}"
+            for table in PARTITIONED:  # its live_ view: sample rows with their labels
+                columns = ", ".join(lake.COLUMNS[table])
+                select = f"SELECT {columns} FROM live_{table} WHERE {in_hour}"
                 written += self._write(cur, table, hour, select)
             if any(f.table == "samples" for f in written):
                 stacks = (

@@ -15,30 +15,36 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from fleetprof.proto import lake
 from fleetprof.proto.control.v1 import control_pb2
 
 _DDL = """
-CREATE TABLE IF NOT EXISTS sample_rows (
-    ts TIMESTAMPTZ NOT NULL,
+-- A sample row's labels (those of its process and batch) are stored once per distinct set:
+-- appending nine strings per row cost DuckDB five times what the rest of the row does.
+CREATE TABLE IF NOT EXISTS label_sets (
+    label_set INTEGER NOT NULL,
+    fingerprint UBIGINT NOT NULL,  -- LABEL_FINGERPRINT: how a batch's rows find their set
     node VARCHAR NOT NULL,
     agent_id VARCHAR NOT NULL,
-    pid INTEGER NOT NULL,
-    tid INTEGER NOT NULL,
     comm VARCHAR NOT NULL,
     event VARCHAR NOT NULL,
-    stack_id BIGINT NOT NULL,
-    weight BIGINT NOT NULL
+    job VARCHAR,
+    session_id VARCHAR,
+    namespace VARCHAR,
+    pod VARCHAR,
+    container VARCHAR
 );
--- Schema version 2 (databases made before it gain the columns, NULL for old rows).
-ALTER TABLE sample_rows ADD COLUMN IF NOT EXISTS job VARCHAR;
-ALTER TABLE sample_rows ADD COLUMN IF NOT EXISTS session_id VARCHAR;
-ALTER TABLE sample_rows ADD COLUMN IF NOT EXISTS namespace VARCHAR;
-ALTER TABLE sample_rows ADD COLUMN IF NOT EXISTS pod VARCHAR;
-ALTER TABLE sample_rows ADD COLUMN IF NOT EXISTS container VARCHAR;
--- lake.DERIVED's flame_key, stored (_derive_missing sets it for rows stored before it).
-ALTER TABLE sample_rows ADD COLUMN IF NOT EXISTS flame_key BIGINT;
+CREATE TABLE IF NOT EXISTS sample_rows (
+    ts TIMESTAMPTZ NOT NULL,
+    pid INTEGER NOT NULL,
+    tid INTEGER NOT NULL,
+    stack_id BIGINT NOT NULL,
+    weight BIGINT NOT NULL,
+    flame_key BIGINT NOT NULL,  -- lake.DERIVED's
+    label_set INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS stack_rows (
     stack_id BIGINT NOT NULL,
     frames VARCHAR[] NOT NULL,
@@ -179,6 +185,10 @@ PARTITIONED = {
     # What agents learned about processes (JVMs), one row each time: latest per (node, pid).
     "processes": "process_rows",
 }
+# The columns of `samples` kept in label_sets, and the hash naming a set of them (of rows
+# aliased `f`): a collision, like one of stack ids, is as unlikely as two equal 64-bit hashes.
+LABELS = ("node", "agent_id", "comm", "event", "job", "session_id", "namespace", "pod", "container")
+LABEL_FINGERPRINT = f"hash({', '.join(f'f.{c}' for c in LABELS)})"
 
 
 def refresh_views(cur: duckdb.DuckDBPyConnection) -> None:
@@ -191,20 +201,82 @@ def refresh_views(cur: duckdb.DuckDBPyConnection) -> None:
             "FROM sealed_files GROUP BY table_name"
         ).fetchall()
     )
-    for view, table in PARTITIONED.items():
-        live = f"SELECT {', '.join(f'r.{c}' for c in lake.view_columns(view))} FROM {table} r"
+    for view in PARTITIONED:
+        live = _live_sql(view)
         cur.execute(f"CREATE OR REPLACE VIEW live_{view} AS {live}")
         files = sealed.get(view)
         union = f"{live} UNION ALL {lake.scan_sql(view, files)}" if files else live
         cur.execute(f"CREATE OR REPLACE VIEW {view} AS {union}")
 
 
-def _derive_missing(cur: duckdb.DuckDBPyConnection) -> None:
-    """Fill the DERIVED columns of rows stored before they existed (NULL)."""
-    for view, columns in lake.DERIVED.items():
-        table = PARTITIONED[view]
-        for name, sql in columns.items():
-            cur.execute(f"UPDATE {table} AS f SET {name} = {sql} WHERE f.{name} IS NULL")
+def _live_sql(view: str) -> str:
+    """The view's columns from its rows in DuckDB (sample rows joined to their labels:
+    dense integer label sets make that a perfect-hash join, almost free)."""
+    columns = ", ".join(
+        f"l.{c}" if view == "samples" and c in LABELS else f"r.{c}" for c in lake.view_columns(view)
+    )
+    if view == "samples":
+        return f"SELECT {columns} FROM sample_rows r JOIN label_sets l ON l.label_set = r.label_set"
+    return f"SELECT {columns} FROM {PARTITIONED[view]} r"
+
+
+def _rows_sql(source: str) -> str:
+    """SAMPLES rows of `source` (aliased f, with node and agent_id) as stored, with their
+    label set's fingerprint instead of the labels."""
+    flame_key = lake.DERIVED["samples"]["flame_key"]
+    return (
+        f"SELECT f.ts, f.pid, f.tid, f.stack_id, f.weight, {flame_key} AS flame_key, "
+        f"{LABEL_FINGERPRINT} AS fingerprint FROM {source} f"
+    )
+
+
+def _label_sets_sql(source: str) -> str:
+    """The distinct label sets of `source`'s rows, each with its fingerprint."""
+    labels = ", ".join(f"f.{c}" for c in LABELS)
+    return (
+        f"SELECT DISTINCT ON (fingerprint) {LABEL_FINGERPRINT} AS fingerprint, {labels} "
+        f"FROM {source} f"
+    )
+
+
+def _insert_samples(cur: duckdb.DuckDBPyConnection, rows: str, label_sets: str) -> None:
+    """Store `rows` (as _rows_sql makes them): first the sets of `label_sets` (as
+    _label_sets_sql makes them) not stored yet, numbered on from the highest, then each row
+    with its set's number. Set-based: a group of batches has few distinct label sets."""
+    cur.execute(
+        f"""
+        INSERT INTO label_sets
+        SELECT (SELECT coalesce(max(label_set), 0) FROM label_sets) + row_number() OVER (), n.*
+        FROM (SELECT DISTINCT ON (fingerprint) * FROM {label_sets}) n
+        ANTI JOIN label_sets l USING (fingerprint)
+        """
+    )
+    cur.execute(
+        f"""
+        INSERT INTO sample_rows
+        SELECT f.ts, f.pid, f.tid, f.stack_id, f.weight, f.flame_key, l.label_set
+        FROM {rows} f JOIN label_sets l USING (fingerprint)
+        """
+    )
+
+
+def _set_aside_wide_rows(cur: duckdb.DuckDBPyConnection) -> bool:
+    """Rename sample_rows of an earlier release, which kept each row's labels in its own
+    columns (schema version 1 had no job, session or pod), to wide_sample_rows; whether
+    there were any."""
+    columns = {
+        name
+        for (name,) in cur.execute(
+            "SELECT column_name FROM duckdb_columns() "
+            "WHERE table_name = 'sample_rows' AND database_name = current_database()"
+        ).fetchall()
+    }
+    if "node" not in columns:
+        return False
+    for name in LABELS:
+        cur.execute(f"ALTER TABLE sample_rows ADD COLUMN IF NOT EXISTS {name} VARCHAR")
+    cur.execute("ALTER TABLE sample_rows RENAME TO wide_sample_rows")
+    return True
 
 
 def default_name() -> str:
@@ -237,9 +309,17 @@ class ProfileStore:
         # Arrow table on one thread; with it, on all, and a group of batches past a row
         # group (122,880 rows) goes straight to compressed blocks: twice the append rate.
         self._db.execute("SET preserve_insertion_order = false")
+        self._db.execute("BEGIN")
+        wide = _set_aside_wide_rows(self._db)
         self._db.execute(_DDL)
-        _derive_missing(self._db)
+        if wide:  # converted in the transaction that makes the new tables
+            wide_rows = "wide_sample_rows"
+            _insert_samples(
+                self._db, f"({_rows_sql(wide_rows)})", f"({_label_sets_sql(wide_rows)})"
+            )
+            self._db.execute("DROP TABLE wide_sample_rows")
         refresh_views(self._db)
+        self._db.execute("COMMIT")
         self._db.execute(_MACROS)
         self._write_lock = threading.Lock()
         # Batches waiting for the next group commit (see append).
@@ -275,6 +355,14 @@ class ProfileStore:
                 ).fetchone()[0]
         finally:
             cur.close()
+
+    def prune_label_sets(self) -> int:
+        """Delete the label sets no row in DuckDB refers to any more (sealed files keep
+        their labels as strings); returns how many."""
+        with self._write_lock:
+            return self._db.execute(
+                "DELETE FROM label_sets WHERE label_set NOT IN (SELECT label_set FROM sample_rows)"
+            ).fetchone()[0]
 
     def record_session(self, order: control_pb2.SessionOrder, state: str) -> None:
         """Insert or update one on-demand session (the `sessions` view)."""
@@ -313,7 +401,9 @@ class ProfileStore:
         transaction with one INSERT per table (a DuckDB commit costs ~50 ms of WAL write and
         fsync whatever its size; per batch, that capped ingest at ~0.1M rows/s).
         """
-        pending = _Pending(_Batch(agent_id, sequence, node, samples, stacks, processes, io_latency))
+        pending = _Pending(
+            self._prepare(agent_id, sequence, node, samples, stacks, processes, io_latency)
+        )
         with self._queue_lock:
             self._queue.append(pending)
         with self._write_lock:
@@ -327,6 +417,37 @@ class ProfileStore:
             raise RuntimeError(f"cannot store the batch: {pending.outcome}") from pending.outcome
         return pending.outcome
 
+    def _prepare(
+        self,
+        agent_id: str,
+        sequence: int,
+        node: str,
+        samples: pa.Table,
+        stacks: pa.Table,
+        processes: pa.Table | None,
+        io_latency: pa.Table | None,
+    ) -> _Batch:
+        """The batch's rows as stored and its label sets, and its stacks not stored yet
+        (by this snapshot): the per-row work, done before the write lock so that batches
+        prepare in parallel while a group commits."""
+        cur = self.reader()
+        try:
+            cur.register("batch_samples", samples)
+            source = "(SELECT *, $node AS node, $agent_id AS agent_id FROM batch_samples)"
+            origin = {"node": node, "agent_id": agent_id}
+            rows = cur.sql(_rows_sql(source), params=origin).to_arrow_table()
+            label_sets = cur.sql(_label_sets_sql(source), params=origin).to_arrow_table()
+            if stacks.num_rows:
+                cur.register("batch_stacks", stacks.select(["stack_id"]))
+                stored = cur.sql(
+                    "SELECT stack_id FROM batch_stacks SEMI JOIN stack_rows USING (stack_id)"
+                )
+                known = pc.is_in(stacks["stack_id"], value_set=stored.to_arrow_table()["stack_id"])
+                stacks = stacks.filter(pc.invert(known))
+        finally:
+            cur.close()
+        return _Batch(agent_id, sequence, node, rows, label_sets, stacks, processes, io_latency)
+
     def _commit_group(self, group: list[_Pending]) -> None:
         """One transaction for every batch of `group`; each gets its outcome."""
         cur = self._db.cursor()
@@ -339,7 +460,7 @@ class ProfileStore:
             stored_now = set(fresh)
             for p in group:
                 stored = p.batch in stored_now
-                p.outcome = StoreResult(not stored, p.batch.samples.num_rows if stored else 0)
+                p.outcome = StoreResult(not stored, p.batch.rows.num_rows if stored else 0)
         except BaseException as exc:
             # A failed COMMIT (disk full) has already rolled back: nothing to undo then.
             with contextlib.suppress(duckdb.Error):
@@ -356,8 +477,9 @@ class _Batch:
     agent_id: str
     sequence: int
     node: str
-    samples: pa.Table
-    stacks: pa.Table
+    rows: pa.Table  # of sample_rows, with the fingerprint of their label set
+    label_sets: pa.Table
+    stacks: pa.Table  # not stored when the batch was prepared
     processes: pa.Table | None
     io_latency: pa.Table | None
 
@@ -398,31 +520,35 @@ def _fresh_batches(cur: duckdb.DuckDBPyConnection, batches: list[_Batch]) -> lis
 
 
 def _insert(cur: duckdb.DuckDBPyConnection, batches: list[_Batch]) -> None:
-    """Every row of `batches`, each with its batch's node and agent, one INSERT per table."""
+    """Every row of `batches`, one INSERT per table."""
+    rows = [b.rows for b in batches if b.rows.num_rows]
+    if rows:
+        cur.register("group_rows", pa.concat_tables(rows))
+        cur.register("group_label_sets", pa.concat_tables([b.label_sets for b in batches]))
+        _insert_samples(cur, "group_rows", "group_label_sets")
+        cur.unregister("group_rows")
+        cur.unregister("group_label_sets")
     for view, parts in (
-        ("samples", [(b, b.samples) for b in batches]),
         ("processes", [(b, b.processes) for b in batches if b.processes is not None]),
         ("io_latency", [(b, b.io_latency) for b in batches if b.io_latency is not None]),
     ):
-        tables = [_with_origin(rows, b) for b, rows in parts if rows.num_rows]
+        tables = [_with_origin(table, b) for b, table in parts if table.num_rows]
         if tables:
-            derived = "".join(f", {sql} AS {n}" for n, sql in lake.DERIVED.get(view, {}).items())
             cur.register("group_rows", pa.concat_tables(tables))
-            cur.execute(
-                f"INSERT INTO {PARTITIONED[view]} BY NAME SELECT *{derived} FROM group_rows f"
-            )
+            cur.execute(f"INSERT INTO {PARTITIONED[view]} BY NAME SELECT * FROM group_rows")
             cur.unregister("group_rows")
-    # Set-based dedup: only stacks this database has never seen.
-    cur.register("group_stacks", pa.concat_tables([b.stacks for b in batches]))
-    cur.execute(
-        """
-        INSERT INTO stack_rows
-        SELECT DISTINCT ON (b.stack_id) b.stack_id, b.frames, b.modules, b.kinds
-        FROM group_stacks b
-        ANTI JOIN stack_rows s ON s.stack_id = b.stack_id
-        """
-    )
-    cur.unregister("group_stacks")
+    stacks = [b.stacks for b in batches if b.stacks.num_rows]
+    if stacks:  # set-based dedup: only stacks this database has never seen
+        cur.register("group_stacks", pa.concat_tables(stacks))
+        cur.execute(
+            """
+            INSERT INTO stack_rows
+            SELECT DISTINCT ON (b.stack_id) b.stack_id, b.frames, b.modules, b.kinds
+            FROM group_stacks b
+            ANTI JOIN stack_rows s ON s.stack_id = b.stack_id
+            """
+        )
+        cur.unregister("group_stacks")
     cur.register(
         "group_batches",
         pa.table(
@@ -430,7 +556,7 @@ def _insert(cur: duckdb.DuckDBPyConnection, batches: list[_Batch]) -> None:
                 "agent_id": [b.agent_id for b in batches],
                 "sequence": pa.array([b.sequence for b in batches], pa.uint64()),
                 "node": [b.node for b in batches],
-                "sample_rows": [b.samples.num_rows for b in batches],
+                "sample_rows": [b.rows.num_rows for b in batches],
             }
         ),
     )

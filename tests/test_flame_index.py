@@ -156,23 +156,38 @@ def test_stacks_stored_later_join_the_cached_paths(store: Store) -> None:
     assert java[()][0] == totals[("java",)] and ("python",) not in java
 
 
-def test_rows_stored_before_flame_keys_get_theirs(store: Store) -> None:
-    """A database of an earlier release has no flame_key: opening it derives the keys of
-    its rows, and the same stacks stored after join them in one tree."""
+# The sample_rows columns of earlier releases, which stored each row's labels in it.
+WIDE_V1 = "ts, node, agent_id, pid, tid, comm, event, stack_id, weight"
+WIDE_V2 = f"{WIDE_V1}, job, session_id, namespace, pod, container, flame_key"
+
+
+@pytest.mark.parametrize("wide", [WIDE_V1, WIDE_V2], ids=["schema-1", "schema-2-flame-keys"])
+def test_database_of_an_earlier_release_is_converted(store: Store, wide: str) -> None:
+    """A database of an earlier release kept labels in every sample row (and before that,
+    no flame_key): opening it moves them to label sets without losing a row or a label,
+    and the same stacks stored after join the old ones in one tree."""
     rng = random.Random(4)
     fill(store, rng, 400)
+    everything = "SELECT * EXCLUDE (flame_key) FROM samples ORDER BY ALL"
+    before = store.store.reader().execute(everything).fetchall()
     store.store.close()
     conn = duckdb.connect(store.store.path)  # as the earlier release left it
-    conn.execute("ALTER TABLE sample_rows DROP COLUMN flame_key")
+    conn.execute(f"CREATE TABLE wide AS SELECT {wide} FROM live_samples")
+    conn.execute("DROP TABLE sample_rows; DROP TABLE label_sets")
+    conn.execute("ALTER TABLE wide RENAME TO sample_rows")
     conn.close()
     store.store = ProfileStore(store.store.path)
+    reader = store.store.reader()
+    assert reader.execute(everything).fetchall() == before
     stored = store.samples[:]
     store.add(stored)  # the same (process, stack) pairs again, with keys made at ingest
     totals, selfs = store.brute_force()
     assert paths(load_flat(store.source(), SampleFilter(), 0.0)) == {
         p: (t, selfs[p]) for p, t in totals.items()
     }
-    keys = store.store.reader().execute(
+    keys = reader.execute(
         "SELECT count(*) FILTER (flame_key IS NULL), count(DISTINCT flame_key) FROM samples"
     )
     assert keys.fetchall() == [(0, len({(comm, stack) for comm, stack, _ in stored}))]
+    label_sets = reader.execute("SELECT count(*) FROM label_sets").fetchall()
+    assert label_sets == [(len({comm for comm, _, _ in stored}),)]
