@@ -17,15 +17,21 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from fleetprof.aggregator.label_sets import (
+    LABELS,
+    LabelledRows,
+    LabelSet,
+    LabelSets,
+    convert_wide_rows,
+)
 from fleetprof.proto import lake
 from fleetprof.proto.control.v1 import control_pb2
 
 _DDL = """
--- A sample row's labels (those of its process and batch) are stored once per distinct set:
--- appending nine strings per row cost DuckDB five times what the rest of the row does.
+-- A sample row's labels (those of its process and batch) once per distinct set
+-- (aggregator/label_sets.py).
 CREATE TABLE IF NOT EXISTS label_sets (
     label_set INTEGER NOT NULL,
-    fingerprint UBIGINT NOT NULL,  -- LABEL_FINGERPRINT: how a batch's rows find their set
     node VARCHAR NOT NULL,
     agent_id VARCHAR NOT NULL,
     comm VARCHAR NOT NULL,
@@ -185,10 +191,6 @@ PARTITIONED = {
     # What agents learned about processes (JVMs), one row each time: latest per (node, pid).
     "processes": "process_rows",
 }
-# The columns of `samples` kept in label_sets, and the hash naming a set of them (of rows
-# aliased `f`): a collision, like one of stack ids, is as unlikely as two equal 64-bit hashes.
-LABELS = ("node", "agent_id", "comm", "event", "job", "session_id", "namespace", "pod", "container")
-LABEL_FINGERPRINT = f"hash({', '.join(f'f.{c}' for c in LABELS)})"
 
 
 def refresh_views(cur: duckdb.DuckDBPyConnection) -> None:
@@ -218,46 +220,6 @@ def _live_sql(view: str) -> str:
     if view == "samples":
         return f"SELECT {columns} FROM sample_rows r JOIN label_sets l ON l.label_set = r.label_set"
     return f"SELECT {columns} FROM {PARTITIONED[view]} r"
-
-
-def _rows_sql(source: str) -> str:
-    """SAMPLES rows of `source` (aliased f, with node and agent_id) as stored, with their
-    label set's fingerprint instead of the labels."""
-    flame_key = lake.DERIVED["samples"]["flame_key"]
-    return (
-        f"SELECT f.ts, f.pid, f.tid, f.stack_id, f.weight, {flame_key} AS flame_key, "
-        f"{LABEL_FINGERPRINT} AS fingerprint FROM {source} f"
-    )
-
-
-def _label_sets_sql(source: str) -> str:
-    """The distinct label sets of `source`'s rows, each with its fingerprint."""
-    labels = ", ".join(f"f.{c}" for c in LABELS)
-    return (
-        f"SELECT DISTINCT ON (fingerprint) {LABEL_FINGERPRINT} AS fingerprint, {labels} "
-        f"FROM {source} f"
-    )
-
-
-def _insert_samples(cur: duckdb.DuckDBPyConnection, rows: str, label_sets: str) -> None:
-    """Store `rows` (as _rows_sql makes them): first the sets of `label_sets` (as
-    _label_sets_sql makes them) not stored yet, numbered on from the highest, then each row
-    with its set's number. Set-based: a group of batches has few distinct label sets."""
-    cur.execute(
-        f"""
-        INSERT INTO label_sets
-        SELECT (SELECT coalesce(max(label_set), 0) FROM label_sets) + row_number() OVER (), n.*
-        FROM (SELECT DISTINCT ON (fingerprint) * FROM {label_sets}) n
-        ANTI JOIN label_sets l USING (fingerprint)
-        """
-    )
-    cur.execute(
-        f"""
-        INSERT INTO sample_rows
-        SELECT f.ts, f.pid, f.tid, f.stack_id, f.weight, f.flame_key, l.label_set
-        FROM {rows} f JOIN label_sets l USING (fingerprint)
-        """
-    )
 
 
 def _set_aside_wide_rows(cur: duckdb.DuckDBPyConnection) -> bool:
@@ -313,14 +275,12 @@ class ProfileStore:
         wide = _set_aside_wide_rows(self._db)
         self._db.execute(_DDL)
         if wide:  # converted in the transaction that makes the new tables
-            wide_rows = "wide_sample_rows"
-            _insert_samples(
-                self._db, f"({_rows_sql(wide_rows)})", f"({_label_sets_sql(wide_rows)})"
-            )
+            convert_wide_rows(self._db, "wide_sample_rows")
             self._db.execute("DROP TABLE wide_sample_rows")
         refresh_views(self._db)
         self._db.execute("COMMIT")
         self._db.execute(_MACROS)
+        self._label_sets = LabelSets(self._db)
         self._write_lock = threading.Lock()
         # Batches waiting for the next group commit (see append).
         self._queue: list[_Pending] = []
@@ -360,9 +320,12 @@ class ProfileStore:
         """Delete the label sets no row in DuckDB refers to any more (sealed files keep
         their labels as strings); returns how many."""
         with self._write_lock:
-            return self._db.execute(
+            pruned = self._db.execute(
                 "DELETE FROM label_sets WHERE label_set NOT IN (SELECT label_set FROM sample_rows)"
             ).fetchone()[0]
+            if pruned:
+                self._label_sets.reload(self._db)
+            return pruned
 
     def record_session(self, order: control_pb2.SessionOrder, state: str) -> None:
         """Insert or update one on-demand session (the `sessions` view)."""
@@ -432,11 +395,7 @@ class ProfileStore:
         prepare in parallel while a group commits."""
         cur = self.reader()
         try:
-            cur.register("batch_samples", samples)
-            source = "(SELECT *, $node AS node, $agent_id AS agent_id FROM batch_samples)"
-            origin = {"node": node, "agent_id": agent_id}
-            rows = cur.sql(_rows_sql(source), params=origin).to_arrow_table()
-            label_sets = cur.sql(_label_sets_sql(source), params=origin).to_arrow_table()
+            labelled = self._label_sets.label(cur, samples, node, agent_id)
             if stacks.num_rows:
                 cur.register("batch_stacks", stacks.select(["stack_id"]))
                 stored = cur.sql(
@@ -446,7 +405,7 @@ class ProfileStore:
                 stacks = stacks.filter(pc.invert(known))
         finally:
             cur.close()
-        return _Batch(agent_id, sequence, node, rows, label_sets, stacks, processes, io_latency)
+        return _Batch(agent_id, sequence, node, labelled, stacks, processes, io_latency)
 
     def _commit_group(self, group: list[_Pending]) -> None:
         """One transaction for every batch of `group`; each gets its outcome."""
@@ -454,13 +413,14 @@ class ProfileStore:
         cur.execute("BEGIN")
         try:
             fresh = _fresh_batches(cur, [p.batch for p in group])
-            if fresh:
-                _insert(cur, fresh)
+            new_label_sets = _insert(cur, self._label_sets, fresh) if fresh else {}
             cur.execute("COMMIT")
+            self._label_sets.committed(new_label_sets)
             stored_now = set(fresh)
             for p in group:
                 stored = p.batch in stored_now
-                p.outcome = StoreResult(not stored, p.batch.rows.num_rows if stored else 0)
+                rows = p.batch.samples.rows.num_rows if stored else 0
+                p.outcome = StoreResult(not stored, rows)
         except BaseException as exc:
             # A failed COMMIT (disk full) has already rolled back: nothing to undo then.
             with contextlib.suppress(duckdb.Error):
@@ -477,8 +437,7 @@ class _Batch:
     agent_id: str
     sequence: int
     node: str
-    rows: pa.Table  # of sample_rows, with the fingerprint of their label set
-    label_sets: pa.Table
+    samples: LabelledRows
     stacks: pa.Table  # not stored when the batch was prepared
     processes: pa.Table | None
     io_latency: pa.Table | None
@@ -519,15 +478,17 @@ def _fresh_batches(cur: duckdb.DuckDBPyConnection, batches: list[_Batch]) -> lis
     return fresh
 
 
-def _insert(cur: duckdb.DuckDBPyConnection, batches: list[_Batch]) -> None:
-    """Every row of `batches`, one INSERT per table."""
-    rows = [b.rows for b in batches if b.rows.num_rows]
-    if rows:
-        cur.register("group_rows", pa.concat_tables(rows))
-        cur.register("group_label_sets", pa.concat_tables([b.label_sets for b in batches]))
-        _insert_samples(cur, "group_rows", "group_label_sets")
+def _insert(
+    cur: duckdb.DuckDBPyConnection, label_sets: LabelSets, batches: list[_Batch]
+) -> dict[LabelSet, int]:
+    """Every row of `batches`, one INSERT per table; the label sets stored new."""
+    samples = [b.samples for b in batches if b.samples.rows.num_rows]
+    new_label_sets: dict[LabelSet, int] = {}
+    if samples:
+        rows, new_label_sets = label_sets.number(cur, samples)
+        cur.register("group_rows", rows)
+        cur.execute("INSERT INTO sample_rows BY NAME SELECT * FROM group_rows")
         cur.unregister("group_rows")
-        cur.unregister("group_label_sets")
     for view, parts in (
         ("processes", [(b, b.processes) for b in batches if b.processes is not None]),
         ("io_latency", [(b, b.io_latency) for b in batches if b.io_latency is not None]),
@@ -556,7 +517,7 @@ def _insert(cur: duckdb.DuckDBPyConnection, batches: list[_Batch]) -> None:
                 "agent_id": [b.agent_id for b in batches],
                 "sequence": pa.array([b.sequence for b in batches], pa.uint64()),
                 "node": [b.node for b in batches],
-                "sample_rows": [b.rows.num_rows for b in batches],
+                "sample_rows": [b.samples.rows.num_rows for b in batches],
             }
         ),
     )
@@ -565,6 +526,7 @@ def _insert(cur: duckdb.DuckDBPyConnection, batches: list[_Batch]) -> None:
         "SELECT agent_id, sequence, node, now(), sample_rows FROM group_batches"
     )
     cur.unregister("group_batches")
+    return new_label_sets
 
 
 def _with_origin(rows: pa.Table, batch: _Batch) -> pa.Table:

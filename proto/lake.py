@@ -39,8 +39,9 @@ TABLES = tuple(COLUMNS)
 # integer, the key flame graphs group rows by: aggregators store it with each row, so that
 # grouping costs what GROUP BY stack_id does (grouping by both cost a quarter more). Any two
 # pairs sharing a key would be as unlikely as two stacks sharing an id.
+COMM_KEY = "(hash(f.comm) >> 1)::BIGINT"
 DERIVED: dict[str, dict[str, str]] = {
-    "samples": {"flame_key": "xor(f.stack_id, (hash(f.comm) >> 1)::BIGINT)"},
+    "samples": {"flame_key": f"xor(f.stack_id, {COMM_KEY})"},
 }
 # Row order inside a file: groups equal values (compression) and lets readers skip row
 # groups of other events and jobs by their min/max statistics.
