@@ -65,7 +65,7 @@ def _check_known(name: str, table: pa.Table, column: str, known: Iterable[str]) 
 
 def _check_lengths(name: str, table: pa.Table, columns: tuple[str, ...]) -> None:
     for column in columns:
-        if pc.max(pc.utf8_length(table[column])).as_py() > schema.MAX_STRING_BYTES:
+        if (pc.max(pc.binary_length(table[column])).as_py() or 0) > schema.MAX_STRING_BYTES:
             raise schema.SchemaError(f"{name}: {column} longer than {schema.MAX_STRING_BYTES}")
 
 
@@ -76,7 +76,9 @@ def _check_samples(samples: pa.Table) -> None:
     if pc.min(samples["weight"]).as_py() < 0:
         raise schema.SchemaError("samples: negative weight")
     _check_known("samples", samples, "event", schema.EVENT_UNITS)
-    _check_lengths("samples", samples, ("comm", "event"))
+    _check_lengths(
+        "samples", samples, ("comm", "event", "job", "session_id", "namespace", "pod", "container")
+    )
 
 
 def _check_stacks(stacks: pa.Table) -> None:
@@ -89,7 +91,7 @@ def _check_stacks(stacks: pa.Table) -> None:
         if not pc.all(pc.equal(pc.list_value_length(stacks[column]), depth)).as_py():
             raise schema.SchemaError(f"stacks: {column} and frames differ in length")
     names = pc.list_flatten(stacks["frames"])
-    if len(names) and pc.max(pc.utf8_length(names)).as_py() > schema.MAX_STRING_BYTES:
+    if len(names) and pc.max(pc.binary_length(names)).as_py() > schema.MAX_STRING_BYTES:
         raise schema.SchemaError(f"stacks: frame name longer than {schema.MAX_STRING_BYTES}")
 
 
@@ -100,7 +102,7 @@ def _check_processes(processes: pa.Table) -> None:
         raise schema.SchemaError("processes: pid must be positive")
     _check_known("processes", processes, "runtime", schema.RUNTIMES)
     for column in ("comm", "exe", "attach"):
-        longest = pc.max(pc.utf8_length(processes[column])).as_py() or 0
+        longest = pc.max(pc.binary_length(processes[column])).as_py() or 0
         if longest > schema.MAX_STRING_BYTES:
             raise schema.SchemaError(f"processes: {column} longer than {schema.MAX_STRING_BYTES}")
 

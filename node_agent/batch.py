@@ -38,9 +38,12 @@ def stack_row(frames: Sequence[Frame]) -> StackRow:
 def fit(name: str) -> str:
     """A name cut to what the wire contract accepts: demangled C++ templates (LLVM's reach
     8k characters) would otherwise get the whole batch refused."""
-    if len(name) <= schema.MAX_STRING_BYTES:
+    encoded = name.encode()
+    if len(encoded) <= schema.MAX_STRING_BYTES:
         return name
-    return name[: schema.MAX_STRING_BYTES - 1] + "…"
+    ellipsis = "…"
+    kept = encoded[: schema.MAX_STRING_BYTES - len(ellipsis.encode())]
+    return kept.decode(errors="ignore") + ellipsis  # a character cut in two goes
 
 
 def stack_id(row: StackRow) -> int:

@@ -44,6 +44,10 @@ def test_hostile_batches_get_clear_statuses(aggregator: Aggregator) -> None:
                 samples({11: 1}).set_column(3, "comm", pa.array(["x" * 100_000]))
             ),
         ),
+        "huge pod name": batch(
+            2,
+            samples=schema.encode(samples({11: 1}).set_column(10, "pod", pa.array(["p" * 5000]))),
+        ),
         "negative weight": batch(2, samples=schema.encode(samples({11: -1}))),
         "future timestamp": batch(2, samples=schema.encode(future)),
         "deep stack": batch(2, stacks=schema.encode(stacks_table({99: deep}))),

@@ -141,7 +141,8 @@ def test_agent_batches_with_huge_demangled_names_are_accepted(aggregator: Aggreg
     contract rather than have the aggregator refuse (and the agent drop) the whole batch."""
     template = "llvm::DenseMap<" + "std::pair<int, int>, " * 400 + ">::grow(unsigned int)"
     row = stack_row([Frame("main", "app", "native"), Frame(template, "libLLVM-15.so.1", "native")])
-    assert len(row.frames[1]) == schema.MAX_STRING_BYTES and row.frames[1].endswith("…")
+    assert len(row.frames[1].encode()) == schema.MAX_STRING_BYTES
+    assert row.frames[1].endswith("…")
     message = batch(1, stacks=schema.encode(stacks_table({11: row, 12: STACKS[12]})))
     assert send(aggregator, message)[0].rows_stored == 2
     with aggregator.store.reader() as conn:
