@@ -113,9 +113,6 @@ class Partitions:
             )
         if policy.max_disk_bytes is not None:
             self.enforce_disk_budget(policy.max_disk_bytes)
-        pruned = self.store.prune_label_sets()
-        if pruned:
-            log.info("forgot %s label sets of sealed or dropped rows", f"{pruned:,}")
 
     # --- sealing -------------------------------------------------------------------------
 
@@ -161,6 +158,7 @@ class Partitions:
         finally:
             cur.close()
         self._settle(written, [])
+        self._prune_label_sets()
         summary = ", ".join(f"{f.table} {f.rows:,} rows" for f in written)
         log.info(
             "sealed %s into %s: %s (%.1f s)",
@@ -314,6 +312,7 @@ class Partitions:
             f"{live_rows:,}",
         )
         self._prune_stacks()
+        self._prune_label_sets()
 
     def enforce_disk_budget(self, max_bytes: int) -> None:
         """Evict the oldest hours until the DuckDB file and this aggregator's lake files
@@ -361,6 +360,13 @@ class Partitions:
         pruned = self.store.prune_stacks(stack_files)
         if pruned:
             log.info("forgot %s stacks no longer referenced", f"{pruned:,}")
+
+    def _prune_label_sets(self) -> None:
+        """Forget label sets no row in DuckDB uses (sealed files keep labels as strings).
+        After a seal or drop only: it scans the rows' label_set column under the write lock."""
+        pruned = self.store.prune_label_sets()
+        if pruned:
+            log.info("forgot %s label sets of sealed or dropped rows", f"{pruned:,}")
 
     # --- the file life cycle -------------------------------------------------------------
 

@@ -370,3 +370,46 @@ def test_a_full_lake_disk_fails_the_seal_and_loses_nothing(
     Partitions(store).maintain(NOW)
     assert per_hour(store) == before and live_rows(store) == 0
     store.close()
+
+
+def test_label_sets_of_sealed_rows_are_forgotten_and_made_anew_when_used_again(
+    store: ProfileStore,
+) -> None:
+    """Rows refer to their labels by number; sealing an hour forgets the label sets only
+    its rows used (its files keep the labels as text), and a batch with those labels
+    later gets a new set, with every row still showing its own labels."""
+    fill_hours(store, HOURS[-3:-2])  # job "etl", closed two hours ago
+    other = schema.samples_table(
+        {
+            "ts": pa.array([NOW], pa.timestamp("us", tz="UTC")),
+            "pid": [300],
+            "tid": [300],
+            "comm": ["other"],
+            "event": ["cpu"],
+            "stack_id": [13],
+            "weight": [5],
+            "job": ["batch"],
+        }
+    )
+    store.append("agent-2", 1, "node-b", other, stacks_table({13: STACKS[13]}))
+    labels = "SELECT node, agent_id, comm, job FROM label_sets ORDER BY ALL"
+    assert store.reader().execute(labels).fetchall() == [
+        ("node-a", "agent-1", "app", "etl"),
+        ("node-b", "agent-2", "other", "batch"),
+    ]
+
+    Partitions(store).maintain(NOW)
+
+    assert store.reader().execute(labels).fetchall() == [("node-b", "agent-2", "other", "batch")]
+    append_interval(store, NOW, {11: 2})  # the sealed hour's labels again, in the open hour
+    assert store.reader().execute(labels).fetchall() == [
+        ("node-a", "agent-1", "app", "etl"),
+        ("node-b", "agent-2", "other", "batch"),
+    ]
+    per_labels = (
+        "SELECT node, comm, job, count(*), sum(weight) FROM samples GROUP BY ALL ORDER BY ALL"
+    )
+    assert store.reader().execute(per_labels).fetchall() == [
+        ("node-a", "app", "etl", 24 + 2, 6 * 2 * 4 + 2 * 2),
+        ("node-b", "other", "batch", 1, 5),
+    ]
