@@ -45,7 +45,7 @@ def restrict(cursor: duckdb.DuckDBPyConnection, scope: AccessScope) -> None:
         """
     ).fetchall()
     # Relations with a job column first: the others are filtered through `samples` (live
-    # and sealed rows), which must exist when they are defined.
+    # and sealed rows) or `label_sets`, which must exist when they are defined.
     relations.sort(key=lambda relation: "job" not in relation[1])
     for name, columns in relations:
         source = f'"{catalog}".main."{name}"'
@@ -59,6 +59,9 @@ def _row_filter(scope: AccessScope, columns: list[str]) -> str:
         if "namespace" in columns:
             allowed += f" OR list_contains({_list(scope.namespaces)}, namespace)"
         return f"({allowed})"
+    # Sample rows: those of the scope's label sets (label_sets has a job column).
+    if "label_set" in columns:
+        return "label_set IN (SELECT label_set FROM temp.main.label_sets)"
     # Stacks and per-process rows: only those the scope's samples refer to.
     if "stack_id" in columns:
         return "stack_id IN (SELECT stack_id FROM temp.main.samples)"

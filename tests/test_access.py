@@ -111,9 +111,11 @@ def test_sql_sees_only_the_tokens_jobs(limited_aggregator: Aggregator) -> None:
     assert jobs_seen(limited_aggregator, ETL_ONLY, everything) == {"etl-42"}
     assert jobs_seen(limited_aggregator, TEAM_WEB, everything) == {"frontend"}
     # The tables behind the views, the macros and the other views are limited alike.
-    assert jobs_seen(limited_aggregator, ETL_ONLY, "SELECT DISTINCT job FROM sample_rows") == {
+    assert jobs_seen(limited_aggregator, ETL_ONLY, "SELECT DISTINCT job FROM label_sets") == {
         "etl-42"
     }
+    rows = "SELECT count(*) AS n, sum(weight) AS weight FROM sample_rows"  # the open hour's
+    assert sql(limited_aggregator, ETL_ONLY, rows) == [{"n": 1, "weight": 30}]
     flame = sql(limited_aggregator, ETL_ONLY, "SELECT folded, weight FROM flame('cpu')")
     assert flame == [
         {"folded": "etl-42;main;etl-42.startup", "weight": 30},
