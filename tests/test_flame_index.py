@@ -13,7 +13,7 @@ import pytest
 
 from fleetprof.aggregator.storage import ProfileStore
 from fleetprof.node_agent.batch import StackRow, stack_id, stacks_table
-from fleetprof.proto import schema
+from fleetprof.proto import lake, schema
 from fleetprof.query.filters import SampleFilter
 from fleetprof.query.flame import load_flame, load_flat
 from fleetprof.query.flame_index import FocusNotFound
@@ -189,5 +189,9 @@ def test_database_of_an_earlier_release_is_converted(store: Store, wide: str) ->
         "SELECT count(*) FILTER (flame_key IS NULL), count(DISTINCT flame_key) FROM samples"
     )
     assert keys.fetchall() == [(0, len({(comm, stack) for comm, stack, _ in stored}))]
+    # Keys made at ingest (numpy) and at conversion (SQL) are those lake files derive.
+    derived = lake.DERIVED["samples"]["flame_key"]
+    mismatched = f"SELECT count(*) FROM samples f WHERE f.flame_key <> {derived}"
+    assert reader.execute(mismatched).fetchall() == [(0,)]
     label_sets = reader.execute("SELECT count(*) FROM label_sets").fetchall()
     assert label_sets == [(len({comm for comm, _, _ in stored}),)]
