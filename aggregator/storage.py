@@ -282,6 +282,8 @@ class ProfileStore:
         self._db.execute(_MACROS)
         self._label_sets = LabelSets(self._db)
         self._write_lock = threading.Lock()
+        # Times prune_stacks deleted stacks: a batch prepared before one stores all its own.
+        self._stack_prunes = 0
         # Batches waiting for the next group commit (see append).
         self._queue: list[_Pending] = []
         self._queue_lock = threading.Lock()
@@ -309,10 +311,12 @@ class ProfileStore:
                 unsealed += f" ANTI JOIN {lake.read_sql(stack_files)} f USING (stack_id)"
             cur.register("candidates", cur.sql(unsealed).to_arrow_table())
             with self._write_lock:
-                return cur.execute(
+                pruned = cur.execute(
                     "DELETE FROM stack_rows WHERE stack_id IN (SELECT stack_id FROM candidates) "
                     "AND stack_id NOT IN (SELECT stack_id FROM sample_rows)"
                 ).fetchone()[0]
+                self._stack_prunes += bool(pruned)
+                return pruned
         finally:
             cur.close()
 
@@ -364,9 +368,20 @@ class ProfileStore:
         transaction with one INSERT per table (a DuckDB commit costs ~20 ms of WAL write and
         fsync whatever its size; per batch, that capped ingest at ~0.1M rows/s).
         """
+        prunes = self._stack_prunes
         labelled, new_stacks = self._prepare(agent_id, node, samples, stacks)
         pending = _Pending(
-            _Batch(agent_id, sequence, node, labelled, new_stacks, processes, io_latency)
+            _Batch(
+                agent_id,
+                sequence,
+                node,
+                labelled,
+                stacks,
+                new_stacks,
+                prunes,
+                processes,
+                io_latency,
+            )
         )
         with self._queue_lock:
             self._queue.append(pending)
@@ -407,7 +422,9 @@ class ProfileStore:
         cur.execute("BEGIN")
         try:
             fresh = _fresh_batches(cur, [p.batch for p in group])
-            new_label_sets = _insert(cur, self._label_sets, fresh) if fresh else {}
+            new_label_sets = (
+                _insert(cur, self._label_sets, self._stack_prunes, fresh) if fresh else {}
+            )
             cur.execute("COMMIT")
             self._label_sets.committed(new_label_sets)
             stored_now = set(fresh)
@@ -432,7 +449,9 @@ class _Batch:
     sequence: int
     node: str
     samples: LabelledRows
-    stacks: pa.Table  # not stored when the batch was prepared
+    stacks: pa.Table
+    new_stacks: pa.Table  # those not stored when the batch was prepared
+    stack_prunes: int  # ProfileStore._stack_prunes then
     processes: pa.Table | None
     io_latency: pa.Table | None
 
@@ -473,9 +492,11 @@ def _fresh_batches(cur: duckdb.DuckDBPyConnection, batches: list[_Batch]) -> lis
 
 
 def _insert(
-    cur: duckdb.DuckDBPyConnection, label_sets: LabelSets, batches: list[_Batch]
+    cur: duckdb.DuckDBPyConnection, label_sets: LabelSets, stack_prunes: int, batches: list[_Batch]
 ) -> dict[LabelSet, int]:
-    """Every row of `batches`, one INSERT per table; the label sets stored new."""
+    """Every row of `batches`, one INSERT per table; the label sets stored new. A stack
+    known when a batch was prepared may have been pruned since (`stack_prunes` is then past
+    the batch's): the batch stores all the stacks it carries."""
     samples = [b.samples for b in batches if b.samples.rows.num_rows]
     new_label_sets: dict[LabelSet, int] = {}
     if samples:
@@ -492,7 +513,8 @@ def _insert(
             cur.register("group_rows", pa.concat_tables(tables))
             cur.execute(f"INSERT INTO {PARTITIONED[view]} BY NAME SELECT * FROM group_rows")
             cur.unregister("group_rows")
-    stacks = [b.stacks for b in batches if b.stacks.num_rows]
+    stacks = [b.new_stacks if b.stack_prunes == stack_prunes else b.stacks for b in batches]
+    stacks = [table for table in stacks if table.num_rows]
     if stacks:  # set-based dedup: only stacks this database has never seen
         cur.register("group_stacks", pa.concat_tables(stacks))
         cur.execute(

@@ -413,3 +413,24 @@ def test_label_sets_of_sealed_rows_are_forgotten_and_made_anew_when_used_again(
         ("node-a", "app", "etl", 24 + 2, 6 * 2 * 4 + 2 * 2),
         ("node-b", "other", "batch", 1, 5),
     ]
+
+
+def test_a_stack_forgotten_while_a_batch_waits_is_stored_with_it(
+    store: ProfileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch leaves out the stacks it carries that are stored already (looked up before
+    the write lock); should retention forget one before the batch commits, the batch
+    stores it again, and its rows keep their frames."""
+    store.append("agent-1", next(_sequence), "node-a", schema.SAMPLES.empty_table(),
+                 stacks_table({11: STACKS[11]}))  # fmt: skip
+    prepare = ProfileStore._prepare
+
+    def prepare_then_forget(self: ProfileStore, *args: object) -> object:
+        prepared = prepare(self, *args)
+        assert self.prune_stacks([]) == 1  # stack 11: no row uses it yet
+        return prepared
+
+    monkeypatch.setattr(ProfileStore, "_prepare", prepare_then_forget)
+    append_interval(store, NOW, {11: 3})
+    flame = store.reader().execute("SELECT folded, weight FROM flame('cpu')").fetchall()
+    assert flame == [("app;main;compute_alpha", 6)]
