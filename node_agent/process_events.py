@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bcc import BPF
 
-from fleetprof.node_agent.samplers.bpf_sampler import COMPILE_LOCK, release_compiler_memory
+from fleetprof.node_agent.samplers.bpf_sampler import BCC_LOCK, release_compiler_memory
 
 BPF_SOURCE = Path(__file__).with_name("process_events.bpf.c")
 EVENT_EXEC, EVENT_EXEC_MMAP, EVENT_EXIT = 1, 2, 3
@@ -26,7 +26,7 @@ class ProcessEvents:
         self._on_new_code = on_new_code
         self._on_exit = on_exit
         self._agent_pid = os.getpid()
-        with COMPILE_LOCK:
+        with BCC_LOCK:
             self._bpf = BPF(text=BPF_SOURCE.read_bytes())
             release_compiler_memory()
         self._bpf[b"process_events"].open_ring_buffer(self._handle)
@@ -45,4 +45,5 @@ class ProcessEvents:
         self._bpf.ring_buffer_poll(timeout_ms)
 
     def close(self) -> None:
-        self._bpf.cleanup()
+        with BCC_LOCK:
+            self._bpf.cleanup()

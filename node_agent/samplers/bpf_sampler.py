@@ -16,9 +16,10 @@ from fleetprof.node_agent.samplers import Drain, SamplerOptions
 from fleetprof.node_agent.samplers.stack_maps import GenerationalStackMaps
 
 HERE = Path(__file__).parent
-# BCC's compiler (clang in libbcc) is not thread-safe: one compile at a time per process,
-# e.g. a session's samplers starting while another agent in the process starts.
-COMPILE_LOCK = threading.Lock()
+# BCC's compiler (clang and LLVM in libbcc) is not thread-safe, nor is freeing a compiled
+# module: one compile or cleanup at a time per process, e.g. a session's samplers starting
+# while another agent in the process starts or stops (two cleanups at once crashed).
+BCC_LOCK = threading.Lock()
 # Put before every sampler's own file, in this order.
 PRELUDE = (HERE / "user_stacks.bpf.h", HERE / "stack_counts.bpf.h")
 
@@ -38,7 +39,7 @@ class BpfSampler:
     def __init__(self, options: SamplerOptions, attach: bool = True) -> None:
         files = (*PRELUDE, *(HERE / name for name in self.headers), HERE / self.source)
         text = b"".join(path.read_bytes() for path in files)
-        with COMPILE_LOCK:
+        with BCC_LOCK:
             self._bpf = BPF(text=text, cflags=options.cflags())
             release_compiler_memory()
         if attach:
@@ -72,7 +73,8 @@ class BpfSampler:
         return int(self._bpf[b"dropped_samples"].sum(0).value)
 
     def close(self) -> None:
-        self._bpf.cleanup()
+        with BCC_LOCK:
+            self._bpf.cleanup()
 
 
 def release_free_memory() -> None:
