@@ -6,6 +6,7 @@ grouping before the write lock; numbering them is a dictionary lookup per set un
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ class LabelSets:
     def reload(self, cur: duckdb.DuckDBPyConnection) -> None:
         """Read the stored sets (at open, and after some were deleted)."""
         stored = cur.execute(f"SELECT label_set, {', '.join(LABELS)} FROM label_sets").fetchall()
-        self._numbers = {tuple(labels): number for number, *labels in stored}
+        self._numbers = {_interned(labels): number for number, *labels in stored}
         self._next = max(self._numbers.values(), default=0) + 1
 
     def label(
@@ -69,7 +70,7 @@ class LabelSets:
             np.arange(grouped.num_rows), pc.list_value_length(members).to_numpy()
         )
         own = zip(*(grouped[name].to_pylist() for name in ROW_LABELS), strict=True)
-        sets = [(node, agent_id, *values) for values in own]
+        sets = [_interned((node, agent_id, *values)) for values in own]
         comm_keys = self._comm_key_array(cur, [labels[LABELS.index("comm")] for labels in sets])
         flame_keys = np.bitwise_xor(samples["stack_id"].to_numpy(), comm_keys[set_of_row])
         rows = samples.select(["ts", "pid", "tid", "stack_id", "weight"]).append_column(
@@ -137,6 +138,12 @@ class LabelSets:
                     self._comm_keys.clear()
                 self._comm_keys.update(found)
         return np.array([known[comm] for comm in comms], np.int64)
+
+
+def _interned(labels: Iterable[str | None]) -> LabelSet:
+    """The labels with each string shared by every set holding it: a fleet's sets repeat
+    nodes, jobs and namespaces (300k sets took 79 MB so, 197 MB with a copy each)."""
+    return tuple(None if label is None else sys.intern(label) for label in labels)
 
 
 def convert_wide_rows(cur: duckdb.DuckDBPyConnection, table: str) -> None:

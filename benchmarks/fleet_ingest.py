@@ -349,7 +349,12 @@ def main() -> None:
         args.rows = min(args.rows, 10_000_000)
 
     print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
-    work = Path(tempfile.mkdtemp(prefix="fleetprof-fleet-"))
+    with tempfile.TemporaryDirectory(prefix="fleetprof-fleet-") as tmp:  # GBs: not left
+        run(args, Path(tmp))
+    print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
     fleet = Fleet.make(args.stacks)
     stacks = schema.encode(fleet.stacks)
     per_client = []
@@ -413,7 +418,6 @@ def main() -> None:
     server.join()
     if not args.skip_flame:
         flame_over_stored(work, fleet, args.rows)
-    print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
 
 
 if __name__ == "__main__":
