@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from fleetprof.aggregator.label_sets import ROW_LABELS
 from fleetprof.proto import schema
 from fleetprof.proto.ingest.v1 import ingest_pb2
 
@@ -76,9 +77,7 @@ def _check_samples(samples: pa.Table) -> None:
     if pc.min(samples["weight"]).as_py() < 0:
         raise schema.SchemaError("samples: negative weight")
     _check_known("samples", samples, "event", schema.EVENT_UNITS)
-    _check_lengths(
-        "samples", samples, ("comm", "event", "job", "session_id", "namespace", "pod", "container")
-    )
+    _check_lengths("samples", samples, ROW_LABELS)
 
 
 def _check_stacks(stacks: pa.Table) -> None:
