@@ -307,10 +307,14 @@ def test_downsampling_keeps_totals_per_stack_and_minute_with_fewer_rows(
 
 
 def test_queries_read_the_sealed_hours_through_the_sandbox(tmp_path: Path) -> None:
+    # Hours of the clock now, not of the module's import: the aggregator below seals on its
+    # own by the clock, and this test may run after an hour turned.
+    now = lake.hour_start(datetime.now(UTC)) + timedelta(minutes=30)
+    hours = [now - timedelta(hours=h) for h in (2, 1, 0)]
     db = tmp_path / "p.duckdb"
     store = ProfileStore(db, name="agg1")
-    fill_hours(store, HOURS[-3:])
-    Partitions(store).maintain(NOW)
+    fill_hours(store, hours)
+    Partitions(store).maintain(now)
     store.close()
     source = DatabaseSource(db)
     with source.stream("SELECT sum(weight) AS w FROM samples") as reader:
@@ -324,8 +328,8 @@ def test_queries_read_the_sealed_hours_through_the_sandbox(tmp_path: Path) -> No
     server.start()
     try:
         # sealing on the locked-down instance: it may write the lake, queries may read it
-        append_interval(server.store, lake.hour_start(HOURS[-2]), {13: 4})
-        server.partitions.maintain(NOW)
+        append_interval(server.store, lake.hour_start(hours[-2]), {13: 4})
+        server.partitions.maintain(now)
         assert live_rows(server.store) == 24
         with AggregatorSource(server.address).stream(
             "SELECT sum(weight) AS w FROM flame('cpu')"
