@@ -29,6 +29,7 @@ from fleetprof.node_agent.sessions import PreparedSamplers, SessionRun, all_pids
 from fleetprof.node_agent.shipper import Shipper
 from fleetprof.node_agent.spool import Spool
 from fleetprof.node_agent.symbolize.symbolizer import Symbolizer
+from fleetprof.node_agent.unwind.native import NativeUnwinder
 from fleetprof.proto import schema
 from fleetprof.proto.control.v1 import control_pb2
 from fleetprof.proto.security import ClientSecurity
@@ -62,6 +63,10 @@ class AgentConfig:
     # the seed makes the choices reproducible (tests).
     host_sampling: float = 1.0
     host_sampling_seed: int | None = None
+    # User stacks unwound from each binary's .eh_frame (else frame pointers only); the
+    # rows prepared from each file are kept here, by build id.
+    native_unwind: bool = True
+    unwind_cache_dir: str | None = "/var/cache/fleetprof/unwind"
 
 
 class Agent:
@@ -78,8 +83,15 @@ class Agent:
         unknown = set(config.events) - SAMPLERS.keys()
         if unknown:
             raise ValueError(f"unknown event {sorted(unknown)[0]!r}; known: {sorted(SAMPLERS)}")
-        self._samplers = [SAMPLERS[event](config.sampling) for event in config.events]
-        self._prepared = PreparedSamplers(config.sampling)
+        self.unwinder = (
+            NativeUnwinder(config.sampling, config.unwind_cache_dir)
+            if config.native_unwind
+            else None
+        )
+        # What every sampler is built with, sessions' too: the unwinder's tables named.
+        self.sampling = self.unwinder.options if self.unwinder else config.sampling
+        self._samplers = [SAMPLERS[event](self.sampling) for event in config.events]
+        self._prepared = PreparedSamplers(self.sampling)
         pods = KubernetesMetadata.from_environment(config.node, config.kubeconfig)
         pods.start()
         self.owners = ProcessOwners(JobResolver.from_config(config.job_resolvers, pods), pods)
@@ -107,6 +119,8 @@ class Agent:
         # samples: weight shipped (scaled by host sampling); drained: weight counted.
         self.stats = {"drains": 0, "skipped": 0, "samples": 0, "drained": 0}
         self._dropped = dict.fromkeys(config.events, 0)
+        # The native unwinder's counters (NativeUnwinder.stats) at the last drain.
+        self.unwind_stats: dict[str, int] = {}
         log.info(
             "agent %s sampling %s (cpu at %d Hz), shipping every %g s (p = %g) to %s",
             agent_id,
@@ -119,6 +133,8 @@ class Agent:
 
     def _on_exit(self, pid: int) -> None:
         self._remember_new_code()
+        if self.unwinder:
+            self.unwinder.forget(pid)
         self.jvms.exited(pid)
         self._exited.add(pid)
 
@@ -126,6 +142,8 @@ class Agent:
         while self._new_code:
             pid = self._new_code.pop()
             self.symbolizer.remember(pid)
+            if self.unwinder:
+                self.unwinder.refresh(pid)
             # An exec may change the job (new environment, command line): ask again now,
             # while /proc/PID is there to answer.
             self.owners.forget(pid)
@@ -173,7 +191,7 @@ class Agent:
             if order.session_id in self._sessions:
                 continue  # re-sent after a reconnect: already running
             try:
-                session = SessionRun(order, self.config.sampling, self.owners, self._prepared)
+                session = SessionRun(order, self.sampling, self.owners, self._prepared)
             except Exception as exc:  # a BPF program that will not load, an unknown event
                 log.error("session %s cannot start: %s", order.session_id, exc)
                 self._control.report(order.session_id, FAILED, 0, 0, str(exc))
@@ -234,9 +252,23 @@ class Agent:
             self.symbolizer.forget(pid)
             self.jvms.forget(pid)
             self.owners.forget(pid)
+        if self.unwinder:
+            self._log_unwinding(self.unwinder.stats())
         # Symbol tables of new processes leave parse garbage behind: hand it back.
         release_free_memory()
         self.stats["drains"] += 1
+
+    def _log_unwinding(self, stats: dict[str, int]) -> None:
+        """Say when stacks fell back to frame pointers for want of rows (counters grew)."""
+        fallbacks = ("no_row_frames", "bad_reads", "rows_full", "ranges_full", "no_cfi_files")
+        grown = {k: stats[k] - self.unwind_stats.get(k, 0) for k in fallbacks}
+        if any(grown.values()):
+            log.info(
+                "native unwinding fell back to frame pointers: %s (totals: %s)",
+                ", ".join(f"{k} +{v}" for k, v in grown.items() if v),
+                stats,
+            )
+        self.unwind_stats = stats
 
     def close(self) -> None:
         self._control.close()
@@ -245,6 +277,8 @@ class Agent:
         self._prepared.close()
         for sampler in self._samplers:
             sampler.close()
+        if self.unwinder:
+            self.unwinder.close()
         self._events.close()
         self.jvms.close()
         self.owners.close()

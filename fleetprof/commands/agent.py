@@ -58,6 +58,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--spool-max-mb", type=float, default=256, help="spool size cap; oldest dropped first"
     )
+    parser.add_argument(
+        "--no-native-unwind",
+        dest="native_unwind",
+        action="store_false",
+        help="walk user stacks by frame pointer only, not from each binary's .eh_frame",
+    )
+    parser.add_argument(
+        "--unwind-cache-dir",
+        default="/var/cache/fleetprof/unwind",
+        help="unwind rows prepared from binaries are kept here, by build id",
+    )
     add_client_security_arguments(parser, token=False)
     jobs.add_arguments(parser)
     parser.add_argument(
@@ -94,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         job_resolvers=tuple(jobs.specs_from_args(args)),
         kubeconfig=args.kubeconfig,
         host_sampling=args.host_sampling,
+        native_unwind=args.native_unwind,
+        unwind_cache_dir=args.unwind_cache_dir,
         sampling=SamplerOptions(
             frequency=args.frequency,
             include_idle=args.include_idle,

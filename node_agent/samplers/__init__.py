@@ -30,6 +30,12 @@ class SamplerOptions:
     wait_sample_us: int = 1000
     # An on-demand session's sampler: only pids put in its session_pids map count.
     session_filter: bool = False
+    # The id of the native unwinder (node_agent/unwind/native.py) whose tables user stacks
+    # are unwound with; empty: frame pointers only.
+    native_unwind: str = ""
+    max_unwind_rows: int = 1 << 23
+    max_unwind_ranges: int = 1 << 17
+    max_unwind_pids: int = 1 << 14
 
     def cflags(self) -> list[str]:
         """Defines every BPF program of ours understands."""
@@ -41,6 +47,10 @@ class SamplerOptions:
             f"-DOFFCPU_MIN_NS={self.offcpu_min_us * 1000}ULL",
             f"-DWAIT_SAMPLE_NS={self.wait_sample_us * 1000}ULL",
             f"-DSESSION_FILTER={int(self.session_filter)}",
+            f"-DNATIVE_UNWIND={int(bool(self.native_unwind))}",
+            f"-DMAX_UNWIND_ROWS={self.max_unwind_rows}",
+            f"-DMAX_UNWIND_RANGES={self.max_unwind_ranges}",
+            f"-DMAX_UNWIND_PIDS={self.max_unwind_pids}",
         ]
 
 

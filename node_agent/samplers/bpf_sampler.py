@@ -21,7 +21,7 @@ HERE = Path(__file__).parent
 # while another agent in the process starts or stops (two cleanups at once crashed).
 BCC_LOCK = threading.Lock()
 # Put before every sampler's own file, in this order.
-PRELUDE = (HERE / "user_stacks.bpf.h", HERE / "stack_counts.bpf.h")
+PRELUDE = (HERE / "unwind_tables.bpf.h", HERE / "user_stacks.bpf.h", HERE / "stack_counts.bpf.h")
 
 
 class BpfSampler:
@@ -39,6 +39,8 @@ class BpfSampler:
     def __init__(self, options: SamplerOptions, attach: bool = True) -> None:
         files = (*PRELUDE, *(HERE / name for name in self.headers), HERE / self.source)
         text = b"".join(path.read_bytes() for path in files)
+        # The native unwinder's shared tables are named after it (unwind_tables.bpf.h).
+        text = text.replace(b"UNWIND_ID", options.native_unwind.encode())
         with BCC_LOCK:
             self._bpf = BPF(text=text, cflags=options.cflags())
             release_compiler_memory()

@@ -1,14 +1,19 @@
-// User stacks, walked here rather than by bpf_get_stackid: its frame-pointer walk drops the
-// caller of a library function built without frame pointers (glibc's syscall wrappers,
-// pthread_mutex_lock: the function that waited) and stops where such a function reuses
-// rbp (glibc's condition-variable wait, where every parked JVM thread sits).
+// User stacks, walked here rather than by bpf_get_stackid, whose frame-pointer walk stops
+// at the first function built without frame pointers (gcc -O2's default, glibc's, most of
+// a node's code).
 //
-// When the leaf function has no frame of its own, the words above sp are scanned for
-// return addresses whose call instruction targets the function below them, until one is in
-// a function with a frame pointer (in rbp, or saved on the stack by a frameless callee);
-// from there frame pointers are followed. Every step is checked against the code, so a
-// stale value on the stack is not taken for a caller; a chain that cannot be joined to a
-// frame pointer is dropped and the plain frame-pointer walk is kept.
+// Where the process's file has unwind rows (unwind_tables.bpf.h, prepared in user space from
+// .eh_frame / .debug_frame by node_agent/unwind), each frame is unwound by its row: the
+// canonical frame address from rsp or rbp, the return address below it, the caller's rbp
+// where the row says it was saved. Code without rows (JIT code, a process whose tables are
+// not loaded yet) is unwound by frame pointer, and the two join in either direction.
+//
+// A frameless leaf without rows (JIT stubs) is handled as before: the words above sp are
+// scanned for return addresses whose call instruction targets the function below them,
+// until one is in a function with a frame pointer (in rbp, or saved on the stack by a
+// frameless callee); from there frames are followed. Every step is checked against the code,
+// so a stale value on the stack is not taken for a caller; a chain that cannot be joined to
+// a frame pointer is dropped and the plain frame-pointer walk is kept.
 //
 // Stacks are stored once per generation in user_stacks_<g>, keyed by a 64-bit hash.
 #include <linux/ptrace.h>
@@ -55,6 +60,14 @@ struct unwind_t {
     u64 frame;   // the frame pointer they joined; 0 while searching
     u64 saved[SAVED_FRAMES];  // the last values seen that may be saved frame pointers
     u64 seen;                 // how many of those were seen
+    // The frame being unwound: its instruction address, and the caller-visible rsp and rbp.
+    u64 ip;
+    u64 sp;
+    u64 fp;
+    u64 lo;  // binary search bounds over unwind rows
+    u64 hi;
+    s64 step;  // what the last step did (row_step)
+    u64 rows;  // whether the process has rows loaded
     struct user_stack_t stack;
 };
 BPF_PERCPU_ARRAY(unwind_scratch, struct unwind_t, 1);
@@ -172,31 +185,141 @@ static __always_inline u64 leaf_callers(struct unwind_t *unwind, u64 sp, u64 fp)
 #define HASH_START 0xcbf29ce484222325ULL
 #define HASH_STEP(hash, ip) (((hash) ^ (ip)) * 0x100000001b3ULL)
 
+// Steps of the binary search over a file's rows: enough for 2^ROW_SEARCH_STEPS rows.
+#define ROW_SEARCH_STEPS 23
+
+#if NATIVE_UNWIND
+static __always_inline void count_unwind(u32 stat)
+{
+    u64 *value = unwind_stats_UNWIND_ID.lookup(&stat);
+    if (value)
+        (*value)++;
+}
+
+// Step the frame in unwind->{ip, sp, fp} to its caller by the row of its file, leaving in
+// unwind->step 1 if done, 0 if there is no row (the caller then uses frame pointers), -1 at
+// the outermost frame. `call` is 1 for return addresses (the call is the byte before) and 0
+// for the leaf. Results go through map memory, whose values the verifier does not track one
+// by one: the walk's paths then converge instead of multiplying frame after frame.
+static __always_inline void row_step(struct unwind_t *unwind, u32 pid, u64 call)
+{
+    u64 pc = unwind->ip - call, cfa;
+    struct unwind_key_t key = {
+        .prefixlen = 96, .pid = __builtin_bswap32(pid), .address = __builtin_bswap64(pc)};
+    struct unwind_range_t *range = unwind_ranges_UNWIND_ID.lookup(&key);
+    struct unwind_row_t *row = 0;
+    u32 index;
+
+    unwind->step = 0;
+    if (!range)
+        return;
+    // The last row at or below pc: lo ends at the first row above it.
+    unwind->lo = range->rows_start;
+    unwind->hi = (u64)range->rows_start + range->rows_count;
+    pc -= range->bias;
+    for (int i = 0; i < ROW_SEARCH_STEPS; i++) {
+        if (unwind->lo >= unwind->hi)
+            break;
+        index = (unwind->lo + unwind->hi) / 2;
+        row = unwind_rows_UNWIND_ID.lookup(&index);
+        if (row && row->pc <= pc)
+            unwind->lo = index + 1;
+        else
+            unwind->hi = index;
+    }
+    index = unwind->lo - 1;
+    if (unwind->lo > range->rows_start)
+        row = unwind_rows_UNWIND_ID.lookup(&index);
+    else
+        row = 0;
+    if (!row || row->cfa_kind == CFA_UNKNOWN) {
+        count_unwind(STAT_NO_ROW);
+        return;
+    }
+    unwind->step = -1;
+    if (row->cfa_kind == CFA_END)
+        return;
+    if (row->cfa_kind == CFA_RSP)
+        cfa = unwind->sp + row->cfa_offset;
+    else if (row->cfa_kind == CFA_RBP)
+        cfa = unwind->fp + row->cfa_offset;
+    else  // CFA_PLT
+        cfa = unwind->sp + 8 + ((unwind->ip & 15) >= row->cfa_offset ? 8 : 0);
+    if (row->rbp_slot &&
+        bpf_probe_read_user(&unwind->fp, sizeof(u64), (void *)(cfa + 8 * (s64)(s8)row->rbp_slot)))
+        count_unwind(STAT_BAD_READ);
+    if (bpf_probe_read_user(&unwind->ip, sizeof(u64), (void *)(cfa - 8))) {
+        count_unwind(STAT_BAD_READ);
+        return;
+    }
+    unwind->sp = cfa;
+    unwind->step = 1;
+    count_unwind(STAT_TABLE_FRAMES);
+}
+#endif
+
+// Step the frame in unwind->{ip, sp, fp} to its caller by its frame pointer; 0 if there is
+// none to follow.
+static __always_inline int pointer_step(struct unwind_t *unwind)
+{
+    u64 frame[2] = {};  // the caller's frame pointer, the return address
+    u64 fp = unwind->fp;
+
+    if (bpf_probe_read_user(frame, sizeof(frame), (void *)fp))
+        return 0;
+    // Frames only go up the stack.
+    if (frame[0] && frame[0] <= fp)
+        frame[0] = 0;
+    unwind->ip = frame[1];
+    unwind->sp = fp + 16;
+    unwind->fp = frame[0];
+#if NATIVE_UNWIND
+    count_unwind(STAT_POINTER_FRAMES);
+#endif
+    return 1;
+}
+
 // Walk the current thread's user stack into user_stacks_<at & 1>; returns its hash, or
 // USER_STACK_NONE / USER_STACK_LOST.
 static __always_inline u64 record_user_stack(u32 at)
 {
-    u32 zero = 0, depth = 1;
-    u64 ip = 0, sp = 0, fp = 0, hash = HASH_START;
+    u32 zero = 0, pid = bpf_get_current_pid_tgid() >> 32;
+    u64 hash = HASH_START;
     struct unwind_t *unwind = unwind_scratch.lookup(&zero);
     struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
 
     if (!unwind)
         return USER_STACK_LOST;
-    bpf_probe_read_kernel(&ip, sizeof(ip), &regs->ip);
-    bpf_probe_read_kernel(&sp, sizeof(sp), &regs->sp);
-    bpf_probe_read_kernel(&fp, sizeof(fp), &regs->bp);
-    if (!ip || ip >= USER_TOP)
+    bpf_probe_read_kernel(&unwind->ip, sizeof(u64), &regs->ip);
+    bpf_probe_read_kernel(&unwind->sp, sizeof(u64), &regs->sp);
+    bpf_probe_read_kernel(&unwind->fp, sizeof(u64), &regs->bp);
+    if (!unwind->ip || unwind->ip >= USER_TOP)
         return USER_STACK_NONE;
-    unwind->stack.ips[0] = ip;
-    if (!calls_into(read_user_word(fp + 8), ip)) {
-        struct leaf_t leaf = {.pid = bpf_get_current_pid_tgid() >> 32, .ip = ip};
+    unwind->stack.ips[0] = unwind->ip;
+    unwind->stack.depth = 1;
+    unwind->step = 0;
+    unwind->rows = 0;
+#if NATIVE_UNWIND
+    if (unwind_pids_UNWIND_ID.lookup(&pid)) {
+        unwind->rows = 1;
+        row_step(unwind, pid, 0);
+    } else {
+        u8 one = 1;
+        unwind_pending_UNWIND_ID.insert(&pid, &one);
+        count_unwind(STAT_UNKNOWN_PID);
+    }
+#endif
+    if (unwind->step == 0 && !calls_into(read_user_word(unwind->fp + 8), unwind->ip)) {
+        // A frameless leaf without rows: its callers are scanned for.
+        struct leaf_t leaf = {.pid = pid, .ip = unwind->ip};
         u32 *misses = unjoined_leaves.lookup(&leaf), one = 1;
         if (!misses || *misses < SCAN_PATIENCE || ++*misses % RESCAN_EVERY == 0) {
-            u64 joined = leaf_callers(unwind, sp, fp);
+            u64 joined = leaf_callers(unwind, unwind->sp, unwind->fp);
             if (joined) {
-                fp = joined;
-                depth = 1 + unwind->found;
+                // The last caller found is the frame to step from, by its frame pointer.
+                unwind->stack.depth = 1 + unwind->found;
+                unwind->ip = unwind->stack.ips[BOUNDED(unwind->found, 8)];
+                unwind->fp = joined;
                 if (misses)
                     unjoined_leaves.delete(&leaf);
             } else if (!misses) {
@@ -210,23 +333,35 @@ static __always_inline u64 record_user_stack(u32 at)
     // Hashed here, not in the walk: the walk's many exits would each be verified with it.
 #pragma unroll
     for (int i = 0; i <= LEAF_CALLERS; i++) {
-        if (i < depth)
+        if (i < unwind->stack.depth)
             hash = HASH_STEP(hash, unwind->stack.ips[i]);
     }
     for (int i = 0; i < USER_FRAMES; i++) {
-        u64 frame[2] = {};  // the caller's frame pointer, the return address
-        if (depth >= USER_FRAMES || bpf_probe_read_user(frame, sizeof(frame), (void *)fp))
+        u64 depth = unwind->stack.depth;
+        if (unwind->step < 0)
             break;
-        if (frame[1] < 4096 || frame[1] >= USER_TOP)
+        if (unwind->step == 0 && !pointer_step(unwind))
             break;
-        unwind->stack.ips[BOUNDED(depth, USER_FRAMES)] = frame[1];
-        hash = HASH_STEP(hash, frame[1]);
-        depth++;
-        if (frame[0] <= fp)
-            break;  // frames only go up the stack
-        fp = frame[0];
+        if (unwind->ip < 4096 || unwind->ip >= USER_TOP)
+            break;
+        if (depth >= USER_FRAMES) {
+#if NATIVE_UNWIND
+            count_unwind(STAT_TRUNCATED);
+#endif
+            break;
+        }
+        unwind->stack.ips[BOUNDED(depth, USER_FRAMES)] = unwind->ip;
+        unwind->stack.depth = depth + 1;
+        hash = HASH_STEP(hash, unwind->ip);
+        unwind->step = 0;
+#if NATIVE_UNWIND
+        if (unwind->rows)
+            row_step(unwind, pid, 1);
+#endif
+        // Neither a row nor a frame pointer to follow: the stack ends here.
+        if (unwind->step == 0 && !unwind->fp)
+            break;
     }
-    unwind->stack.depth = depth;
     hash |= 2;  // never USER_STACK_NONE or USER_STACK_LOST
     // BCC resolves map names at compile time, so each generation is spelled out.
     if (at & 1) {

@@ -16,6 +16,7 @@ from array import array
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from itertools import accumulate
+from typing import NamedTuple
 
 from fleetprof.node_agent.symbolize.frame import LruCache
 
@@ -229,3 +230,68 @@ class ElfCache:
             return None
         finally:
             os.close(fd)
+
+
+_SHT_NOBITS = 8
+_NT_GNU_BUILD_ID = 3
+
+
+class ElfLayout(NamedTuple):
+    """What other readers of an ELF file need of its headers."""
+
+    # (p_offset, p_offset + p_filesz, p_vaddr - p_offset) of executable PT_LOAD segments.
+    segments: list[tuple[int, int, int]]
+    # name -> (sh_addr, sh_offset, sh_size) of sections with contents in the file.
+    sections: dict[str, tuple[int, int, int]]
+    build_id: bytes
+
+
+def read_layout(fd: int, file_size: int) -> ElfLayout:
+    """The layout of the ELF64 little-endian file open at fd; raises ValueError if it is not
+    one or its headers point outside the file."""
+
+    def read(offset: int, size: int) -> bytes:
+        if offset < 0 or size < 0 or offset + size > file_size:
+            raise ValueError("header beyond end of file")
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise ValueError("short read")
+        return data
+
+    try:
+        header = read(0, _EHDR.size)
+        if not header.startswith(_ELF64_LE):
+            raise ValueError("not an ELF64 little-endian file")
+        (_, _, _, _, _, phoff, shoff, _, _, phentsize, phnum, shentsize, shnum, shstrndx) = (
+            _EHDR.unpack(header)
+        )
+        segments = []
+        if phentsize == _PHDR.size:
+            for p_type, flags, offset, vaddr, _, filesz, _, _ in _PHDR.iter_unpack(
+                read(phoff, phnum * _PHDR.size)
+            ):
+                if p_type == _PT_LOAD and flags & _PF_X and filesz:
+                    segments.append((offset, offset + filesz, vaddr - offset))
+        sections: dict[str, tuple[int, int, int]] = {}
+        if shentsize == _SHDR.size and shoff:
+            if shnum == 0:
+                shnum = _SHDR.unpack(read(shoff, _SHDR.size))[5]
+            headers = list(_SHDR.iter_unpack(read(shoff, shnum * _SHDR.size)))
+            names = headers[shstrndx]
+            strings = read(names[4], names[5])
+            for name_at, sh_type, _, addr, offset, size, _, _, _, _ in headers:
+                if sh_type != _SHT_NOBITS and size:
+                    end = strings.find(b"\0", name_at)
+                    name = strings[name_at:end].decode("ascii", "replace")
+                    sections.setdefault(name, (addr, offset, size))
+    except (IndexError, OSError, struct.error, OverflowError) as error:
+        raise ValueError(f"corrupt ELF headers: {error}") from error
+    build_id = b""
+    note = sections.get(".note.gnu.build-id")
+    if note and note[2] <= 4096:
+        data = read(note[1], note[2])
+        namesz, descsz, kind = struct.unpack_from("<III", data)
+        if kind == _NT_GNU_BUILD_ID:
+            start = 12 + (namesz + 3) // 4 * 4
+            build_id = data[start : start + descsz]
+    return ElfLayout(sorted(segments), sections, build_id)

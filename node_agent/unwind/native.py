@@ -1,0 +1,271 @@
+"""The native unwinder's kernel tables: every sampled process's executable file mappings,
+and each mapped file's unwind rows once (samplers/unwind_tables.bpf.h).
+
+Work is done only for processes that samples hit: a sample of a process without tables
+puts its pid in `unwind_pending`, and a loader thread (woken every ~100 ms) loads it. Until
+then that process's stacks are walked by frame pointer, so its stacks are complete from the
+next interval on; parsing a large file (libjvm.so: ~0.5 s, then cached on disk) never holds
+up the agent's other work. Rows live in one array shared by all files, each file's at its own range,
+referenced by the processes mapping it and freed with the last of them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from bcc import BPF
+
+from fleetprof.node_agent.samplers import SamplerOptions
+from fleetprof.node_agent.samplers.bpf_sampler import BCC_LOCK, release_compiler_memory
+from fleetprof.node_agent.unwind.tables import FileIdentity, FileRows, UnwindTables
+
+log = logging.getLogger(__name__)
+
+TABLES_SOURCE = Path(__file__).parents[1] / "samplers" / "unwind_tables.bpf.h"
+# unwind_tables.bpf.h's STAT_* indices.
+STAT_NAMES = (
+    "table_frames",
+    "pointer_frames",
+    "unknown_pid_stacks",
+    "no_row_frames",
+    "truncated_stacks",
+    "bad_reads",
+)
+_DELETED = " (deleted)"
+_BATCH = 65536  # rows written per map update
+
+
+@dataclass
+class _FileSlot:
+    start: int
+    count: int
+    users: int  # processes mapping the file
+
+
+@dataclass
+class _Process:
+    start_time: str  # /proc/PID/stat field 22: a reused pid is another process
+    keys: list[tuple[int, int]]  # (address prefix, prefix length) inserted
+    files: list[FileIdentity]
+
+
+class NativeUnwinder:
+    """Owns the shared tables; samplers built with `options` unwind with them."""
+
+    def __init__(self, options: SamplerOptions, cache_dir: str | None = None) -> None:
+        self.id = f"u{uuid.uuid4().hex[:10]}"
+        self.options = replace(options, native_unwind=self.id)
+        self._tables = UnwindTables(cache_dir)
+        text = TABLES_SOURCE.read_bytes().replace(b"UNWIND_ID", self.id.encode())
+        with BCC_LOCK:
+            self._bpf = BPF(text=text, cflags=[*self.options.cflags(), "-DUNWIND_OWNER=1"])
+            release_compiler_memory()
+        self._rows = self._bpf[f"unwind_rows_{self.id}".encode()]
+        self._ranges = self._bpf[f"unwind_ranges_{self.id}".encode()]
+        self._pids = self._bpf[f"unwind_pids_{self.id}".encode()]
+        self._pending = self._bpf[f"unwind_pending_{self.id}".encode()]
+        self._stats = self._bpf[f"unwind_stats_{self.id}".encode()]
+        self._files: dict[FileIdentity, _FileSlot] = {}
+        self._free: list[tuple[int, int]] = [(0, options.max_unwind_rows)]  # (start, count)
+        self._processes: dict[int, _Process] = {}
+        self.counts = {"processes_loaded": 0, "rows_full": 0, "ranges_full": 0, "no_cfi_files": 0}
+        # The loader thread and the agent's event thread (forget, refresh) share the state.
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._loader = threading.Thread(
+            target=self._load_pending, name="unwind-loader", daemon=True
+        )
+        self._loader.start()
+
+    # Process lifecycle.
+
+    def _load_pending(self, period_s: float = 0.1) -> None:
+        while not self._stop.wait(period_s):
+            self.poll()
+
+    def poll(self) -> None:
+        """Load the processes sampled since the last poll."""
+        for key in list(self._pending.keys()):
+            self.load(key.value)
+            self._pending.pop(key, None)
+
+    def load(self, pid: int) -> bool:
+        """(Re)load pid's mappings; False if it is gone (nothing is left of it then)."""
+        with self._lock:
+            return self._load(pid)
+
+    def _load(self, pid: int) -> bool:
+        self._forget(pid)
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                start_time = f.read().rsplit(b")", 1)[1].split()[19].decode()
+            with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
+                maps = f.read()
+        except (OSError, IndexError):
+            return False
+        process = _Process(start_time, [], [])
+        for line in maps.split("\n"):
+            parts = line.split(None, 5)
+            if len(parts) < 6 or parts[1][2:3] != "x" or not parts[5].startswith("/"):
+                continue  # anonymous (JIT) code, [vdso], [vsyscall]: frame pointers
+            start, end = (int(bound, 16) for bound in parts[0].split("-"))
+            found = self._file(pid, start, end, parts[5])
+            if found is None:
+                continue
+            identity, rows = found
+            address = rows.file_address(int(parts[2], 16))
+            if address is None:
+                continue
+            slot = self._attach(identity, rows, process)
+            value = self._ranges.Leaf(
+                start - address, slot.start if slot else 0, slot.count if slot else 0
+            )
+            if not self._insert_range(pid, start, end, value, process):
+                break
+        self._processes[pid] = process
+        self._pids[self._pids.Key(pid)] = self._pids.Leaf(1)
+        self.counts["processes_loaded"] += 1
+        return True
+
+    def refresh(self, pid: int) -> None:
+        """pid mapped new code (dlopen) or exec'd: have it loaded again at its next sample."""
+        with self._lock:
+            if self._forget(pid):
+                self._pending[self._pending.Key(pid)] = self._pending.Leaf(1)
+
+    def forget(self, pid: int) -> None:
+        """pid exited: drop its ranges and its files' references."""
+        with self._lock:
+            self._forget(pid)
+
+    def _forget(self, pid: int) -> bool:
+        process = self._processes.pop(pid, None)
+        if process is None:
+            return False
+        self._pids.pop(self._pids.Key(pid), None)
+        for address, length in process.keys:
+            self._ranges.pop(self._range_key(pid, address, length), None)
+        for identity in process.files:
+            slot = self._files[identity]
+            slot.users -= 1
+            if not slot.users:
+                del self._files[identity]
+                self._release(slot.start, slot.count)
+        return True
+
+    def loaded(self, pid: int) -> bool:
+        return pid in self._processes
+
+    def stats(self) -> dict[str, int]:
+        kernel = {name: int(self._stats.sum(i).value) for i, name in enumerate(STAT_NAMES)}
+        used = sum(slot.count for slot in self._files.values())
+        return {**kernel, **self.counts, "files": len(self._files), "rows": used}
+
+    def close(self) -> None:
+        self._stop.set()
+        self._loader.join()
+        with BCC_LOCK:
+            self._bpf.cleanup()
+
+    # Files and their rows.
+
+    def _file(
+        self, pid: int, start: int, end: int, path: str
+    ) -> tuple[FileIdentity, FileRows] | None:
+        """The mapped file as the process sees it: map_files opens the very file mapped
+        (even deleted or replaced since); else its path under the process's root."""
+        found = self._tables.get(f"/proc/{pid}/map_files/{start:x}-{end:x}")
+        if found is None:
+            found = self._tables.get(f"/proc/{pid}/root{path.removesuffix(_DELETED)}")
+        return found
+
+    def _attach(
+        self, identity: FileIdentity, rows: FileRows, process: _Process
+    ) -> _FileSlot | None:
+        """The file's rows in the kernel array, written on first use; None without rows."""
+        slot = self._files.get(identity)
+        if slot is None:
+            if not rows.rows:
+                self.counts["no_cfi_files"] += 1
+                return None
+            start = self._allocate(len(rows.rows))
+            if start is None:
+                self.counts["rows_full"] += 1
+                log.warning(
+                    "unwind rows full: %d rows of a file left to frame pointers", len(rows.rows)
+                )
+                return None
+            self._write_rows(start, rows)
+            slot = self._files[identity] = _FileSlot(start, len(rows.rows), 0)
+        if identity not in process.files:
+            slot.users += 1
+            process.files.append(identity)
+        return slot
+
+    def _write_rows(self, start: int, rows: FileRows) -> None:
+        packed = rows.rows
+        for at in range(0, len(packed), _BATCH):
+            chunk = packed[at : at + _BATCH]
+            keys = (ctypes.c_uint32 * len(chunk))(*range(start + at, start + at + len(chunk)))
+            values = (self._rows.Leaf * len(chunk)).from_buffer_copy(chunk.tobytes())
+            self._rows.items_update_batch(keys, values)
+
+    def _allocate(self, count: int) -> int | None:
+        for i, (start, free) in enumerate(self._free):
+            if free >= count:
+                if free == count:
+                    del self._free[i]
+                else:
+                    self._free[i] = (start + count, free - count)
+                return start
+        return None
+
+    def _release(self, start: int, count: int) -> None:
+        self._free.append((start, count))
+        self._free.sort()
+        merged: list[tuple[int, int]] = []
+        for at, free in self._free:
+            if merged and merged[-1][0] + merged[-1][1] == at:
+                merged[-1] = (merged[-1][0], merged[-1][1] + free)
+            else:
+                merged.append((at, free))
+        self._free = merged
+
+    # Ranges: a mapping as the aligned address blocks an LPM trie matches.
+
+    def _insert_range(
+        self, pid: int, start: int, end: int, value: ctypes.Structure, process: _Process
+    ) -> bool:
+        for address, length in _prefixes(start, end):
+            try:
+                self._ranges[self._range_key(pid, address, length)] = value
+            except Exception:  # BCC raises a bare Exception when the trie is full
+                self.counts["ranges_full"] += 1
+                log.warning("unwind ranges full: pid %d left to frame pointers past here", pid)
+                return False
+            process.keys.append((address, length))
+        return True
+
+    def _range_key(self, pid: int, address: int, length: int) -> ctypes.Structure:
+        key = self._ranges.Key()
+        key.prefixlen = 32 + length
+        key.pid = int.from_bytes(pid.to_bytes(4, "big"), "little")
+        key.address = int.from_bytes(address.to_bytes(8, "big"), "little")
+        return key
+
+
+def _prefixes(start: int, end: int) -> list[tuple[int, int]]:
+    """[start, end) as aligned power-of-two blocks: (address, prefix length in bits)."""
+    blocks = []
+    while start < end:
+        size = start & -start if start else 1 << 64
+        while size > end - start:
+            size >>= 1
+        blocks.append((start, 65 - size.bit_length()))
+        start += size
+    return blocks

@@ -1,0 +1,150 @@
+"""Unwind rows per ELF file, prepared once per file and kept on disk by build id.
+
+A file is known by the opened file's (st_dev, st_ino, size, mtime) in memory, so a library
+mapped by a thousand processes is read once and a file replaced on disk is read anew; on
+disk by its build id (or, without one, that identity), so an agent restart or another
+agent on the same host does not parse libjvm.so's 1.4 MB of CFI again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import stat
+import time
+from array import array
+from pathlib import Path
+from typing import NamedTuple
+
+from fleetprof.node_agent.symbolize.elf import read_layout
+from fleetprof.node_agent.symbolize.frame import LruCache
+from fleetprof.node_agent.unwind import cfi
+
+log = logging.getLogger(__name__)
+
+# Bumped whenever rows change meaning: older cache files are then ignored.
+_CACHE_VERSION = b"fleetprof-unwind-rows-1\n"
+# Files larger than this (bytes of CFI) are not parsed: the maps would not hold them anyway.
+MAX_CFI_BYTES = 64 << 20
+
+
+class FileRows(NamedTuple):
+    rows: array  # packed cfi rows, sorted by pc; empty: no usable CFI (frame pointers)
+    # (p_offset, p_offset + p_filesz, p_vaddr - p_offset) of executable segments.
+    segments: list[tuple[int, int, int]]
+    build_id: str
+    error: str  # why rows is empty, if it is
+
+    def file_address(self, file_offset: int) -> int | None:
+        """The virtual address of the code at this file offset."""
+        for start, end, delta in self.segments:
+            if start <= file_offset < end:
+                return file_offset + delta
+        return None
+
+
+FileIdentity = tuple[int, int, int, int]
+
+
+class UnwindTables:
+    """FileRows for files opened by path, cached in memory and in `cache_dir`."""
+
+    def __init__(self, cache_dir: str | None, max_rows_in_memory: int = 8_000_000) -> None:
+        self._dir = Path(cache_dir) if cache_dir else None
+        self._memory: LruCache[FileIdentity, FileRows] = LruCache(
+            max_rows_in_memory, lambda rows: max(1, len(rows.rows))
+        )
+        self.stats = {"parsed": 0, "from_disk": 0, "parse_seconds": 0.0, "no_cfi": 0}
+
+    def get(self, path: str) -> tuple[FileIdentity, FileRows] | None:
+        """The rows of the file at path; None if it cannot be opened or is not a file."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            rows = self._memory.get(identity)
+            if rows is None:
+                rows = self._load(fd, st.st_size, identity)
+                self._memory.put(identity, rows)
+            return identity, rows
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
+    def _load(self, fd: int, size: int, identity: FileIdentity) -> FileRows:
+        try:
+            layout = read_layout(fd, size)
+        except ValueError as error:
+            return FileRows(array("Q"), [], "", str(error))
+        build_id = layout.build_id.hex()
+        cached = self._cache_path(build_id, identity)
+        if cached is not None:
+            rows = _read_cache(cached)
+            if rows is not None:
+                self.stats["from_disk"] += 1
+                return FileRows(rows, layout.segments, build_id, "" if rows else "no CFI")
+        started = time.monotonic()
+        rows, error = _parse_file(fd, layout.sections)
+        self.stats["parse_seconds"] += time.monotonic() - started
+        self.stats["parsed"] += 1
+        if error:
+            self.stats["no_cfi"] += 1
+        elif cached is not None:
+            _write_cache(cached, rows)
+        return FileRows(rows, layout.segments, build_id, error)
+
+    def _cache_path(self, build_id: str, identity: FileIdentity) -> Path | None:
+        if self._dir is None:
+            return None
+        name = build_id or hashlib.sha1(repr(identity).encode()).hexdigest()
+        return self._dir / f"{name}.rows"
+
+
+def _parse_file(fd: int, sections: dict[str, tuple[int, int, int]]) -> tuple[array, str]:
+    """(rows, "") from .eh_frame, else .debug_frame; (empty, why) when neither is usable."""
+    for name, debug_frame in ((".eh_frame", False), (".debug_frame", True)):
+        section = sections.get(name)
+        if section is None:
+            continue
+        address, offset, size = section
+        if size > MAX_CFI_BYTES:
+            return array("Q"), f"{name} of {size} bytes"
+        try:
+            data = os.pread(fd, size, offset)
+            rows = cfi.parse(data, address, debug_frame)
+        except (OSError, cfi.CfiError) as error:
+            return array("Q"), f"{name}: {error}"
+        if rows:
+            return rows, ""
+    return array("Q"), "no CFI"
+
+
+def _read_cache(path: Path) -> array | None:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if not data.startswith(_CACHE_VERSION) or (len(data) - len(_CACHE_VERSION)) % 8:
+        return None
+    rows = array("Q")
+    rows.frombytes(data[len(_CACHE_VERSION) :])
+    return rows
+
+
+def _write_cache(path: Path, rows: array) -> None:
+    """Best effort (a full or read-only disk only costs a parse next time); atomic."""
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_bytes(_CACHE_VERSION + rows.tobytes())
+        temporary.replace(path)
+    except OSError as error:
+        log.debug("unwind cache %s not written: %s", path, error)
+        temporary.unlink(missing_ok=True)
