@@ -76,6 +76,7 @@ def running_agent(aggregator: Aggregator, tmp_path: Path) -> Iterator[Callable[.
             events,
             spool_dir=str(tmp_path / f"spool-{node}"),
             sampling=SamplerOptions(frequency=frequency),
+            unwind_cache_dir=str(tmp_path / "unwind-cache"),
         )
         agent = Agent(config)
         stop = threading.Event()

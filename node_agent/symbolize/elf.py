@@ -9,6 +9,7 @@ and non-PIE executables and shared libraries.
 
 from __future__ import annotations
 
+import lzma
 import os
 import stat
 import struct
@@ -27,8 +28,6 @@ _SYM = struct.Struct("<IBBHQQ")
 _ELF64_LE = b"\x7fELF\x02\x01"
 _PT_LOAD = 1
 _PF_X = 1
-_SHT_SYMTAB = 2
-_SHT_DYNSYM = 11
 _STT_FUNC = 2
 _STT_GNU_IFUNC = 10
 _STB_LOCAL = 0
@@ -82,7 +81,7 @@ class ElfSymbols:
         except OSError:
             return cls()
         try:
-            return cls._from_fd(fd, os.fstat(fd))
+            return cls._from_fd(fd, os.fstat(fd), path)
         except OSError:
             return cls()
         finally:
@@ -94,57 +93,30 @@ class ElfSymbols:
         return cls._parse(lambda offset, size: image[offset : offset + size], len(image))
 
     @classmethod
-    def _from_fd(cls, fd: int, st: os.stat_result) -> ElfSymbols:
+    def _from_fd(cls, fd: int, st: os.stat_result, path: str = "") -> ElfSymbols:
         # Mappings can name devices or FIFOs; only regular files are worth (and safe) reading.
         if not stat.S_ISREG(st.st_mode):
             return cls()
-        return cls._parse(lambda offset, size: os.pread(fd, size, offset), st.st_size)
+        return cls._parse(file_reader(fd), st.st_size, path)
 
     @classmethod
-    def _parse(cls, read: Callable[[int, int], bytes], file_size: int) -> ElfSymbols:
-        def section(offset: int, size: int) -> bytes:
-            # Header fields are untrusted: never ask for more than the file holds.
-            if offset + size > file_size:
-                raise ValueError("section beyond end of file")
-            data = read(offset, size)
-            if len(data) != size:
-                raise ValueError("short read")
-            return data
-
+    def _parse(
+        cls, read: Callable[[int, int], bytes], file_size: int, path: str = ""
+    ) -> ElfSymbols:
         try:
-            header = section(0, _EHDR.size)
-            if not header.startswith(_ELF64_LE):
-                return cls()
-            (_, _, _, _, _, phoff, shoff, _, _, phentsize, phnum, shentsize, shnum, _) = (
-                _EHDR.unpack(header)
-            )
-            segments = []
-            if phentsize == _PHDR.size:
-                for p_type, flags, offset, vaddr, _, filesz, _, _ in _PHDR.iter_unpack(
-                    section(phoff, phnum * _PHDR.size)
-                ):
-                    if p_type == _PT_LOAD and filesz:
-                        segments.append(
-                            (not flags & _PF_X, offset, offset + filesz, vaddr - offset)
-                        )
-            if not segments or shentsize != _SHDR.size or not shoff:
-                return cls()
-            if shnum == 0:  # more than 0xff00 sections: the count is in section 0's sh_size
-                shnum = _SHDR.unpack(section(shoff, _SHDR.size))[5]
-            headers = list(_SHDR.iter_unpack(section(shoff, shnum * _SHDR.size)))
-            symbols: dict[int, _Symbol] = {}
-            for _, sh_type, _, _, offset, size, link, _, _, entsize in headers:
-                if sh_type in (_SHT_SYMTAB, _SHT_DYNSYM) and entsize == _SYM.size:
-                    strings = headers[link]
-                    _read_functions(
-                        section(offset, size - size % _SYM.size),
-                        section(strings[4], strings[5]),
-                        symbols,
-                    )
-        except (ValueError, IndexError, OSError, struct.error, OverflowError):
+            layout = read_layout(read, file_size)
+            symbols = layout_symbols(read, layout)
+        except ValueError:
             return cls()
-        segments.sort()
-        return cls([segment[1:] for segment in segments], list(symbols.values()))
+        if not layout.segments:
+            return cls()
+        if ".symtab" not in layout.sections:
+            # Stripped: the full symbol table may be in a separate debug file.
+            for symbol in debug_symbols(read, layout, path):
+                known = symbols.get(symbol[0])
+                if known is None or _rank(symbol) > _rank(known):
+                    symbols[symbol[0]] = symbol
+        return cls(layout.segments, list(symbols.values()))
 
     def __len__(self) -> int:
         return len(self._starts)
@@ -223,7 +195,7 @@ class ElfCache:
             key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
             table = self._tables.get(key)
             if table is None:
-                table = ElfSymbols._from_fd(fd, st)
+                table = ElfSymbols._from_fd(fd, st, path)
                 self._tables.put(key, table)
             return table
         except OSError:
@@ -234,32 +206,52 @@ class ElfCache:
 
 _SHT_NOBITS = 8
 _NT_GNU_BUILD_ID = 3
+# What file_reader and from_bytes give: read(offset, size) -> bytes.
+Reader = Callable[[int, int], bytes]
 
 
 class ElfLayout(NamedTuple):
-    """What other readers of an ELF file need of its headers."""
+    """What readers of an ELF file need of its headers."""
 
-    # (p_offset, p_offset + p_filesz, p_vaddr - p_offset) of executable PT_LOAD segments.
+    # (p_offset, p_offset + p_filesz, p_vaddr - p_offset) of PT_LOAD segments, executable
+    # ones first.
     segments: list[tuple[int, int, int]]
     # name -> (sh_addr, sh_offset, sh_size) of sections with contents in the file.
     sections: dict[str, tuple[int, int, int]]
     build_id: bytes
 
+    def file_address(self, file_offset: int) -> int | None:
+        """The virtual address of the code at this file offset."""
+        for start, end, delta in self.segments:
+            if start <= file_offset < end:
+                return file_offset + delta
+        return None
 
-def read_layout(fd: int, file_size: int) -> ElfLayout:
-    """The layout of the ELF64 little-endian file open at fd; raises ValueError if it is not
-    one or its headers point outside the file."""
+    def section(self, read: Reader, name: str) -> bytes | None:
+        found = self.sections.get(name)
+        return read(found[1], found[2]) if found else None
 
-    def read(offset: int, size: int) -> bytes:
+
+def file_reader(fd: int) -> Reader:
+    """Reads of an open file by offset (os.pread, never mmap: a binary truncated under us
+    must not SIGBUS the agent)."""
+    return lambda offset, size: os.pread(fd, size, offset)
+
+
+def read_layout(read: Reader, file_size: int) -> ElfLayout:
+    """The layout of an ELF64 little-endian file; raises ValueError if it is not one or its
+    headers (untrusted) point outside the file."""
+
+    def checked(offset: int, size: int) -> bytes:
         if offset < 0 or size < 0 or offset + size > file_size:
             raise ValueError("header beyond end of file")
-        data = os.pread(fd, size, offset)
+        data = read(offset, size)
         if len(data) != size:
             raise ValueError("short read")
         return data
 
     try:
-        header = read(0, _EHDR.size)
+        header = checked(0, _EHDR.size)
         if not header.startswith(_ELF64_LE):
             raise ValueError("not an ELF64 little-endian file")
         (_, _, _, _, _, phoff, shoff, _, _, phentsize, phnum, shentsize, shnum, shstrndx) = (
@@ -268,30 +260,99 @@ def read_layout(fd: int, file_size: int) -> ElfLayout:
         segments = []
         if phentsize == _PHDR.size:
             for p_type, flags, offset, vaddr, _, filesz, _, _ in _PHDR.iter_unpack(
-                read(phoff, phnum * _PHDR.size)
+                checked(phoff, phnum * _PHDR.size)
             ):
-                if p_type == _PT_LOAD and flags & _PF_X and filesz:
-                    segments.append((offset, offset + filesz, vaddr - offset))
+                if p_type == _PT_LOAD and filesz:
+                    segments.append((not flags & _PF_X, offset, offset + filesz, vaddr - offset))
         sections: dict[str, tuple[int, int, int]] = {}
         if shentsize == _SHDR.size and shoff:
-            if shnum == 0:
-                shnum = _SHDR.unpack(read(shoff, _SHDR.size))[5]
-            headers = list(_SHDR.iter_unpack(read(shoff, shnum * _SHDR.size)))
+            if shnum == 0:  # more than 0xff00 sections: the count is in section 0's sh_size
+                shnum = _SHDR.unpack(checked(shoff, _SHDR.size))[5]
+            headers = list(_SHDR.iter_unpack(checked(shoff, shnum * _SHDR.size)))
             names = headers[shstrndx]
-            strings = read(names[4], names[5])
+            strings = checked(names[4], names[5])
             for name_at, sh_type, _, addr, offset, size, _, _, _, _ in headers:
-                if sh_type != _SHT_NOBITS and size:
+                if sh_type != _SHT_NOBITS and size and offset + size <= file_size:
                     end = strings.find(b"\0", name_at)
                     name = strings[name_at:end].decode("ascii", "replace")
                     sections.setdefault(name, (addr, offset, size))
+        build_id = b""
+        note = sections.get(".note.gnu.build-id")
+        if note and note[2] <= 4096:
+            data = checked(note[1], note[2])
+            namesz, descsz, kind = struct.unpack_from("<III", data)
+            if kind == _NT_GNU_BUILD_ID:
+                start = 12 + (namesz + 3) // 4 * 4
+                build_id = data[start : start + descsz]
     except (IndexError, OSError, struct.error, OverflowError) as error:
         raise ValueError(f"corrupt ELF headers: {error}") from error
-    build_id = b""
-    note = sections.get(".note.gnu.build-id")
-    if note and note[2] <= 4096:
-        data = read(note[1], note[2])
-        namesz, descsz, kind = struct.unpack_from("<III", data)
-        if kind == _NT_GNU_BUILD_ID:
-            start = 12 + (namesz + 3) // 4 * 4
-            build_id = data[start : start + descsz]
-    return ElfLayout(sorted(segments), sections, build_id)
+    segments.sort()
+    return ElfLayout([segment[1:] for segment in segments], sections, build_id)
+
+
+def layout_symbols(read: Reader, layout: ElfLayout) -> dict[int, _Symbol]:
+    """The defined function symbols of .symtab and .dynsym, one per address."""
+    symbols: dict[int, _Symbol] = {}
+    try:
+        for table, strings in ((".symtab", ".strtab"), (".dynsym", ".dynstr")):
+            entries = layout.section(read, table)
+            names = layout.section(read, strings)
+            if entries and names:
+                _read_functions(entries[: len(entries) - len(entries) % _SYM.size], names, symbols)
+    except (OSError, struct.error) as error:
+        raise ValueError(f"corrupt symbol table: {error}") from error
+    return symbols
+
+
+# Separate debug info: where distributions put the full symbol tables of stripped files.
+DEBUG_ROOT = "/usr/lib/debug"
+# A MiniDebugInfo (.gnu_debugdata) image larger than this decompressed is not read.
+_MAX_DEBUGDATA = 64 << 20
+
+
+def debug_symbols(read: Reader, layout: ElfLayout, path: str = "") -> list[_Symbol]:
+    """Function symbols of a stripped file from its separate debug file (by build id, then
+    .gnu_debuglink next to `path` or under DEBUG_ROOT), else from its MiniDebugInfo."""
+    for candidate in _debug_files(read, layout, path):
+        try:
+            fd = os.open(candidate, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            debug = read_layout(file_reader(fd), st.st_size)
+            # A debug file of another build would name every address wrongly.
+            if layout.build_id and debug.build_id and debug.build_id != layout.build_id:
+                continue
+            return list(layout_symbols(file_reader(fd), debug).values())
+        except ValueError:
+            continue
+        finally:
+            os.close(fd)
+    packed = layout.section(read, ".gnu_debugdata")
+    if packed:
+        try:
+            decompressor = lzma.LZMADecompressor()
+            image = decompressor.decompress(packed, _MAX_DEBUGDATA)
+            embedded = read_layout(lambda at, size: image[at : at + size], len(image))
+            return list(layout_symbols(lambda at, size: image[at : at + size], embedded).values())
+        except (lzma.LZMAError, ValueError):
+            return []
+    return []
+
+
+def _debug_files(read: Reader, layout: ElfLayout, path: str) -> list[str]:
+    candidates = []
+    if len(layout.build_id) > 1:
+        hexid = layout.build_id.hex()
+        candidates.append(f"{DEBUG_ROOT}/.build-id/{hexid[:2]}/{hexid[2:]}.debug")
+    link = layout.section(read, ".gnu_debuglink")
+    if link:
+        name = link.split(b"\0", 1)[0].decode("utf-8", "replace")
+        if name and "/" not in name:
+            directory = os.path.dirname(path) if path and "/map_files/" not in path else ""
+            if directory:
+                candidates += [f"{directory}/.debug/{name}", f"{DEBUG_ROOT}{directory}/{name}"]
+    return candidates

@@ -49,7 +49,6 @@ class _FileSlot:
 
 @dataclass
 class _Process:
-    start_time: str  # /proc/PID/stat field 22: a reused pid is another process
     keys: list[tuple[int, int]]  # (address prefix, prefix length) inserted
     files: list[FileIdentity]
 
@@ -73,7 +72,13 @@ class NativeUnwinder:
         self._files: dict[FileIdentity, _FileSlot] = {}
         self._free: list[tuple[int, int]] = [(0, options.max_unwind_rows)]  # (start, count)
         self._processes: dict[int, _Process] = {}
-        self.counts = {"processes_loaded": 0, "rows_full": 0, "ranges_full": 0, "no_cfi_files": 0}
+        self.counts = {
+            "processes_loaded": 0,
+            "evicted": 0,
+            "rows_full": 0,
+            "ranges_full": 0,
+            "no_cfi_files": 0,
+        }
         # The loader thread and the agent's event thread (forget, refresh) share the state.
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -89,10 +94,23 @@ class NativeUnwinder:
             self.poll()
 
     def poll(self) -> None:
-        """Load the processes sampled since the last poll."""
-        for key in list(self._pending.keys()):
-            self.load(key.value)
-            self._pending.pop(key, None)
+        """Load the processes sampled since the last poll, cheapest first: a process whose
+        files are known loads in a millisecond, and must not wait behind one whose large
+        binaries are parsed for seconds."""
+        while not self._stop.is_set():
+            pending = [key.value for key in self._pending]
+            if not pending:
+                return
+            pid = min(pending, key=self._cost)
+            self.load(pid)
+            self._pending.pop(self._pending.Key(pid), None)
+
+    def _cost(self, pid: int) -> int:
+        """Bytes of pid's mapped files whose rows are not in memory yet."""
+        return sum(
+            self._tables.cost(f"/proc/{pid}/root{path.removesuffix(_DELETED)}")
+            for _, _, _, path in _file_mappings(pid)
+        )
 
     def load(self, pid: int) -> bool:
         """(Re)load pid's mappings; False if it is gone (nothing is left of it then)."""
@@ -101,33 +119,25 @@ class NativeUnwinder:
 
     def _load(self, pid: int) -> bool:
         self._forget(pid)
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                start_time = f.read().rsplit(b")", 1)[1].split()[19].decode()
-            with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
-                maps = f.read()
-        except (OSError, IndexError):
+        mappings = _file_mappings(pid)
+        if not mappings:
             return False
-        process = _Process(start_time, [], [])
-        for line in maps.split("\n"):
-            parts = line.split(None, 5)
-            if len(parts) < 6 or parts[1][2:3] != "x" or not parts[5].startswith("/"):
-                continue  # anonymous (JIT) code, [vdso], [vsyscall]: frame pointers
-            start, end = (int(bound, 16) for bound in parts[0].split("-"))
-            found = self._file(pid, start, end, parts[5])
+        process = _Process([], [])
+        self._processes[pid] = process
+        for start, end, offset, path in mappings:
+            found = self._file(pid, start, end, path)
             if found is None:
                 continue
             identity, rows = found
-            address = rows.file_address(int(parts[2], 16))
+            address = rows.layout.file_address(offset)
             if address is None:
                 continue
-            slot = self._attach(identity, rows, process)
+            slot = self._attach(identity, rows, process, pid)
             value = self._ranges.Leaf(
                 start - address, slot.start if slot else 0, slot.count if slot else 0
             )
             if not self._insert_range(pid, start, end, value, process):
                 break
-        self._processes[pid] = process
         self._pids[self._pids.Key(pid)] = self._pids.Leaf(1)
         self.counts["processes_loaded"] += 1
         return True
@@ -185,7 +195,7 @@ class NativeUnwinder:
         return found
 
     def _attach(
-        self, identity: FileIdentity, rows: FileRows, process: _Process
+        self, identity: FileIdentity, rows: FileRows, process: _Process, pid: int
     ) -> _FileSlot | None:
         """The file's rows in the kernel array, written on first use; None without rows."""
         slot = self._files.get(identity)
@@ -194,6 +204,12 @@ class NativeUnwinder:
                 self.counts["no_cfi_files"] += 1
                 return None
             start = self._allocate(len(rows.rows))
+            # Full: the processes loaded longest ago make room (sampled again, they load
+            # again, making room in turn).
+            while start is None and next(iter(self._processes)) != pid:
+                self._forget(next(iter(self._processes)))
+                self.counts["evicted"] += 1
+                start = self._allocate(len(rows.rows))
             if start is None:
                 self.counts["rows_full"] += 1
                 log.warning(
@@ -257,6 +273,23 @@ class NativeUnwinder:
         key.pid = int.from_bytes(pid.to_bytes(4, "big"), "little")
         key.address = int.from_bytes(address.to_bytes(8, "big"), "little")
         return key
+
+
+def _file_mappings(pid: int) -> list[tuple[int, int, int, str]]:
+    """(start, end, file offset, path) of pid's executable file mappings; [] if it is gone.
+    Anonymous (JIT) code, [vdso] and [vsyscall] have no rows: frame pointers."""
+    try:
+        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
+            maps = f.read()
+    except OSError:
+        return []
+    found = []
+    for line in maps.split("\n"):
+        parts = line.split(None, 5)
+        if len(parts) == 6 and parts[1][2:3] == "x" and parts[5].startswith("/"):
+            start, end = (int(bound, 16) for bound in parts[0].split("-"))
+            found.append((start, end, int(parts[2], 16), parts[5]))
+    return found
 
 
 def _prefixes(start: int, end: int) -> list[tuple[int, int]]:

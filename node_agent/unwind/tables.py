@@ -17,7 +17,7 @@ from array import array
 from pathlib import Path
 from typing import NamedTuple
 
-from fleetprof.node_agent.symbolize.elf import read_layout
+from fleetprof.node_agent.symbolize.elf import ElfLayout, file_reader, read_layout
 from fleetprof.node_agent.symbolize.frame import LruCache
 from fleetprof.node_agent.unwind import cfi
 
@@ -31,17 +31,8 @@ MAX_CFI_BYTES = 64 << 20
 
 class FileRows(NamedTuple):
     rows: array  # packed cfi rows, sorted by pc; empty: no usable CFI (frame pointers)
-    # (p_offset, p_offset + p_filesz, p_vaddr - p_offset) of executable segments.
-    segments: list[tuple[int, int, int]]
-    build_id: str
+    layout: ElfLayout
     error: str  # why rows is empty, if it is
-
-    def file_address(self, file_offset: int) -> int | None:
-        """The virtual address of the code at this file offset."""
-        for start, end, delta in self.segments:
-            if start <= file_offset < end:
-                return file_offset + delta
-        return None
 
 
 FileIdentity = tuple[int, int, int, int]
@@ -78,18 +69,28 @@ class UnwindTables:
         finally:
             os.close(fd)
 
+    def cost(self, path: str) -> int:
+        """What getting the file's rows would read: 0 when they are in memory, else the
+        file's size (an estimate of its CFI's)."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return 0
+        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return 0 if self._memory.get(identity) is not None else st.st_size
+
     def _load(self, fd: int, size: int, identity: FileIdentity) -> FileRows:
         try:
-            layout = read_layout(fd, size)
+            layout = read_layout(file_reader(fd), size)
         except ValueError as error:
-            return FileRows(array("Q"), [], "", str(error))
+            return FileRows(array("Q"), ElfLayout([], {}, b""), str(error))
         build_id = layout.build_id.hex()
         cached = self._cache_path(build_id, identity)
         if cached is not None:
             rows = _read_cache(cached)
             if rows is not None:
                 self.stats["from_disk"] += 1
-                return FileRows(rows, layout.segments, build_id, "" if rows else "no CFI")
+                return FileRows(rows, layout, "" if rows else "no CFI")
         started = time.monotonic()
         rows, error = _parse_file(fd, layout.sections)
         self.stats["parse_seconds"] += time.monotonic() - started
@@ -98,7 +99,7 @@ class UnwindTables:
             self.stats["no_cfi"] += 1
         elif cached is not None:
             _write_cache(cached, rows)
-        return FileRows(rows, layout.segments, build_id, error)
+        return FileRows(rows, layout, error)
 
     def _cache_path(self, build_id: str, identity: FileIdentity) -> Path | None:
         if self._dir is None:

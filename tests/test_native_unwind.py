@@ -1,0 +1,236 @@
+"""User stacks of code built without frame pointers, unwound from .eh_frame in the kernel,
+held against `perf record --call-graph dwarf` on the same process in the same run."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from fleetprof.aggregator.server import Aggregator
+from fleetprof.query.filters import SampleFilter
+from fleetprof.query.flame import load_flame
+from fleetprof.query.flame_tree import FlameNode
+from fleetprof.query.source import AggregatorSource
+from tests.conftest import require
+
+# A leaf under two callers that call it 3:1 (by work), the path to main through them.
+CALLERS = r"""
+#include <stdlib.h>
+#include <time.h>
+__attribute__((noinline)) double leaf_work(double x, int n)
+{
+    for (int i = 0; i < n; i++)
+        x = x * 1.0000001 + 0.5 / (x + 1.0);
+    return x;
+}
+__attribute__((noinline)) double caller_big(double x) { return leaf_work(x, 3000) + 1; }
+__attribute__((noinline)) double caller_small(double x) { return leaf_work(x, 1000) + 2; }
+static double elapsed(struct timespec *t0)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (t.tv_sec - t0->tv_sec) + (t.tv_nsec - t0->tv_nsec) / 1e9;
+}
+int main(int argc, char **argv)
+{
+    double seconds = atof(argv[1]), acc = 0;
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    while (elapsed(&t0) < seconds)
+        for (int i = 0; i < 1000; i++) {
+            acc += caller_big(acc) + caller_small(acc);
+            acc = acc > 1e6 ? 1 : acc;
+        }
+    return acc == 42;
+}
+"""
+
+# Hot code reached through glibc: a qsort comparator.
+QSORT = r"""
+#include <stdlib.h>
+#include <time.h>
+static int compare_keys(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    for (int i = 0; i < 40; i++)
+        x = x * 1.0000001 + 1e-9;
+    return (x > y) - (x < y);
+}
+__attribute__((noinline)) void sort_batches(double *keys, int n)
+{
+    for (int i = 0; i < n; i++)
+        keys[i] = (double)rand() / RAND_MAX;
+    qsort(keys, n, sizeof(double), compare_keys);
+}
+int main(int argc, char **argv)
+{
+    static double keys[20000];
+    time_t end = time(0) + atoi(argv[1]);
+    while (time(0) < end)
+        sort_batches(keys, 20000);
+    return 0;
+}
+"""
+
+# main waits in pthread_join while its worker sleeps.
+JOIN = r"""
+#include <pthread.h>
+#include <stdlib.h>
+#include <unistd.h>
+static void *worker(void *arg)
+{
+    for (int i = 0; i < atoi(arg) * 10; i++)
+        usleep(100000);
+    return 0;
+}
+__attribute__((noinline)) void wait_for_worker(pthread_t thread) { pthread_join(thread, 0); }
+int main(int argc, char **argv)
+{
+    pthread_t thread;
+    pthread_create(&thread, 0, worker, argv[1]);
+    wait_for_worker(thread);
+    return 0;
+}
+"""
+
+
+def build(folder: Path, name: str, source: str, *flags: str) -> Path:
+    require(bool(subprocess.run(["which", "gcc"], capture_output=True).stdout), "no gcc")
+    (folder / f"{name}.c").write_text(source)
+    binary = folder / name
+    # -O2 omits frame pointers, as Debian's own packages do.
+    subprocess.run(
+        ["gcc", "-O2", *flags, "-o", str(binary), str(folder / f"{name}.c"), "-lpthread"],
+        check=True,
+    )
+    assert (
+        b"push   %rbp"
+        not in subprocess.run(
+            ["objdump", "-d", "--no-show-raw-insn", str(binary)], capture_output=True, check=True
+        ).stdout.split(b"<main>:")[1][:200]
+    ), "main keeps a frame pointer: the test would prove nothing"
+    return binary
+
+
+def paths(tree: FlameNode) -> Counter[tuple[str, ...]]:
+    """Every path from below the process's node to a frame, with its self weight."""
+    found: Counter[tuple[str, ...]] = Counter()
+
+    def visit(node: FlameNode, path: tuple[str, ...]) -> None:
+        if node.self_weight:
+            found[path] += node.self_weight
+        for child in node.children.values():
+            visit(child, (*path, child.name))
+
+    for process in tree.children.values():
+        visit(process, ())
+    return found
+
+
+def stored_stacks(
+    aggregator: Aggregator, pid: int, since: datetime, event: str = "cpu"
+) -> Counter[tuple[str, ...]]:
+    source = AggregatorSource(aggregator.address)
+    try:
+        return paths(load_flame(source, SampleFilter(event=event, pids=(pid,), since=since)))
+    finally:
+        source.close()
+
+
+def perf_stacks(pid: int, seconds: float, output: Path) -> Counter[tuple[str, ...]]:
+    """What `perf record --call-graph dwarf` sees of pid (root first), over `seconds`."""
+    subprocess.run(
+        ["perf", "record", "-q", "-F", "99", "--call-graph", "dwarf", "-p", str(pid),
+         "-o", str(output), "--", "sleep", str(seconds)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    script = subprocess.run(
+        ["perf", "script", "-i", str(output), "-F", "ip,sym"],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    stacks: Counter[tuple[str, ...]] = Counter()
+    for block in script.split("\n\n"):
+        frames = [line.split(None, 1)[1] for line in block.strip().split("\n") if " " in line]
+        if frames:
+            stacks[tuple(reversed(frames))] += 1
+    return stacks
+
+
+def shares(stacks: Counter[tuple[str, ...]], leaf: str) -> tuple[int, float, float]:
+    """(samples in `leaf`, share of them reaching main, share of them under caller_big)."""
+    hits = {path: n for path, n in stacks.items() if path and path[-1] == leaf}
+    total = sum(hits.values())
+    under_main = sum(n for path, n in hits.items() if "main" in path)
+    under_big = sum(n for path, n in hits.items() if "caller_big" in path)
+    return total, under_main / max(total, 1), under_big / max(total, 1)
+
+
+def start_unwound(
+    running_agent: Callable[..., object], binary: Path, seconds: int, **agent: object
+) -> tuple[subprocess.Popen[bytes], datetime]:
+    """Start binary under a running agent; returns it and when its tables were loaded
+    (samples taken before are frame-pointer walks, by design)."""
+    started = running_agent(frequency=99, interval_s=1.0, **agent)
+    process = subprocess.Popen([str(binary), str(seconds)])
+    deadline = time.monotonic() + 20
+    while not started.unwinder.loaded(process.pid):  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, "the process's unwind tables were never loaded"
+        assert process.poll() is None
+        time.sleep(0.05)
+    # Samples are stored with their drain's time: the next full interval is all unwound.
+    return process, datetime.now(UTC) + timedelta(seconds=1.5)
+
+
+@pytest.mark.parametrize("flags", [(), ("-no-pie", "-fno-pie")], ids=["pie", "no-pie"])
+def test_callers_of_a_frameless_leaf_match_perf_dwarf(
+    aggregator, running_agent, tmp_path, flags
+) -> None:
+    binary = build(tmp_path, "callers", CALLERS, *flags)
+    process, since = start_unwound(running_agent, binary, 12)
+    time.sleep(1.5)
+    reference = perf_stacks(process.pid, 5, tmp_path / "perf.data")
+    process.wait()
+    ours = stored_stacks(aggregator, process.pid, since)
+
+    total, main, big = shares(ours, "leaf_work")
+    perf_total, perf_main, perf_big = shares(reference, "leaf_work")
+    assert total >= 150, f"too few samples: {total}"
+    assert perf_total >= 100, f"perf saw too few samples: {perf_total}"
+    assert perf_main >= 0.95, "the reference itself does not reach main"
+    assert main >= 0.95, f"{main:.1%} of leaf samples reach main; stacks: {ours.most_common(4)}"
+    assert abs(big - 0.75) <= 0.05, f"caller_big {big:.1%} of leaf samples"
+    assert abs(big - perf_big) <= 0.05, (
+        f"caller_big {big:.1%}, perf --call-graph dwarf {perf_big:.1%}"
+    )
+    # Stacks reach the program's entry through glibc, as perf's do.
+    full = {path for path in ours if path and path[-1] == "leaf_work" and path[0] == "_start"}
+    assert full, f"no stack starts at _start: {ours.most_common(3)}"
+
+
+def test_qsort_comparator_keeps_its_callers(aggregator, running_agent, tmp_path) -> None:
+    binary = build(tmp_path, "sorter", QSORT)
+    process, since = start_unwound(running_agent, binary, 8)
+    process.wait()
+    ours = stored_stacks(aggregator, process.pid, since)
+    comparator = {path: n for path, n in ours.items() if path and path[-1] == "compare_keys"}
+    total = sum(comparator.values())
+    assert total >= 100, f"too few comparator samples: {total}; stacks {ours.most_common(4)}"
+    through = sum(n for path, n in comparator.items() if "sort_batches" in path and "main" in path)
+    assert through / total >= 0.90, f"{through}/{total}: {ours.most_common(4)}"
+
+
+def test_a_wait_in_pthread_join_reaches_main(aggregator, running_agent, tmp_path) -> None:
+    binary = build(tmp_path, "joiner", JOIN)
+    process, since = start_unwound(running_agent, binary, 4, events=("cpu", "offcpu"))
+    process.wait()
+    ours = stored_stacks(aggregator, process.pid, since - timedelta(seconds=3), "offcpu")
+    joined = {path: n for path, n in ours.items() if "wait_for_worker" in path}
+    assert joined, f"main's wait not seen: {ours.most_common(4)}"
+    reaching = sum(n for path, n in joined.items() if "main" in path)
+    assert reaching == sum(joined.values()), joined
