@@ -64,8 +64,10 @@ struct unwind_t {
     u64 ip;
     u64 sp;
     u64 fp;
-    u64 lo;  // binary search bounds over unwind rows
+    u64 lo;  // binary search bounds over unwind rows, for the file address pc
     u64 hi;
+    u64 pc;
+    u64 first;  // the file's first row
     s64 step;  // what the last step did (row_step)
     u64 rows;  // whether the process has rows loaded
     struct user_stack_t stack;
@@ -207,30 +209,29 @@ static __always_inline void row_step(struct unwind_t *unwind, u32 pid, u64 call)
     struct unwind_key_t key = {
         .prefixlen = 96, .pid = __builtin_bswap32(pid), .address = __builtin_bswap64(pc)};
     struct unwind_range_t *range = unwind_ranges_UNWIND_ID.lookup(&key);
-    struct unwind_row_t *row = 0;
+    struct unwind_row_t *row;
     u32 index;
 
     unwind->step = 0;
     if (!range)
         return;
     // The last row at or below pc: lo ends at the first row above it.
-    unwind->lo = range->rows_start;
+    unwind->first = unwind->lo = range->rows_start;
     unwind->hi = (u64)range->rows_start + range->rows_count;
-    pc -= range->bias;
+    unwind->pc = pc - range->bias;
     for (int i = 0; i < ROW_SEARCH_STEPS; i++) {
+        u32 middle = (unwind->lo + unwind->hi) / 2;
+        struct unwind_row_t *probe = unwind_rows_UNWIND_ID.lookup(&middle);
         if (unwind->lo >= unwind->hi)
             break;
-        index = (unwind->lo + unwind->hi) / 2;
-        row = unwind_rows_UNWIND_ID.lookup(&index);
-        if (row && row->pc <= pc)
-            unwind->lo = index + 1;
+        if (probe && probe->pc <= unwind->pc)
+            unwind->lo = middle + 1;
         else
-            unwind->hi = index;
+            unwind->hi = middle;
     }
     index = unwind->lo - 1;
-    if (unwind->lo > range->rows_start)
-        row = unwind_rows_UNWIND_ID.lookup(&index);
-    else
+    row = unwind_rows_UNWIND_ID.lookup(&index);
+    if (unwind->lo <= unwind->first)
         row = 0;
     if (!row || row->cfa_kind == CFA_UNKNOWN) {
         count_unwind(STAT_NO_ROW);

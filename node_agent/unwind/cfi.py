@@ -214,9 +214,8 @@ def _run(
             _restore(state, initial, low)
         elif op == 0x00:  # nop
             pass
-        elif op == 0x01:  # set_loc
-            advance(0)
-            pc = reader.fixed("<Q")
+        elif op == 0x01:  # set_loc: absolute, which relative runs (see _parse_fde) cannot be
+            raise CfiError("DW_CFA_set_loc")
         elif op == 0x02:
             advance(reader.u8())
         elif op == 0x03:
@@ -348,6 +347,9 @@ def _fdes(
     data: memoryview, address: int, debug_frame: bool
 ) -> Iterator[tuple[int, int, list[tuple[int, int, int, int]]]]:
     cies: dict[int, tuple[_Cie, _State]] = {}
+    # Rows of a program relative to its FDE's start, by (CIE, program): most functions'
+    # programs are a few common prologues (libjvm.so: 43,666 FDEs, 15,857 programs).
+    runs: dict[tuple[int, bytes], list[tuple[int, int, int, int]]] = {}
     pos = 0
     size = len(data)
     try:
@@ -372,7 +374,9 @@ def _fdes(
                 if cie is None:
                     cie = _parse_cie(data, cie_at, address, debug_frame)
                     cies[cie_at] = cie
-                yield _parse_fde(data, entry_start + 4, entry_end, address, *cie, debug_frame)
+                yield _parse_fde(
+                    data, entry_start + 4, entry_end, address, cie_at, cie, runs, debug_frame
+                )
             pos = entry_end
     except (IndexError, struct.error) as error:
         raise CfiError(f"truncated entry at {pos:#x}") from error
@@ -422,20 +426,26 @@ def _parse_fde(
     pos: int,
     end: int,
     address: int,
-    cie: _Cie,
-    initial: _State,
+    cie_at: int,
+    cie: tuple[_Cie, _State],
+    runs: dict[tuple[int, bytes], list[tuple[int, int, int, int]]],
     debug_frame: bool,
 ) -> tuple[int, int, list[tuple[int, int, int, int]]]:
     reader = _Reader(data, pos)
+    info, initial = cie
     if debug_frame:
         start = reader.fixed("<Q")
         length = reader.fixed("<Q")
     else:
-        start = reader.pointer(cie.fde_encoding, address)
-        length = reader.pointer(cie.fde_encoding & 0x0F, address)
-    if cie.has_augmentation:
+        start = reader.pointer(info.fde_encoding, address)
+        length = reader.pointer(info.fde_encoding & 0x0F, address)
+    if info.has_augmentation:
         skip = reader.uleb()
         reader.pos += skip
-    rows: list[tuple[int, int, int, int]] = []
-    _run(data[reader.pos : end], cie, initial.copy(), initial, start, start + length, rows)
-    return start, start + length, rows
+    program = bytes(data[reader.pos : end])
+    relative = runs.get((cie_at, program))
+    if relative is None:
+        relative = []
+        _run(program, info, initial.copy(), initial, 0, 1 << 62, relative)
+        runs[(cie_at, program)] = relative
+    return start, start + length, [(start + pc, *rule) for pc, *rule in relative]

@@ -41,6 +41,15 @@ _BATCH = 65536  # rows written per map update
 
 
 @dataclass
+class _Wait:
+    """A file some loaded processes map, whose rows are not parsed yet."""
+
+    size: int
+    paths: tuple[str, ...]  # where it can be opened
+    mappings: list[tuple[_Process, int, int, int]]  # (process, start, end, file offset)
+
+
+@dataclass
 class _FileSlot:
     start: int
     count: int
@@ -49,6 +58,7 @@ class _FileSlot:
 
 @dataclass
 class _Process:
+    pid: int
     keys: list[tuple[int, int]]  # (address prefix, prefix length) inserted
     files: list[FileIdentity]
 
@@ -72,6 +82,7 @@ class NativeUnwinder:
         self._files: dict[FileIdentity, _FileSlot] = {}
         self._free: list[tuple[int, int]] = [(0, options.max_unwind_rows)]  # (start, count)
         self._processes: dict[int, _Process] = {}
+        self._waiting: dict[FileIdentity, _Wait] = {}
         self.counts = {
             "processes_loaded": 0,
             "evicted": 0,
@@ -94,53 +105,72 @@ class NativeUnwinder:
             self.poll()
 
     def poll(self) -> None:
-        """Load the processes sampled since the last poll, cheapest first: a process whose
-        files are known loads in a millisecond, and must not wait behind one whose large
-        binaries are parsed for seconds."""
+        """Load the processes sampled since the last poll, then parse the files they wait
+        for, smallest first, one at a time: a process whose files are known is loaded in a
+        millisecond and never waits behind a large binary parsed for seconds."""
         while not self._stop.is_set():
-            pending = [key.value for key in self._pending]
-            if not pending:
+            for key in list(self._pending):
+                self.load(key.value)
+                self._pending.pop(key, None)
+            if not self._waiting:
                 return
-            pid = min(pending, key=self._cost)
-            self.load(pid)
-            self._pending.pop(self._pending.Key(pid), None)
-
-    def _cost(self, pid: int) -> int:
-        """Bytes of pid's mapped files whose rows are not in memory yet."""
-        return sum(
-            self._tables.cost(f"/proc/{pid}/root{path.removesuffix(_DELETED)}")
-            for _, _, _, path in _file_mappings(pid)
-        )
+            self._parse_smallest()
 
     def load(self, pid: int) -> bool:
-        """(Re)load pid's mappings; False if it is gone (nothing is left of it then)."""
+        """(Re)load pid's mappings; False if it is gone (nothing is left of it then).
+        Mappings of files not parsed yet are added when they are."""
         with self._lock:
-            return self._load(pid)
+            self._forget(pid)
+            mappings = _file_mappings(pid)
+            if not mappings:
+                return False
+            process = self._processes[pid] = _Process(pid, [], [])
+            for start, end, offset, path in mappings:
+                paths = (f"/proc/{pid}/map_files/{start:x}-{end:x}", _under_root(pid, path))
+                found = self._tables.peek(paths)
+                if found is None:
+                    continue
+                identity, rows = found
+                if rows is not None:
+                    self._map(process, identity, rows, start, end, offset)
+                else:
+                    wait = self._waiting.setdefault(identity, _Wait(identity[2], paths, []))
+                    wait.mappings.append((process, start, end, offset))
+            self._pids[self._pids.Key(pid)] = self._pids.Leaf(1)
+            self.counts["processes_loaded"] += 1
+            return True
 
-    def _load(self, pid: int) -> bool:
-        self._forget(pid)
-        mappings = _file_mappings(pid)
-        if not mappings:
-            return False
-        process = _Process([], [])
-        self._processes[pid] = process
-        for start, end, offset, path in mappings:
-            found = self._file(pid, start, end, path)
-            if found is None:
-                continue
-            identity, rows = found
-            address = rows.layout.file_address(offset)
-            if address is None:
-                continue
-            slot = self._attach(identity, rows, process, pid)
-            value = self._ranges.Leaf(
-                start - address, slot.start if slot else 0, slot.count if slot else 0
-            )
-            if not self._insert_range(pid, start, end, value, process):
-                break
-        self._pids[self._pids.Key(pid)] = self._pids.Leaf(1)
-        self.counts["processes_loaded"] += 1
-        return True
+    def _parse_smallest(self) -> None:
+        with self._lock:
+            identity = min(self._waiting, key=lambda waiting: self._waiting[waiting].size)
+            paths = self._waiting[identity].paths
+        found = self._tables.get(paths)  # seconds for a large binary: not under the lock
+        with self._lock:
+            wait = self._waiting.pop(identity)
+            if found is None or found[0] != identity:
+                return  # gone or replaced since: its processes load it anew if sampled
+            for process, start, end, offset in wait.mappings:
+                if self._processes.get(process.pid) is process:
+                    self._map(process, identity, found[1], start, end, offset)
+
+    def _map(
+        self,
+        process: _Process,
+        identity: FileIdentity,
+        rows: FileRows,
+        start: int,
+        end: int,
+        offset: int,
+    ) -> None:
+        """Put one mapping of a parsed file in the kernel's ranges."""
+        address = rows.layout.file_address(offset)
+        if address is None:
+            return
+        slot = self._attach(identity, rows, process)
+        value = self._ranges.Leaf(
+            start - address, slot.start if slot else 0, slot.count if slot else 0
+        )
+        self._insert_range(process.pid, start, end, value, process)
 
     def refresh(self, pid: int) -> None:
         """pid mapped new code (dlopen) or exec'd: have it loaded again at its next sample."""
@@ -184,18 +214,8 @@ class NativeUnwinder:
 
     # Files and their rows.
 
-    def _file(
-        self, pid: int, start: int, end: int, path: str
-    ) -> tuple[FileIdentity, FileRows] | None:
-        """The mapped file as the process sees it: map_files opens the very file mapped
-        (even deleted or replaced since); else its path under the process's root."""
-        found = self._tables.get(f"/proc/{pid}/map_files/{start:x}-{end:x}")
-        if found is None:
-            found = self._tables.get(f"/proc/{pid}/root{path.removesuffix(_DELETED)}")
-        return found
-
     def _attach(
-        self, identity: FileIdentity, rows: FileRows, process: _Process, pid: int
+        self, identity: FileIdentity, rows: FileRows, process: _Process
     ) -> _FileSlot | None:
         """The file's rows in the kernel array, written on first use; None without rows."""
         slot = self._files.get(identity)
@@ -206,7 +226,7 @@ class NativeUnwinder:
             start = self._allocate(len(rows.rows))
             # Full: the processes loaded longest ago make room (sampled again, they load
             # again, making room in turn).
-            while start is None and next(iter(self._processes)) != pid:
+            while start is None and next(iter(self._processes)) != process.pid:
                 self._forget(next(iter(self._processes)))
                 self.counts["evicted"] += 1
                 start = self._allocate(len(rows.rows))
@@ -273,6 +293,11 @@ class NativeUnwinder:
         key.pid = int.from_bytes(pid.to_bytes(4, "big"), "little")
         key.address = int.from_bytes(address.to_bytes(8, "big"), "little")
         return key
+
+
+def _under_root(pid: int, path: str) -> str:
+    """A mapped file's path as the agent opens it: under the process's root (containers)."""
+    return f"/proc/{pid}/root{path.removesuffix(_DELETED)}"
 
 
 def _file_mappings(pid: int) -> list[tuple[int, int, int, str]]:

@@ -48,36 +48,41 @@ class UnwindTables:
         )
         self.stats = {"parsed": 0, "from_disk": 0, "parse_seconds": 0.0, "no_cfi": 0}
 
-    def get(self, path: str) -> tuple[FileIdentity, FileRows] | None:
-        """The rows of the file at path; None if it cannot be opened or is not a file."""
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                return None
-            identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-            rows = self._memory.get(identity)
-            if rows is None:
-                rows = self._load(fd, st.st_size, identity)
-                self._memory.put(identity, rows)
-            return identity, rows
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
+    def peek(self, paths: tuple[str, ...]) -> tuple[FileIdentity, FileRows | None] | None:
+        """The identity of the first of paths that opens, with its rows if they are in
+        memory (None: `get` has to read them); None if no path opens."""
+        for path in paths:
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+                return identity, self._memory.get(identity)
+        return None
 
-    def cost(self, path: str) -> int:
-        """What getting the file's rows would read: 0 when they are in memory, else the
-        file's size (an estimate of its CFI's)."""
-        try:
-            st = os.stat(path)
-        except OSError:
-            return 0
-        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        return 0 if self._memory.get(identity) is not None else st.st_size
+    def get(self, paths: tuple[str, ...]) -> tuple[FileIdentity, FileRows] | None:
+        """The rows of the first of paths that opens, read from the disk cache or parsed."""
+        for path in paths:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+                rows = self._memory.get(identity)
+                if rows is None:
+                    rows = self._load(fd, st.st_size, identity)
+                    self._memory.put(identity, rows)
+                return identity, rows
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
+        return None
 
     def _load(self, fd: int, size: int, identity: FileIdentity) -> FileRows:
         try:
