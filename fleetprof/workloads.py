@@ -24,16 +24,15 @@ def _source(name: str) -> str:
     return resources.files("fleetprof").joinpath("demo", name).read_text()
 
 
-def build_native(workdir: Path, name: str = NATIVE_SOURCE) -> Path:
-    """Compile a bundled C program with frame pointers; returns the binary."""
+def build_native(workdir: Path, name: str = NATIVE_SOURCE, frame_pointers: bool = True) -> Path:
+    """Compile a bundled C program, with frame pointers (-O1) or as distributions build
+    (-O2, none); returns the binary."""
     workdir.mkdir(parents=True, exist_ok=True)
     source = workdir / name
     source.write_text(_source(name))
     binary = workdir / source.stem
-    subprocess.run(
-        ["gcc", "-O1", "-fno-omit-frame-pointer", "-o", str(binary), str(source), "-lpthread"],
-        check=True,
-    )
+    flags = ["-O1", "-fno-omit-frame-pointer"] if frame_pointers else ["-O2"]
+    subprocess.run(["gcc", *flags, "-o", str(binary), str(source), "-lpthread"], check=True)
     return binary
 
 

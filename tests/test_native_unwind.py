@@ -235,3 +235,110 @@ def test_a_wait_in_pthread_join_reaches_main(aggregator, running_agent, tmp_path
     assert joined, f"main's wait not seen: {ours.most_common(4)}"
     reaching = sum(n for path, n in joined.items() if "main" in path)
     assert reaching == sum(joined.values()), joined
+
+
+YIELDER = """
+public class Yielder {
+    static long spin(int n) {
+        long x = 0;
+        for (int i = 0; i < n; i++) x += i ^ (x >>> 3);
+        return x;
+    }
+    static long yieldLoop(double seconds) {
+        long end = System.nanoTime() + (long) (seconds * 1e9), acc = 0;
+        while (System.nanoTime() < end) {
+            Thread.yield();
+            acc += spin(50);
+        }
+        return acc;
+    }
+    public static void main(String[] args) {
+        System.out.println(yieldLoop(Double.parseDouble(args[0])));
+    }
+}
+"""
+
+
+def test_jit_frames_into_libjvm_and_libc_stay_joined(aggregator, running_agent, tmp_path) -> None:
+    """Java (JIT, frame pointers) -> libjvm.so (rows) -> libc (rows), and back up through
+    the call stub into libjvm and the launcher's thread: one stack."""
+    require(bool(subprocess.run(["which", "javac"], capture_output=True).stdout), "no JDK")
+    (tmp_path / "Yielder.java").write_text(YIELDER)
+    subprocess.run(["javac", "-d", str(tmp_path), str(tmp_path / "Yielder.java")], check=True)
+    agent = running_agent(frequency=99, interval_s=1.0)
+    process = subprocess.Popen(
+        ["java", "-XX:+PreserveFramePointer", "-cp", str(tmp_path), "Yielder", "10"],
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 20
+    while not agent.unwinder.loaded(process.pid):  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.05)
+    since = datetime.now(UTC) + timedelta(seconds=3)  # libjvm.so parsed, JIT warmed up
+    process.wait()
+    ours = stored_stacks(aggregator, process.pid, since)
+    in_vm = {path: n for path, n in ours.items() if "JVM_Yield" in path}
+    total = sum(in_vm.values())
+    assert total >= 30, f"too few samples in JVM_Yield: {ours.most_common(5)}"
+    joined = sum(n for path, n in in_vm.items() if "yieldLoop" in str(path) and "JavaMain" in path)
+    assert joined / total >= 0.8, (
+        f"{joined}/{total}: {sorted(in_vm.items(), key=lambda i: -i[1])[:3]}"
+    )
+
+
+STRIPPED = r"""
+#include <stdlib.h>
+#include <time.h>
+__attribute__((noinline)) static double hidden_work(double x)
+{
+    for (int i = 0; i < 100000; i++)
+        x = x * 1.0000001 + 0.5 / (x + 1.0);
+    return x;
+}
+int main(int argc, char **argv)
+{
+    double acc = 1;
+    time_t end = time(0) + atoi(argv[1]);
+    while (time(0) < end)
+        acc = hidden_work(acc) > 1e6 ? 1 : acc + 1;
+    return acc == 42;
+}
+"""
+
+
+@pytest.mark.parametrize("where", ["build-id", "debuglink"])
+def test_a_stripped_binary_is_named_from_its_debug_file(
+    aggregator, running_agent, tmp_path, where
+) -> None:
+    from fleetprof.node_agent.symbolize.elf import DEBUG_ROOT, ElfSymbols
+
+    binary = build(tmp_path, "stripped", STRIPPED, "-g", "-Wl,--build-id")
+    debug = tmp_path / "stripped.debug"
+    subprocess.run(["objcopy", "--only-keep-debug", str(binary), str(debug)], check=True)
+    subprocess.run(["strip", "--strip-all", str(binary)], check=True)
+    assert len(ElfSymbols.load(str(binary))) == 0, "strip left function symbols"
+    if where == "build-id":
+        build_id = (
+            subprocess.run(
+                ["readelf", "-n", str(binary)], capture_output=True, text=True, check=True
+            )
+            .stdout.split("Build ID: ")[1]
+            .split()[0]
+        )
+        placed = Path(f"{DEBUG_ROOT}/.build-id/{build_id[:2]}/{build_id[2:]}.debug")
+    else:
+        subprocess.run(
+            ["objcopy", f"--add-gnu-debuglink={debug}", str(binary)], check=True, cwd=tmp_path
+        )
+        placed = tmp_path / ".debug" / "stripped.debug"
+    placed.parent.mkdir(parents=True, exist_ok=True)
+    placed.write_bytes(debug.read_bytes())
+    try:
+        process, since = start_unwound(running_agent, binary, 5)
+        process.wait()
+    finally:
+        placed.unlink()
+    ours = stored_stacks(aggregator, process.pid, since - timedelta(seconds=3))
+    total = sum(ours.values())
+    named = sum(n for path, n in ours.items() if path[-1] == "hidden_work" and "main" in path)
+    assert total >= 50 and named / total >= 0.9, ours.most_common(4)

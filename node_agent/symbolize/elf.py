@@ -184,8 +184,10 @@ class ElfCache:
             max_symbols, lambda table: max(1, len(table))
         )
 
-    def get(self, path: str) -> ElfSymbols | None:
-        """The symbols of the file at path; None when it cannot be opened."""
+    def get(self, path: str, debug_path: str = "") -> ElfSymbols | None:
+        """The symbols of the file at path; None when it cannot be opened. `debug_path`
+        is where to look for its debug file by .gnu_debuglink when path cannot say (a
+        /proc/PID/map_files link)."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
@@ -195,7 +197,7 @@ class ElfCache:
             key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
             table = self._tables.get(key)
             if table is None:
-                table = ElfSymbols._from_fd(fd, st, path)
+                table = ElfSymbols._from_fd(fd, st, debug_path or path)
                 self._tables.put(key, table)
             return table
         except OSError:
@@ -344,15 +346,22 @@ def debug_symbols(read: Reader, layout: ElfLayout, path: str = "") -> list[_Symb
 
 
 def _debug_files(read: Reader, layout: ElfLayout, path: str) -> list[str]:
+    """Where a stripped file's debug file may be. `path` is the file as the agent opens it:
+    under /proc/PID/root for another mount namespace, whose own DEBUG_ROOT is tried too."""
+    root, inside = "", path
+    if path.startswith("/proc/") and "/root/" in path:
+        root, _, rest = path.partition("/root/")
+        root, inside = f"{root}/root", f"/{rest}"
+    roots = [DEBUG_ROOT] + ([f"{root}{DEBUG_ROOT}"] if root else [])
     candidates = []
     if len(layout.build_id) > 1:
         hexid = layout.build_id.hex()
-        candidates.append(f"{DEBUG_ROOT}/.build-id/{hexid[:2]}/{hexid[2:]}.debug")
+        candidates += [f"{debug}/.build-id/{hexid[:2]}/{hexid[2:]}.debug" for debug in roots]
     link = layout.section(read, ".gnu_debuglink")
-    if link:
+    directory = os.path.dirname(inside) if inside.startswith("/") else ""
+    if link and directory and "/map_files/" not in path:
         name = link.split(b"\0", 1)[0].decode("utf-8", "replace")
         if name and "/" not in name:
-            directory = os.path.dirname(path) if path and "/map_files/" not in path else ""
-            if directory:
-                candidates += [f"{directory}/.debug/{name}", f"{DEBUG_ROOT}{directory}/{name}"]
-    return candidates
+            candidates += [f"{root}{directory}/.debug/{name}", f"{root}{directory}/{name}"]
+            candidates += [f"{debug}{directory}/{name}" for debug in roots]
+    return [candidate for candidate in candidates if candidate != path]

@@ -130,10 +130,10 @@ def _load(pid: int, mapping: Mapping, elf_cache: ElfCache) -> ElfSymbols:
     map_files opens the very file mapped, even deleted or replaced since, or shadowed in the
     process's mount namespace; it needs CAP_SYS_ADMIN. Else the path, under the process's root.
     """
-    symbols = elf_cache.get(f"/proc/{pid}/map_files/{mapping.start:x}-{mapping.end:x}")
+    path = f"/proc/{pid}/root{mapping.path.removesuffix(_DELETED)}"
+    symbols = elf_cache.get(f"/proc/{pid}/map_files/{mapping.start:x}-{mapping.end:x}", path)
     if symbols is None:
-        path = mapping.path.removesuffix(_DELETED)
-        symbols = elf_cache.get(f"/proc/{pid}/root{path}")
+        symbols = elf_cache.get(path)
     return symbols if symbols is not None else ElfSymbols()
 
 

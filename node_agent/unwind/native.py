@@ -60,7 +60,7 @@ class _FileSlot:
 class _Process:
     pid: int
     keys: list[tuple[int, int]]  # (address prefix, prefix length) inserted
-    files: list[FileIdentity]
+    files: list[FileIdentity | bytes]  # build id, or the file's identity without one
 
 
 class NativeUnwinder:
@@ -79,13 +79,12 @@ class NativeUnwinder:
         self._pids = self._bpf[f"unwind_pids_{self.id}".encode()]
         self._pending = self._bpf[f"unwind_pending_{self.id}".encode()]
         self._stats = self._bpf[f"unwind_stats_{self.id}".encode()]
-        self._files: dict[FileIdentity, _FileSlot] = {}
+        self._files: dict[FileIdentity | bytes, _FileSlot] = {}
         self._free: list[tuple[int, int]] = [(0, options.max_unwind_rows)]  # (start, count)
         self._processes: dict[int, _Process] = {}
         self._waiting: dict[FileIdentity, _Wait] = {}
         self.counts = {
             "processes_loaded": 0,
-            "evicted": 0,
             "rows_full": 0,
             "ranges_full": 0,
             "no_cfi_files": 0,
@@ -217,19 +216,16 @@ class NativeUnwinder:
     def _attach(
         self, identity: FileIdentity, rows: FileRows, process: _Process
     ) -> _FileSlot | None:
-        """The file's rows in the kernel array, written on first use; None without rows."""
+        """The file's rows in the kernel array, written on first use; None without rows.
+        Copies of one build (a library in every virtualenv, every container image) share
+        them."""
+        identity = rows.layout.build_id or identity
         slot = self._files.get(identity)
         if slot is None:
             if not rows.rows:
                 self.counts["no_cfi_files"] += 1
                 return None
             start = self._allocate(len(rows.rows))
-            # Full: the processes loaded longest ago make room (sampled again, they load
-            # again, making room in turn).
-            while start is None and next(iter(self._processes)) != process.pid:
-                self._forget(next(iter(self._processes)))
-                self.counts["evicted"] += 1
-                start = self._allocate(len(rows.rows))
             if start is None:
                 self.counts["rows_full"] += 1
                 log.warning(
