@@ -342,3 +342,101 @@ def test_a_stripped_binary_is_named_from_its_debug_file(
     total = sum(ours.values())
     named = sum(n for path, n in ours.items() if path[-1] == "hidden_work" and "main" in path)
     assert total >= 50 and named / total >= 0.9, ours.most_common(4)
+
+
+LIBRARY = r"""
+__attribute__((noinline)) static double plugin_leaf(double x, int n)
+{
+    for (int i = 0; i < n; i++)
+        x = x * 1.0000001 + 0.5 / (x + 1.0);
+    return x;
+}
+double plugin_work(double x) { return plugin_leaf(x, 4000) + 1; }
+"""
+
+# Works in its own code, then dlopen()s a plugin (built -O2) and works in it.
+LOADER = r"""
+#include <dlfcn.h>
+#include <stdlib.h>
+#include <time.h>
+__attribute__((noinline)) double own_work(double x)
+{
+    for (int i = 0; i < 4000; i++)
+        x = x * 1.0000001 + 0.5 / (x + 1.0);
+    return x;
+}
+__attribute__((noinline)) double call_plugin(double (*work)(double), double x)
+{
+    return work(x) + 1;
+}
+int main(int argc, char **argv)
+{
+    double acc = 1;
+    time_t start = time(0);
+    while (time(0) < start + 2)
+        acc = own_work(acc) > 1e6 ? 1 : acc + 1;
+    double (*work)(double) = (double (*)(double))dlsym(dlopen(argv[2], RTLD_NOW), "plugin_work");
+    while (time(0) < start + atoi(argv[1]))
+        acc = call_plugin(work, acc) > 1e6 ? 1 : acc + 1;
+    return acc == 42;
+}
+"""
+
+# Spins, then execs another program in the same process.
+EXECER = r"""
+#include <time.h>
+#include <unistd.h>
+__attribute__((noinline)) double before_exec(double x)
+{
+    for (int i = 0; i < 4000; i++)
+        x = x * 1.0000001 + 0.5 / (x + 1.0);
+    return x;
+}
+int main(int argc, char **argv)
+{
+    double acc = 1;
+    time_t start = time(0);
+    while (time(0) < start + 2)
+        acc = before_exec(acc) > 1e6 ? 1 : acc + 1;
+    execv(argv[2], argv + 2);
+    return 1;
+}
+"""
+
+
+def test_a_library_opened_after_start_is_unwound(aggregator, running_agent, tmp_path) -> None:
+    (tmp_path / "plugin.c").write_text(LIBRARY)
+    plugin = tmp_path / "libplugin.so"
+    subprocess.run(
+        ["gcc", "-O2", "-shared", "-fPIC", "-o", str(plugin), str(tmp_path / "plugin.c")],
+        check=True,
+    )
+    binary = build(tmp_path, "loader", LOADER, "-ldl")
+    agent = running_agent(frequency=99, interval_s=1.0)
+    process = subprocess.Popen([str(binary), "9", str(plugin)])
+    time.sleep(4)  # loaded, then the plugin opened: its exec mmap reloads the process
+    since = datetime.now(UTC) + timedelta(seconds=1)
+    process.wait()
+    assert agent.unwinder.stats()["processes_loaded"] >= 2  # type: ignore[attr-defined]
+    ours = stored_stacks(aggregator, process.pid, since)
+    leaf = {path: n for path, n in ours.items() if path and path[-1] == "plugin_leaf"}
+    total = sum(leaf.values())
+    assert total >= 100, f"too few plugin samples: {ours.most_common(4)}"
+    reaching = sum(n for path, n in leaf.items() if "call_plugin" in path and "main" in path)
+    assert reaching / total >= 0.95, f"{reaching}/{total}: {ours.most_common(4)}"
+
+
+def test_a_process_that_execs_is_unwound_as_its_new_program(
+    aggregator, running_agent, tmp_path
+) -> None:
+    first = build(tmp_path, "execer", EXECER)
+    second = build(tmp_path, "callers", CALLERS, "-no-pie", "-fno-pie")
+    agent = running_agent(frequency=99, interval_s=1.0)
+    process = subprocess.Popen([str(first), "0", str(second), "7"])
+    time.sleep(3)  # sampled and loaded as execer, then exec'd
+    since = datetime.now(UTC) + timedelta(seconds=1)
+    process.wait()
+    assert agent.unwinder.stats()["processes_loaded"] >= 2  # type: ignore[attr-defined]
+    total, main, big = shares(stored_stacks(aggregator, process.pid, since), "leaf_work")
+    assert total >= 150
+    assert main >= 0.95 and abs(big - 0.75) <= 0.05, (main, big)

@@ -51,7 +51,9 @@ struct unwind_range_t {
     BPF_F_TABLE("extern", key, leaf, name, entries, flags)
 #endif
 
-UNWIND_TABLE("array", u32, struct unwind_row_t, unwind_rows_UNWIND_ID, MAX_UNWIND_ROWS, 0);
+// Mapped into the agent (BPF_F_MMAPABLE): a file's rows are copied in, not written one by one.
+UNWIND_TABLE("array", u32, struct unwind_row_t, unwind_rows_UNWIND_ID, MAX_UNWIND_ROWS,
+             BPF_F_MMAPABLE);
 UNWIND_TABLE("lpm_trie", struct unwind_key_t, struct unwind_range_t, unwind_ranges_UNWIND_ID,
              MAX_UNWIND_RANGES, BPF_F_NO_PREALLOC);
 // Processes whose ranges are loaded (value: unused).

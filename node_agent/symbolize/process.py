@@ -138,15 +138,21 @@ def _load(pid: int, mapping: Mapping, elf_cache: ElfCache) -> ElfSymbols:
 
 
 @functools.cache
-def vdso_symbols() -> ElfSymbols:
-    """The vDSO's symbols: one image per kernel, so the agent's own copy serves everyone."""
+def vdso_image() -> bytes:
+    """The vDSO, an ELF image: one per kernel, so the agent's own copy serves everyone."""
     try:
         with open("/proc/self/maps", encoding="utf-8") as f:
             line = next(line for line in f if line.rstrip().endswith(_VDSO))
         start, end = (int(bound, 16) for bound in line.split()[0].split("-"))
         with open("/proc/self/mem", "rb", buffering=0) as mem:
             mem.seek(start)
-            image = mem.read(end - start)
+            return mem.read(end - start)
     except (OSError, StopIteration):
-        return ElfSymbols()
-    return ElfSymbols.from_bytes(image)
+        return b""
+
+
+@functools.cache
+def vdso_symbols() -> ElfSymbols:
+    """The vDSO's symbols."""
+    image = vdso_image()
+    return ElfSymbols.from_bytes(image) if image else ElfSymbols()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import mmap
 import threading
 import uuid
 from dataclasses import dataclass, replace
@@ -37,7 +38,7 @@ STAT_NAMES = (
     "bad_reads",
 )
 _DELETED = " (deleted)"
-_BATCH = 65536  # rows written per map update
+_VDSO = "[vdso]"
 
 
 @dataclass
@@ -74,7 +75,8 @@ class NativeUnwinder:
         with BCC_LOCK:
             self._bpf = BPF(text=text, cflags=[*self.options.cflags(), "-DUNWIND_OWNER=1"])
             release_compiler_memory()
-        self._rows = self._bpf[f"unwind_rows_{self.id}".encode()]
+        rows = self._bpf[f"unwind_rows_{self.id}".encode()]
+        self._rows = mmap.mmap(rows.map_fd, options.max_unwind_rows * 8)
         self._ranges = self._bpf[f"unwind_ranges_{self.id}".encode()]
         self._pids = self._bpf[f"unwind_pids_{self.id}".encode()]
         self._pending = self._bpf[f"unwind_pending_{self.id}".encode()]
@@ -126,7 +128,7 @@ class NativeUnwinder:
             process = self._processes[pid] = _Process(pid, [], [])
             for start, end, offset, path in mappings:
                 paths = (f"/proc/{pid}/map_files/{start:x}-{end:x}", _under_root(pid, path))
-                found = self._tables.peek(paths)
+                found = self._tables.vdso if path == _VDSO else self._tables.peek(paths)
                 if found is None:
                     continue
                 identity, rows = found
@@ -208,6 +210,7 @@ class NativeUnwinder:
     def close(self) -> None:
         self._stop.set()
         self._loader.join()
+        self._rows.close()
         with BCC_LOCK:
             self._bpf.cleanup()
 
@@ -240,12 +243,7 @@ class NativeUnwinder:
         return slot
 
     def _write_rows(self, start: int, rows: FileRows) -> None:
-        packed = rows.rows
-        for at in range(0, len(packed), _BATCH):
-            chunk = packed[at : at + _BATCH]
-            keys = (ctypes.c_uint32 * len(chunk))(*range(start + at, start + at + len(chunk)))
-            values = (self._rows.Leaf * len(chunk)).from_buffer_copy(chunk.tobytes())
-            self._rows.items_update_batch(keys, values)
+        self._rows[start * 8 : (start + len(rows.rows)) * 8] = rows.rows.tobytes()
 
     def _allocate(self, count: int) -> int | None:
         for i, (start, free) in enumerate(self._free):
@@ -298,7 +296,7 @@ def _under_root(pid: int, path: str) -> str:
 
 def _file_mappings(pid: int) -> list[tuple[int, int, int, str]]:
     """(start, end, file offset, path) of pid's executable file mappings; [] if it is gone.
-    Anonymous (JIT) code, [vdso] and [vsyscall] have no rows: frame pointers."""
+    Anonymous (JIT) code and [vsyscall] have no rows: frame pointers."""
     try:
         with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
             maps = f.read()
@@ -307,7 +305,9 @@ def _file_mappings(pid: int) -> list[tuple[int, int, int, str]]:
     found = []
     for line in maps.split("\n"):
         parts = line.split(None, 5)
-        if len(parts) == 6 and parts[1][2:3] == "x" and parts[5].startswith("/"):
+        if len(parts) == 6 and parts[1][2:3] == "x" and parts[5][:1] in "/[":
+            if parts[5].startswith("[") and parts[5] != _VDSO:
+                continue
             start, end = (int(bound, 16) for bound in parts[0].split("-"))
             found.append((start, end, int(parts[2], 16), parts[5]))
     return found

@@ -8,6 +8,7 @@ agent on the same host does not parse libjvm.so's 1.4 MB of CFI again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -17,8 +18,9 @@ from array import array
 from pathlib import Path
 from typing import NamedTuple
 
-from fleetprof.node_agent.symbolize.elf import ElfLayout, file_reader, read_layout
+from fleetprof.node_agent.symbolize.elf import ElfLayout, Reader, file_reader, read_layout
 from fleetprof.node_agent.symbolize.frame import LruCache
+from fleetprof.node_agent.symbolize.process import vdso_image
 from fleetprof.node_agent.unwind import cfi
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,8 @@ class FileRows(NamedTuple):
 
 
 FileIdentity = tuple[int, int, int, int]
+# The vDSO has no file: it is known by this identity (no device or inode is 0).
+VDSO_IDENTITY = (0, 0, 0, 0)
 
 
 class UnwindTables:
@@ -84,6 +88,18 @@ class UnwindTables:
                 os.close(fd)
         return None
 
+    @functools.cached_property
+    def vdso(self) -> tuple[FileIdentity, FileRows]:
+        """The vDSO's rows: the same image in every process (the agent's own is read)."""
+        image = vdso_image()
+        read = lambda offset, size: image[offset : offset + size]  # noqa: E731
+        try:
+            layout = read_layout(read, len(image))
+        except ValueError as error:
+            return VDSO_IDENTITY, FileRows(array("Q"), ElfLayout([], {}, b""), str(error))
+        rows, error = _parse_sections(read, layout.sections)
+        return VDSO_IDENTITY, FileRows(rows, layout, error)
+
     def _load(self, fd: int, size: int, identity: FileIdentity) -> FileRows:
         try:
             layout = read_layout(file_reader(fd), size)
@@ -97,7 +113,7 @@ class UnwindTables:
                 self.stats["from_disk"] += 1
                 return FileRows(rows, layout, "" if rows else "no CFI")
         started = time.monotonic()
-        rows, error = _parse_file(fd, layout.sections)
+        rows, error = _parse_sections(file_reader(fd), layout.sections)
         self.stats["parse_seconds"] += time.monotonic() - started
         self.stats["parsed"] += 1
         if error:
@@ -113,7 +129,7 @@ class UnwindTables:
         return self._dir / f"{name}.rows"
 
 
-def _parse_file(fd: int, sections: dict[str, tuple[int, int, int]]) -> tuple[array, str]:
+def _parse_sections(read: Reader, sections: dict[str, tuple[int, int, int]]) -> tuple[array, str]:
     """(rows, "") from .eh_frame, else .debug_frame; (empty, why) when neither is usable."""
     for name, debug_frame in ((".eh_frame", False), (".debug_frame", True)):
         section = sections.get(name)
@@ -123,8 +139,7 @@ def _parse_file(fd: int, sections: dict[str, tuple[int, int, int]]) -> tuple[arr
         if size > MAX_CFI_BYTES:
             return array("Q"), f"{name} of {size} bytes"
         try:
-            data = os.pread(fd, size, offset)
-            rows = cfi.parse(data, address, debug_frame)
+            rows = cfi.parse(read(offset, size), address, debug_frame)
         except (OSError, cfi.CfiError) as error:
             return array("Q"), f"{name}: {error}"
         if rows:
