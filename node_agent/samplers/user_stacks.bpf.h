@@ -50,6 +50,13 @@ struct user_stack_t {
     u64 ips[USER_FRAMES];  // leaf first
 };
 
+// A frame as the walk steps it: where it runs, and its rsp and rbp.
+struct frame_state_t {
+    u64 ip;
+    u64 sp;
+    u64 fp;
+};
+
 // Scratch space of one walk. The search state is kept here rather than in registers: map
 // memory is not tracked value by value by the verifier, so the paths through the scan
 // converge instead of multiplying.
@@ -60,10 +67,16 @@ struct unwind_t {
     u64 frame;   // the frame pointer they joined; 0 while searching
     u64 saved[SAVED_FRAMES];  // the last values seen that may be saved frame pointers
     u64 seen;                 // how many of those were seen
-    // The frame being unwound: its instruction address, and the caller-visible rsp and rbp.
-    u64 ip;
-    u64 sp;
-    u64 fp;
+    // The frame being unwound: its instruction address, and the caller-visible rsp and rbp
+    // (as a frame_state_t too, for runtime unwinders' steps).
+    union {
+        struct {
+            u64 ip;
+            u64 sp;
+            u64 fp;
+        };
+        struct frame_state_t state;
+    };
     u64 lo;  // binary search bounds over unwind rows, for the file address pc
     u64 hi;
     u64 pc;
