@@ -200,8 +200,8 @@ def test_callers_of_a_frameless_leaf_match_perf_dwarf(
 
     total, main, big = shares(ours, "leaf_work")
     perf_total, perf_main, perf_big = shares(reference, "leaf_work")
-    assert total >= 150, f"too few samples: {total}"
-    assert perf_total >= 100, f"perf saw too few samples: {perf_total}"
+    assert total >= 100, f"too few samples: {total}"
+    assert perf_total >= 50, f"perf saw too few samples: {perf_total}"
     assert perf_main >= 0.95, "the reference itself does not reach main"
     assert main >= 0.95, f"{main:.1%} of leaf samples reach main; stacks: {ours.most_common(4)}"
     assert abs(big - 0.75) <= 0.05, f"caller_big {big:.1%} of leaf samples"
