@@ -125,7 +125,8 @@ def every_process_loaded(java_classes: Path) -> None:
     ]
     for pid in pids:
         unwinder.load(pid)
-    unwinder.poll()
+    while unwinder.stats()["files_waiting"]:
+        time.sleep(0.05)
     took = time.monotonic() - started
     stats = unwinder.stats()
     print(f"2. every process on this machine ({len(pids)} pids, a JVM among them) loaded:")

@@ -16,6 +16,7 @@ import logging
 import mmap
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -37,6 +38,8 @@ STAT_NAMES = (
     "truncated_stacks",
     "bad_reads",
 )
+# Files at least this large are parsed by a thread of their own.
+LARGE_FILE = 16 << 20
 _DELETED = " (deleted)"
 _VDSO = "[vdso]"
 
@@ -48,6 +51,7 @@ class _Wait:
     size: int
     paths: tuple[str, ...]  # where it can be opened
     mappings: list[tuple[_Process, int, int, int]]  # (process, start, end, file offset)
+    parsing: bool = False
 
 
 @dataclass
@@ -91,31 +95,58 @@ class NativeUnwinder:
             "ranges_full": 0,
             "no_cfi_files": 0,
         }
-        # The loader thread and the agent's event thread (forget, refresh) share the state.
+        # The worker threads and the agent's event thread (forget, refresh) share the state.
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._loader = threading.Thread(
-            target=self._load_pending, name="unwind-loader", daemon=True
-        )
-        self._loader.start()
+        # Processes load at once; files are parsed smallest first, large ones (seconds
+        # each) in a thread of their own, so a small binary never waits behind them.
+        self._threads = [
+            threading.Thread(target=self._every, args=(work,), name=name, daemon=True)
+            for name, work in (
+                ("unwind-loader", self.poll),
+                ("unwind-parser", lambda: self.parse(large=False)),
+                ("unwind-large-parser", lambda: self.parse(large=True)),
+            )
+        ]
+        for thread in self._threads:
+            thread.start()
 
     # Process lifecycle.
 
-    def _load_pending(self, period_s: float = 0.1) -> None:
+    def _every(self, work: Callable[[], None], period_s: float = 0.1) -> None:
         while not self._stop.wait(period_s):
-            self.poll()
+            work()
 
     def poll(self) -> None:
-        """Load the processes sampled since the last poll, then parse the files they wait
-        for, smallest first, one at a time: a process whose files are known is loaded in a
-        millisecond and never waits behind a large binary parsed for seconds."""
+        """Load the processes sampled since the last poll: a millisecond each, with the
+        files already parsed (the others are added when they are)."""
+        for key in list(self._pending):
+            self.load(key.value)
+            self._pending.pop(key, None)
+
+    def parse(self, large: bool) -> None:
+        """Parse the files loaded processes wait for, smallest first (of those at least
+        LARGE_FILE bytes if `large`, else of those below), until none is left."""
         while not self._stop.is_set():
-            for key in list(self._pending):
-                self.load(key.value)
-                self._pending.pop(key, None)
-            if not self._waiting:
-                return
-            self._parse_smallest()
+            with self._lock:
+                candidates = [
+                    (wait.size, identity)
+                    for identity, wait in self._waiting.items()
+                    if not wait.parsing and (wait.size >= LARGE_FILE) == large
+                ]
+                if not candidates:
+                    return
+                identity = min(candidates)[1]
+                wait = self._waiting[identity]
+                wait.parsing = True
+            found = self._tables.get(wait.paths)  # not under the lock: seconds, for some
+            with self._lock:
+                del self._waiting[identity]
+                if found is None or found[0] != identity:
+                    continue  # gone or replaced since: its processes load it anew if sampled
+                for process, start, end, offset in wait.mappings:
+                    if self._processes.get(process.pid) is process:
+                        self._map(process, identity, found[1], start, end, offset)
 
     def load(self, pid: int) -> bool:
         """(Re)load pid's mappings; False if it is gone (nothing is left of it then).
@@ -140,19 +171,6 @@ class NativeUnwinder:
             self._pids[self._pids.Key(pid)] = self._pids.Leaf(1)
             self.counts["processes_loaded"] += 1
             return True
-
-    def _parse_smallest(self) -> None:
-        with self._lock:
-            identity = min(self._waiting, key=lambda waiting: self._waiting[waiting].size)
-            paths = self._waiting[identity].paths
-        found = self._tables.get(paths)  # seconds for a large binary: not under the lock
-        with self._lock:
-            wait = self._waiting.pop(identity)
-            if found is None or found[0] != identity:
-                return  # gone or replaced since: its processes load it anew if sampled
-            for process, start, end, offset in wait.mappings:
-                if self._processes.get(process.pid) is process:
-                    self._map(process, identity, found[1], start, end, offset)
 
     def _map(
         self,
@@ -205,11 +223,18 @@ class NativeUnwinder:
     def stats(self) -> dict[str, int]:
         kernel = {name: int(self._stats.sum(i).value) for i, name in enumerate(STAT_NAMES)}
         used = sum(slot.count for slot in self._files.values())
-        return {**kernel, **self.counts, "files": len(self._files), "rows": used}
+        return {
+            **kernel,
+            **self.counts,
+            "files": len(self._files),
+            "files_waiting": len(self._waiting),
+            "rows": used,
+        }
 
     def close(self) -> None:
         self._stop.set()
-        self._loader.join()
+        for thread in self._threads:
+            thread.join()
         self._rows.close()
         with BCC_LOCK:
             self._bpf.cleanup()
