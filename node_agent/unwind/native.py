@@ -1,12 +1,12 @@
 """The native unwinder's kernel tables: every sampled process's executable file mappings,
-and each mapped file's unwind rows once (samplers/unwind_tables.bpf.h).
+and each mapped build's unwind rows once (samplers/unwind_tables.bpf.h).
 
 Work is done only for processes that samples hit: a sample of a process without tables
-puts its pid in `unwind_pending`, and a loader thread (woken every ~100 ms) loads it. Until
-then that process's stacks are walked by frame pointer, so its stacks are complete from the
-next interval on; parsing a large file (libjvm.so: ~0.5 s, then cached on disk) never holds
-up the agent's other work. Rows live in one array shared by all files, each file's at its own range,
-referenced by the processes mapping it and freed with the last of them.
+puts its pid in `unwind_pending`, and a loader thread (woken every ~100 ms) loads it with
+the files already parsed; parser threads add the others when parsed (libjvm.so: ~0.5 s on
+a quiet machine, then cached on disk). Until then its frames are walked by frame pointer,
+so its stacks are complete from the next interval on. Rows live in one array, each build's
+at its own range, referenced by the processes mapping it and freed with the last of them.
 """
 
 from __future__ import annotations
