@@ -3,6 +3,7 @@ held against `perf record --call-graph dwarf` on the same process in the same ru
 
 from __future__ import annotations
 
+import math
 import subprocess
 import time
 from collections import Counter
@@ -198,20 +199,23 @@ def test_callers_of_a_frameless_leaf_match_perf_dwarf(
     aggregator, running_agent, tmp_path, flags
 ) -> None:
     binary = build(tmp_path, "callers", CALLERS, *flags)
-    process, since = start_unwound(running_agent, binary, 12)
+    process, since = start_unwound(running_agent, binary, 14)
     time.sleep(1.5)
-    reference = perf_stacks(process.pid, 5, tmp_path / "perf.data")
+    reference = perf_stacks(process.pid, 8, tmp_path / "perf.data")
     process.wait()
     ours = stored_stacks(aggregator, process.pid, since)
 
     total, main, big = shares(ours, "leaf_work")
     perf_total, perf_main, perf_big = shares(reference, "leaf_work")
-    assert total >= 100, f"too few samples: {total}"
-    assert perf_total >= 50, f"perf saw too few samples: {perf_total}"
+    # ~1,000 and ~600 samples on a quiet machine: 3 standard errors of a 75% share are
+    # then 4 and 5 points.
+    assert total >= 300, f"too few samples: {total}"
+    assert perf_total >= 100, f"perf saw too few samples: {perf_total}"
     assert perf_main >= 0.95, "the reference itself does not reach main"
     assert main >= 0.95, f"{main:.1%} of leaf samples reach main; stacks: {ours.most_common(4)}"
     assert abs(big - 0.75) <= 0.05, f"caller_big {big:.1%} of leaf samples"
-    assert abs(big - perf_big) <= 0.05, (
+    both = 3 * math.sqrt(0.75 * 0.25 * (1 / total + 1 / perf_total))
+    assert abs(big - perf_big) <= max(0.05, both), (
         f"caller_big {big:.1%}, perf --call-graph dwarf {perf_big:.1%}"
     )
     # Stacks end where perf's do (glibc marks __libc_start_call_main as the outermost frame).
