@@ -56,8 +56,9 @@ UNWIND_TABLE("array", u32, struct unwind_row_t, unwind_rows_UNWIND_ID, MAX_UNWIN
              BPF_F_MMAPABLE);
 UNWIND_TABLE("lpm_trie", struct unwind_key_t, struct unwind_range_t, unwind_ranges_UNWIND_ID,
              MAX_UNWIND_RANGES, BPF_F_NO_PREALLOC);
-// Processes whose ranges are loaded (value: unused).
-UNWIND_TABLE("hash", u32, u8, unwind_pids_UNWIND_ID, MAX_UNWIND_PIDS, 0);
+// Processes whose ranges are loaded, with when they were last sampled (bpf_ktime_get_ns):
+// when rows run out, those idle longest make room.
+UNWIND_TABLE("hash", u32, u64, unwind_pids_UNWIND_ID, MAX_UNWIND_PIDS, 0);
 // Processes sampled before their ranges were loaded: user space loads them, then deletes.
 UNWIND_TABLE("hash", u32, u8, unwind_pending_UNWIND_ID, 4096, 0);
 UNWIND_TABLE("percpu_array", u32, u64, unwind_stats_UNWIND_ID, UNWIND_STATS, 0);

@@ -314,7 +314,9 @@ static __always_inline u64 record_user_stack(u32 at)
     unwind->step = 0;
     unwind->rows = 0;
 #if NATIVE_UNWIND
-    if (unwind_pids_UNWIND_ID.lookup(&pid)) {
+    u64 *sampled = unwind_pids_UNWIND_ID.lookup(&pid);
+    if (sampled) {
+        *sampled = bpf_ktime_get_ns();
         unwind->rows = 1;
         row_step(unwind, pid, 0);
     } else {

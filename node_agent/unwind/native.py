@@ -15,6 +15,7 @@ import ctypes
 import logging
 import mmap
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -38,6 +39,8 @@ STAT_NAMES = (
     "truncated_stacks",
     "bad_reads",
 )
+# When rows run out, processes not sampled for this long make room.
+IDLE_S = 30.0
 # Files at least this large are parsed by a thread of their own.
 LARGE_FILE = 16 << 20
 _DELETED = " (deleted)"
@@ -91,6 +94,7 @@ class NativeUnwinder:
         self._waiting: dict[FileIdentity, _Wait] = {}
         self.counts = {
             "processes_loaded": 0,
+            "evicted": 0,
             "rows_full": 0,
             "ranges_full": 0,
             "no_cfi_files": 0,
@@ -168,7 +172,7 @@ class NativeUnwinder:
                 else:
                     wait = self._waiting.setdefault(identity, _Wait(identity[2], paths, []))
                     wait.mappings.append((process, start, end, offset))
-            self._pids[self._pids.Key(pid)] = self._pids.Leaf(1)
+            self._pids[self._pids.Key(pid)] = self._pids.Leaf(time.monotonic_ns())
             self.counts["processes_loaded"] += 1
             return True
 
@@ -254,6 +258,8 @@ class NativeUnwinder:
                 self.counts["no_cfi_files"] += 1
                 return None
             start = self._allocate(len(rows.rows))
+            while start is None and self._evict_idle(process):
+                start = self._allocate(len(rows.rows))
             if start is None:
                 self.counts["rows_full"] += 1
                 log.warning(
@@ -266,6 +272,21 @@ class NativeUnwinder:
             slot.users += 1
             process.files.append(identity)
         return slot
+
+    def _evict_idle(self, keep: _Process) -> bool:
+        """Forget the process sampled least recently, if it has not been for IDLE_S (it
+        loads again at its next sample); False if none has been idle that long."""
+        idle_since = time.monotonic_ns() - int(IDLE_S * 1e9)
+        last = {}
+        for pid in self._processes:
+            sampled = self._pids.get(self._pids.Key(pid))
+            if pid != keep.pid and sampled is not None and sampled.value < idle_since:
+                last[pid] = sampled.value
+        if not last:
+            return False
+        self._forget(min(last, key=last.__getitem__))
+        self.counts["evicted"] += 1
+        return True
 
     def _write_rows(self, start: int, rows: FileRows) -> None:
         self._rows[start * 8 : (start + len(rows.rows)) * 8] = rows.rows.tobytes()
