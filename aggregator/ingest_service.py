@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import grpc
 
 from fleetprof.aggregator.storage import ProfileStore, StorageUnavailable
-from fleetprof.aggregator.validate import validate_batch
+from fleetprof.aggregator.validate import ValidBatch, validate_batch
 from fleetprof.proto import schema
 from fleetprof.proto.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
@@ -19,7 +19,11 @@ def store_batch(store: ProfileStore, batch: ingest_pb2.IngestBatch) -> ingest_pb
     """Validate one batch and commit it: the one write path, for gRPC ingest and for
     `fleetprof import --db`. Raises schema.SchemaError for a bad batch and
     StorageUnavailable when nothing of it could be written."""
-    valid = validate_batch(batch)
+    return store_valid(store, validate_batch(batch))
+
+
+def store_valid(store: ProfileStore, valid: ValidBatch) -> ingest_pb2.IngestAck:
+    """Commit a batch validate_batch accepted (OTLP checks all of a request's first)."""
     result = store.append(
         valid.agent_id,
         valid.sequence,

@@ -10,6 +10,7 @@ import grpc
 
 from fleetprof.aggregator.control_service import ControlService
 from fleetprof.aggregator.ingest_service import IngestService
+from fleetprof.aggregator.otlp_receiver import OtlpReceiver
 from fleetprof.aggregator.partitions import LakePolicy, Partitions
 from fleetprof.aggregator.query_service import QueryService
 from fleetprof.aggregator.storage import ProfileStore
@@ -50,9 +51,11 @@ class Aggregator:
         lake_dir: str | Path | None = None,
         name: str | None = None,
         lake_policy: LakePolicy | None = None,
+        otlp_listen: str | None = None,
     ) -> None:
         """`lake_policy` runs partition maintenance (sealing to the lake, retention) in a
-        thread of its own; without it, nothing is sealed."""
+        thread of its own; without it, nothing is sealed. `otlp_listen`: serve OTLP
+        profiles there too (`otlp`, aggregator/otlp_receiver.py)."""
         security = security or ServerSecurity()
         self.store = ProfileStore(db_path, lake_dir, name)
         # Queries run on the same database instance: lock it down before serving anything
@@ -77,6 +80,9 @@ class Aggregator:
         host = listen.rsplit(":", 1)[0]
         self.address = f"{host}:{self.port}"
         self.web = WebServer(self.store, http_listen, security) if http_listen else None
+        self.otlp = (
+            OtlpReceiver(self.store, otlp_listen, security, GRPC_OPTIONS) if otlp_listen else None
+        )
 
     def start(self) -> None:
         self._server.start()
@@ -84,6 +90,9 @@ class Aggregator:
         if self.web:
             self.web.start()
             log.info("web UI on %s", self.web.url)
+        if self.otlp:
+            self.otlp.start()
+            log.info("OTLP profiles on %s", self.otlp.address)
         if self.partitions:
             self.partitions.start()
             log.info("sealing closed hours into %s as %s", self.store.lake, self.store.name)
@@ -94,6 +103,8 @@ class Aggregator:
     def stop(self, grace_s: float = 2.0) -> None:
         if self.web:
             self.web.stop()
+        if self.otlp:
+            self.otlp.stop(grace_s)
         self._server.stop(grace_s).wait()
         if self.partitions:
             self.partitions.stop()

@@ -13,6 +13,7 @@ from fleetprof.commands import (
     aggregator,
     demo,
     diff,
+    export,
     flamegraph,
     import_,
     profile,
@@ -26,6 +27,7 @@ COMMANDS = {
     "flamegraph": flamegraph,
     "profile": profile,
     "diff": diff,
+    "export": export,
     "import": import_,
     "demo": demo,
 }

@@ -60,7 +60,7 @@ def parse_folded(data: bytes, comm: str, ts: datetime) -> Imported:
         for name in match[1].decode("utf-8", "surrogateescape").split(";"):
             kind = _ANNOTATIONS.get(name[-4:])
             frames.append((name[:-4], "", kind) if kind else (name, "", "unknown"))
-        rows.append((_stack(frames), comm, 0, int(match[2])))
+        rows.append((fit_stack(frames), comm, 0, int(match[2])))
     return Imported(ts, rows)
 
 
@@ -78,18 +78,16 @@ def parse_pprof(data: bytes, event_unit: str, comm: str, ts: datetime) -> Import
         types = ", ".join(f"{strings[t.type]}/{strings[t.unit]}" for t in profile.sample_type)
         raise ValueError(f"no sample type in {wanted} (this profile has: {types or 'none'})")
     value_index = units.index(wanted)
-    modules = {m.id: _module(strings[m.filename]) for m in profile.mapping}
+    modules = {m.id: module_name(strings[m.filename]) for m in profile.mapping}
     functions = {f.id: strings[f.name] or strings[f.system_name] for f in profile.function}
-    # leaf-first frames of each location; a location's lines list inlined callees first
-    locations: dict[int, list[tuple[str, str, str]]] = {}
-    for location in profile.location:
-        module = modules.get(location.mapping_id, "")
-        kind = _MODULE_KINDS.get(module, "native" if module else "unknown")
-        names = [functions.get(line.function_id, "") for line in location.line]
-        fallback = f"[{module or 'unknown'}+0x{location.address:x}]"
-        locations[location.id] = [(name or fallback, module, kind) for name in names] or [
-            (fallback, module, kind)
-        ]
+    locations = {
+        location.id: location_frames(
+            [functions.get(line.function_id, "") for line in location.line],
+            modules.get(location.mapping_id, ""),
+            location.address,
+        )
+        for location in profile.location
+    }
     if profile.time_nanos:
         ts = datetime.fromtimestamp((profile.time_nanos + profile.duration_nanos) / 1e9, UTC)
     main = modules.get(profile.mapping[0].id) if profile.mapping else None
@@ -102,7 +100,7 @@ def parse_pprof(data: bytes, event_unit: str, comm: str, ts: datetime) -> Import
         process = strings[labels["comm"].str] if "comm" in labels else main or comm
         pid = labels["pid"].num if "pid" in labels else 0
         leaf_first = [f for location_id in sample.location_id for f in locations[location_id]]
-        rows.append((_stack(leaf_first[::-1]), process, pid, weight))
+        rows.append((fit_stack(leaf_first[::-1]), process, pid, weight))
     return Imported(ts, rows)
 
 
@@ -117,12 +115,25 @@ def read_profile(path: Path, event_unit: str) -> Imported:
     return parse_pprof(data, event_unit, comm, ts)
 
 
-def _module(filename: str) -> str:
-    # the agent names a module by its file name ("libc.so.6"); pseudo-files stay whole
+def module_name(filename: str) -> str:
+    """A mapping's file as the agent names a module: its file name ("libc.so.6");
+    pseudo-files ("[vdso]") stay whole."""
     return filename if filename.startswith("[") else Path(filename).name
 
 
-def _stack(frames: list[tuple[str, str, str]]) -> StackRow:
+def location_frames(
+    names: list[str], module: str, address: int, kind: str | None = None
+) -> list[tuple[str, str, str]]:
+    """The leaf-first (name, module, kind) frames of one pprof or OTLP location: one per
+    line, inlined callees first; a location without names is `[module+0xADDRESS]`. Without
+    a `kind`, the module tells it (kernel, or native code when there is a module)."""
+    if kind is None:
+        kind = _MODULE_KINDS.get(module, "native" if module else "unknown")
+    fallback = f"[{module or 'unknown'}+0x{address:x}]"
+    return [(name or fallback, module, kind) for name in names] or [(fallback, module, kind)]
+
+
+def fit_stack(frames: list[tuple[str, str, str]]) -> StackRow:
     """Root-first frames fitted to the wire limits: at most MAX_FRAMES_PER_STACK (the
     outermost callers give way to a "[truncated]" frame), names of MAX_STRING_BYTES."""
     if len(frames) > schema.MAX_FRAMES_PER_STACK:

@@ -24,6 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="serve the web UI and its JSON API here (e.g. 127.0.0.1:7471); off if not given",
     )
     parser.add_argument(
+        "--otlp-listen",
+        metavar="HOST:PORT",
+        help="also receive OTLP profiles (gRPC ProfilesService) here, e.g. 127.0.0.1:4317 "
+        "(docs/otlp.md); off if not given",
+    )
+    parser.add_argument(
         "--memory-limit",
         metavar="SIZE",
         help="DuckDB's memory limit, shared by ingest and all queries (e.g. 4GB; "
@@ -94,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         args.listen,
         security=server_security(args),
         http_listen=args.http,
+        otlp_listen=args.otlp_listen,
         memory_limit=args.memory_limit,
         lake_dir=args.lake,
         name=args.name,
@@ -109,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"fleetprof aggregator listening on {aggregator.address}, database {args.db}", flush=True)
     if aggregator.web:
         print(f"fleetprof web UI on {aggregator.web.url}", flush=True)
+    if aggregator.otlp:
+        print(f"fleetprof OTLP profiles on {aggregator.otlp.address}", flush=True)
     stop.wait()
     aggregator.stop()
     return 0

@@ -1,8 +1,8 @@
 """Write a flame graph merged over all matching samples; the format follows -o's suffix.
 
 Tree formats: .html (interactive), .svg, .folded, .json (speedscope). Row formats: .pb.gz
-(pprof, one sample per process and stack, labelled), .parquet and .arrow (every sample row
-joined with its stack).
+(pprof, one sample per process and stack, labelled), .otlp.pb (an OTLP profiles export
+request, docs/otlp.md), .parquet and .arrow (every sample row joined with its stack).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from fleetprof.query.render import RenderOptions
     from fleetprof.query.source import ProfileSource
 
-HELP = "write a flame graph (.html, .svg, .folded, .json, .pb.gz, .parquet, .arrow)"
+HELP = "write a flame graph (.html, .svg, .folded, .json, .pb.gz, .otlp.pb, .parquet, .arrow)"
 
 
 def add_selection_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:

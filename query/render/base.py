@@ -83,6 +83,7 @@ def renderer_for(path: str | Path) -> Renderer | RowRenderer:
     # imported here because every renderer module imports this one
     from fleetprof.query.render.folded import FoldedRenderer
     from fleetprof.query.render.html import HtmlRenderer
+    from fleetprof.query.render.otlp import OtlpRenderer
     from fleetprof.query.render.pprof import PprofRenderer
     from fleetprof.query.render.raw import ARROW, PARQUET
     from fleetprof.query.render.speedscope import SpeedscopeRenderer
@@ -93,6 +94,7 @@ def renderer_for(path: str | Path) -> Renderer | RowRenderer:
         SvgRenderer(),
         HtmlRenderer(),
         PprofRenderer(),
+        OtlpRenderer(),
         SpeedscopeRenderer(),
         PARQUET,
         ARROW,

@@ -11,6 +11,7 @@ plus `<event>/nanoseconds` when the sampling frequency is known (each sample sta
 from __future__ import annotations
 
 import gzip
+from collections.abc import MutableSequence
 from typing import BinaryIO
 
 import pyarrow as pa
@@ -22,11 +23,11 @@ from fleetprof.query.render.base import RenderOptions
 NANOS_PER_SECOND = 1_000_000_000
 
 
-class _Strings:
-    """The profile's string table: index 0 is "", each string stored once."""
+class StringTable:
+    """A string table (pprof's, OTLP's): index 0 is "", each string stored once."""
 
-    def __init__(self, profile: profile_pb2.Profile) -> None:
-        self._profile = profile
+    def __init__(self, table: MutableSequence[str]) -> None:
+        self._table = table
         self._index: dict[str, int] = {}
         self("")
 
@@ -34,7 +35,7 @@ class _Strings:
         index = self._index.get(text)
         if index is None:
             index = self._index[text] = len(self._index)
-            self._profile.string_table.append(text)
+            self._table.append(text)
         return index
 
 
@@ -67,7 +68,7 @@ class PprofRenderer:
 
     def render_rows(self, rows: pa.RecordBatchReader, options: RenderOptions, out: BinaryIO) -> int:
         profile = profile_pb2.Profile()
-        string = _Strings(profile)
+        string = StringTable(profile.string_table)
         types = sample_types(options)
         for type_name, unit in types:
             profile.sample_type.add(type=string(type_name), unit=string(unit))

@@ -1,0 +1,127 @@
+"""OTLP/gRPC ProfilesService/Export on its own port (`fleetprof aggregator --otlp-listen`).
+
+Each request is decoded whole (aggregator/otlp_decode.py), every batch of it validated by
+validate_batch, then stored like an agent's: a bad request gets INVALID_ARGUMENT with the
+reason and stores nothing. The port has the aggregator's transport security: its TLS, its
+client CA (mutual TLS), and, with --token-file, a bearer token on every request; a token
+limited to some jobs or namespaces may export only samples of those.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent import futures
+from typing import Any
+
+import grpc
+from opentelemetry.proto.collector.profiles.v1development import profiles_service_pb2
+
+from fleetprof.aggregator.ingest_service import store_valid
+from fleetprof.aggregator.otlp_decode import Decoded, decode_request
+from fleetprof.aggregator.storage import ProfileStore, StorageUnavailable
+from fleetprof.aggregator.validate import validate_batch
+from fleetprof.proto import otlp, schema
+from fleetprof.proto.security import AccessScope, ServerSecurity, bearer_token
+
+log = logging.getLogger(__name__)
+
+# Decoding is Python under the GIL: more threads would only queue behind each other.
+WORKERS = 8
+# The dropped-data summary of a response names at most this many kinds of data.
+MOST_REPORTED = 10
+
+
+class OutOfScope(PermissionError):
+    """Samples of jobs or namespaces the request's token may not write."""
+
+
+def export(
+    store: ProfileStore, data: bytes, scope: AccessScope | None
+) -> profiles_service_pb2.ExportProfilesServiceResponse:
+    """Decode, check and store one serialized ExportProfilesServiceRequest. Raises
+    schema.SchemaError (bad request), OutOfScope or StorageUnavailable; nothing of the
+    request is stored then, except after a StorageUnavailable between its nodes' batches
+    (a retry stores the rest: the stored ones are duplicates)."""
+    decoded = decode_request(data)
+    if scope is not None:
+        outside = sorted(
+            f"job {job!r} namespace {namespace!r}"
+            for job, namespace in decoded.owners
+            if job not in scope.jobs and namespace not in scope.namespaces
+        )
+        if outside:
+            raise OutOfScope(f"this token may not write samples of {outside[0]}")
+    valid = [validate_batch(batch) for batch in decoded.batches]
+    for batch in valid:
+        store_valid(store, batch)
+    return _response(decoded)
+
+
+def _response(decoded: Decoded) -> profiles_service_pb2.ExportProfilesServiceResponse:
+    """OTLP's partial success: the profiles rejected (no fleetprof event for their sample
+    type) and, as a warning, what had no column."""
+    response = profiles_service_pb2.ExportProfilesServiceResponse()
+    if decoded.dropped or decoded.rejected_profiles:
+        kinds = decoded.dropped.most_common()
+        summary = ", ".join(f"{what} ({count} samples)" for what, count in kinds[:MOST_REPORTED])
+        if len(kinds) > MOST_REPORTED:
+            summary += f", {len(kinds) - MOST_REPORTED} more"
+        response.partial_success.rejected_profiles = decoded.rejected_profiles
+        response.partial_success.error_message = f"not stored: {summary}"
+    return response
+
+
+class OtlpReceiver:
+    """The gRPC server of ProfilesService; `address` is HOST:PORT as bound."""
+
+    def __init__(
+        self,
+        store: ProfileStore,
+        listen: str,
+        security: ServerSecurity,
+        options: Sequence[tuple[str, Any]],
+    ) -> None:
+        self._store = store
+        self._security = security
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="otlp"),
+            options=list(options),
+            interceptors=security.interceptors(),
+        )
+        service, method = otlp.EXPORT_METHOD.strip("/").split("/")
+        handler = grpc.unary_unary_rpc_method_handler(
+            self._export,
+            # raw bytes: a malformed request is answered here, with the reason
+            request_deserializer=None,
+            response_serializer=profiles_service_pb2.ExportProfilesServiceResponse.SerializeToString,
+        )
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, {method: handler}),)
+        )
+        self.port = security.add_port(self._server, listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {listen}")
+        self.address = f"{listen.rsplit(':', 1)[0]}:{self.port}"
+
+    def start(self) -> None:
+        self._server.start()
+
+    def stop(self, grace_s: float) -> None:
+        self._server.stop(grace_s).wait()
+
+    def _export(
+        self, data: bytes, context: grpc.ServicerContext
+    ) -> profiles_service_pb2.ExportProfilesServiceResponse:
+        scope = self._security.scope(bearer_token(context.invocation_metadata()))
+        try:
+            return export(self._store, data, scope)
+        except schema.SchemaError as exc:
+            log.warning("rejected OTLP export from %s: %s", context.peer(), exc)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except OutOfScope as exc:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        except StorageUnavailable as exc:
+            log.error("cannot store OTLP export from %s: %s", context.peer(), exc)
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"storage unavailable: {exc}")
+        raise AssertionError("context.abort raises")

@@ -1,0 +1,59 @@
+"""fleetprof's columns in OTLP profiles, defined once for the receiver and the exporter.
+
+The messages are PyPI's `opentelemetry-proto` (pinned in pyproject.toml), generated from
+opentelemetry-proto PROTO_RELEASE: `opentelemetry.proto.profiles.v1development` (Alpha).
+docs/otlp.md lists the mapping for users.
+"""
+
+from __future__ import annotations
+
+PROTO_RELEASE = "v1.10.0"
+EXPORT_METHOD = "/opentelemetry.proto.collector.profiles.v1development.ProfilesService/Export"
+HTTP_PATH = "/v1development/profiles"
+
+# Attribute keys (OpenTelemetry semantic conventions) and the sample column each fills.
+HOST_NAME = "host.name"  # node
+PROCESS_PID = "process.pid"  # pid
+THREAD_ID = "thread.id"  # tid
+EXECUTABLE_NAME = "process.executable.name"  # comm
+THREAD_NAME = "thread.name"  # comm, without an executable name
+SERVICE_NAME = "service.name"  # job, without a `job` attribute
+JOB = "job"
+LABELS = {
+    "k8s.namespace.name": "namespace",
+    "k8s.pod.name": "pod",
+    "k8s.container.name": "container",
+}
+FRAME_TYPE = "profile.frame.type"  # a location's: its frames' kind
+
+# (sample type, unit) -> fleetprof event. OTLP's "samples/count" (the OpenTelemetry eBPF
+# profiler's, at a CPU period) counts on-CPU samples; the time types weigh in nanoseconds.
+SAMPLE_TYPES = {
+    ("samples", "count"): "cpu",
+    ("off_cpu", "nanoseconds"): "offcpu",
+    ("offcpu", "nanoseconds"): "offcpu",
+    ("lock", "nanoseconds"): "lock",
+    ("io", "nanoseconds"): "io",
+}
+# What the exporter writes for each event (the first of SAMPLE_TYPES naming it).
+EVENT_SAMPLE_TYPES = {event: pair for pair, event in reversed(SAMPLE_TYPES.items())}
+CPU_PERIOD_TYPE = ("cpu", "nanoseconds")
+
+# profile.frame.type values -> schema.FRAME_KINDS. The managed runtimes both interpret and
+# JIT-compile, and OTLP does not say which a frame is: "jit" (drawn like "interpreted").
+FRAME_KINDS = {
+    "kernel": "kernel",
+    "native": "native",
+    "go": "native",
+    "rust": "native",
+    "cpython": "interpreted",
+    "php": "interpreted",
+    "perl": "interpreted",
+    "ruby": "interpreted",
+    "jvm": "jit",
+    "dotnet": "jit",
+    "v8js": "jit",
+    "beam": "jit",
+}
+# The kinds the exporter can name exactly; other frames go without a frame type.
+KIND_FRAME_TYPES = {"kernel": "kernel", "native": "native"}
