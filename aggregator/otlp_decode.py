@@ -73,7 +73,9 @@ def decode_request(data: bytes, received: datetime | None = None) -> Decoded:
     samples = observations = 0
     for resource_profiles in request.resource_profiles:
         resource = {
-            kv.key: _value(kv.value) for kv in resource_profiles.resource.attributes if kv.key
+            kv.key: dictionary.value(kv.value)
+            for kv in resource_profiles.resource.attributes
+            if kv.key
         }
         for scope_profiles in resource_profiles.scope_profiles:
             for profile in scope_profiles.profiles:
@@ -143,14 +145,6 @@ def _observations(sample: profiles_pb2.Sample, default_second: int) -> Iterable[
     return zip((t // NANOS for t in stamps), values or [1] * len(stamps), strict=True)
 
 
-def _value(value: common_pb2.AnyValue) -> AttributeValue:
-    """A scalar attribute value; arrays, maps and bytes have no column (None)."""
-    kind = value.WhichOneof("value")
-    if kind in ("string_value", "int_value", "bool_value", "double_value"):
-        return getattr(value, kind)
-    return None
-
-
 def _labels(attributes: dict[str, AttributeValue]) -> tuple[Labels, list[str]]:
     """A sample's columns from its attributes, and the attributes no column took."""
     used: set[str] = set()
@@ -218,6 +212,15 @@ class _Dictionary:
         self.check(index, len(self.strings), f"string_table ({where})")
         return self.strings[index] if index else ""
 
+    def value(self, value: common_pb2.AnyValue) -> AttributeValue:
+        """A scalar attribute value; arrays, maps and bytes have no column (None)."""
+        kind = value.WhichOneof("value")
+        if kind == "string_value_strindex":
+            return self.string(value.string_value_strindex, "attribute value")
+        if kind in ("string_value", "int_value", "bool_value", "double_value"):
+            return getattr(value, kind)
+        return None
+
     def attributes(self, indices: Iterable[int]) -> dict[str, AttributeValue]:
         found = {}
         for index in indices:
@@ -226,7 +229,7 @@ class _Dictionary:
                 self.check(index, len(self._d.attribute_table), "attribute_table")
                 entry = self._d.attribute_table[index] if index else None
                 key = self.string(entry.key_strindex, "attribute key") if entry else ""
-                value = _value(entry.value) if entry else None
+                value = self.value(entry.value) if entry else None
                 attribute = self._attributes[index] = (key, value)
             if attribute[0]:
                 found[attribute[0]] = attribute[1]

@@ -4,7 +4,7 @@ OTLP receiver (`fleetprof export --otlp-endpoint` sends it; `.otlp.pb` writes it
 
 One ResourceProfiles per (node, job, namespace, pod, container) with host.name,
 service.name and k8s.* resource attributes, each with one profile of the event's sample
-type; one sample per (process, stack) with process.pid and process.executable.name
+type; one sample per (thread, stack) with process.pid, thread.id and process.executable.name
 attributes. All of them share the request's dictionary: each string, function, mapping,
 location, attribute and stack once. Kernel and native frames carry profile.frame.type.
 """
@@ -96,17 +96,18 @@ class OtlpRenderer:
     def rows_sql(self, selection: SampleFilter) -> str:
         # merged per stack id before the join: the lists are fetched once per row kept
         return f"""
-            SELECT m.node, m.job, m.namespace, m.pod, m.container, m.pid, m.comm,
+            SELECT m.node, m.job, m.namespace, m.pod, m.container, m.pid, m.tid, m.comm,
                    st.frames, st.modules, st.kinds, m.weight, m.first, m.last
             FROM (
-                SELECT node, job, namespace, pod, container, pid, comm, stack_id,
+                SELECT node, job, namespace, pod, container, pid, tid, comm, stack_id,
                        sum(weight)::BIGINT AS weight,
                        epoch_ns(min(ts)) AS first, epoch_ns(max(ts)) AS last
                 FROM samples WHERE {selection.where()}
                 GROUP BY ALL
             ) m
             JOIN stacks st USING (stack_id)
-            ORDER BY m.node, m.job, m.namespace, m.pod, m.container, m.pid, m.comm, st.frames
+            ORDER BY m.node, m.job, m.namespace, m.pod, m.container, m.pid, m.tid, m.comm,
+                     st.frames
         """
 
     def render_rows(self, rows: pa.RecordBatchReader, options: RenderOptions, out: BinaryIO) -> int:
@@ -147,6 +148,7 @@ class OtlpRenderer:
                 stack = dictionary.stack(locations, location_indices=locations)
                 attributes = [
                     dictionary.attribute(otlp.PROCESS_PID, row["pid"]),
+                    dictionary.attribute(otlp.THREAD_ID, row["tid"]),
                     dictionary.attribute(otlp.EXECUTABLE_NAME, row["comm"]),
                 ]
                 profile.samples.add(

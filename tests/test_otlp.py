@@ -1,0 +1,494 @@
+"""OTLP profiles in and out: a real OTLP/gRPC client (opentelemetry-proto's messages and
+stub) exports to an aggregator's --otlp-listen; `.otlp.pb` and `fleetprof export` send
+fleetprof's samples back out; hostile requests are refused whole."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import hypothesis.strategies as st
+import pytest
+from hypothesis import HealthCheck, given, settings
+from opentelemetry.proto.collector.profiles.v1development import (
+    profiles_service_pb2,
+    profiles_service_pb2_grpc,
+)
+from opentelemetry.proto.common.v1 import common_pb2
+from opentelemetry.proto.profiles.v1development import profiles_pb2
+
+from fleetprof.aggregator.otlp_decode import decode_request
+from fleetprof.aggregator.server import Aggregator
+from fleetprof.aggregator.storage import ProfileStore
+from fleetprof.aggregator.validate import validate_batch
+from fleetprof.cli import main
+from fleetprof.proto import schema
+from fleetprof.proto.security import AccessScope, ServerSecurity
+from tests.test_sql_views import fill
+
+Request = profiles_service_pb2.ExportProfilesServiceRequest
+
+
+class Builder:
+    """An OTLP request as a profiler would write one: a shared dictionary, each entry once."""
+
+    def __init__(self) -> None:
+        self.request = Request()
+        d = self.request.dictionary
+        self.d = d
+        d.string_table.append("")
+        for table in (
+            d.mapping_table,
+            d.location_table,
+            d.function_table,
+            d.link_table,
+            d.attribute_table,
+            d.stack_table,
+        ):
+            table.add()
+
+    def string(self, text: str) -> int:
+        table = self.d.string_table
+        if text not in table:
+            table.append(text)
+        return list(table).index(text)
+
+    def attribute(self, key: str, value: str | int) -> int:
+        any_value = (
+            common_pb2.AnyValue(string_value=value)
+            if isinstance(value, str)
+            else common_pb2.AnyValue(int_value=value)
+        )
+        self.d.attribute_table.add(key_strindex=self.string(key), value=any_value)
+        return len(self.d.attribute_table) - 1
+
+    def location(self, names: list[str], binary: str, frame_type: str) -> int:
+        self.d.mapping_table.add(filename_strindex=self.string(binary))
+        lines = []
+        for name in names:
+            self.d.function_table.add(name_strindex=self.string(name))
+            lines.append(profiles_pb2.Line(function_index=len(self.d.function_table) - 1))
+        self.d.location_table.add(
+            mapping_index=len(self.d.mapping_table) - 1,
+            lines=lines,
+            attribute_indices=[self.attribute("profile.frame.type", frame_type)],
+        )
+        return len(self.d.location_table) - 1
+
+    def stack(self, locations: list[int]) -> int:
+        self.d.stack_table.add(location_indices=locations)
+        return len(self.d.stack_table) - 1
+
+    def profile(
+        self, resource: dict[str, str], sample_type: tuple[str, str], period: bool = False
+    ) -> profiles_pb2.Profile:
+        added = self.request.resource_profiles.add()
+        for key, value in resource.items():
+            added.resource.attributes.add(key=key, value=common_pb2.AnyValue(string_value=value))
+        profile = added.scope_profiles.add().profiles.add()
+        profile.sample_type.type_strindex = self.string(sample_type[0])
+        profile.sample_type.unit_strindex = self.string(sample_type[1])
+        if period:
+            profile.period_type.type_strindex = self.string("cpu")
+            profile.period_type.unit_strindex = self.string("nanoseconds")
+            profile.period = 20_000_000
+        profile.time_unix_nano = time.time_ns() - 10 * 10**9
+        profile.duration_nano = 5 * 10**9
+        return profile
+
+
+RESOURCE = {
+    "host.name": "otel-node",
+    "service.name": "checkout",
+    "k8s.namespace.name": "shop",
+    "k8s.pod.name": "checkout-7d9f",
+    "k8s.container.name": "app",
+    "container.id": "3f2a",  # no column: dropped, and said so
+}
+# root first, as fleetprof stores them: memcpy was inlined into compute (one location)
+FRAMES = ["main", "compute", "memcpy", "do_syscall_64"]
+
+
+def otel_request(resource: dict[str, str] | None = None) -> Request:
+    """What the OpenTelemetry eBPF profiler sends: samples/count at a CPU period, process
+    and thread attributes on samples, a kernel frame, and an off-CPU profile; plus a heap
+    profile fleetprof has no event for."""
+    b = Builder()
+    kernel = b.location(["do_syscall_64"], "[kernel.kallsyms]", "kernel")
+    inlined = b.location(["memcpy", "compute"], "/usr/bin/app", "native")
+    main_ = b.location(["main"], "/usr/bin/app", "native")
+    stack = b.stack([kernel, inlined, main_])  # leaf first
+    process = [
+        b.attribute("process.pid", 4242),
+        b.attribute("thread.id", 4243),
+        b.attribute("process.executable.name", "app"),
+    ]
+    cpu = b.profile(resource or RESOURCE, ("samples", "count"), period=True)
+    cpu.samples.add(stack_index=stack, attribute_indices=process, values=[7])
+    start = cpu.time_unix_nano
+    cpu.samples.add(
+        stack_index=stack,
+        attribute_indices=process,
+        timestamps_unix_nano=[start + 10**9, start + 2 * 10**9, start + 2 * 10**9 + 5],
+    )
+    off_cpu = b.profile(resource or RESOURCE, ("off_cpu", "nanoseconds"))
+    off_cpu.samples.add(stack_index=stack, attribute_indices=process, values=[1_500_000])
+    heap = b.profile(resource or RESOURCE, ("alloc_space", "bytes"))
+    heap.samples.add(stack_index=stack, attribute_indices=process, values=[4096])
+    return b.request
+
+
+VALID = otel_request().SerializeToString()
+
+
+@pytest.fixture
+def receiving(tmp_path: Path) -> Iterator[Aggregator]:
+    server = Aggregator(tmp_path / "otlp.duckdb", "127.0.0.1:0", otlp_listen="127.0.0.1:0")
+    server.start()
+    yield server
+    server.stop(grace_s=0)
+
+
+def export(
+    aggregator: Aggregator, request: Request | bytes, token: str | None = None
+) -> profiles_service_pb2.ExportProfilesServiceResponse:
+    metadata = [("authorization", f"Bearer {token}")] if token else None
+    with grpc.insecure_channel(aggregator.otlp.address) as channel:
+        if isinstance(request, bytes):  # as sent, however malformed
+            call = channel.unary_unary(
+                "/opentelemetry.proto.collector.profiles.v1development.ProfilesService/Export",
+                response_deserializer=profiles_service_pb2.ExportProfilesServiceResponse.FromString,
+            )
+            return call(request, timeout=30, metadata=metadata)
+        stub = profiles_service_pb2_grpc.ProfilesServiceStub(channel)
+        return stub.Export(request, timeout=30, metadata=metadata)
+
+
+def sql(aggregator: Aggregator, query: str) -> list[tuple]:
+    cur = aggregator.store.reader()
+    try:
+        return cur.execute(query).fetchall()
+    finally:
+        cur.close()
+
+
+SAMPLES_SQL = """
+    SELECT node, pid, tid, comm, job, namespace, pod, container, event, sum(weight)::BIGINT
+    FROM samples GROUP BY ALL ORDER BY event
+"""
+EXPECTED = [
+    ("otel-node", 4242, 4243, "app", "checkout", "shop", "checkout-7d9f", "app", "cpu", 10),
+    (
+        "otel-node",
+        4242,
+        4243,
+        "app",
+        "checkout",
+        "shop",
+        "checkout-7d9f",
+        "app",
+        "offcpu",
+        1_500_000,
+    ),
+]
+
+
+def test_a_real_otlp_client_export_becomes_samples_once(
+    receiving: Aggregator, tmp_path: Path
+) -> None:
+    request = otel_request()
+    response = export(receiving, request)
+    # the heap profile and container.id have no place in fleetprof: said so, not guessed
+    assert response.partial_success.rejected_profiles == 1
+    assert "alloc_space/bytes" in response.partial_success.error_message
+    assert "attribute container.id" in response.partial_success.error_message
+    assert sql(receiving, SAMPLES_SQL) == EXPECTED
+    (stack,) = sql(receiving, "SELECT DISTINCT frames, modules, kinds FROM stacks")
+    assert stack == (
+        FRAMES,
+        ["app", "app", "app", "[kernel.kallsyms]"],
+        ["native", "native", "native", "kernel"],
+    )
+    # the timestamped sample's observations are filed under their seconds
+    seconds = sql(receiving, "SELECT count(DISTINCT ts) FROM samples WHERE event = 'cpu'")
+    assert seconds == [(3,)]
+
+    # a retried export counts once
+    export(receiving, request)
+    assert sql(receiving, SAMPLES_SQL) == EXPECTED
+
+    folded = tmp_path / "cpu.folded"
+    address = receiving.address
+    assert main(["flamegraph", "--aggregator", address, "-o", str(folded)]) == 0
+    assert folded.read_text() == "app;" + ";".join(FRAMES) + " 10\n"
+    off = tmp_path / "off.folded"
+    args = ["flamegraph", "--aggregator", address, "--event", "offcpu", "-o", str(off)]
+    assert main(args) == 0
+    assert off.read_text() == "app;" + ";".join(FRAMES) + " 1500000\n"
+
+
+def folded_of(request: Request) -> Counter[str]:
+    """Folded stacks (process name as the root) of an OTLP request, read with the
+    official messages alone."""
+    d = request.dictionary
+    strings = d.string_table
+    folded: Counter[str] = Counter()
+    for resource in request.resource_profiles:
+        for scope in resource.scope_profiles:
+            for profile in scope.profiles:
+                for sample in profile.samples:
+                    attributes = {
+                        strings[d.attribute_table[i].key_strindex]: d.attribute_table[i].value
+                        for i in sample.attribute_indices
+                    }
+                    leaf_first = [
+                        strings[d.function_table[line.function_index].name_strindex]
+                        for index in d.stack_table[sample.stack_index].location_indices
+                        for line in d.location_table[index].lines
+                    ]
+                    comm = attributes["process.executable.name"].string_value
+                    folded[";".join([comm, *leaf_first[::-1]])] += sum(sample.values)
+    return folded
+
+
+def test_otlp_file_holds_the_folded_graph(tmp_path: Path) -> None:
+    db = tmp_path / "p.duckdb"
+    store = ProfileStore(db)
+    fill(store)
+    store.close()
+    for suffix in ("folded", "otlp.pb"):
+        assert main(["flamegraph", "--db", str(db), "-o", str(tmp_path / f"g.{suffix}")]) == 0
+    lines = (tmp_path / "g.folded").read_text().splitlines()
+    expected = Counter({line.rsplit(" ", 1)[0]: int(line.rsplit(" ", 1)[1]) for line in lines})
+    request = Request.FromString((tmp_path / "g.otlp.pb").read_bytes())
+    assert folded_of(request) == expected
+    # one dictionary shared by every resource: each string once
+    strings = list(request.dictionary.string_table)
+    assert strings[0] == "" and len(strings) == len(set(strings))
+    nodes = {
+        kv.value.string_value
+        for resource in request.resource_profiles
+        for kv in resource.resource.attributes
+        if kv.key == "host.name"
+    }
+    assert nodes == {"node-a", "node-b"}
+
+
+def test_otlp_round_trip_keeps_inlined_frames(receiving: Aggregator, tmp_path: Path) -> None:
+    export(receiving, otel_request())
+    second = Aggregator(tmp_path / "second.duckdb", "127.0.0.1:0", otlp_listen="127.0.0.1:0")
+    second.start()
+    try:
+        args = ["export", "--aggregator", receiving.address, "--otlp-endpoint"]
+        assert main([*args, second.otlp.address]) == 0
+        assert main([*args, second.otlp.address, "--event", "offcpu"]) == 0
+        assert sql(second, SAMPLES_SQL) == EXPECTED
+        out = tmp_path / "again.otlp.pb"
+        assert main(["flamegraph", "--aggregator", second.address, "-o", str(out)]) == 0
+    finally:
+        second.stop(grace_s=0)
+    request = Request.FromString(out.read_bytes())
+    assert folded_of(request) == Counter({"app;" + ";".join(FRAMES): 10})
+    d = request.dictionary
+    (profile,) = request.resource_profiles[0].scope_profiles[0].profiles
+    frame_types = [
+        d.attribute_table[d.location_table[i].attribute_indices[0]].value.string_value
+        for i in d.stack_table[profile.samples[0].stack_index].location_indices
+    ]
+    assert frame_types == ["kernel", "native", "native", "native"]
+
+
+def test_tokens_and_their_scopes_hold_for_otlp(tmp_path: Path) -> None:
+    security = ServerSecurity(
+        tokens={"all": None, "shop": AccessScope(namespaces=frozenset({"shop"}))}
+    )
+    server = Aggregator(
+        tmp_path / "t.duckdb", "127.0.0.1:0", security=security, otlp_listen="127.0.0.1:0"
+    )
+    server.start()
+    try:
+        with pytest.raises(grpc.RpcError) as refused:
+            export(server, otel_request())
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        elsewhere = otel_request({**RESOURCE, "k8s.namespace.name": "billing"})
+        with pytest.raises(grpc.RpcError) as outside:
+            export(server, elsewhere, token="shop")
+        assert outside.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "billing" in outside.value.details()
+        assert sql(server, "SELECT count(*) FROM samples") == [(0,)]
+        export(server, otel_request(), token="shop")
+        export(server, elsewhere, token="all")
+        assert sql(server, "SELECT count(DISTINCT namespace) FROM samples") == [(2,)]
+    finally:
+        server.stop(grace_s=0)
+
+
+def hostile_requests() -> Iterator[tuple[str, bytes]]:
+    """(what the refusal says, a request) for each kind of bad input."""
+    yield "malformed", b"\x0a\xff\xff\xff\xff\x0f"
+
+    def mutated(change) -> bytes:
+        request = otel_request()
+        change(request)
+        return request.SerializeToString()
+
+    d = "dictionary"
+    yield (
+        "stack_table index 99",
+        mutated(
+            lambda r: setattr(
+                r.resource_profiles[0].scope_profiles[0].profiles[0].samples[0], "stack_index", 99
+            )
+        ),
+    )
+    yield (
+        "location_table index 77",
+        mutated(lambda r: getattr(r, d).stack_table[1].location_indices.append(77)),
+    )
+    yield (
+        "function_table index -3",
+        mutated(lambda r: setattr(getattr(r, d).location_table[1].lines[0], "function_index", -3)),
+    )
+    yield (
+        "string_table (attribute key) index 5000",
+        mutated(lambda r: setattr(getattr(r, d).attribute_table[1], "key_strindex", 5000)),
+    )
+    yield (
+        "attribute_table index 123",
+        mutated(
+            lambda r: (
+                r.resource_profiles[0]
+                .scope_profiles[0]
+                .profiles[0]
+                .samples[0]
+                .attribute_indices.append(123)
+            )
+        ),
+    )
+    yield (
+        "mapping_table index 9",
+        mutated(lambda r: setattr(getattr(r, d).location_table[2], "mapping_index", 9)),
+    )
+    yield (
+        "string_table[0] must be the empty string",
+        mutated(lambda r: getattr(r, d).string_table.__setitem__(0, "x")),
+    )
+    yield (
+        "string_table has more than 1000000 entries",
+        mutated(lambda r: getattr(r, d).string_table.extend([""] * 1_000_001)),
+    )
+    yield (
+        "3 values but 1 timestamps",
+        mutated(
+            lambda r: (
+                r.resource_profiles[0]
+                .scope_profiles[0]
+                .profiles[0]
+                .samples[0]
+                .timestamps_unix_nano.append(1)
+                or r.resource_profiles[0]
+                .scope_profiles[0]
+                .profiles[0]
+                .samples[0]
+                .values.extend([1, 2])
+            )
+        ),
+    )
+    yield (
+        "negative value",
+        mutated(
+            lambda r: (
+                r.resource_profiles[0].scope_profiles[0].profiles[0].samples[0].values.append(-5)
+            )
+        ),
+    )
+    yield (
+        "process.pid 1099511627776 out of range",
+        mutated(lambda r: getattr(r, d).attribute_table[4].value.__setattr__("int_value", 2**40)),
+    )
+    yield (
+        "neither values nor timestamps",
+        mutated(
+            lambda r: (
+                r.resource_profiles[0].scope_profiles[0].profiles[0].samples[0].ClearField("values")
+            )
+        ),
+    )
+    yield (
+        "in the future",
+        mutated(
+            lambda r: setattr(
+                r.resource_profiles[0].scope_profiles[0].profiles[0],
+                "time_unix_nano",
+                time.time_ns() + 3600 * 10**9,
+            )
+        ),
+    )
+
+    # nesting (the only way a request refers to itself) past the parser's depth limit,
+    # written by hand: the library refuses to build it
+    def field(number: int, body: bytes) -> bytes:
+        return _varint(number << 3 | 2) + _varint(len(body)) + body
+
+    nested = common_pb2.AnyValue(string_value="x").SerializeToString()
+    for _ in range(200):
+        nested = field(5, field(1, nested))  # AnyValue.array_value.values[0]
+    attribute = field(1, b"deep") + field(2, nested)  # KeyValue
+    yield "malformed", VALID + field(1, field(1, field(1, attribute)))
+
+    # a good node then a bad one: the good one is not stored either
+    def second_node_bad(r: Request) -> None:
+        bad = otel_request({**RESOURCE, "host.name": "x" * 300})
+        r.resource_profiles.extend(bad.resource_profiles)
+
+    yield "node must have 1 to 256 characters", mutated(second_node_bad)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def test_hostile_otlp_requests_are_refused_whole(receiving: Aggregator) -> None:
+    for reason, payload in hostile_requests():
+        with pytest.raises(grpc.RpcError) as refused:
+            export(receiving, payload)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, reason
+        assert reason in refused.value.details(), (reason, refused.value.details())
+        assert sql(receiving, "SELECT count(*) FROM ingested_batches") == [(0,)], reason
+    # still up, and a good request after all that is stored
+    export(receiving, otel_request())
+    assert sql(receiving, SAMPLES_SQL) == EXPECTED
+
+
+def decoded_or_refused(payload: bytes) -> None:
+    """What the receiver does before storing: only schema.SchemaError may come out."""
+    try:
+        for batch in decode_request(payload).batches:
+            validate_batch(batch)
+    except schema.SchemaError:
+        pass
+
+
+@given(payload=st.binary(max_size=4096))
+@settings(max_examples=300, deadline=None)
+def test_otlp_decoder_never_crashes_on_garbage(payload: bytes) -> None:
+    decoded_or_refused(payload)
+
+
+@given(
+    cut=st.integers(min_value=0, max_value=len(VALID)), flip=st.integers(0, 255), at=st.integers(0)
+)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_otlp_decoder_refuses_mutated_requests_cleanly(cut: int, flip: int, at: int) -> None:
+    payload = bytearray(VALID[:cut] + VALID[cut + 1 :])
+    if payload:
+        payload[at % len(payload)] ^= flip
+    decoded_or_refused(bytes(payload))
