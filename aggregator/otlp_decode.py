@@ -26,10 +26,17 @@ from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.profiles.v1development import profiles_pb2
 
 from fleetprof.aggregator.validate import MAX_ID_CHARS
-from fleetprof.node_agent.batch import LOST_STACK, StackRow, stack_id, stacks_table
+from fleetprof.node_agent.batch import (
+    LOST_STACK,
+    StackRow,
+    frame_key,
+    keyed_stack_id,
+    stack_id,
+    stacks_table,
+)
 from fleetprof.proto import otlp, schema
 from fleetprof.proto.ingest.v1 import ingest_pb2
-from fleetprof.query.importers import fit_stack, location_frames, module_name
+from fleetprof.query.importers import fit_frame, fit_stack, location_frames, module_name
 
 # Hostile-input limits of one request (beyond gRPC's message size, schema.MAX_MESSAGE_BYTES).
 MAX_TABLE_ENTRIES = 1_000_000  # per dictionary table
@@ -198,7 +205,8 @@ class _Dictionary:
             raise schema.SchemaError("string_table[0] must be the empty string")
         self.links = dictionary.link_table
         self._attributes: dict[int, tuple[str, AttributeValue]] = {}
-        self._locations: dict[int, list[tuple[str, str, str]]] = {}
+        # location index -> (its root-first frames, their frame_keys)
+        self._locations: dict[int, tuple[list[tuple[str, str, str]], bytes]] = {}
         self._stacks: dict[int, int] = {}
         self.stacks_by_id: dict[int, StackRow] = {}
 
@@ -241,22 +249,27 @@ class _Dictionary:
         if known is not None:
             return known
         self.check(index, len(self._d.stack_table), "stack_table")
-        leaf_first = []
-        if index:
-            for location in self._d.stack_table[index].location_indices:
-                leaf_first.extend(self._location(location))
-                if len(leaf_first) > MAX_TABLE_ENTRIES:
-                    raise schema.SchemaError(f"a stack of more than {MAX_TABLE_ENTRIES} frames")
-        row = fit_stack(leaf_first[::-1] or [tuple(LOST_STACK)])
-        key = self._stacks[index] = stack_id(row)
+        indices = self._d.stack_table[index].location_indices if index else ()
+        if len(indices) > MAX_TABLE_ENTRIES:
+            raise schema.SchemaError(f"a stack of more than {MAX_TABLE_ENTRIES} locations")
+        root_first = [self._location(location) for location in reversed(indices)]
+        frames = [frame for location_frames, _ in root_first for frame in location_frames]
+        if 0 < len(frames) <= schema.MAX_FRAMES_PER_STACK:
+            row = StackRow(*zip(*frames, strict=True))
+            key = keyed_stack_id(b"".join(keys for _, keys in root_first))
+        else:  # cut, or empty: the general way
+            row = fit_stack(frames or [tuple(LOST_STACK)])
+            key = stack_id(row)
+        self._stacks[index] = key
         self.stacks_by_id[key] = row
         return key
 
-    def _location(self, index: int) -> list[tuple[str, str, str]]:
-        """Leaf-first (name, module, kind) frames of a location: one per line."""
-        frames = self._locations.get(index)
-        if frames is not None:
-            return frames
+    def _location(self, index: int) -> tuple[list[tuple[str, str, str]], bytes]:
+        """Root-first (name, module, kind) frames of a location, one per line (inlined
+        callees last), and their frame_keys."""
+        known = self._locations.get(index)
+        if known is not None:
+            return known
         self.check(index, len(self._d.location_table), "location_table")
         location = self._d.location_table[index] if index else profiles_pb2.Location()
         if len(location.lines) > schema.MAX_FRAMES_PER_STACK:
@@ -279,8 +292,10 @@ class _Dictionary:
                 names.append("")
         frame_type = self.attributes(location.attribute_indices).get(otlp.FRAME_TYPE)
         kind = otlp.FRAME_KINDS.get(frame_type) if isinstance(frame_type, str) else None
-        frames = self._locations[index] = location_frames(names, module, location.address, kind)
-        return frames
+        leaf_first = location_frames(names, module, location.address, kind)
+        frames = [fit_frame(frame) for frame in reversed(leaf_first)]
+        known = self._locations[index] = (frames, b"".join(frame_key(*f) for f in frames))
+        return known
 
 
 def _batches(

@@ -48,10 +48,20 @@ def fit(name: str) -> str:
 
 def stack_id(row: StackRow) -> int:
     """64-bit id of a stack: a hash of its frames, equal on every node for equal stacks."""
-    digest = hashlib.blake2b(digest_size=8)
-    for name, module, kind in zip(row.frames, row.modules, row.kinds, strict=True):
-        digest.update(f"{name}\x1f{module}\x1f{kind}\x1e".encode(errors="surrogateescape"))
-    return int.from_bytes(digest.digest(), "little", signed=True)
+    frames = zip(row.frames, row.modules, row.kinds, strict=True)
+    return keyed_stack_id(b"".join(frame_key(*frame) for frame in frames))
+
+
+def frame_key(name: str, module: str, kind: str) -> bytes:
+    """What one frame adds to its stack's id."""
+    return f"{name}\x1f{module}\x1f{kind}\x1e".encode(errors="surrogateescape")
+
+
+def keyed_stack_id(keys: bytes) -> int:
+    """The stack_id of the stack whose frame_keys, root first, are joined in `keys` (for
+    readers that key each part of a stack once, as OTLP's locations)."""
+    digest = hashlib.blake2b(keys, digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
 
 
 class Batch(NamedTuple):

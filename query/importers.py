@@ -138,9 +138,15 @@ def fit_stack(frames: list[tuple[str, str, str]]) -> StackRow:
     outermost callers give way to a "[truncated]" frame), names of MAX_STRING_BYTES."""
     if len(frames) > schema.MAX_FRAMES_PER_STACK:
         frames = [_TRUNCATED, *frames[len(frames) - schema.MAX_FRAMES_PER_STACK + 1 :]]
-    limit = schema.MAX_STRING_BYTES // 4  # characters of up to 4 UTF-8 bytes each
-    names, modules, kinds = zip(*((n[:limit], m[:limit], k) for n, m, k in frames), strict=True)
+    names, modules, kinds = zip(*map(fit_frame, frames), strict=True)
     return StackRow(names, modules, kinds)
+
+
+def fit_frame(frame: tuple[str, str, str]) -> tuple[str, str, str]:
+    """A frame with its name and module cut to what a batch accepts."""
+    limit = schema.MAX_STRING_BYTES // 4  # characters of up to 4 UTF-8 bytes each
+    name, module, kind = frame
+    return name[:limit], module[:limit], kind
 
 
 def batches(
