@@ -1,4 +1,5 @@
-"""OTLP/gRPC ProfilesService/Export on its own port (`fleetprof aggregator --otlp-listen`).
+"""OTLP/gRPC ProfilesService/Export on its own port (`fleetprof aggregator --otlp-listen`),
+and OTLP/HTTP (binary protobuf) at /v1development/profiles of the web server (`--http`).
 
 Each request is decoded whole (aggregator/otlp_decode.py), every batch of it validated by
 validate_batch, then stored like an agent's: a bad request gets INVALID_ARGUMENT with the
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from concurrent import futures
+from http import HTTPStatus
 from typing import Any
 
 import grpc
@@ -70,6 +72,33 @@ def _response(decoded: Decoded) -> profiles_service_pb2.ExportProfilesServiceRes
         response.partial_success.rejected_profiles = decoded.rejected_profiles
         response.partial_success.error_message = f"not stored: {summary}"
     return response
+
+
+def http_export(
+    store: ProfileStore, body: bytes, scope: AccessScope | None
+) -> tuple[HTTPStatus, bytes]:
+    """An OTLP/HTTP answer: the response, or an error status with a google.rpc.Status."""
+    try:
+        return HTTPStatus.OK, export(store, body, scope).SerializeToString()
+    except schema.SchemaError as exc:
+        log.warning("rejected OTLP/HTTP export: %s", exc)
+        return HTTPStatus.BAD_REQUEST, _status(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    except OutOfScope as exc:
+        return HTTPStatus.FORBIDDEN, _status(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+    except StorageUnavailable as exc:  # 503: the client retries
+        log.error("cannot store OTLP/HTTP export: %s", exc)
+        message = f"storage unavailable: {exc}"
+        return HTTPStatus.SERVICE_UNAVAILABLE, _status(grpc.StatusCode.UNAVAILABLE, message)
+
+
+def _status(code: grpc.StatusCode, message: str) -> bytes:
+    """A serialized google.rpc.Status {code, message}, which OTLP/HTTP error bodies are.
+    Its fields 1 (int32 code) and 2 (string message) are on the wire what
+    ExportProfilesPartialSuccess's 1 (int64) and 2 (string) are: no other package needed."""
+    status = profiles_service_pb2.ExportProfilesPartialSuccess(
+        rejected_profiles=code.value[0], error_message=message
+    )
+    return status.SerializeToString()
 
 
 class OtlpReceiver:

@@ -9,6 +9,7 @@ needs a bearer token (`Authorization: Bearer T`, or the HttpOnly cookie that ope
     GET  /static/NAME       its scripts and style sheets, flamegraph.js among them
     GET  /api/meta|flame|top|diff?...   JSON (aggregator/web_api.py)
     POST /api/sql           {"sql": "..."}: JSON, or Arrow IPC for Accept: ARROW_STREAM
+    POST /v1development/profiles   OTLP/HTTP profiles, binary (aggregator/otlp_receiver.py)
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from http.cookies import SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+from fleetprof.aggregator.otlp_receiver import http_export
 from fleetprof.aggregator.query_service import ipc_chunks
 from fleetprof.aggregator.storage import ProfileStore
 from fleetprof.aggregator.web_api import ENDPOINTS, BadRequest, json_bytes, sql_json, sql_request
+from fleetprof.proto import otlp, schema
 from fleetprof.proto.security import AccessScope, ServerSecurity, bearer_token, is_loopback
 from fleetprof.query.render.html import template
 from fleetprof.query.sandbox import QueryError, one_line
@@ -178,7 +181,8 @@ class _Handler(BaseHTTPRequestHandler):
         `self.scope` is what that token may see."""
         self.scope: AccessScope | None = None
         tokens = self.server.security.tokens
-        if not tokens or not urlsplit(self.path).path.startswith("/api/"):
+        path = urlsplit(self.path).path
+        if not tokens or not (path.startswith("/api/") or path == otlp.HTTP_PATH):
             return
         cookie = SimpleCookie(self.headers.get("Cookie", "")).get(TOKEN_COOKIE)
         header = [(name.lower(), value) for name, value in self.headers.items()]
@@ -225,6 +229,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _post(self) -> None:
         path = urlsplit(self.path).path
+        if path == otlp.HTTP_PATH:
+            self._otlp()
+            return
         if path != "/api/sql":
             if path in ENDPOINTS:
                 self._method_not_allowed("GET")
@@ -247,6 +254,18 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(HTTPStatus.OK, sql_json(source, sql), "application/json")
         finally:
             source.close()
+
+    def _otlp(self) -> None:
+        if self.headers.get_content_type() != "application/x-protobuf":
+            self.close_connection = True  # the body was not read
+            self._send(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, b"", "text/plain")
+            return
+        length = self.headers.get("Content-Length", "")
+        if not length.isdigit() or int(length) > schema.MAX_MESSAGE_BYTES:
+            self.close_connection = True
+            raise BadRequest(f"a Content-Length up to {schema.MAX_MESSAGE_BYTES} is required")
+        status, body = http_export(self.server.store, self.rfile.read(int(length)), self.scope)
+        self._send(status, body, "application/x-protobuf")
 
     def _send_arrow(self, source: ConnectionSource, sql: str) -> None:
         """Stream the result as chunked Arrow IPC. A query that fails before its first

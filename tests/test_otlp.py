@@ -5,6 +5,8 @@ fleetprof's samples back out; hostile requests are refused whole."""
 from __future__ import annotations
 
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -146,7 +148,12 @@ VALID = otel_request().SerializeToString()
 
 @pytest.fixture
 def receiving(tmp_path: Path) -> Iterator[Aggregator]:
-    server = Aggregator(tmp_path / "otlp.duckdb", "127.0.0.1:0", otlp_listen="127.0.0.1:0")
+    server = Aggregator(
+        tmp_path / "otlp.duckdb",
+        "127.0.0.1:0",
+        otlp_listen="127.0.0.1:0",
+        http_listen="127.0.0.1:0",
+    )
     server.start()
     yield server
     server.stop(grace_s=0)
@@ -228,6 +235,37 @@ def test_a_real_otlp_client_export_becomes_samples_once(
     args = ["flamegraph", "--aggregator", address, "--event", "offcpu", "-o", str(off)]
     assert main(args) == 0
     assert off.read_text() == "app;" + ";".join(FRAMES) + " 1500000\n"
+
+
+def post(aggregator: Aggregator, body: bytes, content_type: str) -> tuple[int, bytes]:
+    http = urllib.request.Request(
+        f"{aggregator.web.url}v1development/profiles",
+        data=body,
+        headers={"Content-Type": content_type},
+    )
+    try:
+        with urllib.request.urlopen(http, timeout=30) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def test_otlp_over_http(receiving: Aggregator) -> None:
+    request = otel_request().SerializeToString()
+    status, body = post(receiving, request, "application/x-protobuf")
+    assert status == 200
+    response = profiles_service_pb2.ExportProfilesServiceResponse.FromString(body)
+    assert response.partial_success.rejected_profiles == 1
+    assert post(receiving, request, "application/x-protobuf")[0] == 200  # a retry: once
+    assert sql(receiving, SAMPLES_SQL) == EXPECTED
+    status, body = post(receiving, request[:-3], "application/x-protobuf")
+    assert status == 400
+    # google.rpc.Status {code, message}: its fields are those of a partial success
+    problem = profiles_service_pb2.ExportProfilesPartialSuccess.FromString(body)
+    assert problem.rejected_profiles == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "malformed" in problem.error_message
+    assert post(receiving, b"{}", "application/json")[0] == 415
+    assert sql(receiving, SAMPLES_SQL) == EXPECTED
 
 
 def folded_of(request: Request) -> Counter[str]:
