@@ -3,14 +3,15 @@
 The fleet and its batches are benchmarks/fleet_ingest.py's (Zipf-drawn JVM-like stacks,
 one batch of `--batch-rows` rows per node and interval). In each run the same batches go
 to a real aggregator process (its own DuckDB file) two ways, each to a fresh database:
-- Arrow: IngestBatch streams as the agent's Shipper sends them (fleet_ingest.ingest, each
-  stack once per stream);
+- Arrow: IngestBatch streams as the agent's Shipper sends them (fleet_ingest.ingest), on
+  a fresh stream (each stack sent once per stream, as OTLP sends every stack a request
+  uses), then again from streams past their first batches (no stacks: sustained ingest);
 - OTLP: one ExportProfilesServiceRequest per batch, written by the `.otlp.pb` renderer
   (query/render/otlp.py: its own dictionary with every stack it uses, as OTLP has no
   state between requests), sent as unary ProfilesService/Export calls to --otlp-listen,
   one in flight per stream.
 Printed per run and as median (min-max) over `--runs`, with the load average: input rows/s
-of each path and OTLP's share of the Arrow rate. Every request is built before the clock
+of each path and OTLP's share of the Arrow rates. Every request is built before the clock
 starts.
 
 Run: .venv/bin/python benchmarks/otlp_ingest.py [--runs 3] [--batch-rows 5000]
@@ -119,7 +120,7 @@ def stored_rows(db: Path) -> int:
         return conn.execute("SELECT sum(sample_rows) FROM ingested_batches").fetchone()[0]
 
 
-def one_run(args: argparse.Namespace, work: Path, run: int) -> tuple[float, float]:
+def one_run(args: argparse.Namespace, work: Path, run: int) -> dict[str, float]:
     fleet = Fleet.make(args.stacks)
     conn = fleet.connect()
     conn.register("fleet_stacks", fleet.stacks)
@@ -138,7 +139,7 @@ def one_run(args: argparse.Namespace, work: Path, run: int) -> tuple[float, floa
         arrow_clients.append(arrow_streams)
         otlp_clients.append(otlp_streams)
     otlp_bytes = sum(len(r) for client in otlp_clients for stream in client for _, r in stream)
-    rates = []
+    rates = {}
     for path in ("arrow", "otlp"):
         db = work / f"{path}-{run}.duckdb"
         ctx = mp.get_context("spawn")
@@ -148,21 +149,25 @@ def one_run(args: argparse.Namespace, work: Path, run: int) -> tuple[float, floa
         address, otlp_address = addresses.get()
         if path == "arrow":
             rows, took, _ = ingest(address, arrow_clients, schema.encode(fleet.stacks), 1)
+            rates["arrow"] = rows / took
+            print(f"  run {run + 1} Arrow, stacks: {rows:,} rows in {took:.2f} s", flush=True)
+            rows, took, _ = ingest(address, arrow_clients, None, 1)
+            rates["arrow sustained"] = rows / took
+            print(f"  run {run + 1} Arrow, no stacks: {rows:,} rows in {took:.2f} s", flush=True)
         else:
             rows, took = otlp_ingest(otlp_address, otlp_clients)
+            rates["otlp"] = rows / took
+            print(
+                f"  run {run + 1} OTLP: {rows:,} rows in {took:.2f} s "
+                f"({otlp_bytes / 1e6:.0f} MB of requests)",
+                flush=True,
+            )
         stop.set()
         server.join()
-        stored = stored_rows(db)
+        print(f"    {stored_rows(db):,} rows stored", flush=True)
         for leftover in work.glob(f"{db.name}*"):
             leftover.unlink()
-        rates.append(rows / took)
-        print(
-            f"  run {run + 1} {path}: {rows:,} rows sent in {took:.2f} s = "
-            f"{rows / took / 1e3:,.0f}k rows/s ({stored:,} rows stored)"
-            + (f"; {otlp_bytes / 1e6:.0f} MB of OTLP requests" if path == "otlp" else ""),
-            flush=True,
-        )
-    return rates[0], rates[1]
+    return rates
 
 
 def main() -> None:
@@ -182,12 +187,10 @@ def main() -> None:
         f"{args.clients} clients x {args.streams} streams x {args.batches} batches of "
         f"{args.batch_rows:,} rows; {os.cpu_count()} CPUs"
     )
-    arrow, otlp_rates = [], []
+    runs = []
     with tempfile.TemporaryDirectory(prefix="fleetprof-otlp-") as tmp:
         for run in range(args.runs):
-            a, o = one_run(args, Path(tmp), run)
-            arrow.append(a)
-            otlp_rates.append(o)
+            runs.append(one_run(args, Path(tmp), run))
             print("  " + subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
 
     def spread(values: list[float]) -> str:
@@ -196,11 +199,15 @@ def main() -> None:
             f"({min(values) / 1e3:,.0f}k-{max(values) / 1e3:,.0f}k)"
         )
 
-    ratios = [o / a for a, o in zip(arrow, otlp_rates, strict=True)]
+    def ratio(path: str) -> str:
+        ratios = [rates["otlp"] / rates[path] for rates in runs]
+        return f"{statistics.median(ratios):.0%} ({min(ratios):.0%}-{max(ratios):.0%})"
+
+    print(f"over {args.runs} runs, input rows/s, median (min-max):")
+    for path in ("arrow", "arrow sustained", "otlp"):
+        print(f"  {path}: {spread([rates[path] for rates in runs])}")
     print(
-        f"Arrow ingest {spread(arrow)}; OTLP ingest {spread(otlp_rates)}; OTLP/Arrow "
-        f"{statistics.median(ratios):.1%} ({min(ratios):.1%}-{max(ratios):.1%}) "
-        f"over {args.runs} runs"
+        f"  OTLP / Arrow with stacks {ratio('arrow')}; / Arrow sustained {ratio('arrow sustained')}"
     )
 
 

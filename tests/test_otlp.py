@@ -28,7 +28,8 @@ from fleetprof.aggregator.storage import ProfileStore
 from fleetprof.aggregator.validate import validate_batch
 from fleetprof.cli import main
 from fleetprof.proto import schema
-from fleetprof.proto.security import AccessScope, ServerSecurity
+from fleetprof.proto.security import AccessScope, ClientSecurity, ServerSecurity
+from tests.test_security import Pki, pki  # noqa: F401 (the fixture)
 from tests.test_sql_views import fill
 
 Request = profiles_service_pb2.ExportProfilesServiceRequest
@@ -175,7 +176,11 @@ def export(
 
 
 def sql(aggregator: Aggregator, query: str) -> list[tuple]:
-    cur = aggregator.store.reader()
+    return sql_store(aggregator.store, query)
+
+
+def sql_store(store: ProfileStore, query: str) -> list[tuple]:
+    cur = store.reader()
     try:
         return cur.execute(query).fetchall()
     finally:
@@ -362,6 +367,54 @@ def test_tokens_and_their_scopes_hold_for_otlp(tmp_path: Path) -> None:
         assert sql(server, "SELECT count(DISTINCT namespace) FROM samples") == [(2,)]
     finally:
         server.stop(grace_s=0)
+
+
+def test_export_over_mutual_tls_with_a_token(
+    tmp_path: Path,
+    pki: Pki,  # noqa: F811
+) -> None:
+    db = tmp_path / "p.duckdb"
+    store = ProfileStore(db)
+    fill(store)
+    store.close()
+    security = ServerSecurity(
+        cert=str(pki.server_cert),
+        key=str(pki.server_key),
+        client_ca=str(pki.ca),
+        tokens={"secret": None},
+    )
+    server = Aggregator(
+        tmp_path / "t.duckdb", "127.0.0.1:0", security=security, otlp_listen="127.0.0.1:0"
+    )
+    server.start()
+    try:
+        args = ["export", "--db", str(db), "--otlp-endpoint", server.otlp.address]
+        tls = ["--otlp-tls-ca", str(pki.ca)]
+        client = ["--otlp-tls-cert", str(pki.agent_cert), "--otlp-tls-key", str(pki.agent_key)]
+        assert main([*args, *tls, "--otlp-token", "secret"]) == 2  # no client certificate
+        assert main([*args, *tls, *client]) == 2  # no token
+        assert sql(server, "SELECT count(*) FROM samples") == [(0,)]
+        assert main([*args, *tls, *client, "--otlp-token", "secret"]) == 0
+        assert sql(server, "SELECT sum(weight) FROM samples") == sql_db(
+            db, "SELECT sum(weight) FROM samples WHERE event = 'cpu'"
+        )
+        # the channel the tests use is that of ClientSecurity: the same refusal
+        plain = ClientSecurity(ca=str(pki.ca), token="secret")
+        with plain.channel(server.otlp.address) as channel:
+            stub = profiles_service_pb2_grpc.ProfilesServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Export(otel_request(), timeout=10, metadata=plain.metadata())
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(grace_s=0)
+
+
+def sql_db(db: Path, query: str) -> list[tuple]:
+    store = ProfileStore(db)
+    try:
+        return sql_store(store, query)
+    finally:
+        store.close()
 
 
 def hostile_requests() -> Iterator[tuple[str, bytes]]:
