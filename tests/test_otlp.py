@@ -8,7 +8,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -417,107 +417,62 @@ def sql_db(db: Path, query: str) -> list[tuple]:
         store.close()
 
 
+def first_profile(request: Request) -> profiles_pb2.Profile:
+    return request.resource_profiles[0].scope_profiles[0].profiles[0]
+
+
 def hostile_requests() -> Iterator[tuple[str, bytes]]:
     """(what the refusal says, a request) for each kind of bad input."""
     yield "malformed", b"\x0a\xff\xff\xff\xff\x0f"
 
-    def mutated(change) -> bytes:
+    def mutated(change: Callable[[Request, profiles_pb2.Sample], object]) -> bytes:
         request = otel_request()
-        change(request)
+        change(request, first_profile(request).samples[0])
         return request.SerializeToString()
 
-    d = "dictionary"
-    yield (
-        "stack_table index 99",
-        mutated(
-            lambda r: setattr(
-                r.resource_profiles[0].scope_profiles[0].profiles[0].samples[0], "stack_index", 99
-            )
-        ),
-    )
+    def mismatched(_: Request, sample: profiles_pb2.Sample) -> None:
+        sample.timestamps_unix_nano.append(1)
+        sample.values.extend([1, 2])
+
+    def future(request: Request, _: profiles_pb2.Sample) -> None:
+        first_profile(request).time_unix_nano = time.time_ns() + 3600 * 10**9
+
+    def huge(request: Request, _: profiles_pb2.Sample) -> None:
+        request.dictionary.string_table.extend([""] * 1_000_001)
+
+    yield "stack_table index 99", mutated(lambda _, s: setattr(s, "stack_index", 99))
     yield (
         "location_table index 77",
-        mutated(lambda r: getattr(r, d).stack_table[1].location_indices.append(77)),
+        mutated(lambda r, _: r.dictionary.stack_table[1].location_indices.append(77)),
     )
     yield (
         "function_table index -3",
-        mutated(lambda r: setattr(getattr(r, d).location_table[1].lines[0], "function_index", -3)),
+        mutated(
+            lambda r, _: setattr(r.dictionary.location_table[1].lines[0], "function_index", -3)
+        ),
     )
     yield (
         "string_table (attribute key) index 5000",
-        mutated(lambda r: setattr(getattr(r, d).attribute_table[1], "key_strindex", 5000)),
+        mutated(lambda r, _: setattr(r.dictionary.attribute_table[1], "key_strindex", 5000)),
     )
-    yield (
-        "attribute_table index 123",
-        mutated(
-            lambda r: (
-                r.resource_profiles[0]
-                .scope_profiles[0]
-                .profiles[0]
-                .samples[0]
-                .attribute_indices.append(123)
-            )
-        ),
-    )
+    yield "attribute_table index 123", mutated(lambda _, s: s.attribute_indices.append(123))
     yield (
         "mapping_table index 9",
-        mutated(lambda r: setattr(getattr(r, d).location_table[2], "mapping_index", 9)),
+        mutated(lambda r, _: setattr(r.dictionary.location_table[2], "mapping_index", 9)),
     )
     yield (
         "string_table[0] must be the empty string",
-        mutated(lambda r: getattr(r, d).string_table.__setitem__(0, "x")),
+        mutated(lambda r, _: r.dictionary.string_table.__setitem__(0, "x")),
     )
-    yield (
-        "string_table has more than 1000000 entries",
-        mutated(lambda r: getattr(r, d).string_table.extend([""] * 1_000_001)),
-    )
-    yield (
-        "3 values but 1 timestamps",
-        mutated(
-            lambda r: (
-                r.resource_profiles[0]
-                .scope_profiles[0]
-                .profiles[0]
-                .samples[0]
-                .timestamps_unix_nano.append(1)
-                or r.resource_profiles[0]
-                .scope_profiles[0]
-                .profiles[0]
-                .samples[0]
-                .values.extend([1, 2])
-            )
-        ),
-    )
-    yield (
-        "negative value",
-        mutated(
-            lambda r: (
-                r.resource_profiles[0].scope_profiles[0].profiles[0].samples[0].values.append(-5)
-            )
-        ),
-    )
+    yield "string_table has more than 1000000 entries", mutated(huge)
+    yield "3 values but 1 timestamps", mutated(mismatched)
+    yield "negative value", mutated(lambda _, s: s.values.append(-5))
     yield (
         "process.pid 1099511627776 out of range",
-        mutated(lambda r: getattr(r, d).attribute_table[4].value.__setattr__("int_value", 2**40)),
+        mutated(lambda r, _: setattr(r.dictionary.attribute_table[4].value, "int_value", 2**40)),
     )
-    yield (
-        "neither values nor timestamps",
-        mutated(
-            lambda r: (
-                r.resource_profiles[0].scope_profiles[0].profiles[0].samples[0].ClearField("values")
-            )
-        ),
-    )
-    yield (
-        "in the future",
-        mutated(
-            lambda r: setattr(
-                r.resource_profiles[0].scope_profiles[0].profiles[0],
-                "time_unix_nano",
-                time.time_ns() + 3600 * 10**9,
-            )
-        ),
-    )
+    yield "neither values nor timestamps", mutated(lambda _, s: s.ClearField("values"))
+    yield "in the future", mutated(future)
 
     # nesting (the only way a request refers to itself) past the parser's depth limit,
     # written by hand: the library refuses to build it
@@ -531,9 +486,9 @@ def hostile_requests() -> Iterator[tuple[str, bytes]]:
     yield "malformed", VALID + field(1, field(1, field(1, attribute)))
 
     # a good node then a bad one: the good one is not stored either
-    def second_node_bad(r: Request) -> None:
+    def second_node_bad(request: Request, _: profiles_pb2.Sample) -> None:
         bad = otel_request({**RESOURCE, "host.name": "x" * 300})
-        r.resource_profiles.extend(bad.resource_profiles)
+        request.resource_profiles.extend(bad.resource_profiles)
 
     yield "node must have 1 to 256 characters", mutated(second_node_bad)
 
