@@ -63,7 +63,6 @@ class Decoded:
     rejected_profiles: int = 0
     # (job, namespace) of the rows, for token scopes
     owners: set[tuple[str | None, str | None]] = field(default_factory=set)
-    rows: int = 0
 
 
 def decode_request(data: bytes, received: datetime | None = None) -> Decoded:
@@ -336,7 +335,6 @@ def _batches(
                 used[stack] = stacks[stack]
         if not used:
             continue
-        decoded.rows += len(columns["ts"])
         columns["ts"] = pa.array(columns["ts"], pa.timestamp("us", tz="UTC"))
         samples = schema.samples_table(dict(columns))
         digest = hashlib.blake2b(data, digest_size=8, person=b"fleetprof-otlp")

@@ -11,6 +11,7 @@ limited to some jobs or namespaces may export only samples of those.
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Sequence
 from concurrent import futures
 from http import HTTPStatus
@@ -75,11 +76,12 @@ def _response(decoded: Decoded) -> profiles_service_pb2.ExportProfilesServiceRes
 
 
 def http_export(
-    store: ProfileStore, body: bytes, scope: AccessScope | None
+    store: ProfileStore, body: bytes, encoding: str, scope: AccessScope | None
 ) -> tuple[HTTPStatus, bytes]:
-    """An OTLP/HTTP answer: the response, or an error status with a google.rpc.Status."""
+    """An OTLP/HTTP answer to a body in a Content-Encoding: the response, or an error
+    status with a google.rpc.Status."""
     try:
-        return HTTPStatus.OK, export(store, body, scope).SerializeToString()
+        return HTTPStatus.OK, export(store, _inflate(body, encoding), scope).SerializeToString()
     except schema.SchemaError as exc:
         log.warning("rejected OTLP/HTTP export: %s", exc)
         return HTTPStatus.BAD_REQUEST, _status(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -89,6 +91,23 @@ def http_export(
         log.error("cannot store OTLP/HTTP export: %s", exc)
         message = f"storage unavailable: {exc}"
         return HTTPStatus.SERVICE_UNAVAILABLE, _status(grpc.StatusCode.UNAVAILABLE, message)
+
+
+def _inflate(body: bytes, encoding: str) -> bytes:
+    """The body decompressed (the Collector's OTLP/HTTP exporter gzips by default), up to
+    the size a gRPC message may have."""
+    if encoding in ("", "identity"):
+        return body
+    if encoding != "gzip":
+        raise schema.SchemaError(f"unsupported Content-Encoding {encoding!r}: use gzip or none")
+    inflater = zlib.decompressobj(wbits=zlib.MAX_WBITS | 16)
+    try:
+        data = inflater.decompress(body, schema.MAX_MESSAGE_BYTES)
+    except zlib.error as exc:
+        raise schema.SchemaError(f"malformed gzip body: {exc}") from None
+    if inflater.unconsumed_tail:
+        raise schema.SchemaError(f"more than {schema.MAX_MESSAGE_BYTES} bytes once decompressed")
+    return data
 
 
 def _status(code: grpc.StatusCode, message: str) -> bytes:

@@ -264,7 +264,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not length.isdigit() or int(length) > schema.MAX_MESSAGE_BYTES:
             self.close_connection = True
             raise BadRequest(f"a Content-Length up to {schema.MAX_MESSAGE_BYTES} is required")
-        status, body = http_export(self.server.store, self.rfile.read(int(length)), self.scope)
+        body = self.rfile.read(int(length))
+        encoding = self.headers.get("Content-Encoding", "").strip().lower()
+        status, body = http_export(self.server.store, body, encoding, self.scope)
         self._send(status, body, "application/x-protobuf")
 
     def _send_arrow(self, source: ConnectionSource, sql: str) -> None:

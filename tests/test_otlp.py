@@ -4,6 +4,7 @@ fleetprof's samples back out; hostile requests are refused whole."""
 
 from __future__ import annotations
 
+import gzip
 import time
 import urllib.error
 import urllib.request
@@ -242,11 +243,14 @@ def test_a_real_otlp_client_export_becomes_samples_once(
     assert off.read_text() == "app;" + ";".join(FRAMES) + " 1500000\n"
 
 
-def post(aggregator: Aggregator, body: bytes, content_type: str) -> tuple[int, bytes]:
+def post(
+    aggregator: Aggregator, body: bytes, content_type: str, encoding: str = ""
+) -> tuple[int, bytes]:
+    headers = {"Content-Type": content_type}
+    if encoding:
+        headers["Content-Encoding"] = encoding
     http = urllib.request.Request(
-        f"{aggregator.web.url}v1development/profiles",
-        data=body,
-        headers={"Content-Type": content_type},
+        f"{aggregator.web.url}v1development/profiles", data=body, headers=headers
     )
     try:
         with urllib.request.urlopen(http, timeout=30) as answer:
@@ -257,7 +261,8 @@ def post(aggregator: Aggregator, body: bytes, content_type: str) -> tuple[int, b
 
 def test_otlp_over_http(receiving: Aggregator) -> None:
     request = otel_request().SerializeToString()
-    status, body = post(receiving, request, "application/x-protobuf")
+    # gzipped, as the Collector's OTLP/HTTP exporter sends by default
+    status, body = post(receiving, gzip.compress(request), "application/x-protobuf", "gzip")
     assert status == 200
     response = profiles_service_pb2.ExportProfilesServiceResponse.FromString(body)
     assert response.partial_success.rejected_profiles == 1
@@ -270,6 +275,13 @@ def test_otlp_over_http(receiving: Aggregator) -> None:
     assert problem.rejected_profiles == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert "malformed" in problem.error_message
     assert post(receiving, b"{}", "application/json")[0] == 415
+    bomb = gzip.compress(b"\0" * (schema.MAX_MESSAGE_BYTES + 1))
+    status, body = post(receiving, bomb, "application/x-protobuf", "gzip")
+    assert status == 400
+    assert (
+        "once decompressed"
+        in profiles_service_pb2.ExportProfilesPartialSuccess.FromString(body).error_message
+    )
     assert sql(receiving, SAMPLES_SQL) == EXPECTED
 
 
