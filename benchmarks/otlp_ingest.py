@@ -11,7 +11,9 @@ to a real aggregator process (its own DuckDB file) two ways, each to a fresh dat
   state between requests), sent as unary ProfilesService/Export calls to --otlp-listen,
   one in flight per stream.
 Printed per run and as median (min-max) over `--runs`, with the load average: input rows/s
-of each path and OTLP's share of the Arrow rates. Every request is built before the clock
+of each path, OTLP's share of the Arrow rates, and rows per CPU second of the aggregator
+process (utime + stime from /proc): on a shared machine the CPU the aggregator got bounds
+the wall-clock rates, the rows per CPU second much less so. Every request is built before the clock
 starts.
 
 Run: .venv/bin/python benchmarks/otlp_ingest.py [--runs 3] [--batch-rows 5000]
@@ -115,6 +117,12 @@ def otlp_ingest(address: str, per_client: list[list[list[tuple[int, bytes]]]]) -
     return sum(rows for rows, _ in outcomes), max(end for _, end in outcomes) - started
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def stored_rows(db: Path) -> int:
     with duckdb.connect(str(db), read_only=True) as conn:
         return conn.execute("SELECT sum(sample_rows) FROM ingested_batches").fetchone()[0]
@@ -139,6 +147,8 @@ def one_run(args: argparse.Namespace, work: Path, run: int) -> dict[str, float]:
         arrow_clients.append(arrow_streams)
         otlp_clients.append(otlp_streams)
     otlp_bytes = sum(len(r) for client in otlp_clients for stream in client for _, r in stream)
+    encoded_stacks = schema.encode(fleet.stacks)
+    print(f"  run {run + 1}: {otlp_bytes / 1e6:.0f} MB of OTLP requests", flush=True)
     rates = {}
     for path in ("arrow", "otlp"):
         db = work / f"{path}-{run}.duckdb"
@@ -147,19 +157,18 @@ def one_run(args: argparse.Namespace, work: Path, run: int) -> dict[str, float]:
         server = ctx.Process(target=run_aggregator, args=(str(db), addresses, stop))
         server.start()
         address, otlp_address = addresses.get()
-        if path == "arrow":
-            rows, took, _ = ingest(address, arrow_clients, schema.encode(fleet.stacks), 1)
-            rates["arrow"] = rows / took
-            print(f"  run {run + 1} Arrow, stacks: {rows:,} rows in {took:.2f} s", flush=True)
-            rows, took, _ = ingest(address, arrow_clients, None, 1)
-            rates["arrow sustained"] = rows / took
-            print(f"  run {run + 1} Arrow, no stacks: {rows:,} rows in {took:.2f} s", flush=True)
-        else:
-            rows, took = otlp_ingest(otlp_address, otlp_clients)
-            rates["otlp"] = rows / took
+        for name in ("arrow", "arrow sustained") if path == "arrow" else ("otlp",):
+            cpu = cpu_seconds(server.pid)
+            if name == "otlp":
+                rows, took = otlp_ingest(otlp_address, otlp_clients)
+            else:  # the first pass sends each stack once per stream, the second none
+                stacks = encoded_stacks if name == "arrow" else None
+                rows, took, _ = ingest(address, arrow_clients, stacks, 1)
+            cpu = cpu_seconds(server.pid) - cpu
+            rates[name], rates[f"{name} per CPU s"] = rows / took, rows / cpu
             print(
-                f"  run {run + 1} OTLP: {rows:,} rows in {took:.2f} s "
-                f"({otlp_bytes / 1e6:.0f} MB of requests)",
+                f"  run {run + 1} {name}: {rows:,} rows in {took:.2f} s, "
+                f"aggregator CPU {cpu:.2f} s",
                 flush=True,
             )
         stop.set()
@@ -209,6 +218,9 @@ def main() -> None:
     print(
         f"  OTLP / Arrow with stacks {ratio('arrow')}; / Arrow sustained {ratio('arrow sustained')}"
     )
+    print("rows per aggregator CPU second, median (min-max):")
+    for path in ("arrow", "arrow sustained", "otlp"):
+        print(f"  {path}: {spread([rates[f'{path} per CPU s'] for rates in runs])}")
 
 
 if __name__ == "__main__":
