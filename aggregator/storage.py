@@ -28,6 +28,7 @@ from fleetprof.aggregator.label_sets import (
 )
 from fleetprof.proto import lake
 from fleetprof.proto.control.v1 import control_pb2
+from fleetprof.query.filters import saturating
 
 _DDL = """
 -- A sample row's labels (those of its process and batch) once per distinct set
@@ -138,7 +139,7 @@ CREATE OR REPLACE VIEW frames AS
     FROM stack_rows;
 """
 # Macros over the views (made after them).
-_MACROS = """
+_MACROS = f"""
 -- The samples of one event in [since, until) (NULL: unbounded), optionally of one node,
 -- pid or process name; the table macros below all select through it. The samples view
 -- qualifies its columns: DuckDB would bind unqualified ones to these parameters.
@@ -160,7 +161,7 @@ CREATE OR REPLACE MACRO flame(
     SELECT m.comm, m.stack_id, st.frames, st.kinds,
            array_to_string(list_prepend(m.comm, st.frames), ';') AS folded, m.weight
     FROM (
-        SELECT s.comm, s.stack_id, sum(s.weight)::BIGINT AS weight
+        SELECT s.comm, s.stack_id, {saturating("sum(s.weight)")} AS weight
         FROM selected_samples(event, since := since, until := until,
                               node := node, pid := pid, comm := comm) s
         GROUP BY ALL
@@ -179,8 +180,8 @@ CREATE OR REPLACE MACRO top_functions(
         GROUP BY s.stack_id
     )
     SELECT f AS function,
-           coalesce(sum(p.weight) FILTER (WHERE f = st.frames[-1]), 0)::BIGINT AS self,
-           sum(p.weight)::BIGINT AS total,
+           {saturating("coalesce(sum(p.weight) FILTER (WHERE f = st.frames[-1]), 0)")} AS self,
+           {saturating("sum(p.weight)")} AS total,
            round(100 * self / (SELECT sum(weight) FROM per_stack), 2) AS self_percent,
            round(100 * total / (SELECT sum(weight) FROM per_stack), 2) AS total_percent
     FROM per_stack p JOIN stacks st USING (stack_id), unnest(list_distinct(st.frames)) AS t(f)

@@ -2,10 +2,11 @@
 
 Each batch has a sequence number within the agent's incarnation (a random value per
 Shipper: batches someone else sends under the same agent id never collide with this one's)
-and counts as delivered only once the aggregator acks it (after its commit). A batch that cannot be delivered goes to the on-disk spool;
-spooled batches are retried oldest first, with jittered exponential backoff, before any
-newer one, so the aggregator sees every agent's batches in order. A batch the aggregator
-refuses as invalid is dropped and counted: resending it cannot succeed.
+and counts as delivered only once the aggregator acks it (after its commit). A batch that
+cannot be delivered goes to the on-disk spool; spooled batches are retried oldest first,
+with jittered exponential backoff, before any newer one, so the aggregator sees every
+agent's batches in order. A batch the aggregator refuses as invalid is dropped and counted:
+resending it cannot succeed.
 """
 
 from __future__ import annotations
