@@ -182,8 +182,8 @@ CREATE OR REPLACE MACRO top_functions(
     SELECT f AS function,
            {saturating("coalesce(sum(p.weight) FILTER (WHERE f = st.frames[-1]), 0)")} AS self,
            {saturating("sum(p.weight)")} AS total,
-           round(100 * self / (SELECT sum(weight) FROM per_stack), 2) AS self_percent,
-           round(100 * total / (SELECT sum(weight) FROM per_stack), 2) AS total_percent
+           round(100.0 * self / (SELECT sum(weight) FROM per_stack), 2) AS self_percent,
+           round(100.0 * total / (SELECT sum(weight) FROM per_stack), 2) AS total_percent
     FROM per_stack p JOIN stacks st USING (stack_id), unnest(list_distinct(st.frames)) AS t(f)
     GROUP BY f
     ORDER BY self DESC, total DESC, function;

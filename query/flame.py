@@ -6,8 +6,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-import pyarrow as pa
-import pyarrow.compute as pc
+import numpy as np
 
 from fleetprof.query.filters import INT64_MAX, SampleFilter, saturating
 from fleetprof.query.flame_index import PathIndex, Selected
@@ -71,15 +70,16 @@ def load_flat(
     """
     # From a fleet: each aggregator's and the lake's rows; equal keys add up in the tree.
     table = read_parts(source, grouped_sql(selection))
+    weights = table["weight"].to_numpy()
     # The tree adds weights up in int64: refuse a selection whose total would overflow it.
-    if (pc.sum(table["weight"].cast(pa.float64())).as_py() or 0) >= INT64_MAX:
+    if weights.sum(dtype=np.float64) >= INT64_MAX:
         raise QueryError(
             "the weights of this selection add up past 2^63: narrow it (--since, --node), "
             "or delete poisoned rows (fleetprof admin delete)"
         )
     selected = Selected(
         flame_keys=table["flame_key"].to_numpy(),
-        weights=table["weight"].to_numpy(),
+        weights=weights,
         where=selection.where(),
         pairs=lambda keys: read_parts(source, pairs_sql(selection, keys)),
     )
