@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import time
 from concurrent import futures
 from pathlib import Path
 
+import duckdb
 import grpc
 
 from fleetprof.aggregator.admin_service import AdminService
@@ -39,6 +41,10 @@ GRPC_OPTIONS = [
     # A connection without calls (a client that opened one and went quiet) is closed.
     ("grpc.max_connection_idle_ms", 300_000),
 ]
+
+
+# How long stop() waits for cancelled calls to let go of the database.
+CLOSE_WAIT_S = 10.0
 
 
 class Aggregator:
@@ -132,7 +138,17 @@ class Aggregator:
             self.web.stop()
         if self.otlp:
             self.otlp.stop(grace_s)
+        # Calls still running past the grace are cancelled; their queries are interrupted
+        # (QueryService) and let go of the database within moments.
         self._server.stop(grace_s).wait()
         if self.partitions:
             self.partitions.stop()
-        self.store.close()
+        deadline = time.monotonic() + CLOSE_WAIT_S
+        while True:
+            try:
+                self.store.close()
+                return
+            except duckdb.ResourceInUseException:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
