@@ -352,8 +352,8 @@ def test_sql_limits_are_the_servers(tmp_path: Path) -> None:
 
 
 def test_decompression_bomb_is_refused_from_metadata(tmp_path: Path) -> None:
-    """Hole 5: ~60 MB of zstd holding 10M identical rows (~700 MB decoded) is refused from its IPC metadata;
-    the aggregator's peak memory does not grow by its decoded size."""
+    """Hole 5: ~60 MB of zstd holding 10M identical rows (~700 MB decoded) is refused from
+    its IPC metadata; the aggregator's peak memory does not grow by its decoded size."""
     rows = 10_000_000
     bomb = schema.samples_table(
         {
