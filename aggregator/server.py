@@ -106,7 +106,9 @@ class Aggregator:
             raise OSError(f"cannot listen on {listen}")
         host = listen.rsplit(":", 1)[0]
         self.address = f"{host}:{self.port}"
-        self.web = WebServer(self.store, http_listen, security) if http_listen else None
+        self.web = (
+            WebServer(self.store, http_listen, security, max_query_s) if http_listen else None
+        )
         self.otlp = (
             OtlpReceiver(self.store, otlp_listen, security, GRPC_OPTIONS) if otlp_listen else None
         )

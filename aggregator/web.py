@@ -14,6 +14,7 @@ needs a bearer token (`Authorization: Bearer T`, or the HttpOnly cookie that ope
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import queue
@@ -34,7 +35,7 @@ from fleetprof.aggregator.web_api import ENDPOINTS, BadRequest, json_bytes, sql_
 from fleetprof.proto import otlp, schema
 from fleetprof.proto.security import AccessScope, ServerSecurity, bearer_token, is_loopback
 from fleetprof.query.render.html import template
-from fleetprof.query.sandbox import QueryError, one_line
+from fleetprof.query.sandbox import DEFAULT_TIMEOUT_S, QueryError, one_line
 from fleetprof.query.source import ConnectionSource
 
 log = logging.getLogger(__name__)
@@ -106,10 +107,11 @@ class _Server(HTTPServer):
     host_names: frozenset[str] = frozenset()
     security: ServerSecurity
     https: bool
+    max_query_s: float
     stopping = False
 
     def start_pool(self) -> None:
-        self._waiting: queue.Queue[tuple[socket.socket, object]] = queue.Queue(HTTP_BACKLOG)
+        self._waiting: queue.Queue[tuple[socket.socket, object] | None] = queue.Queue(HTTP_BACKLOG)
         for number in range(HTTP_THREADS):
             threading.Thread(target=self._serve_pool, name=f"http-{number}", daemon=True).start()
 
@@ -120,9 +122,15 @@ class _Server(HTTPServer):
             log.debug("HTTP: %d connections waiting already, closed one", HTTP_BACKLOG)
             self.shutdown_request(request)
 
+    def server_close(self) -> None:
+        super().server_close()
+        for _ in range(HTTP_THREADS):  # each pool thread ends at one of these
+            with contextlib.suppress(queue.Full):
+                self._waiting.put_nowait(None)
+
     def _serve_pool(self) -> None:
-        while True:
-            request, client_address = self._waiting.get()
+        while (waiting := self._waiting.get()) is not None:
+            request, client_address = waiting
             try:
                 self.finish_request(request, client_address)
             except Exception:
@@ -143,7 +151,13 @@ class _Server6(_Server):
 class WebServer:
     """The HTTP server on its own thread; `address` is HOST:PORT as bound (useful with :0)."""
 
-    def __init__(self, store: ProfileStore, listen: str, security: ServerSecurity) -> None:
+    def __init__(
+        self,
+        store: ProfileStore,
+        listen: str,
+        security: ServerSecurity,
+        max_query_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
         host, port = split_listen(listen)
         if not (security.cert or is_loopback(listen) or security.insecure):
             raise ValueError(
@@ -152,6 +166,7 @@ class WebServer:
             )
         self._httpd = (_Server6 if ":" in host else _Server)((host, port), _Handler)
         self._httpd.store = store
+        self._httpd.max_query_s = max_query_s
         self._httpd.security = security
         self._httpd.https = security.cert is not None
         if security.cert:
@@ -276,7 +291,9 @@ class _Handler(BaseHTTPRequestHandler):
             except ValueError as exc:
                 raise BadRequest(str(exc)) from None
             store = self.server.store
-            source = ConnectionSource(store.reader(), scope=self.scope, identity=store.path)
+            source = ConnectionSource(
+                store.reader(), self.server.max_query_s, scope=self.scope, identity=store.path
+            )
             try:
                 answer = ENDPOINTS[url.path](source, params)
             finally:
@@ -306,7 +323,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise BadRequest(f"a Content-Length up to {MAX_BODY_BYTES} bytes is required")
         sql = sql_request(self.rfile.read(int(length)))
-        source = ConnectionSource(self.server.store.reader(), scope=self.scope)
+        source = ConnectionSource(
+            self.server.store.reader(), self.server.max_query_s, scope=self.scope
+        )
         try:
             if ARROW_STREAM in self.headers.get("Accept", ""):
                 self._send_arrow(source, sql)
