@@ -38,7 +38,9 @@ from fleetprof.query.filters import SampleFilter
 from fleetprof.query.flame import load_flat
 from fleetprof.query.sandbox import QueryError
 from fleetprof.query.source import AggregatorSource
+from tests.test_faults import free_port
 from tests.test_ingest import STACKS, batch, samples, send, totals
+from tests.test_sessions import cpu_seconds
 
 AGENT_A, AGENT_B, ADMIN, LIMITED = "agent-a", "agent-b", "admin-token", "etl-only"
 
@@ -256,12 +258,6 @@ def test_poisoned_weights_cannot_break_graphs_and_can_be_deleted(
     assert totals(authenticated)[0] == 5
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def start_aggregator_process(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, str]:
     address = f"127.0.0.1:{free_port()}"
     process = subprocess.Popen(
@@ -290,11 +286,6 @@ def start_aggregator_process(tmp_path: Path, *args: str) -> tuple[subprocess.Pop
                 assert process.poll() is None, process.stdout.read()
     process.kill()
     raise AssertionError("the aggregator did not start")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_mb(pid: int) -> float:
