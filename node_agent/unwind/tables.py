@@ -13,6 +13,8 @@ import hashlib
 import logging
 import os
 import stat
+import subprocess
+import sys
 import time
 from array import array
 from pathlib import Path
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 _CACHE_VERSION = b"fleetprof-unwind-rows-1\n"
 # Files larger than this (bytes of CFI) are not parsed: the maps would not hold them anyway.
 MAX_CFI_BYTES = 64 << 20
+# How long parsing one file may take (libLLVM-14's 5 MB of CFI: ~5 s here).
+PARSE_TIMEOUT_S = 300.0
 
 
 class FileRows(NamedTuple):
@@ -79,7 +83,7 @@ class UnwindTables:
                 identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
                 rows = self._memory.get(identity)
                 if rows is None:
-                    rows = self._load(fd, st.st_size, identity)
+                    rows = self._load(fd, path, st.st_size, identity)
                     self._memory.put(identity, rows)
                 return identity, rows
             except OSError:
@@ -100,7 +104,7 @@ class UnwindTables:
         rows, error = _parse_sections(read, layout.sections)
         return VDSO_IDENTITY, FileRows(rows, layout, error)
 
-    def _load(self, fd: int, size: int, identity: FileIdentity) -> FileRows:
+    def _load(self, fd: int, path: str, size: int, identity: FileIdentity) -> FileRows:
         try:
             layout = read_layout(file_reader(fd), size)
         except ValueError as error:
@@ -113,7 +117,7 @@ class UnwindTables:
                 self.stats["from_disk"] += 1
                 return FileRows(rows, layout, "" if rows else "no CFI")
         started = time.monotonic()
-        rows, error = _parse_sections(file_reader(fd), layout.sections)
+        rows, error = self._parse(path, identity)
         self.stats["parse_seconds"] += time.monotonic() - started
         self.stats["parsed"] += 1
         if error:
@@ -122,11 +126,44 @@ class UnwindTables:
             _write_cache(cached, rows)
         return FileRows(rows, layout, error)
 
+    def _parse(self, path: str, identity: FileIdentity) -> tuple[array, str]:
+        """Parse in a process of its own: seconds of pure Python for a large file would
+        hold the agent's interpreter lock from the threads that name processes as they
+        start, and a parser stuck on a hostile file is killed, not the agent."""
+        command = [sys.executable, "-m", __name__, path, *map(str, identity)]
+        try:
+            done = subprocess.run(command, capture_output=True, timeout=PARSE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return array("Q"), f"parse took over {PARSE_TIMEOUT_S:g} s"
+        rows = array("Q")
+        if done.returncode or len(done.stdout) % 8:
+            return rows, done.stderr.decode("utf-8", "replace").strip()[-200:] or "parser failed"
+        rows.frombytes(done.stdout)
+        return rows, "" if rows else "no CFI"
+
     def _cache_path(self, build_id: str, identity: FileIdentity) -> Path | None:
         if self._dir is None:
             return None
         name = build_id or hashlib.sha1(repr(identity).encode()).hexdigest()
         return self._dir / f"{name}.rows"
+
+
+def parse_file(path: str, identity: FileIdentity) -> tuple[array, str]:
+    """(rows, why empty) of the file at path, if it still is `identity`."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        return array("Q"), f"gone: {error}"
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != identity:
+            return array("Q"), "replaced while read"
+        layout = read_layout(file_reader(fd), st.st_size)
+        return _parse_sections(file_reader(fd), layout.sections)
+    except (OSError, ValueError) as error:
+        return array("Q"), str(error)
+    finally:
+        os.close(fd)
 
 
 def _parse_sections(read: Reader, sections: dict[str, tuple[int, int, int]]) -> tuple[array, str]:
@@ -169,3 +206,11 @@ def _write_cache(path: Path, rows: array) -> None:
     except OSError as error:
         log.debug("unwind cache %s not written: %s", path, error)
         temporary.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    # The parser process of UnwindTables._parse: PATH DEV INO SIZE MTIME_NS -> rows on stdout.
+    rows, why = parse_file(sys.argv[1], tuple(int(field) for field in sys.argv[2:6]))
+    if not rows:
+        sys.exit(why or "no CFI")  # to stderr, exit status 1
+    sys.stdout.buffer.write(rows.tobytes())
