@@ -1,0 +1,214 @@
+"""What the agent costs a busy node: its CPU against the rate new processes start, and the
+slowdown of a CPU-bound workload next to BCC's `profile` and `perf record`, in one run.
+
+Part 1, the churn curve: a real agent (shipping to a local aggregator) at 19 Hz, then at
+99 Hz; for each, windows with no churn, 25 and 100 new processes a second (mostly
+/bin/true, one in five a short `python3 -c` that computes a little, so some get sampled),
+rates interleaved over the repeats. The agent's CPU (% of one core) comes from
+/proc/PID/stat over each window. Targets: <= 0.5% idle, <= 1% at 25/s, <= 2% at 100/s.
+
+Part 2, workload slowdown at 99 Hz: a fixed-work CPU-bound program (2 threads) alone, under
+the agent, under BCC's profile-bpfcc -F 99 and under `perf record -F 99 -a -g`, the four
+interleaved in every repeat; CPU time as a ratio to alone's median. Target: <= 1.01.
+
+Every figure is a median with its range over the repeats, with the load average: the
+machine may be shared. Run as root:
+    .venv/bin/python benchmarks/agent_churn.py [--repeats N] [--window S]
+    [--agent-pythonpath DIR]   # measure another checkout's agent (a before/after pair)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from agent_overhead import process_cpu_s, rss_mb, run_workload, wait_for_line
+
+from fleetprof import workloads
+
+THREADS = 2
+# A python3 that computes ~20 ms, so the sampler sees some of them (as build hosts' would).
+PYTHON_CHILD = ("/usr/bin/python3", "-c", "sum(range(400000))")
+TRUE = ("/bin/true",)
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def spread(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    """median [min–max] of values * scale."""
+    v = sorted(x * scale for x in values)
+    return f"{statistics.median(v):.{digits}f} [{v[0]:.{digits}f}–{v[-1]:.{digits}f}]"
+
+
+def churn(rate: float, seconds: float) -> int:
+    """Start `rate` short-lived processes a second for `seconds`; the number started."""
+    started, children = 0, []
+    begin = time.monotonic()
+    while (now := time.monotonic()) < begin + seconds:
+        if rate and now >= begin + started / rate:
+            argv = PYTHON_CHILD if started % 5 == 4 else TRUE
+            children.append(os.posix_spawn(argv[0], argv, os.environ))
+            started += 1
+        children = [pid for pid in children if os.waitpid(pid, os.WNOHANG)[0] == 0]
+        time.sleep(0.002)
+    for pid in children:
+        os.waitpid(pid, 0)
+    return started
+
+
+@contextmanager
+def running_agent(
+    address: str, frequency: int, pythonpath: str | None, settle_s: float
+) -> Iterator[subprocess.Popen[str]]:
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "fleetprof", "agent", "--aggregator", address]
+        + ["--frequency", str(frequency), "--interval", "10"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        wait_for_line(agent, "sampling")
+        threading.Thread(target=agent.stderr.read, daemon=True).start()  # keep it flowing
+        # Past start-up: the first drains load the symbols of what already runs.
+        time.sleep(settle_s)
+        yield agent
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(timeout=60)
+
+
+@contextmanager
+def running_peer(argv: list[str], ready: str | None) -> Iterator[None]:
+    """A peer profiler recording system-wide until the block ends (then SIGINT)."""
+    peer = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
+    try:
+        if ready is None:
+            time.sleep(2)
+        else:
+            deadline = time.monotonic() + 120
+            assert peer.stdout is not None
+            while ready not in peer.stdout.readline():
+                if peer.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{argv[0]} did not start")
+        threading.Thread(target=peer.stdout.read, daemon=True).start()
+        yield
+    finally:
+        peer.send_signal(signal.SIGINT)
+        peer.wait(timeout=120)
+
+
+def churn_curve(args: argparse.Namespace, address: str) -> None:
+    rates = args.rates
+    print(
+        f"agent CPU, % of one core, over {args.window:g}-s windows, {args.repeats} repeats: "
+        "median [min–max]"
+    )
+    for frequency in args.frequencies:
+        shares: dict[float, list[float]] = {rate: [] for rate in rates}
+        loads: list[str] = []
+        with running_agent(address, frequency, args.agent_pythonpath, args.settle) as agent:
+            for repeat in range(args.repeats):
+                # Rotate the order, so no rate always follows the heaviest one.
+                for rate in rates[repeat % len(rates) :] + rates[: repeat % len(rates)]:
+                    cpu, wall = process_cpu_s(agent.pid), time.monotonic()
+                    churn(rate, args.window)
+                    shares[rate].append(
+                        (process_cpu_s(agent.pid) - cpu) / (time.monotonic() - wall)
+                    )
+                loads.append(loadavg())
+            rss, peak = rss_mb(agent.pid, "VmRSS"), rss_mb(agent.pid, "VmHWM")
+        for rate in rates:
+            label = "idle" if not rate else f"{rate:g} processes/s"
+            print(f"  {frequency:3d} Hz  {label:<18} {spread(shares[rate], 100)} %")
+        print(f"          RSS {rss:.0f} MB at the end, {peak:.0f} MB peak; load {loads}")
+    print("  (targets: <= 0.5% idle, <= 1% at 25/s, <= 2% at 100/s)")
+
+
+def slowdown(args: argparse.Namespace, address: str, binary: Path) -> None:
+    profile = shutil.which("profile-bpfcc")
+    perf = shutil.which("perf")
+    work = Path(tempfile.mkdtemp(prefix="fleetprof-churn-"))
+    runs: dict[str, list[float]] = {"alone": [], "fleetprof": [], "profile": [], "perf": []}
+    loads = []
+    for _ in range(args.repeats):
+        runs["alone"].append(run_workload(binary, THREADS, args.rounds)[0])
+        with running_agent(address, 99, args.agent_pythonpath, args.settle):
+            runs["fleetprof"].append(run_workload(binary, THREADS, args.rounds)[0])
+        if profile:
+            # -f: folded output at the end only; symbolization after the run, as perf script.
+            with running_peer([profile, "-F", "99", "-f"], None):
+                runs["profile"].append(run_workload(binary, THREADS, args.rounds)[0])
+        if perf:
+            argv = [perf, "record", "-F", "99", "-a", "-g", "-o", str(work / "perf.data")]
+            with running_peer(argv, None):
+                runs["perf"].append(run_workload(binary, THREADS, args.rounds)[0])
+        loads.append(loadavg())
+    shutil.rmtree(work, ignore_errors=True)
+    alone = statistics.median(runs["alone"])
+    print(
+        f"workload CPU time at 99 Hz ({THREADS} threads x {args.rounds} rounds), "
+        f"ratio to alone's median {alone:.2f} s, {args.repeats} interleaved repeats:"
+    )
+    for name, cpu in runs.items():
+        if cpu:
+            print(f"  {name:<10} {spread([c / alone for c in cpu], digits=3)}")
+        else:
+            print(f"  {name:<10} not installed")
+    print(f"  (target: fleetprof <= 1.010); load {loads}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--window", type=float, default=20, help="seconds per churn window")
+    parser.add_argument("--settle", type=float, default=20, help="seconds after start-up")
+    parser.add_argument("--frequencies", type=int, nargs="+", default=[19, 99])
+    parser.add_argument("--rates", type=float, nargs="+", default=[0, 25, 100])
+    parser.add_argument("--rounds", type=int, default=600, help="workload work (~9 ms each)")
+    parser.add_argument("--agent-pythonpath", help="run the agent from this import root")
+    parser.add_argument("--skip-slowdown", action="store_true")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="fleetprof-churn-"))
+    binary = workloads.build_native(work)
+    aggregator = subprocess.Popen(
+        [sys.executable, "-m", "fleetprof", "aggregator", "--db", str(work / "bench.duckdb")]
+        + ["--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert aggregator.stdout is not None
+        address = aggregator.stdout.readline().split("listening on ")[1].split(",")[0]
+        print(f"load average at start: {loadavg()} ({os.cpu_count()} CPUs)")
+        churn_curve(args, address)
+        if not args.skip_slowdown:
+            slowdown(args, address, binary)
+    finally:
+        aggregator.send_signal(signal.SIGTERM)
+        aggregator.wait(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
