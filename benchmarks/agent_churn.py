@@ -48,9 +48,9 @@ def loadavg() -> str:
 
 
 def spread(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
-    """median [min–max] of values * scale."""
+    """median [min..max] of values * scale."""
     v = sorted(x * scale for x in values)
-    return f"{statistics.median(v):.{digits}f} [{v[0]:.{digits}f}–{v[-1]:.{digits}f}]"
+    return f"{statistics.median(v):.{digits}f} [{v[0]:.{digits}f}..{v[-1]:.{digits}f}]"
 
 
 def churn(rate: float, seconds: float) -> int:
@@ -77,8 +77,18 @@ def running_agent(
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     agent = subprocess.Popen(
-        [sys.executable, "-m", "fleetprof", "agent", "--aggregator", address]
-        + ["--frequency", str(frequency), "--interval", "10"],
+        [
+            sys.executable,
+            "-m",
+            "fleetprof",
+            "agent",
+            "--aggregator",
+            address,
+            "--frequency",
+            str(frequency),
+            "--interval",
+            "10",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -121,7 +131,7 @@ def churn_curve(args: argparse.Namespace, address: str) -> None:
     rates = args.rates
     print(
         f"agent CPU, % of one core, over {args.window:g}-s windows, {args.repeats} repeats: "
-        "median [min–max]"
+        "median [min..max]"
     )
     for frequency in args.frequencies:
         shares: dict[float, list[float]] = {rate: [] for rate in rates}
@@ -191,8 +201,16 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fleetprof-churn-"))
     binary = workloads.build_native(work)
     aggregator = subprocess.Popen(
-        [sys.executable, "-m", "fleetprof", "aggregator", "--db", str(work / "bench.duckdb")]
-        + ["--listen", "127.0.0.1:0"],
+        [
+            sys.executable,
+            "-m",
+            "fleetprof",
+            "aggregator",
+            "--db",
+            str(work / "bench.duckdb"),
+            "--listen",
+            "127.0.0.1:0",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

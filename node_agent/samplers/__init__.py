@@ -14,7 +14,6 @@ from typing import NamedTuple, Protocol
 
 from fleetprof.node_agent.samplers.stack_maps import StackSample
 
-
 # Ring buffer size (pages, a power of two) of a sampler's process events (new_pids.bpf.h):
 # first samples only, at most one per process image.
 PROCESS_EVENT_PAGES = 16
