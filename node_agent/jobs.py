@@ -270,6 +270,10 @@ class JobResolver:
     def forget(self, pid: int) -> None:
         self._jobs.pop(pid, None)
 
+    def __len__(self) -> int:
+        """Processes whose job is cached."""
+        return len(self._jobs)
+
 
 def specs_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
     """From the flags of add_arguments: the config file's resolvers, then the flags'."""
