@@ -14,7 +14,8 @@ interleaved in every repeat; CPU time as a ratio to alone's median. Target: <= 1
 Every figure is a median with its range over the repeats, with the load average: the
 machine may be shared. Run as root:
     .venv/bin/python benchmarks/agent_churn.py [--repeats N] [--window S]
-    [--agent-pythonpath DIR]   # measure another checkout's agent (a before/after pair)
+    [--baseline DIR]   # interleave another checkout's agent (a before/after pair): DIR
+                       # holds fleetprof/ laid out as installed (see docs/agent-cost.md)
 """
 
 from __future__ import annotations
@@ -102,7 +103,11 @@ def running_agent(
         yield agent
     finally:
         agent.send_signal(signal.SIGTERM)
-        agent.wait(timeout=60)
+        try:
+            agent.wait(timeout=300)  # its last drain, slow on a loaded machine
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            agent.wait()
 
 
 @contextmanager
@@ -127,30 +132,48 @@ def running_peer(argv: list[str], ready: str | None) -> Iterator[None]:
         peer.wait(timeout=120)
 
 
+def agents(args: argparse.Namespace) -> dict[str, str | None]:
+    """The agents to compare: this checkout's, and the baseline's if given (import roots)."""
+    versions: dict[str, str | None] = {"fleetprof": None}
+    if args.baseline:
+        versions["baseline"] = args.baseline
+    return versions
+
+
 def churn_curve(args: argparse.Namespace, address: str) -> None:
-    rates = args.rates
+    rates, versions = args.rates, agents(args)
     print(
-        f"agent CPU, % of one core, over {args.window:g}-s windows, {args.repeats} repeats: "
-        "median [min..max]"
+        f"agent CPU, % of one core, over {args.window:g}-s windows, {args.repeats} repeats "
+        f"(agents restarted for each, {' and '.join(versions)} interleaved): median [min..max]"
     )
     for frequency in args.frequencies:
-        shares: dict[float, list[float]] = {rate: [] for rate in rates}
+        shares = {(name, rate): [] for name in versions for rate in rates}
+        memory: dict[str, list[str]] = {name: [] for name in versions}
         loads: list[str] = []
-        with running_agent(address, frequency, args.agent_pythonpath, args.settle) as agent:
-            for repeat in range(args.repeats):
-                # Rotate the order, so no rate always follows the heaviest one.
-                for rate in rates[repeat % len(rates) :] + rates[: repeat % len(rates)]:
-                    cpu, wall = process_cpu_s(agent.pid), time.monotonic()
-                    churn(rate, args.window)
-                    shares[rate].append(
-                        (process_cpu_s(agent.pid) - cpu) / (time.monotonic() - wall)
+        for repeat in range(args.repeats):
+            # Rotate the orders, so no agent or rate always follows the same one.
+            order = (
+                list(versions)[repeat % len(versions) :] + list(versions)[: repeat % len(versions)]
+            )
+            for name in order:
+                with running_agent(address, frequency, versions[name], args.settle) as agent:
+                    for rate in rates[repeat % len(rates) :] + rates[: repeat % len(rates)]:
+                        cpu, wall = process_cpu_s(agent.pid), time.monotonic()
+                        churn(rate, args.window)
+                        share = (process_cpu_s(agent.pid) - cpu) / (time.monotonic() - wall)
+                        shares[name, rate].append(share)
+                    memory[name].append(
+                        f"{rss_mb(agent.pid, 'VmRSS'):.0f}/{rss_mb(agent.pid, 'VmHWM'):.0f}"
                     )
-                loads.append(loadavg())
-            rss, peak = rss_mb(agent.pid, "VmRSS"), rss_mb(agent.pid, "VmHWM")
+            loads.append(loadavg())
         for rate in rates:
             label = "idle" if not rate else f"{rate:g} processes/s"
-            print(f"  {frequency:3d} Hz  {label:<18} {spread(shares[rate], 100)} %")
-        print(f"          RSS {rss:.0f} MB at the end, {peak:.0f} MB peak; load {loads}")
+            for name in versions:
+                figure = spread(shares[name, rate], 100)
+                print(f"  {frequency:3d} Hz  {label:<18} {name:<10} {figure} %")
+        for name in versions:
+            print(f"          {name} RSS/peak MB at the end of each repeat: {memory[name]}")
+        print(f"          load average after each repeat: {loads}")
     print("  (targets: <= 0.5% idle, <= 1% at 25/s, <= 2% at 100/s)")
 
 
@@ -158,12 +181,15 @@ def slowdown(args: argparse.Namespace, address: str, binary: Path) -> None:
     profile = shutil.which("profile-bpfcc")
     perf = shutil.which("perf")
     work = Path(tempfile.mkdtemp(prefix="fleetprof-churn-"))
-    runs: dict[str, list[float]] = {"alone": [], "fleetprof": [], "profile": [], "perf": []}
+    versions = agents(args)
+    runs: dict[str, list[float]] = {"alone": [], **{name: [] for name in versions}}
+    runs.update(profile=[], perf=[])
     loads = []
     for _ in range(args.repeats):
         runs["alone"].append(run_workload(binary, THREADS, args.rounds)[0])
-        with running_agent(address, 99, args.agent_pythonpath, args.settle):
-            runs["fleetprof"].append(run_workload(binary, THREADS, args.rounds)[0])
+        for name, pythonpath in versions.items():
+            with running_agent(address, 99, pythonpath, args.settle):
+                runs[name].append(run_workload(binary, THREADS, args.rounds)[0])
         if profile:
             # -f: folded output at the end only; symbolization after the run, as perf script.
             with running_peer([profile, "-F", "99", "-f"], None):
@@ -184,18 +210,20 @@ def slowdown(args: argparse.Namespace, address: str, binary: Path) -> None:
             print(f"  {name:<10} {spread([c / alone for c in cpu], digits=3)}")
         else:
             print(f"  {name:<10} not installed")
-    print(f"  (target: fleetprof <= 1.010); load {loads}")
+    print(f"  (target: fleetprof <= 1.010); load average after each repeat: {loads}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--window", type=float, default=20, help="seconds per churn window")
-    parser.add_argument("--settle", type=float, default=20, help="seconds after start-up")
+    parser.add_argument("--window", type=float, default=15, help="seconds per churn window")
+    parser.add_argument("--settle", type=float, default=15, help="seconds after start-up")
     parser.add_argument("--frequencies", type=int, nargs="+", default=[19, 99])
     parser.add_argument("--rates", type=float, nargs="+", default=[0, 25, 100])
     parser.add_argument("--rounds", type=int, default=600, help="workload work (~9 ms each)")
-    parser.add_argument("--agent-pythonpath", help="run the agent from this import root")
+    parser.add_argument(
+        "--baseline", metavar="DIR", help="also run the agent of this import root, interleaved"
+    )
     parser.add_argument("--skip-slowdown", action="store_true")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fleetprof-churn-"))
