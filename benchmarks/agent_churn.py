@@ -4,8 +4,9 @@ slowdown of a CPU-bound workload next to BCC's `profile` and `perf record`, in o
 Part 1, the churn curve: a real agent (shipping to a local aggregator) at 19 Hz, then at
 99 Hz; for each, windows with no churn, 25 and 100 new processes a second (mostly
 /bin/true, one in five a short `python3 -c` that computes a little, so some get sampled),
-rates interleaved over the repeats. The agent's CPU (% of one core) comes from
-/proc/PID/stat over each window. Targets: <= 0.5% idle, <= 1% at 25/s, <= 2% at 100/s.
+rates interleaved over the repeats; a baseline agent, if given, runs side by side. The
+agent's CPU (% of one core) comes from /proc/PID/stat over each window. Targets: <= 0.5%
+idle, <= 1% at 25/s, <= 2% at 100/s.
 
 Part 2, workload slowdown at 99 Hz: a fixed-work CPU-bound program (2 threads) alone, under
 the agent, under BCC's profile-bpfcc -F 99 and under `perf record -F 99 -a -g`, the four
@@ -14,13 +15,14 @@ interleaved in every repeat; CPU time as a ratio to alone's median. Target: <= 1
 Every figure is a median with its range over the repeats, with the load average: the
 machine may be shared. Run as root:
     .venv/bin/python benchmarks/agent_churn.py [--repeats N] [--window S]
-    [--baseline DIR]   # interleave another checkout's agent (a before/after pair): DIR
+    [--baseline DIR]   # also measure another checkout's agent (a before/after pair): DIR
                        # holds fleetprof/ laid out as installed (see docs/agent-cost.md)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -144,35 +146,38 @@ def churn_curve(args: argparse.Namespace, address: str) -> None:
     rates, versions = args.rates, agents(args)
     print(
         f"agent CPU, % of one core, over {args.window:g}-s windows, {args.repeats} repeats "
-        f"(agents restarted for each, {' and '.join(versions)} interleaved): median [min..max]"
+        f"({' and '.join(versions)} side by side, seeing the same churn): median [min..max]"
     )
     for frequency in args.frequencies:
         shares = {(name, rate): [] for name in versions for rate in rates}
-        memory: dict[str, list[str]] = {name: [] for name in versions}
         loads: list[str] = []
-        for repeat in range(args.repeats):
-            # Rotate the orders, so no agent or rate always follows the same one.
-            order = (
-                list(versions)[repeat % len(versions) :] + list(versions)[: repeat % len(versions)]
-            )
-            for name in order:
-                with running_agent(address, frequency, versions[name], args.settle) as agent:
-                    for rate in rates[repeat % len(rates) :] + rates[: repeat % len(rates)]:
-                        cpu, wall = process_cpu_s(agent.pid), time.monotonic()
-                        churn(rate, args.window)
-                        share = (process_cpu_s(agent.pid) - cpu) / (time.monotonic() - wall)
-                        shares[name, rate].append(share)
-                    memory[name].append(
-                        f"{rss_mb(agent.pid, 'VmRSS'):.0f}/{rss_mb(agent.pid, 'VmHWM'):.0f}"
-                    )
-            loads.append(loadavg())
+        with contextlib.ExitStack() as stack:
+            running = {
+                name: stack.enter_context(running_agent(address, frequency, pythonpath, 0))
+                for name, pythonpath in versions.items()
+            }
+            time.sleep(args.settle)
+            for repeat in range(args.repeats):
+                # Rotate the order, so no rate always follows the same one.
+                for rate in rates[repeat % len(rates) :] + rates[: repeat % len(rates)]:
+                    cpu = {name: process_cpu_s(agent.pid) for name, agent in running.items()}
+                    wall = time.monotonic()
+                    churn(rate, args.window)
+                    wall = time.monotonic() - wall
+                    for name, agent in running.items():
+                        shares[name, rate].append((process_cpu_s(agent.pid) - cpu[name]) / wall)
+                loads.append(loadavg())
+            memory = {
+                name: f"{rss_mb(agent.pid, 'VmRSS'):.0f} MB, peak {rss_mb(agent.pid, 'VmHWM'):.0f}"
+                for name, agent in running.items()
+            }
         for rate in rates:
             label = "idle" if not rate else f"{rate:g} processes/s"
             for name in versions:
                 figure = spread(shares[name, rate], 100)
                 print(f"  {frequency:3d} Hz  {label:<18} {name:<10} {figure} %")
         for name in versions:
-            print(f"          {name} RSS/peak MB at the end of each repeat: {memory[name]}")
+            print(f"          {name} RSS at the end: {memory[name]}")
         print(f"          load average after each repeat: {loads}")
     print("  (targets: <= 0.5% idle, <= 1% at 25/s, <= 2% at 100/s)")
 
