@@ -1,5 +1,6 @@
-"""What every sampler shares: its BPF C file, compiled after unwind_tables.bpf.h, user_stacks.bpf.h,
-new_pids.bpf.h and stack_counts.bpf.h, and the two-generation maps it counts into."""
+"""What every sampler shares: its BPF C file, compiled after the PRELUDE headers
+(unwind_tables, user_stacks, new_pids, stack_counts), and the two-generation maps it counts
+into."""
 
 from __future__ import annotations
 
