@@ -222,7 +222,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--window", type=float, default=15, help="seconds per churn window")
-    parser.add_argument("--settle", type=float, default=15, help="seconds after start-up")
+    parser.add_argument("--settle", type=float, default=30, help="seconds after start-up")
     parser.add_argument("--frequencies", type=int, nargs="+", default=[19, 99])
     parser.add_argument("--rates", type=float, nargs="+", default=[0, 25, 100])
     parser.add_argument("--rounds", type=int, default=600, help="workload work (~9 ms each)")
