@@ -98,7 +98,7 @@ def running_agent(
         env=env,
     )
     try:
-        wait_for_line(agent, "sampling")
+        wait_for_line(agent, "sampling", timeout_s=600)  # compiling BPF on a loaded host
         threading.Thread(target=agent.stderr.read, daemon=True).start()  # keep it flowing
         # Past start-up: the first drains load the symbols of what already runs.
         time.sleep(settle_s)
