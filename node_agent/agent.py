@@ -25,7 +25,7 @@ from fleetprof.node_agent.samplers import SamplerOptions
 from fleetprof.node_agent.samplers.bpf_sampler import release_free_memory
 from fleetprof.node_agent.samplers.registry import SAMPLERS
 from fleetprof.node_agent.samplers.stack_maps import StackSample
-from fleetprof.node_agent.sessions import PreparedSamplers, SessionRun, all_pids
+from fleetprof.node_agent.sessions import PreparedSamplers, SessionRun
 from fleetprof.node_agent.shipper import Shipper
 from fleetprof.node_agent.spool import Spool
 from fleetprof.node_agent.symbolize.symbolizer import Symbolizer
@@ -77,9 +77,8 @@ class Agent:
         self.jvms = Jvms(self.symbolizer.reload_perf_map, interval_s=config.interval_s)
         self.symbolizer.on_snapshot = self.jvms.observe
         self._exited: set[int] = set()
+        # Sampled processes to read (maps, symbols, job) after this poll's events.
         self._new_code: set[int] = set()
-        # Before the sampler starts, so no process is sampled before it can be remembered.
-        self._events = ProcessEvents(on_new_code=self._new_code.add, on_exit=self._on_exit)
         unknown = set(config.events) - SAMPLERS.keys()
         if unknown:
             raise ValueError(f"unknown event {sorted(unknown)[0]!r}; known: {sorted(SAMPLERS)}")
@@ -94,12 +93,25 @@ class Agent:
         self._prepared = PreparedSamplers(self.sampling)
         pods = KubernetesMetadata.from_environment(config.node, config.kubeconfig)
         pods.start()
+        # Owners are resolved when a process is first sampled, or a session asks.
         self.owners = ProcessOwners(JobResolver.from_config(config.job_resolvers, pods), pods)
-        # Every process's owner now, while start-up pays for it: a session's scan of /proc
-        # then finds them cached (~1 ms, not ~150), and processes started later are
-        # resolved at their exec.
-        for pid in all_pids():
-            self.owners.owner(pid)
+        # The samplers report each process's first sample: only those are read.
+        self._events = ProcessEvents(
+            fd for fd in (s.process_events_fd() for s in self._samplers) if fd is not None
+        )
+        self._events.subscribe(
+            on_first_sample=self._new_code.add,
+            on_new_code=self._new_code.add,
+            on_exec=self._on_exec,
+            on_exit=self._on_exit,
+        )
+        if self.unwinder:
+            # It loads sampled processes by itself; a new image or new code is loaded again.
+            self._events.subscribe(
+                on_exec=self.unwinder.refresh,
+                on_new_code=self.unwinder.refresh,
+                on_exit=self.unwinder.forget,
+            )
         self._builder = BatchBuilder(self.symbolizer, self.owners)
         self.host_sampling = HostSampling(
             config.host_sampling, random.Random(config.host_sampling_seed)
@@ -131,10 +143,14 @@ class Agent:
             self.aggregator,
         )
 
+    def _on_exec(self, pid: int) -> None:
+        # A new environment and command line may name another job: asked again when needed.
+        self.owners.forget(pid)
+        for session in self._sessions.values():
+            session.consider(pid)
+
     def _on_exit(self, pid: int) -> None:
         self._remember_new_code()
-        if self.unwinder:
-            self.unwinder.forget(pid)
         self.jvms.exited(pid)
         self._exited.add(pid)
 
@@ -142,14 +158,8 @@ class Agent:
         while self._new_code:
             pid = self._new_code.pop()
             self.symbolizer.remember(pid)
-            if self.unwinder:
-                self.unwinder.refresh(pid)
-            # An exec may change the job (new environment, command line): ask again now,
-            # while /proc/PID is there to answer.
-            self.owners.forget(pid)
+            # Its owner now, while /proc/PID is there to answer (cached until it exits).
             self.owners.owner(pid)
-            for session in self._sessions.values():
-                session.consider(pid)
 
     def run(self, stop: threading.Event) -> None:
         """Sample until `stop` is set, then drain the last interval and detach."""

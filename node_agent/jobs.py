@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from fleetprof.node_agent.kubernetes import ContainerInfo
 
+# How far up its ancestry a process's job is looked for.
+MAX_ANCESTORS = 16
 # A job name is a column value in every row: an absurd environment variable must not bloat them.
 MAX_JOB_LENGTH = 256
 
@@ -72,6 +74,16 @@ def _read(path: str) -> bytes | None:
             return f.read()
     except OSError:  # gone, a kernel thread, or not ours to read (another user's environ)
         return None
+
+
+def _parent(pid: int) -> int | None:
+    """pid's parent process, from /proc/PID/stat; None if pid is gone."""
+    stat = _read(f"/proc/{pid}/stat")
+    if stat is None:
+        return None
+    # After "(comm)", which may itself hold ") ": state, then ppid.
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return int(fields[1]) if len(fields) > 1 else None
 
 
 def _job(value: str) -> str | None:
@@ -216,10 +228,13 @@ def load_config(path: str | Path) -> list[dict[str, Any]]:
 class JobResolver:
     """Resolves pids to jobs with ordered resolvers, cached per pid.
 
-    Resolve a process while it lives (/proc is all there is to read): at its exec event, which
-    comes once the new program's arguments and environment are in place, or at its first
-    sample. Its job stays cached after it exits, for the drain that follows; call forget(pid)
-    then (its pid may be reused), and at its next exec (environment and command line change).
+    A process none of whose own facts names a job has its parent's: the workers a job's
+    process forks, the shells and tools it runs. Only a job named by the process itself
+    (its environment, say) overrides the parent's.
+
+    Resolve a process while it lives (/proc is all there is to read): at its first sample.
+    Its job stays cached after it exits, for the drain that follows; call forget(pid) then
+    (its pid may be reused), and at its next exec (environment and command line change).
     """
 
     def __init__(self, resolvers: Sequence[Resolver]) -> None:
@@ -235,7 +250,7 @@ class JobResolver:
     def from_args(cls, args: argparse.Namespace, pods: PodLookup) -> JobResolver:
         return cls.from_config(specs_from_args(args), pods)
 
-    def resolve(self, pid: int) -> str | None:
+    def resolve(self, pid: int, ancestors: int = MAX_ANCESTORS) -> str | None:
         if pid in self._jobs:
             return self._jobs[pid]
         settled = True
@@ -245,12 +260,19 @@ class JobResolver:
                 self._jobs[pid] = job
                 return job
             settled = settled and resolver.settled(pid)
-        if settled:
-            self._jobs[pid] = None
-        return None
+        parent = _parent(pid) if ancestors else None
+        # pid 1 (init) and 2 (kthreadd) lead no job: not worth their /proc reads.
+        job = self.resolve(parent, ancestors - 1) if parent is not None and parent > 2 else None
+        if job is not None or settled:
+            self._jobs[pid] = job
+        return job
 
     def forget(self, pid: int) -> None:
         self._jobs.pop(pid, None)
+
+    def __len__(self) -> int:
+        """Processes whose job is cached."""
+        return len(self._jobs)
 
 
 def specs_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:

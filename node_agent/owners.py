@@ -1,8 +1,8 @@
 """Who a process belongs to: its job (the configured resolvers) and its Kubernetes pod.
 
-Asked while the process lives (when it is first seen or execs, and at each drain), since
-/proc/PID is gone after it exits; answers are cached per pid by the resolvers and dropped
-with `forget` after the process's last drain.
+Asked lazily, for processes samples hit (at their first sample, while /proc/PID is there
+to answer) and those an on-demand session considers; answers are cached per pid by the
+resolvers and dropped with `forget` after the process's last drain or at its exec.
 """
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ class ProcessOwners:
             pod.pod if pod else None,
             pod.container if pod else None,
         )
+
+    def job(self, pid: int) -> str | None:
+        """pid's job alone (what a session's filter needs)."""
+        return self.jobs.resolve(pid)
 
     def forget(self, pid: int) -> None:
         self.jobs.forget(pid)

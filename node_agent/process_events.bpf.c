@@ -1,31 +1,15 @@
-// Process lifecycle events the symbolizer needs: a process exec'd (new binary),
-// mapped new executable code (shared libraries, dlopen) or exited.
-// Sent through a ring buffer; user space snapshots /proc/PID/maps on exec/mmap so
-// samples of processes that exit before the next drain still get named frames.
-#include <linux/sched.h>
-
+// Process lifecycle events the agent needs: a process exec'd (new binary), mapped new
+// executable code (shared libraries, dlopen) or exited. Compiled after
+// samplers/new_pids.bpf.h (the event and its ring buffer). None of them wakes user space:
+// they wait for its next poll (at most EVENT_POLL_MS), so churn costs no wake-ups.
 #define PROT_EXEC 0x4
 
-enum process_event_kind { EVENT_EXEC = 1, EVENT_EXEC_MMAP = 2, EVENT_EXIT = 3 };
-
-struct process_event_t {
-    u32 pid;
-    u32 kind;
-};
-
-BPF_RINGBUF_OUTPUT(process_events, 64);
 // Threads inside an mmap(PROT_EXEC) call: reported when the call returns, once mapped.
 BPF_HASH(exec_mmap_calls, u32, u8, 16384);
 
-static inline void emit(u32 pid, u32 kind)
-{
-    struct process_event_t event = {.pid = pid, .kind = kind};
-    process_events.ringbuf_output(&event, sizeof(event), 0);
-}
-
 TRACEPOINT_PROBE(sched, sched_process_exec)
 {
-    emit(bpf_get_current_pid_tgid() >> 32, EVENT_EXEC);
+    emit_process_event(bpf_get_current_pid_tgid() >> 32, EVENT_EXEC, BPF_RB_NO_WAKEUP);
     return 0;
 }
 
@@ -34,7 +18,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     u64 pid_tgid = bpf_get_current_pid_tgid();
     // Only the whole process leaving matters, not each of its threads.
     if ((u32)pid_tgid == pid_tgid >> 32)
-        emit(pid_tgid >> 32, EVENT_EXIT);
+        emit_process_event(pid_tgid >> 32, EVENT_EXIT, BPF_RB_NO_WAKEUP);
     return 0;
 }
 
@@ -54,7 +38,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_mmap)
     u32 tid = (u32)pid_tgid;
     if (exec_mmap_calls.lookup(&tid)) {
         exec_mmap_calls.delete(&tid);
-        emit(pid_tgid >> 32, EVENT_EXEC_MMAP);
+        emit_process_event(pid_tgid >> 32, EVENT_EXEC_MMAP, BPF_RB_NO_WAKEUP);
     }
     return 0;
 }

@@ -1,49 +1,128 @@
-"""Process exec / executable-mmap / exit events from the kernel (process_events.bpf.c)."""
+"""Process events from the kernel, dispatched to the agent's components.
+
+The kernel reports (samplers/new_pids.bpf.h, process_events.bpf.c) each process's first
+sample since it started or exec'd, and every exec, executable mmap and exit. Components
+subscribe to what they need:
+
+- on_first_sample(pid): samples hit this process image for the first time. Per-process
+  work (maps, symbol tables, job) belongs here, not at exec: most processes of a busy
+  node are never sampled. It comes within milliseconds: the event wakes the agent.
+- on_exec(pid): any process exec'd (new program, environment, command line).
+- on_new_code(pid): a sampled process mapped new executable code (dlopen).
+- on_exit(pid): any process exited.
+
+Exec, mmap and exit events wait for the next poll (no wake-up per event), so a node that
+starts hundreds of processes a second costs a set lookup per event.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from bcc import BPF
+from bcc.libbcc import _RINGBUF_CB_TYPE, lib
 
 from fleetprof.node_agent.samplers.bpf_sampler import BCC_LOCK, release_compiler_memory
 
-BPF_SOURCE = Path(__file__).with_name("process_events.bpf.c")
-EVENT_EXEC, EVENT_EXEC_MMAP, EVENT_EXIT = 1, 2, 3
+HERE = Path(__file__).parent
+BPF_FILES = (HERE / "samplers" / "new_pids.bpf.h", HERE / "process_events.bpf.c")
+EVENT_EXEC, EVENT_EXEC_MMAP, EVENT_EXIT, EVENT_FIRST_SAMPLE = 1, 2, 3, 4
+# Process events of exec/mmap/exit: everything the node starts (pages, a power of two).
+_PAGES = 64
+
+Callback = Callable[[int], None]
 
 
 class _ProcessEvent(ctypes.Structure):
-    _fields_ = (("pid", ctypes.c_uint32), ("kind", ctypes.c_uint32))
+    _fields_ = (("ts", ctypes.c_uint64), ("pid", ctypes.c_uint32), ("kind", ctypes.c_uint32))
 
 
 class ProcessEvents:
-    """Calls `on_new_code(pid)` after an exec or executable mmap, `on_exit(pid)` at exit."""
+    """One ring-buffer poller over the process events of the kernel and of every sampler.
 
-    def __init__(self, on_new_code: Callable[[int], None], on_exit: Callable[[int], None]) -> None:
-        self._on_new_code = on_new_code
-        self._on_exit = on_exit
+    `rings`: the samplers' process event ring buffers (map fds), whose first samples are
+    reported. Not thread-safe: the agent's loop polls it and owns the subscribers.
+    """
+
+    def __init__(self, rings: Iterable[int] = ()) -> None:
+        self._subscribers: dict[int, list[Callback]] = {
+            kind: [] for kind in (EVENT_EXEC, EVENT_EXEC_MMAP, EVENT_EXIT, EVENT_FIRST_SAMPLE)
+        }
         self._agent_pid = os.getpid()
+        # Pids whose current image was sampled: first samples of several samplers are
+        # reported once, new code only for them. Bounded by live processes (exits leave).
+        self.sampled: set[int] = set()
+        self._pending: list[tuple[int, int, int]] = []
         with BCC_LOCK:
-            self._bpf = BPF(text=BPF_SOURCE.read_bytes())
+            self._bpf = BPF(
+                text=b"".join(path.read_bytes() for path in BPF_FILES),
+                cflags=["-DNOTE_SAMPLED_PIDS=0", f"-DPROCESS_EVENT_PAGES={_PAGES}"],
+            )
             release_compiler_memory()
-        self._bpf[b"process_events"].open_ring_buffer(self._handle)
+        # One manager over every ring: one wait wakes for all. The samplers' rings come
+        # first: consuming in that order, an exec is never read after a first sample it
+        # preceded (see poll).
+        self._callback = _RINGBUF_CB_TYPE(self._collect)
+        fds = [*rings, self._bpf[b"process_events"].map_fd]
+        self._manager = lib.bpf_new_ringbuf(fds[0], self._callback, None)
+        if not self._manager:
+            raise OSError("cannot open the process events ring buffer")
+        for fd in fds[1:]:
+            if lib.bpf_add_ringbuf(self._manager, fd, self._callback, None) < 0:
+                raise OSError("cannot add a sampler's process events ring buffer")
 
-    def _handle(self, _ctx: int, data: int, _size: int) -> None:
+    def subscribe(
+        self,
+        *,
+        on_first_sample: Callback | None = None,
+        on_exec: Callback | None = None,
+        on_new_code: Callback | None = None,
+        on_exit: Callback | None = None,
+    ) -> None:
+        """Call these for every later event of their kind, in subscription order."""
+        for kind, callback in (
+            (EVENT_FIRST_SAMPLE, on_first_sample),
+            (EVENT_EXEC, on_exec),
+            (EVENT_EXEC_MMAP, on_new_code),
+            (EVENT_EXIT, on_exit),
+        ):
+            if callback is not None:
+                self._subscribers[kind].append(callback)
+
+    def _collect(self, _ctx: int, data: int, _size: int) -> int:
         event = ctypes.cast(data, ctypes.POINTER(_ProcessEvent)).contents
-        if event.pid == self._agent_pid:
-            return
-        if event.kind == EVENT_EXIT:
-            self._on_exit(event.pid)
-        else:
-            self._on_new_code(event.pid)
+        if event.pid != self._agent_pid:
+            self._pending.append((event.ts, event.kind, event.pid))
+        return 0
 
     def poll(self, timeout_ms: int) -> None:
-        """Deliver pending events, waiting up to timeout_ms for the first one."""
-        self._bpf.ring_buffer_poll(timeout_ms)
+        """Wait up to timeout_ms for a first sample, then deliver every pending event."""
+        lib.bpf_poll_ringbuf(self._manager, timeout_ms)
+        # Rings not yet read (no wake-up), read in order: a first sample read here has its
+        # exec, if any, read too; sorting puts the exec first.
+        lib.bpf_consume_ringbuf(self._manager)
+        pending, self._pending = self._pending, []
+        pending.sort()
+        for _, kind, pid in pending:
+            self._dispatch(kind, pid)
+
+    def _dispatch(self, kind: int, pid: int) -> None:
+        if kind == EVENT_FIRST_SAMPLE:
+            if pid in self.sampled:
+                return  # another sampler's, or an evicted entry's, report
+            self.sampled.add(pid)
+        elif kind == EVENT_EXEC_MMAP:
+            if pid not in self.sampled:
+                return  # its first sample will read its maps, new code included
+        elif kind in (EVENT_EXEC, EVENT_EXIT):
+            self.sampled.discard(pid)
+        for callback in self._subscribers[kind]:
+            callback(pid)
 
     def close(self) -> None:
+        lib.bpf_free_ringbuf(self._manager)
         with BCC_LOCK:
             self._bpf.cleanup()

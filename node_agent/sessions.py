@@ -2,7 +2,9 @@
 
 A session builds its own samplers (compiled with SESSION_FILTER, at the session's
 frequency): only pids in their `session_pids` map count. The job's processes are found by
-scanning /proc when the session starts and by every exec while it runs. It stops by itself
+scanning /proc when the session starts and by every exec while it runs; the kernel adds a
+counted process's children at their fork (stack_counts.bpf.h), so they count from their
+first instant. It stops by itself
 at the deadline, whether or not the aggregator is still there.
 """
 
@@ -87,7 +89,7 @@ class SessionRun:
 
     def consider(self, pid: int) -> None:
         """Sample pid from now on if it belongs to the session's job."""
-        if pid not in self.pids and self._owners.owner(pid).job == self.order.job:
+        if pid not in self.pids and self._owners.job(pid) == self.order.job:
             self.pids.add(pid)
             for sampler in self._samplers:
                 sampler.add_pids((pid,))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -238,6 +239,7 @@ def test_sigterm_drains_the_last_interval(tmp_path: Path, native_binary: Path) -
 
 def test_process_storm_is_survived(aggregator, running_agent) -> None:
     agent = running_agent(frequency=99, interval_s=1.0)
+    rss_before = rss_mb()
     # Thousands of short-lived processes, each exec'ing and exiting within the interval.
     storm = subprocess.run(
         ["sh", "-c", "i=0; while [ $i -lt 3000 ]; do /bin/true; i=$((i+1)); done"],
@@ -252,6 +254,19 @@ def test_process_storm_is_survived(aggregator, running_agent) -> None:
     assert len(agent.symbolizer.exited_pids()) < 100
     stored = aggregator.store.reader().execute("SELECT sum(weight) FROM samples").fetchone()[0]
     assert stored == agent.stats["samples"]
+    # Only processes that samples hit are read (most /bin/true never run when one is taken),
+    # and what the agent keeps per process follows the processes alive, not those started.
+    assert agent.symbolizer.stats["snapshots"] < 1500
+    alive = sum(name.isdigit() for name in os.listdir("/proc"))
+    assert len(agent.owners.jobs) < alive + 100
+    # RSS: symbol tables of what else runs here may arrive meanwhile (bounded by the cache).
+    assert rss_mb() - rss_before < 128
+
+
+def rss_mb() -> float:
+    """This process's resident memory (the agent runs in it), in MB."""
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0]) / 1024
 
 
 @pytest.fixture

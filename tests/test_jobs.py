@@ -124,6 +124,33 @@ def test_cached_until_forgotten_on_exec(cgroups: ScratchCgroups) -> None:
     assert jobs.resolve(process.pid) is None
 
 
+def test_a_child_has_its_parents_job_unless_it_names_its_own(cgroups: ScratchCgroups) -> None:
+    jobs = JobResolver.from_config([], NO_CLUSTER)  # the defaults
+    # A Spark executor (its job on its command line) runs two workers: one names no job of
+    # its own, the other has FLEETPROF_JOB in its environment.
+    starter = (
+        "import os, subprocess, time\n"
+        "plain = subprocess.Popen(['sleep', '30'])\n"
+        "own = subprocess.Popen(['sleep', '30'], env={**os.environ, 'FLEETPROF_JOB': 'own'})\n"
+        "print(plain.pid, own.pid, flush=True)\n"
+        "time.sleep(30)\n"
+    )
+    executor = subprocess.Popen(
+        [sys.executable, "-c", starter, *SPARK_EXECUTOR], stdout=subprocess.PIPE, text=True
+    )
+    cgroups.processes.append(executor)
+    assert executor.stdout is not None
+    plain, own = (int(pid) for pid in executor.stdout.readline().split())
+    try:
+        cgroups.wait_exec_done(plain)
+        cgroups.wait_exec_done(own)
+        assert jobs.resolve(plain) == "app-20240611093512-0042"
+        assert jobs.resolve(own) == "own"
+    finally:
+        for pid in (plain, own):
+            os.kill(pid, 9)
+
+
 def test_unreadable_processes_have_no_job(cgroups: ScratchCgroups) -> None:
     pid = cgroups.spawn(env=env(FLEETPROF_JOB="secret"))
     jobs = resolver({"env": ["FLEETPROF_JOB"]})

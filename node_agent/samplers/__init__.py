@@ -14,6 +14,10 @@ from typing import NamedTuple, Protocol
 
 from fleetprof.node_agent.samplers.stack_maps import StackSample
 
+# Ring buffer size (pages, a power of two) of a sampler's process events (new_pids.bpf.h):
+# first samples only, at most one per process image.
+PROCESS_EVENT_PAGES = 16
+
 
 @dataclass(frozen=True)
 class SamplerOptions:
@@ -51,6 +55,10 @@ class SamplerOptions:
             f"-DMAX_UNWIND_ROWS={self.max_unwind_rows}",
             f"-DMAX_UNWIND_RANGES={self.max_unwind_ranges}",
             f"-DMAX_UNWIND_PIDS={self.max_unwind_pids}",
+            # A session's samplers count processes user space already knows (and their
+            # children): no first-sample events (new_pids.bpf.h) from them.
+            f"-DNOTE_SAMPLED_PIDS={int(not self.session_filter)}",
+            f"-DPROCESS_EVENT_PAGES={PROCESS_EVENT_PAGES}",
         ]
 
 
@@ -83,6 +91,10 @@ class Sampler(Protocol):
 
     def add_pids(self, pids: Iterable[int]) -> None:
         """Let these processes be counted (a sampler built with session_filter only)."""
+        ...
+
+    def process_events_fd(self) -> int | None:
+        """Its ring buffer of first samples (process_events.py), if it reports them."""
         ...
 
     def dropped_samples(self) -> int:

@@ -1,5 +1,6 @@
-"""What every sampler shares: its BPF C file, compiled after user_stacks.bpf.h and
-stack_counts.bpf.h, and the two-generation maps it counts into."""
+"""What every sampler shares: its BPF C file, compiled after the PRELUDE headers
+(unwind_tables, user_stacks, new_pids, stack_counts), and the two-generation maps it counts
+into."""
 
 from __future__ import annotations
 
@@ -21,7 +22,12 @@ HERE = Path(__file__).parent
 # while another agent in the process starts or stops (two cleanups at once crashed).
 BCC_LOCK = threading.Lock()
 # Put before every sampler's own file, in this order.
-PRELUDE = (HERE / "unwind_tables.bpf.h", HERE / "user_stacks.bpf.h", HERE / "stack_counts.bpf.h")
+PRELUDE = (
+    HERE / "unwind_tables.bpf.h",
+    HERE / "user_stacks.bpf.h",
+    HERE / "new_pids.bpf.h",
+    HERE / "stack_counts.bpf.h",
+)
 
 
 class BpfSampler:
@@ -44,6 +50,7 @@ class BpfSampler:
         with BCC_LOCK:
             self._bpf = BPF(text=text, cflags=options.cflags())
             release_compiler_memory()
+        self._session_filter = options.session_filter
         if attach:
             self.attach(options)
         self._maps = GenerationalStackMaps(self._bpf, self.describe)
@@ -70,6 +77,12 @@ class BpfSampler:
         table = self._bpf[b"session_pids"]
         for pid in pids:
             table[table.Key(pid)] = table.Leaf(1)
+
+    def process_events_fd(self) -> int | None:
+        """The ring buffer of its first samples (new_pids.bpf.h); None for a session's."""
+        if self._session_filter:
+            return None
+        return int(self._bpf[b"process_events"].map_fd)
 
     def dropped_samples(self) -> int:
         return int(self._bpf[b"dropped_samples"].sum(0).value)

@@ -41,6 +41,24 @@ static __always_inline u32 current_epoch(void)
 // An on-demand session's sampler counts only the job's processes, which user space puts
 // here (and adds to as the job starts new ones).
 BPF_HASH(session_pids, u32, u8, 16384);
+
+// A child of a counted process is counted from its first instant (user space checks its
+// job again at its exec). Thread ids get in too; each leaves with its thread.
+TRACEPOINT_PROBE(sched, sched_process_fork)
+{
+    u32 parent = bpf_get_current_pid_tgid() >> 32, child = args->child_pid;
+    u8 one = 1;
+    if (session_pids.lookup(&parent))
+        session_pids.update(&child, &one);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    session_pids.delete(&tid);
+    return 0;
+}
 #endif
 
 // The idle task (pid 0) unless asked for, and the agent itself, are never counted.
@@ -77,6 +95,7 @@ static __always_inline void current_key(struct sample_key_t *key, u64 detail)
 static __always_inline void record_stacks(void *ctx, struct sample_key_t *key, u32 at,
                                           int kernel)
 {
+    note_sampled_pid(key->pid);
     key->user_stack = record_user_stack(at);
     if (kernel == KERNEL_THREADS_ONLY)
         kernel = key->user_stack == USER_STACK_NONE ? 0 : NO_KERNEL_STACK;

@@ -188,22 +188,30 @@ class ElfCache:
         """The symbols of the file at path; None when it cannot be opened. `debug_path`
         is where to look for its debug file by .gnu_debuglink when path cannot say (a
         /proc/PID/map_files link)."""
+        # A file already read costs a stat: a new process's libraries are all known.
+        try:
+            table = self._tables.get(_identity(os.stat(path)))
+        except OSError:
+            return None
+        if table is not None:
+            return table
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             return None
         try:
             st = os.fstat(fd)
-            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-            table = self._tables.get(key)
-            if table is None:
-                table = ElfSymbols._from_fd(fd, st, debug_path or path)
-                self._tables.put(key, table)
+            table = ElfSymbols._from_fd(fd, st, debug_path or path)
+            self._tables.put(_identity(st), table)
             return table
         except OSError:
             return None
         finally:
             os.close(fd)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 _SHT_NOBITS = 8
