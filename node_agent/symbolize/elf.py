@@ -28,6 +28,7 @@ _SYM = struct.Struct("<IBBHQQ")
 _ELF64_LE = b"\x7fELF\x02\x01"
 _PT_LOAD = 1
 _PF_X = 1
+_STT_OBJECT = 1
 _STT_FUNC = 2
 _STT_GNU_IFUNC = 10
 _STB_LOCAL = 0
@@ -49,15 +50,19 @@ def _rank(symbol: _Symbol) -> tuple[bool, bool, int, bool]:
 class ElfSymbols:
     """The function symbols of one ELF file, sorted for bisection."""
 
-    __slots__ = ("_ends", "_names", "_segments", "_starts")
+    __slots__ = ("_ends", "_names", "_segments", "_starts", "variables")
 
     def __init__(
         self,
         segments: list[tuple[int, int, int]] | None = None,
         symbols: list[_Symbol] | None = None,
+        variables: dict[str, int] | None = None,
     ) -> None:
         # (p_offset, p_offset + p_filesz, p_vaddr - p_offset), executable segments first.
         self._segments = segments or []
+        # Addresses (p_vaddr) of the exported variables runtimes describe themselves with
+        # (HotSpot's gHotSpotVM* tables: symbolize/hotspot.py); only those, so few.
+        self.variables = variables or {}
         symbols = sorted(symbols or [])
         # Arrays, not lists: a fifth of the memory, and bisect is as fast on them.
         self._starts = array("Q", [start for start, _, _, _ in symbols])
@@ -103,9 +108,10 @@ class ElfSymbols:
     def _parse(
         cls, read: Callable[[int, int], bytes], file_size: int, path: str = ""
     ) -> ElfSymbols:
+        variables: dict[str, int] = {}
         try:
             layout = read_layout(read, file_size)
-            symbols = layout_symbols(read, layout)
+            symbols = layout_symbols(read, layout, variables)
         except ValueError:
             return cls()
         if not layout.segments:
@@ -116,18 +122,22 @@ class ElfSymbols:
                 known = symbols.get(symbol[0])
                 if known is None or _rank(symbol) > _rank(known):
                     symbols[symbol[0]] = symbol
-        return cls(layout.segments, list(symbols.values()))
+        return cls(layout.segments, list(symbols.values()), variables)
 
     def __len__(self) -> int:
         return len(self._starts)
 
-    def resolve_file_offset(self, offset: int) -> str | None:
-        """The function containing the code at this offset of the file, if any."""
+    def vaddr(self, offset: int) -> int | None:
+        """The virtual address of a file offset, if a loaded segment holds it."""
         for start, end, delta in self._segments:
             if start <= offset < end:
-                vaddr = offset + delta
-                break
-        else:
+                return offset + delta
+        return None
+
+    def resolve_file_offset(self, offset: int) -> str | None:
+        """The function containing the code at this offset of the file, if any."""
+        vaddr = self.vaddr(offset)
+        if vaddr is None:
             return None
         i = bisect_right(self._starts, vaddr) - 1
         if i < 0 or vaddr >= self._ends[i]:
@@ -154,12 +164,25 @@ class NameBlob:
         return len(self._offsets) - 1
 
 
-def _read_functions(table: bytes, strings: bytes, into: dict[int, _Symbol]) -> None:
-    """Add the defined function symbols of a symbol table to `into`, one per address."""
+_VARIABLE_PREFIX = b"gHotSpotVM"
+
+
+def _read_functions(
+    table: bytes, strings: bytes, into: dict[int, _Symbol], variables: dict[str, int]
+) -> None:
+    """Add the defined function symbols of a symbol table to `into`, one per address, and
+    the runtime description variables (_VARIABLE_PREFIX) to `variables`."""
     for name_at, info, _, shndx, value, size in _SYM.iter_unpack(table):
         kind = info & 0xF
         # shndx 0 is an undefined (imported) symbol.
-        if (kind != _STT_FUNC and kind != _STT_GNU_IFUNC) or not shndx or not value:
+        if not shndx or not value:
+            continue
+        if kind == _STT_OBJECT:
+            if strings.startswith(_VARIABLE_PREFIX, name_at):
+                end = strings.find(b"\0", name_at)
+                variables[strings[name_at:end].decode("ascii", "replace")] = value
+            continue
+        if kind != _STT_FUNC and kind != _STT_GNU_IFUNC:
             continue
         end = strings.find(b"\0", name_at)
         name = strings[name_at : end if end >= 0 else None]
@@ -300,15 +323,20 @@ def read_layout(read: Reader, file_size: int) -> ElfLayout:
     return ElfLayout([segment[1:] for segment in segments], sections, build_id)
 
 
-def layout_symbols(read: Reader, layout: ElfLayout) -> dict[int, _Symbol]:
-    """The defined function symbols of .symtab and .dynsym, one per address."""
+def layout_symbols(
+    read: Reader, layout: ElfLayout, variables: dict[str, int] | None = None
+) -> dict[int, _Symbol]:
+    """The defined function symbols of .symtab and .dynsym, one per address (and the
+    runtime description variables into `variables`)."""
     symbols: dict[int, _Symbol] = {}
+    variables = {} if variables is None else variables
     try:
         for table, strings in ((".symtab", ".strtab"), (".dynsym", ".dynstr")):
             entries = layout.section(read, table)
             names = layout.section(read, strings)
             if entries and names:
-                _read_functions(entries[: len(entries) - len(entries) % _SYM.size], names, symbols)
+                entries = entries[: len(entries) - len(entries) % _SYM.size]
+                _read_functions(entries, names, symbols, variables)
     except (OSError, struct.error) as error:
         raise ValueError(f"corrupt symbol table: {error}") from error
     return symbols
