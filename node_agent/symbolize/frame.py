@@ -10,8 +10,8 @@ from typing import Generic, NamedTuple, TypeVar
 class Frame(NamedTuple):
     """One symbolized stack frame.
 
-    kind is one of proto.schema.FRAME_KINDS: "kernel", "native", "jit", "interpreted",
-    "lost" or "unknown".
+    kind is one of proto.schema.FRAME_KINDS: "kernel", "native", "jit", "inlined",
+    "interpreted", "lost" or "unknown".
     """
 
     name: str

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from fleetprof.node_agent.symbolize.elf import ElfCache
 from fleetprof.node_agent.symbolize.frame import Frame, LruCache
+from fleetprof.node_agent.symbolize.hotspot import HotSpotSymbolizer
 from fleetprof.node_agent.symbolize.kernel import KernelSymbols
 from fleetprof.node_agent.symbolize.names import native_name, runtime_frame
 from fleetprof.node_agent.symbolize.perfmap import PerfMapCache
@@ -39,6 +40,8 @@ class Symbolizer:
     stats counts user and kernel frames looked up, those left unknown, JIT frames with no
     perf map entry, and snapshots taken.
 
+    HotSpot JVMs' Java frames are named from their memory first (symbolize/hotspot.py: inlined
+    methods as frames of their own, interpreted methods by name), from their perf maps else.
     A frame named from a perf map has the entry as its module (the full Java signature,
     say) and a readable name (names.runtime_frame); C++ symbols are demangled. on_snapshot,
     if set, sees every snapshot taken (the agent finds its JVMs there).
@@ -61,6 +64,7 @@ class Symbolizer:
         self._elf_cache = elf_cache or ElfCache()
         self._perf_maps = perf_maps or PerfMapCache()
         self._kernel = kernel
+        self.hotspot = HotSpotSymbolizer()
         self.on_snapshot: Callable[[ProcessSnapshot], None] | None = None
         # Per pid since take_jit_activity(): frames looked up in JIT code, and those missed.
         self._jit_lookups: Counter[int] = Counter()
@@ -80,6 +84,7 @@ class Symbolizer:
         """Drop what is known of pid, once its last samples were symbolized."""
         self._snapshots.pop(pid)
         self._perf_maps.forget(pid)
+        self.hotspot.forget(pid)
 
     def reload_perf_map(self, pid: int, root: str | None = None) -> int | None:
         """Read pid's perf map now (its JVM just rewrote it, or is exiting); its size.
@@ -129,8 +134,12 @@ class Symbolizer:
         if snapshot is None:
             self.stats["unknown"] += len(addrs)
             return [UNKNOWN] * len(addrs)
+        java = self.hotspot.frames(snapshot, addrs) if snapshot.hotspot else None
         frames = []
-        for addr, site in zip(addrs, _callsite(addrs), strict=True):
+        for i, (addr, site) in enumerate(zip(addrs, _callsite(addrs), strict=True)):
+            if java is not None and java[i] is not None:
+                frames.extend(java[i])  # leaf first, as the stack
+                continue
             mapping = snapshot.mapping(site)
             if mapping is None:
                 # Maybe code mapped since the snapshot: look again, at most once in a while.
