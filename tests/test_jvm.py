@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,9 +29,12 @@ from fleetprof import workloads
 from fleetprof.aggregator.validate import validate_batch
 from fleetprof.node_agent.hotspot_attach import AttachError, attach, socket_path
 from fleetprof.node_agent.jvms import jvm_flag, jvm_options
+from fleetprof.node_agent.symbolize.elf import ElfCache
+from fleetprof.node_agent.symbolize.frame import Frame
 from fleetprof.node_agent.symbolize.names import native_name, runtime_frame
 from fleetprof.node_agent.symbolize.perfmap import PerfMap
-from fleetprof.node_agent.symbolize.process import read_stat
+from fleetprof.node_agent.symbolize.process import read_stat, take_snapshot
+from fleetprof.node_agent.symbolize.symbolizer import Symbolizer
 from fleetprof.proto import schema
 from fleetprof.proto.ingest.v1 import ingest_pb2
 from fleetprof.query.filters import SampleFilter
@@ -106,7 +110,7 @@ JAVAS = {
 
 
 @pytest.fixture(scope="module")
-def manifest_classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def manifest_classes() -> Iterator[Path]:
     """Manifest's classes, built for Java 17 (so every JDK here runs them), readable by all."""
     require(shutil.which("javac") is not None, "a JDK is not installed")
     folder = Path(tempfile.mkdtemp(prefix="fleetprof-manifest-", dir="/var/tmp"))
@@ -116,7 +120,8 @@ def manifest_classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     for path in [folder, *folder.rglob("*")]:
         path.chmod(0o755)
-    return folder
+    yield folder
+    shutil.rmtree(folder)
 
 
 def frames_by_kind(aggregator, pid: int) -> dict[str, set[str]]:
@@ -270,6 +275,170 @@ def test_no_flags_jvm_shows_inlined_methods(
     kinds = frames_by_kind(aggregator, process.pid)
     assert "inlined" in kinds[HOT] and "jit" in kinds[MAIN], kinds
     assert agent.symbolizer.hotspot.stats["jvms"] >= 1
+
+
+# --- compiled frames without frame pointers: hotspot_stacks.bpf.h, in a harness -------------
+
+# A frame-pointer walk that lets jit_unwind_step take the frames it knows, as
+# user_stacks.bpf.h does (the agent's own walk uses it once it has the step: docs/jvm.md).
+WALK_HARNESS = r"""
+#include <linux/ptrace.h>
+#include <uapi/linux/bpf_perf_event.h>
+struct frame_state_t { u64 ip; u64 sp; u64 fp; };
+HOTSPOT_STACKS
+#define DEPTH 48
+struct walk_t { u64 ips[DEPTH]; };
+BPF_PERCPU_ARRAY(scratch, struct walk_t, 1);
+BPF_ARRAY(target, u32, 1);
+BPF_HASH(walks, struct walk_t, u64, 8192);
+
+int on_sample(struct bpf_perf_event_data *ctx)
+{
+    u32 pid = bpf_get_current_pid_tgid() >> 32, zero = 0, *wanted = target.lookup(&zero);
+    struct walk_t *walk = scratch.lookup(&zero);
+    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+    struct frame_state_t state = {};
+    u64 one = 1, *count;
+
+    if (!wanted || pid != *wanted || !walk)
+        return 0;
+    __builtin_memset(walk, 0, sizeof(*walk));
+    bpf_probe_read_kernel(&state.ip, sizeof(state.ip), &regs->ip);
+    bpf_probe_read_kernel(&state.sp, sizeof(state.sp), &regs->sp);
+    bpf_probe_read_kernel(&state.fp, sizeof(state.fp), &regs->bp);
+    for (int i = 0; i < DEPTH; i++) {
+        u64 frame[2] = {};
+        if (state.ip < 4096 || state.ip >= 0x00007ffffffff000ULL)
+            break;
+        walk->ips[i] = state.ip;
+        if (jit_unwind_step(&state, pid))
+            continue;
+        if (bpf_probe_read_user(frame, sizeof(frame), (void *)state.fp) || frame[0] <= state.fp)
+            break;
+        state.ip = frame[1];
+        state.sp = state.fp + 16;
+        state.fp = frame[0];
+    }
+    count = walks.lookup_or_try_init(walk, &one);
+    if (count)
+        __sync_fetch_and_add(count, 1);
+    return 0;
+}
+"""
+
+
+class WalkHarness:
+    """WALK_HARNESS compiled (before the JVM starts: it takes seconds on a busy machine)."""
+
+    def __init__(self) -> None:
+        require_ebpf()
+        from bcc import BPF
+
+        from fleetprof.node_agent.samplers.bpf_sampler import HERE
+
+        header = (HERE / "hotspot_stacks.bpf.h").read_text()
+        self.bpf = BPF(text=WALK_HARNESS.replace("HOTSPOT_STACKS", header).encode())
+
+    def stacks(self, pid: int, seconds: float) -> list[tuple[list[Frame], int]]:
+        """Sample pid at 99 Hz for `seconds`; its symbolized stacks (leaf first) and their
+        counts, symbolized while it still runs."""
+        from bcc import PerfSWConfig, PerfType
+
+        symbolizer = Symbolizer()
+        deadline = time.monotonic() + 30
+        process = None
+        while process is None and time.monotonic() < deadline:
+            snapshot = take_snapshot(pid, ElfCache())
+            process = symbolizer.hotspot.process(snapshot) if snapshot else None
+            time.sleep(0.2)
+        assert process is not None, "the JVM's code cache was never readable"
+        target = self.bpf[b"target"]
+        target[target.Key(0)] = target.Leaf(pid)
+        jvms = self.bpf[b"hotspot_jvms"]
+        leaf = jvms.Leaf()
+        for name, value in process.unwind_info().items():
+            if isinstance(value, list):
+                for i, item in enumerate(value):
+                    getattr(leaf, name)[i] = item
+            else:
+                setattr(leaf, name, value)
+        jvms[jvms.Key(pid)] = leaf
+        self.bpf.attach_perf_event(
+            ev_type=PerfType.SOFTWARE, ev_config=PerfSWConfig.CPU_CLOCK, fn_name=b"on_sample",
+            sample_freq=99,
+        )  # fmt: skip
+        time.sleep(seconds)
+        walks = [(list(key.ips), value.value) for key, value in self.bpf[b"walks"].items()]
+        symbolizer.remember(pid)
+        return [
+            (symbolizer.symbolize_user(pid, [ip for ip in ips if ip]), count)
+            for ips, count in walks
+        ]
+
+    def close(self) -> None:
+        self.bpf.cleanup()
+
+
+@pytest.fixture
+def harness() -> Iterator[WalkHarness]:
+    walk = WalkHarness()
+    yield walk
+    walk.close()
+
+
+def java_path(frames: list[Frame]) -> list[str]:
+    """The Java frames of a stack, root first."""
+    kinds = ("jit", "inlined", "interpreted")
+    return [f.name for f in reversed(frames) if f.kind in kinds and f.name.startswith("com.")]
+
+
+@pytest.mark.parametrize("major", sorted(JAVAS))
+def test_compiled_frames_unwind_without_frame_pointers(
+    harness: WalkHarness, manifest_classes: Path, major: int
+) -> None:
+    """No inlining, no frame pointers: every compiled frame is found by its frame size."""
+    java = JAVAS[major]
+    require(Path(java).exists(), f"Java {major} is not installed (setup-host.sh)")
+    command = [java, "-XX:CompileCommand=quiet", "-XX:CompileCommand=dontinline,com.harbor.*::*",
+               "-cp", str(manifest_classes), "com.harbor.Manifest", "14"]  # fmt: skip
+    process = subprocess.Popen(command)
+    try:
+        time.sleep(4)  # compiled by now
+        stacks = harness.stacks(process.pid, seconds=6)
+    finally:
+        stop(process)
+    total = sum(count for _, count in stacks)
+    paths = Counter()
+    for frames, count in stacks:
+        paths[tuple(java_path(frames))] += count
+    hot = sum(count for path, count in paths.items() if path and path[-1] == HOT)
+    whole = {path: count for path, count in paths.items() if path[:1] == (MAIN,)}
+    weigh = sum(count for path, count in whole.items() if path[1:3] == (WEIGH, HOT))
+    stamp = sum(count for path, count in whole.items() if path[1:3] == (STAMP, HOT))
+    assert hot >= 0.7 * total, paths.most_common(8)
+    assert weigh + stamp >= 0.8 * hot, paths.most_common(8)
+    assert abs(weigh / (weigh + stamp) - 0.75) <= 0.08, (weigh, stamp)
+
+
+def test_interpreted_frames_named_from_their_method(
+    harness: WalkHarness, manifest_classes: Path
+) -> None:
+    """-Xint: every Java frame is the interpreter's; each is named from its Method*."""
+    command = ["java", "-Xint", "-cp", str(manifest_classes), "com.harbor.Manifest", "10"]
+    process = subprocess.Popen(command)
+    try:
+        time.sleep(1)
+        stacks = harness.stacks(process.pid, seconds=5)
+    finally:
+        stop(process)
+    total = sum(count for _, count in stacks)
+    paths = Counter()
+    for frames, count in stacks:
+        paths[tuple(java_path(frames))] += count
+    top = sorted(stacks, key=lambda stack: -stack[1])[:3]
+    assert sum(c for p, c in paths.items() if p[:1] == (MAIN,) and HOT in p) >= 0.7 * total, top
+    kinds = {f.kind for frames, _ in stacks for f in frames if f.name == HOT}
+    assert kinds == {"interpreted"}
 
 
 LAUNCHERS = {

@@ -400,6 +400,26 @@ class HotSpotProcess:
     def heaps(self) -> list[_Heap]:
         return self._heaps
 
+    def unwind_info(self) -> dict[str, int | list[int]]:
+        """The fields of hotspot_stacks.bpf.h's hotspot_jvm_t for this JVM."""
+        layout, heaps = self.layout, self._heaps[:4]
+        pad = [0] * (4 - len(heaps))
+        return {
+            "code_low": self.code_bounds[0],
+            "code_high": self.code_bounds[1],
+            "interpreter_low": self.interpreter[0],
+            "interpreter_high": self.interpreter[1],
+            "heap_low": [heap.low for heap in heaps] + pad,
+            "heap_high": [heap.high for heap in heaps] + pad,
+            "segmap": [heap.segmap for heap in heaps] + pad,
+            "segment_shift": heaps[0].shift if heaps else 0,
+            "heap_block": layout.sizes["HeapBlock"],
+            "frame_size": layout["blob_frame_size"],
+            "frame_complete": layout["blob_frame_complete"],
+            "code_begin": layout["blob_code_begin"],
+            "code_offset": int(layout.major >= 23),
+        }
+
     def in_code_cache(self, pc: int) -> bool:
         return self.code_bounds[0] <= pc < self.code_bounds[1]
 
