@@ -91,6 +91,8 @@ class Agent:
         self.sampling = self.unwinder.options if self.unwinder else config.sampling
         self._samplers = [SAMPLERS[event](self.sampling) for event in config.events]
         self._prepared = PreparedSamplers(self.sampling)
+        # JVMs whose memory the symbolizer reads: their Java frames unwound in BPF too.
+        self.symbolizer.hotspot.on_change = self._set_jvm
         pods = KubernetesMetadata.from_environment(config.node, config.kubeconfig)
         pods.start()
         # Owners are resolved when a process is first sampled, or a session asks.
@@ -148,6 +150,10 @@ class Agent:
         self.owners.forget(pid)
         for session in self._sessions.values():
             session.consider(pid)
+
+    def _set_jvm(self, pid: int, info: dict[str, int | list[int]] | None) -> None:
+        for sampler in (*self._samplers, self._prepared.cpu):
+            sampler.set_jvm(pid, info)
 
     def _on_exit(self, pid: int) -> None:
         self._remember_new_code()

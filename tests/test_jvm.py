@@ -31,6 +31,7 @@ from fleetprof.node_agent.hotspot_attach import AttachError, attach, socket_path
 from fleetprof.node_agent.jvms import jvm_flag, jvm_options
 from fleetprof.node_agent.symbolize.elf import ElfCache
 from fleetprof.node_agent.symbolize.frame import Frame
+from fleetprof.node_agent.symbolize.hotspot import write_unwind_info
 from fleetprof.node_agent.symbolize.names import native_name, runtime_frame
 from fleetprof.node_agent.symbolize.perfmap import PerfMap
 from fleetprof.node_agent.symbolize.process import read_stat, take_snapshot
@@ -354,15 +355,7 @@ class WalkHarness:
         assert process is not None, "the JVM's code cache was never readable"
         target = self.bpf[b"target"]
         target[target.Key(0)] = target.Leaf(pid)
-        jvms = self.bpf[b"hotspot_jvms"]
-        leaf = jvms.Leaf()
-        for name, value in process.unwind_info().items():
-            if isinstance(value, list):
-                for i, item in enumerate(value):
-                    getattr(leaf, name)[i] = item
-            else:
-                setattr(leaf, name, value)
-        jvms[jvms.Key(pid)] = leaf
+        write_unwind_info(self.bpf[b"hotspot_jvms"], pid, process.unwind_info())
         self.bpf.attach_perf_event(
             ev_type=PerfType.SOFTWARE, ev_config=PerfSWConfig.CPU_CLOCK, fn_name=b"on_sample",
             sample_freq=99,
@@ -417,7 +410,9 @@ def test_compiled_frames_unwind_without_frame_pointers(
     stamp = sum(count for path, count in whole.items() if path[1:3] == (STAMP, HOT))
     assert hot >= 0.7 * total, paths.most_common(8)
     assert weigh + stamp >= 0.8 * hot, paths.most_common(8)
-    assert abs(weigh / (weigh + stamp) - 0.75) <= 0.08, (weigh, stamp)
+    # 3 calls for 1: their own cost (not inlined) and tiers compiled at different times
+    # make the split vary more than the inlined test's.
+    assert abs(weigh / (weigh + stamp) - 0.75) <= 0.12, (weigh, stamp)
 
 
 def test_interpreted_frames_named_from_their_method(

@@ -27,9 +27,9 @@ import os
 import re
 import struct
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from fleetprof.node_agent.symbolize.elf import ElfSymbols
 from fleetprof.node_agent.symbolize.frame import Frame, LruCache
@@ -747,6 +747,9 @@ class HotSpotSymbolizer:
     def __init__(self) -> None:
         self._processes: dict[int, HotSpotProcess | None] = {}
         self._failed: dict[int, str] = {}
+        # Told of each JVM read (its HotSpotProcess.unwind_info) and forgotten (None): the
+        # samplers' hotspot_jvms maps (hotspot_stacks.bpf.h).
+        self.on_change: Callable[[int, dict[str, int | list[int]] | None], None] | None = None
         self.stats = dict.fromkeys(("jvms", "layout_errors", "unreadable", "named"), 0)
 
     def process(self, snapshot: ProcessSnapshot) -> HotSpotProcess | None:
@@ -769,6 +772,8 @@ class HotSpotSymbolizer:
         self.stats["jvms"] += 1
         log.info("JVM %d: JDK %d, frames named from its memory", pid, process.layout.major)
         self._processes[pid] = process
+        if self.on_change is not None:
+            self.on_change(pid, process.unwind_info())
         return process
 
     def frames(
@@ -806,8 +811,24 @@ class HotSpotSymbolizer:
         process = self._processes.pop(pid, None)
         if process is not None:
             process.close()
+            if self.on_change is not None:
+                self.on_change(pid, None)
         self._failed.pop(pid, None)
 
     def close(self) -> None:
         for pid in list(self._processes):
             self.forget(pid)
+
+
+def write_unwind_info(table: Any, pid: int, info: dict[str, int | list[int]] | None) -> None:
+    """Put a JVM's unwind_info in a BCC hotspot_jvms table, or take it out (None)."""
+    if info is None:
+        table.pop(table.Key(pid), None)
+        return
+    leaf = table.Leaf()
+    for name, value in info.items():
+        if isinstance(value, list):
+            getattr(leaf, name)[: len(value)] = value
+        else:
+            setattr(leaf, name, value)
+    table[table.Key(pid)] = leaf
