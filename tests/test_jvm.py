@@ -25,7 +25,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from fleetprof import workloads
+from fleetprof import cli, workloads
 from fleetprof.aggregator.validate import validate_batch
 from fleetprof.node_agent.hotspot_attach import AttachError, attach, socket_path
 from fleetprof.node_agent.jvms import jvm_flag, jvm_options
@@ -44,6 +44,7 @@ from fleetprof.query.flame_tree import FlameNode
 from fleetprof.query.source import AggregatorSource
 from tests.conftest import require, require_ebpf
 from tests.test_end_to_end import flame_for, weight_under
+from tests.test_exports import decode_pprof
 from tests.test_symbolize import _child_running
 
 RECONCILE, AUDIT = "demo.Hotspots.ledgerReconcile", "demo.Hotspots.ledgerAudit"
@@ -247,7 +248,7 @@ def test_method_compiled_after_the_first_map_is_named(
 
 @pytest.mark.parametrize("major", sorted(JAVAS))
 def test_no_flags_jvm_shows_inlined_methods(
-    aggregator, running_agent, manifest_classes: Path, major: int
+    aggregator, running_agent, manifest_classes: Path, major: int, tmp_path: Path
 ) -> None:
     """No JVM flag, no attach: the hot method C2 inlined, and its callers, named from the
     JVM's memory from its first seconds on."""
@@ -276,6 +277,14 @@ def test_no_flags_jvm_shows_inlined_methods(
     kinds = frames_by_kind(aggregator, process.pid)
     assert "inlined" in kinds[HOT] and "jit" in kinds[MAIN], kinds
     assert agent.symbolizer.hotspot.stats["jvms"] >= 1
+    # pprof: the inlined methods are lines of the compiled method's location, innermost first.
+    out = tmp_path / "cpu.pb.gz"
+    command = ["flamegraph", "--aggregator", aggregator.address, "--pid", str(process.pid)]
+    assert cli.main([*command, "-o", str(out)]) == 0
+    profile = decode_pprof(out)
+    names = {f.id: profile.string_table[f.name] for f in profile.function}
+    lines = {tuple(names[line.function_id] for line in loc.line) for loc in profile.location}
+    assert (HOT, WEIGH, MAIN) in lines and (HOT, STAMP, MAIN) in lines, lines
 
 
 # --- compiled frames without frame pointers: hotspot_stacks.bpf.h, in a harness -------------

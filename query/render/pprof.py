@@ -3,7 +3,9 @@ pprof`, Pyroscope, Parca, Grafana and the other tools that read it.
 
 One pprof sample per (node, pid, process, stack) with `node`, `comm` and `pid` labels;
 one function per (name, module), one mapping per module, one location per (function,
-module). Sample types follow the event's unit: a sampled event (cpu) has `samples/count`,
+module), except for methods the JIT inlined (kind "inlined"): they are lines of the location
+of the compiled method they are in, innermost first, as pprof represents inlining.
+Sample types follow the event's unit: a sampled event (cpu) has `samples/count`,
 plus `<event>/nanoseconds` when the sampling frequency is known (each sample stands for
 1/frequency s of CPU); a time-weighted event (lock, offcpu, io) has `<event>/nanoseconds`.
 """
@@ -55,7 +57,8 @@ class PprofRenderer:
     def rows_sql(self, selection: SampleFilter) -> str:
         # merged per stack id before the join: the lists are fetched once per row kept
         return f"""
-            SELECT m.node, m.pid, m.comm, st.frames, st.modules, m.weight, m.first, m.last
+            SELECT m.node, m.pid, m.comm, st.frames, st.modules, st.kinds, m.weight, m.first,
+                   m.last
             FROM (
                 SELECT node, pid, comm, stack_id, {saturating("sum(weight)")} AS weight,
                        epoch_ns(min(ts)) AS first, epoch_ns(max(ts)) AS last
@@ -81,25 +84,44 @@ class PprofRenderer:
         label_keys = (string("node"), string("comm"), string("pid"))
         mappings: dict[str, int] = {}
         functions: dict[tuple[str, str], int] = {}
-        locations: dict[tuple[str, str], int] = {}
+        locations: dict[tuple[tuple[str, str], ...], int] = {}
 
-        def location(name: str, module: str) -> int:
-            key = (name, module)
-            found = locations.get(key)
+        def function(key: tuple[str, str]) -> int:
+            function_id = functions.get(key)
+            if function_id is None:
+                function_id = functions[key] = len(functions) + 1
+                name = string(key[0])
+                profile.function.add(id=function_id, name=name, system_name=name)
+            return function_id
+
+        def location(lines: tuple[tuple[str, str], ...]) -> int:
+            """The location of (name, module) lines, innermost first; the last is the
+            frame the code runs in, whose module is the location's mapping."""
+            found = locations.get(lines)
             if found is not None:
                 return found
+            module = lines[-1][1]
             mapping_id = mappings.get(module)
             if mapping_id is None and module:
                 mapping_id = mappings[module] = len(mappings) + 1
                 profile.mapping.add(id=mapping_id, filename=string(module), has_functions=True)
-            function_id = functions.get(key)
-            if function_id is None:
-                function_id = functions[key] = len(functions) + 1
-                profile.function.add(id=function_id, name=string(name), system_name=string(name))
-            location_id = locations[key] = len(locations) + 1
+            location_id = locations[lines] = len(locations) + 1
             added = profile.location.add(id=location_id, mapping_id=mapping_id or 0)
-            added.line.add(function_id=function_id)
+            for line in lines:
+                added.line.add(function_id=function(line))
             return location_id
+
+        def location_ids(frames: list[str], modules: list[str], kinds: list[str]) -> list[int]:
+            """Leaf first, as pprof lists them: inlined frames joined to the frame below."""
+            ids: list[int] = []
+            inlined: list[tuple[str, str]] = []
+            for frame in zip(reversed(frames), reversed(modules), reversed(kinds), strict=True):
+                inlined.append(frame[:2])
+                if frame[2] != "inlined":
+                    ids.append(location(tuple(inlined)))
+                    inlined = []
+            ids.extend(location((line,)) for line in inlined)  # none if well formed
+            return ids
 
         total = 0
         first = last = None
@@ -112,10 +134,9 @@ class PprofRenderer:
                 values = [weight]
                 if len(types) == 2:
                     values.append(round(weight * period_ns))
-                # pprof lists the leaf first
-                frames = zip(reversed(row["frames"]), reversed(row["modules"]), strict=True)
                 sample = profile.sample.add(
-                    location_id=[location(name, module) for name, module in frames], value=values
+                    location_id=location_ids(row["frames"], row["modules"], row["kinds"]),
+                    value=values,
                 )
                 sample.label.add(key=label_keys[0], str=string(row["node"]))
                 sample.label.add(key=label_keys[1], str=string(row["comm"]))
