@@ -42,7 +42,10 @@ GROUP BY f ORDER BY samples DESC, frame LIMIT {limit}
 # Samples by what the stack holds: Java frames at all; Spark's; a leaf left unresolved.
 SHARES_SQL = """
 SELECT sum(weight)::BIGINT AS samples,
-       sum(weight) FILTER (WHERE list_has_any(kinds, ['jit', 'interpreted']))::BIGINT AS java,
+       sum(weight) FILTER (
+           WHERE list_has_any(kinds, ['jit', 'inlined', 'interpreted'])
+       )::BIGINT AS java,
+       sum(weight) FILTER (WHERE list_has_any(kinds, ['inlined']))::BIGINT AS inlined,
        sum(weight) FILTER (
            WHERE len(list_filter(frames, lambda f: f LIKE 'org.apache.spark.%')) > 0
        )::BIGINT AS spark,
@@ -123,11 +126,43 @@ def run_job(out: Path, seconds: float, rows: int) -> dict[str, Any]:
             "spark_frames": _rows(source, SPARK_FRAMES_SQL.format(where=job.where(), limit=15)),
             "process": _rows(source, f"SELECT * FROM processes WHERE pid = {pid} ORDER BY ts")[-1],
             "attaches": agent.jvms.stats["attaches"],
+            # What the agent holds of the JVM's code cache (symbolize/hotspot.py).
+            "code_cache_metadata": code_cache_metadata(agent, pid),
         }
     finally:
         source.close()
         aggregator.stop()
     return summary
+
+
+def code_cache_metadata(agent: Agent, pid: int) -> dict[str, int]:
+    """The nmethods and methods the agent read from the JVM's memory, and their bytes."""
+    process = agent.symbolizer.hotspot.process_of(pid)
+    if process is None:
+        return {}
+    return {**process.held(), "bytes": deep_size(process)}
+
+
+def deep_size(root: object) -> int:
+    """Bytes of root and every object it reaches (each counted once)."""
+    seen: set[int] = set()
+    stack, total = [root], 0
+    while stack:
+        item = stack.pop()
+        if id(item) in seen or isinstance(item, type):
+            continue
+        seen.add(id(item))
+        total += sys.getsizeof(item)
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple | set | frozenset):
+            stack.extend(item)
+        elif hasattr(item, "__dict__"):
+            stack.append(vars(item))
+        elif hasattr(item, "__slots__"):
+            stack.extend(getattr(item, name, None) for name in item.__slots__)
+    return total
 
 
 def _rows(source: AggregatorSource, sql: str) -> list[dict[str, Any]]:
@@ -152,6 +187,12 @@ def main() -> int:
     print(
         f"process: frame pointers {process['frame_pointers']}, attach {process['attach']!r}, "
         f"{process['perf_map_entries']} JIT symbols ({s['attaches']} attaches)"
+    )
+    metadata = s["code_cache_metadata"]
+    print(
+        f"{s['inlined'] / total:.0%} with inlined frames; code cache metadata held: "
+        f"{metadata.get('nmethods', 0)} nmethods, {metadata.get('methods', 0)} methods, "
+        f"{metadata.get('bytes', 0) / 1e6:.1f} MB (load average {os.getloadavg()[0]:.1f})"
     )
     print("Spark's hottest frames (inclusive samples):")
     for row in s["spark_frames"]:

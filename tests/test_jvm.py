@@ -783,4 +783,7 @@ def test_spark_job_profile_shows_spark_frames(tmp_path: Path) -> None:
     assert summary["unresolved_leaf"] <= 0.05 * summary["samples"], summary
     frames = [row["frame"] for row in summary["spark_frames"]]
     assert any(frame.startswith("org.apache.spark.sql.") for frame in frames), frames
+    # Named from the JVM's memory too, with the methods C2 inlined.
+    assert summary["inlined"] >= 0.05 * summary["samples"], summary
+    assert summary["code_cache_metadata"]["nmethods"] > 0, summary
     assert "org.apache.spark" in (tmp_path / "spark-job.folded").read_text()

@@ -699,6 +699,10 @@ class HotSpotProcess:
         self.stats["interpreted"] += 1
         return Frame(runtime_frame(entry)[0], entry, "interpreted")
 
+    def held(self) -> dict[str, int]:
+        """How much of the JVM this holds: nmethods and methods read and kept."""
+        return {"nmethods": len(self._nmethods), "methods": len(self._methods)}
+
     def close(self) -> None:
         self.memory.close()
 
@@ -751,6 +755,9 @@ class HotSpotSymbolizer:
         # samplers' hotspot_jvms maps (hotspot_stacks.bpf.h).
         self.on_change: Callable[[int, dict[str, int | list[int]] | None], None] | None = None
         self.stats = dict.fromkeys(("jvms", "layout_errors", "unreadable", "named"), 0)
+
+    def process_of(self, pid: int) -> HotSpotProcess | None:
+        return self._processes.get(pid)
 
     def process(self, snapshot: ProcessSnapshot) -> HotSpotProcess | None:
         pid = snapshot.pid
