@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -31,7 +32,13 @@ from fleetprof.node_agent.hotspot_attach import AttachError, attach, socket_path
 from fleetprof.node_agent.jvms import jvm_flag, jvm_options
 from fleetprof.node_agent.symbolize.elf import ElfCache
 from fleetprof.node_agent.symbolize.frame import Frame
-from fleetprof.node_agent.symbolize.hotspot import write_unwind_info
+from fleetprof.node_agent.symbolize.hotspot import (
+    HotSpotSymbolizer,
+    LayoutError,
+    Memory,
+    read_layout,
+    write_unwind_info,
+)
 from fleetprof.node_agent.symbolize.names import native_name, runtime_frame
 from fleetprof.node_agent.symbolize.perfmap import PerfMap
 from fleetprof.node_agent.symbolize.process import read_stat, take_snapshot
@@ -285,6 +292,52 @@ def test_no_flags_jvm_shows_inlined_methods(
     names = {f.id: profile.string_table[f.name] for f in profile.function}
     lines = {tuple(names[line.function_id] for line in loc.line) for loc in profile.location}
     assert (HOT, WEIGH, MAIN) in lines and (HOT, STAMP, MAIN) in lines, lines
+
+
+def test_bad_memory_gives_no_name_and_loses_nothing(manifest_classes: Path) -> None:
+    """Every address of a live code cache, garbage words as Method*s, a layout without its
+    tables, a JVM gone mid-read: counted, never a wrong name, never an exception."""
+    command = ["java", "-cp", str(manifest_classes), "com.harbor.Manifest", "30"]
+    process = subprocess.Popen(command)
+    symbolizer = HotSpotSymbolizer()
+    try:
+        time.sleep(1)
+        snapshot = take_snapshot(process.pid, ElfCache())
+        assert snapshot is not None
+        with pytest.raises(LayoutError, match="gHotSpotVMStructs"):
+            read_layout(Memory(process.pid), {}, 0)
+        jvm = symbolizer.process(snapshot)
+        assert jvm is not None
+        # Addresses all over the used start of the code heaps (code, headers, free space),
+        # each followed by a garbage word where a Method* would be; until some are in
+        # compiled methods (the JIT may take a while on a busy machine).
+        rng = random.Random(7)
+        named: list[list[Frame] | None] = []
+        hot = None
+        deadline = time.monotonic() + 60
+        while hot is None and time.monotonic() < deadline:
+            addrs = [
+                rng.randrange(h.low, h.low + (1 << 20)) for h in jvm.heaps for _ in range(3000)
+            ]
+            addrs += [rng.randrange(*jvm.interpreter) for _ in range(200)]
+            for addr in addrs:
+                frames = symbolizer.frames(snapshot, [addr, rng.getrandbits(47) & ~7])
+                named.extend(frames)
+                if frames[0] and frames[0][-1].name == MAIN:
+                    hot = addr
+        java_name = re.compile(r"[\w$.<>/]+|\S.*")  # a Java name, or a stub's
+        for frames in named:
+            for frame in frames or ():
+                assert java_name.fullmatch(frame.name) and frame.kind in schema.FRAME_KINDS
+        assert hot is not None and symbolizer.stats["named"] > 100, (symbolizer.stats, jvm.stats)
+        # Garbage Method*s were refused: no interpreted frame named from one.
+        assert jvm.stats["interpreted"] == 0 and symbolizer.stats["unreadable"] > 0
+    finally:
+        stop(process)
+    # Gone: what was read still names its samples; the rest is left to the perf map.
+    assert symbolizer.frames(snapshot, [hot])[0]
+    assert symbolizer.frames(snapshot, [jvm.heaps[-1].high - 64]) == [None]
+    symbolizer.close()
 
 
 # --- compiled frames without frame pointers: hotspot_stacks.bpf.h, in a harness -------------

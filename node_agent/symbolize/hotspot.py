@@ -156,7 +156,7 @@ class Memory:
     def cstring(self, address: int, most: int = 256) -> str:
         data = self.read(address, most) if address else b""
         end = data.find(b"\0")
-        if end < 0:
+        if end < 0 or not data[:end].isascii():
             raise _Unreadable(f"string at 0x{address:x}")
         return data[:end].decode("ascii")
 
@@ -304,14 +304,14 @@ def _unsigned5(data: bytes, at: int, excluded: int) -> tuple[int, int]:
     """One UNSIGNED5 number of HotSpot's CompressedReadStream at data[at:]; (value, next).
     JDK 20+ keeps zero bytes out of the code (excluded = 1)."""
     value = 0
-    for i in range(5):
+    for i in range(max(0, min(5, len(data) - at))):
         byte = data[at + i]
         if byte < excluded:
             raise _Unreadable("excluded byte in a compressed stream")
         value += (byte - excluded) << (6 * i)
         if byte < 192 or i == 4:
             return value, at + i + 1
-    raise AssertionError  # unreachable: the loop returns by its fifth byte
+    raise _Unreadable("compressed stream cut short")
 
 
 def _java_type(descriptor: str, at: int) -> tuple[str, int]:
@@ -562,9 +562,7 @@ class HotSpotProcess:
         i = bisect_right(self._starts, pc) - 1
         cached = self._nmethods.get(self._blobs[i]) if i >= 0 else None
         if cached is not None and cached.code_begin <= pc < cached.code_end:
-            # Still the same compilation at that address (a freed blob's space is reused)?
-            # Once the JVM exited (its last samples drain after), the last one seen was.
-            if self.memory.exited or self._compile_id(cached) == cached.compile_id:
+            if self._still(cached):
                 return cached
             self.stats["stale"] += 1
             self._forget(cached)
@@ -590,9 +588,18 @@ class HotSpotProcess:
             self._blobs = [blob for _, blob in held]
         return nmethod
 
-    def _compile_id(self, nmethod: _Nmethod) -> int:
-        at = nmethod.blob + self.layout["nm_compile_id"]
-        return int.from_bytes(self.memory.read(at, 4), "little")
+    def _still(self, nmethod: _Nmethod) -> bool:
+        """Whether its blob still holds that compilation (a freed blob's space is reused);
+        once the JVM exited (its last samples drain after), the last one seen did."""
+        if self.memory.exited:
+            return True
+        try:
+            at = nmethod.blob + self.layout["nm_compile_id"]
+            return int.from_bytes(self.memory.read(at, 4), "little") == nmethod.compile_id
+        except _Unreadable:
+            if self.memory.exited:
+                return True
+            raise
 
     def _forget(self, nmethod: _Nmethod) -> None:
         self._nmethods.pop(nmethod.blob)
@@ -614,7 +621,10 @@ class HotSpotProcess:
                 raise _Unreadable("symbol too long")
             body = self.memory.read(address + layout["symbol_body"], length)
         # Modified UTF-8; names here are printable.
-        text = body[:length].decode("utf-8")
+        try:
+            text = body[:length].decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Unreadable("symbol not UTF-8") from None
         if not text or not text.isprintable():
             raise _Unreadable("symbol not printable")
         return text
@@ -668,7 +678,7 @@ class HotSpotProcess:
         if frames is None:
             frames = self._name_scopes(nmethod, offset, leaf)
             # Re-read: still the same compilation after decoding (not freed mid-read)?
-            if not self.memory.exited and self._compile_id(nmethod) != nmethod.compile_id:
+            if not self._still(nmethod):
                 self.stats["stale"] += 1
                 self._forget(nmethod)
                 return None
@@ -767,7 +777,7 @@ class HotSpotSymbolizer:
             return None
         try:
             process = attach_process(snapshot)
-        except LayoutError as exc:
+        except (LayoutError, ValueError, IndexError, struct.error) as exc:
             self.stats["layout_errors"] += 1
             self._failed[pid] = str(exc)
             log.warning("JVM %d: Java frames not read from memory (%s): perf map only", pid, exc)
@@ -803,7 +813,8 @@ class HotSpotSymbolizer:
                         out[i], out[i + 1] = [process.interpreted_frame(method)], []
                 elif process.in_code_cache(addr):
                     out[i] = process.compiled_frames(addr, leaf=i == 0)
-            except _Unreadable as exc:
+            except (_Unreadable, ValueError, IndexError, struct.error) as exc:
+                # (The last three: what validation missed. Never a lost drain.)
                 self.stats["unreadable"] += 1
                 process.stats["invalid"] += 1
                 log.debug("JVM %d: 0x%x: %s", process.pid, addr, exc)
