@@ -1,12 +1,12 @@
 """What naming Java frames from the JVM's memory costs the agent, and how soon new code is named.
 
-1. Agent CPU with a busy 8-thread JVM started with no flags (demo.Hotspots, 8 threads):
-   the agent (a subprocess, 99 Hz, 2 s intervals) sampling it, its CPU share over a steady
-   window, against the same agent over the same window with no JVM running. Target: what the
-   JVM adds <= 1% of one core.
-2. How soon code compiled mid-run is named: Phases (late() first runs, and is compiled, after
-   4 s) under an in-process agent at 1 s intervals; per interval, late()'s samples and those
-   left `[jit 0x…]`. Target: late() named in the interval it first runs.
+One in-process agent (99 Hz, 1 s intervals) profiles:
+1. a busy 8-thread JVM started with no flags (demo.Hotspots): the CPU time the agent's
+   drain thread spends naming Java frames from memory (Symbolizer.hotspot.frames, thread CPU
+   time, so other load on the machine does not count), as a share of one core; and what it
+   holds of the JVM's code cache (nmethods, methods, bytes). Target: <= 1% of a core.
+2. Phases (late() first runs, and is compiled, after 4 s): per interval, late()'s samples
+   and those left `[jit 0x…]`. Target: late() named in the interval it first runs.
 
 The load average is printed with every figure. Run as root:
 .venv/bin/python benchmarks/jvm_frames.py [--seconds 30] [--repeats 3]
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from fleetprof import workloads
 from fleetprof.aggregator.server import Aggregator
@@ -32,43 +32,30 @@ from fleetprof.node_agent.agent import Agent, AgentConfig
 from fleetprof.node_agent.samplers import SamplerOptions
 from fleetprof.query.source import AggregatorSource
 
-VENV_BIN = Path(sys.executable).parent
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+sys.path.insert(0, str(Path(__file__).parent))  # benchmarks is not a package
+from spark_job import deep_size
+
 PHASES = Path(__file__).parents[1] / "tests" / "test_jvm.py"
 
 
-def cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+class TimedFrames:
+    """Symbolizer.hotspot.frames, timed in CPU seconds of the thread calling it."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.cpu_s = 0.0
+        self._frames = agent.symbolizer.hotspot.frames
+        agent.symbolizer.hotspot.frames = self  # type: ignore[method-assign]
+
+    def __call__(self, *args: Any) -> Any:
+        start = time.thread_time()
+        try:
+            return self._frames(*args)
+        finally:
+            self.cpu_s += time.thread_time() - start
 
 
-def agent_share(address: str, window_s: float, java: list[str] | None) -> float:
-    """The agent's CPU share of one core over window_s, after its start-up (and the JVM's)."""
-    agent = subprocess.Popen(
-        [str(VENV_BIN / "fleetprof"), "agent", "--aggregator", address, "--frequency", "99",
-         "--interval", "2", "--spool-dir", tempfile.mkdtemp(prefix="fleetprof-spool-")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    jvm = subprocess.Popen(java) if java else None
-    try:
-        time.sleep(30)  # BCC compiles, the JVM warms up, the agent reads its code cache
-        before, start = cpu_s(agent.pid), time.monotonic()
-        time.sleep(window_s)
-        return (cpu_s(agent.pid) - before) / (time.monotonic() - start)
-    finally:
-        for process in (jvm, agent):
-            if process is not None:
-                process.send_signal(signal.SIGTERM)
-                process.wait(timeout=60)
-
-
-def naming_delay(work: Path) -> list[dict[str, object]]:
-    """Per interval of a Phases run: its samples, late()'s, and those left [jit 0x…]."""
-    source = PHASES.read_text().split('PHASES = """', 1)[1].split('"""', 1)[0]
-    (work / "Phases.java").write_text(source)
-    subprocess.run(["javac", "-d", str(work), str(work / "Phases.java")], check=True)
-    aggregator = Aggregator(work / "phases.duckdb", "127.0.0.1:0")
+def start_agent(work: Path) -> tuple[Aggregator, Agent, threading.Event, threading.Thread]:
+    aggregator = Aggregator(work / f"bench-{time.monotonic_ns()}.duckdb", "127.0.0.1:0")
     aggregator.start()
     agent = Agent(
         AgentConfig(aggregator.address, "bench", 1.0, spool_dir=str(work / "spool"),
@@ -77,8 +64,38 @@ def naming_delay(work: Path) -> list[dict[str, object]]:
     stop = threading.Event()
     thread = threading.Thread(target=agent.run, args=(stop,))
     thread.start()
+    time.sleep(15)  # compiled and loaded
+    return aggregator, agent, stop, thread
+
+
+def busy_jvm(work: Path, classes: Path, seconds: float) -> dict[str, float]:
+    """Naming cost and code cache metadata for an 8-thread JVM with no flags."""
+    aggregator, agent, stop, thread = start_agent(work)
+    timed = TimedFrames(agent)
     try:
-        time.sleep(15)  # compiled and loaded
+        java = subprocess.Popen(
+            ["java", "-cp", str(classes), workloads.JAVA_MAIN, str(seconds), "8"]
+        )
+        start = time.monotonic()
+        java.wait()
+        wall = time.monotonic() - start
+        process = agent.symbolizer.hotspot.process_of(java.pid)
+        held = {**process.held(), "bytes": deep_size(process)} if process else {}
+        time.sleep(2)
+    finally:
+        stop.set()
+        thread.join()
+        aggregator.stop()
+    return {"share": timed.cpu_s / wall, "lookups": agent.symbolizer.hotspot.stats["named"], **held}
+
+
+def naming_delay(work: Path) -> list[dict[str, Any]]:
+    """Per interval of a Phases run: its samples, late()'s, and those left [jit 0x…]."""
+    source = PHASES.read_text().split('PHASES = """', 1)[1].split('"""', 1)[0]
+    (work / "Phases.java").write_text(source)
+    subprocess.run(["javac", "-d", str(work), str(work / "Phases.java")], check=True)
+    aggregator, _, stop, thread = start_agent(work)
+    try:
         java = subprocess.Popen(["java", "-cp", str(work), "Phases", "4", "6"])
         java.wait()
         time.sleep(2)
@@ -102,30 +119,25 @@ def naming_delay(work: Path) -> list[dict[str, object]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=30.0, help="measured window")
+    parser.add_argument("--seconds", type=float, default=30.0, help="how long the JVM runs")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fleetprof-jvm-bench-"))
     try:
         classes = workloads.build_java(work)
-        java = ["java", "-cp", str(classes), workloads.JAVA_MAIN, "600", "8"]
-        aggregator = Aggregator(work / "bench.duckdb", "127.0.0.1:0")
-        aggregator.start()
-        try:
-            added = []
-            for _ in range(args.repeats):
-                idle = agent_share(aggregator.address, args.seconds, None)
-                busy = agent_share(aggregator.address, args.seconds, java)
-                added.append(busy - idle)
-                print(
-                    f"agent CPU: {busy:.2%} of a core with an 8-thread JVM, {idle:.2%} without "
-                    f"(load average {os.getloadavg()[0]:.1f})"
-                )
-        finally:
-            aggregator.stop()
+        shares = []
+        for _ in range(args.repeats):
+            run = busy_jvm(work, classes, args.seconds)
+            shares.append(run["share"])
+            print(
+                f"naming Java frames from memory: {run['share']:.3%} of a core "
+                f"({run['lookups']} stacks' frames named so far); code cache metadata held: "
+                f"{run.get('nmethods', 0)} nmethods, {run.get('methods', 0)} methods, "
+                f"{run.get('bytes', 0) / 1e3:.0f} kB (load average {os.getloadavg()[0]:.1f})"
+            )
         print(
-            f"the JVM adds {statistics.median(added):.2%} of a core to the agent "
-            f"(median of {args.repeats}; range {min(added):.2%} to {max(added):.2%})"
+            f"median {statistics.median(shares):.3%} of a core over {args.repeats} runs "
+            f"(range {min(shares):.3%} to {max(shares):.3%})"
         )
         for row in naming_delay(work):
             print(
