@@ -79,6 +79,8 @@ class Symbolizer:
         if snapshot is not None:
             # Read its perf map now: the process may be gone by the time its samples drain.
             self._perf_maps.get(pid, snapshot.nspid)
+            if snapshot.hotspot:  # and a JVM's layout, for the same reason
+                self.hotspot.process(snapshot)
 
     def forget(self, pid: int) -> None:
         """Drop what is known of pid, once its last samples were symbolized."""
