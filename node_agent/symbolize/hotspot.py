@@ -385,15 +385,16 @@ class HotSpotProcess:
             if not (0 < low < high and segmap and 4 <= shift <= 16):
                 raise _Unreadable(f"code heap {i}: {low:x}-{high:x} segmap {segmap:x} {shift}")
             heaps.append(_Heap(low, high, segmap, shift))
+        stubs = memory.word(layout["interpreter_code"])
+        if not stubs:
+            return False  # the interpreter is generated after the heaps: not yet
+        buffer = memory.word(stubs + layout["stubs_buffer"])
+        limit = int.from_bytes(memory.read(stubs + layout["stubs_limit"], 4), "little")
+        if not buffer or not limit:
+            return False
         self._heaps = sorted(heaps, key=lambda heap: heap.low)
         self.code_bounds = (memory.word(layout["low_bound"]), memory.word(layout["high_bound"]))
-        stubs = memory.word(layout["interpreter_code"])
-        if stubs:
-            self.interpreter = (
-                memory.word(stubs + layout["stubs_buffer"]),
-                memory.word(stubs + layout["stubs_buffer"])
-                + int.from_bytes(memory.read(stubs + layout["stubs_limit"], 4), "little"),
-            )
+        self.interpreter = (buffer, buffer + limit)
         return True
 
     @property
