@@ -107,7 +107,7 @@ def naming_delay(work: Path) -> list[dict[str, Any]]:
         with client.stream(
             "SELECT ts, sum(weight)::BIGINT AS samples, "
             "sum(weight) FILTER (WHERE list_contains(frames, 'Phases.late'))::BIGINT AS late, "
-            "sum(weight) FILTER (WHERE len(list_filter(frames, f -> f LIKE '[jit 0x%')) > 0)"
+            "sum(weight) FILTER (WHERE len(list_filter(frames, lambda f: f LIKE '[jit 0x%')) > 0)"
             f"::BIGINT AS unnamed FROM samples JOIN stacks USING (stack_id) "
             f"WHERE pid = {java.pid} GROUP BY ts ORDER BY ts"
         ) as reader:
