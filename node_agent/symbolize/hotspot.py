@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import struct
+import time
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -193,7 +194,9 @@ def _table(
     base = variable(table)
     stride = variable(f"{entry}ArrayStride")
     columns = {name: variable(f"{entry}{name}Offset") for name in names}
-    if not base or not 0 < stride <= _MAX_STRIDE or any(o + 8 > stride for o in columns.values()):
+    if not base or not stride:
+        raise _Unreadable(f"{table}: not initialised yet")  # a JVM just started
+    if not stride <= _MAX_STRIDE or any(o + 8 > stride for o in columns.values()):
         raise LayoutError(f"{table}: stride {stride}, columns {columns}")
     rows = []
     chunk = 256
@@ -740,9 +743,9 @@ def attach_process(snapshot: ProcessSnapshot) -> HotSpotProcess | None:
         if not process.refresh():
             memory.close()
             return None
-    except _Unreadable as exc:
+    except _Unreadable:
         memory.close()
-        raise LayoutError(f"JVM not readable: {exc}") from None
+        return None  # not set up yet, or torn: tried again later
     except BaseException:
         memory.close()
         raise
@@ -762,6 +765,7 @@ class HotSpotSymbolizer:
     def __init__(self) -> None:
         self._processes: dict[int, HotSpotProcess | None] = {}
         self._failed: dict[int, str] = {}
+        self._retry_at: dict[int, float] = {}  # not set up yet: not asked again before
         # Told of each JVM read (its HotSpotProcess.unwind_info) and forgotten (None): the
         # samplers' hotspot_jvms maps (hotspot_stacks.bpf.h).
         self.on_change: Callable[[int, dict[str, int | list[int]] | None], None] | None = None
@@ -776,6 +780,9 @@ class HotSpotSymbolizer:
             return self._processes[pid]
         if pid in self._failed or not snapshot.hotspot:
             return None
+        if time.monotonic() < self._retry_at.get(pid, 0.0):
+            return None
+        self._retry_at[pid] = time.monotonic() + self.RETRY_S
         try:
             process = attach_process(snapshot)
         except (LayoutError, ValueError, IndexError, struct.error) as exc:
@@ -833,6 +840,7 @@ class HotSpotSymbolizer:
             if self.on_change is not None:
                 self.on_change(pid, None)
         self._failed.pop(pid, None)
+        self._retry_at.pop(pid, None)
 
     def close(self) -> None:
         for pid in list(self._processes):
