@@ -23,8 +23,9 @@ SUPPORTED_SCHEMA_VERSIONS = frozenset({1, 2})
 # (above a minimum duration); io: in I/O syscalls and block requests (README "Events").
 EVENT_UNITS = {"cpu": "samples", "lock": "ns", "offcpu": "ns", "io": "ns"}
 
-# Frame kinds, as used in STACKS.kinds; flame graphs colour by them.
-FRAME_KINDS = ("kernel", "native", "jit", "interpreted", "lost", "unknown")
+# Frame kinds, as used in STACKS.kinds; flame graphs colour by them. "python": a CPython
+# frame read from the interpreter (name module.qualname, module file:line).
+FRAME_KINDS = ("kernel", "native", "jit", "interpreted", "python", "lost", "unknown")
 
 _SAMPLE_FIELDS_V1 = [
     pa.field("ts", pa.timestamp("us", tz="UTC"), nullable=False),

@@ -22,7 +22,7 @@ StackRow = tuple[Sequence[str], Sequence[str], int]
 class FlameNode:
     """One frame of the merged tree; `total` includes `self_weight` and all descendants.
 
-    `kind` is one of "kernel", "native", "jit", "interpreted", "lost", "unknown"
+    `kind` is one of "kernel", "native", "jit", "interpreted", "python", "lost", "unknown"
     (renderers draw anything else like "unknown"); the root is "all" of kind "unknown".
 
     `children` is keyed by frame name alone, like flamegraph.pl: the kind is a colour hint

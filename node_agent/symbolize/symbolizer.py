@@ -6,6 +6,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 
+from fleetprof.node_agent.samplers.stack_maps import PythonFrame
 from fleetprof.node_agent.symbolize.elf import ElfCache
 from fleetprof.node_agent.symbolize.frame import Frame, LruCache
 from fleetprof.node_agent.symbolize.kernel import KernelSymbols
@@ -17,6 +18,7 @@ from fleetprof.node_agent.symbolize.process import (
     read_stat,
     take_snapshot,
 )
+from fleetprof.node_agent.symbolize.python import PythonProcesses
 
 UNKNOWN = Frame("[unknown]", "", "unknown")
 
@@ -61,6 +63,8 @@ class Symbolizer:
         self._elf_cache = elf_cache or ElfCache()
         self._perf_maps = perf_maps or PerfMapCache()
         self._kernel = kernel
+        # CPython processes: found in snapshots, their frames merged into native stacks.
+        self.python = PythonProcesses()
         self.on_snapshot: Callable[[ProcessSnapshot], None] | None = None
         # Per pid since take_jit_activity(): frames looked up in JIT code, and those missed.
         self._jit_lookups: Counter[int] = Counter()
@@ -80,6 +84,7 @@ class Symbolizer:
         """Drop what is known of pid, once its last samples were symbolized."""
         self._snapshots.pop(pid)
         self._perf_maps.forget(pid)
+        self.python.forget(pid)
 
     def reload_perf_map(self, pid: int, root: str | None = None) -> int | None:
         """Read pid's perf map now (its JVM just rewrote it, or is exiting); its size.
@@ -139,6 +144,13 @@ class Symbolizer:
             frames.append(self._user_frame(snapshot, mapping, addr, site))
         return frames
 
+    def with_python(
+        self, pid: int, native: list[Frame], python: Sequence[PythonFrame]
+    ) -> list[Frame]:
+        """A user stack's frames (leaf first) with the Python frames BPF read of the
+        interpreter put where its evaluation function ran them (see python.py)."""
+        return self.python.merge(native, self.python.frames(pid, python))
+
     def symbolize_kernel(self, addrs: Sequence[int]) -> list[Frame]:
         if self._kernel is None:
             try:
@@ -196,5 +208,6 @@ class Symbolizer:
     def _store(self, snapshot: ProcessSnapshot) -> None:
         self.stats["snapshots"] += 1
         self._snapshots.put(snapshot.pid, snapshot)
+        self.python.observe(snapshot)
         if self.on_snapshot is not None:
             self.on_snapshot(snapshot)

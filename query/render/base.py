@@ -127,8 +127,9 @@ _PALETTES = {
     "red": ((205, 50, 2), (0, 230, 0), (0, 55, 1)),
     "orange": ((190, 65, 0), (90, 65, 0), (0, 0, 0)),
     "grey": ((160, 40, 0), (160, 40, 0), (160, 40, 0)),
+    "aqua": ((50, 60, 0), (165, 55, 0), (165, 55, 0)),
 }
-_KIND_PALETTE = {"jit": "green", "interpreted": "green", "kernel": "orange"}
+_KIND_PALETTE = {"jit": "green", "interpreted": "green", "python": "aqua", "kernel": "orange"}
 
 
 @lru_cache(maxsize=1 << 16)  # the same few thousand frames in every graph
