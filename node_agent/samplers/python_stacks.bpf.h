@@ -126,6 +126,32 @@ static __always_inline u64 current_fsbase(void)
 #endif
 }
 
+// The layout of the current process's interpreter: its own, or if it is a child forked by
+// a Python process and has not exec'd since (multiprocessing, PySpark's workers), its
+// parent's, until user space finds the child itself.
+static __always_inline struct py_proc_t *current_python(u32 pid)
+{
+    struct py_proc_t *proc = python_procs.lookup(&pid);
+#if TASK_FSBASE_OFFSET >= 0
+    void *task = (void *)bpf_get_current_task(), *parent = 0;
+    u32 parent_pid = 0, exec_id = 0, parent_exec_id = 1;
+
+    if (proc)
+        return proc;
+    bpf_probe_read_kernel(&parent, sizeof(parent), task + TASK_REAL_PARENT_OFFSET);
+    if (!parent)
+        return 0;
+    bpf_probe_read_kernel(&parent_pid, sizeof(parent_pid), parent + TASK_TGID_OFFSET);
+    bpf_probe_read_kernel(&exec_id, sizeof(exec_id), task + TASK_SELF_EXEC_ID_OFFSET);
+    bpf_probe_read_kernel(&parent_exec_id, sizeof(parent_exec_id),
+                          parent + TASK_SELF_EXEC_ID_OFFSET);
+    if (parent_pid == pid || exec_id != parent_exec_id)
+        return 0;
+    proc = python_procs.lookup(&parent_pid);
+#endif
+    return proc;
+}
+
 // The current thread's PyThreadState, or 0.
 static __always_inline u64 current_tstate(struct py_proc_t *proc, struct py_scratch_t *scratch,
                                           u32 tid, u64 fsbase)
@@ -167,7 +193,7 @@ static __always_inline u64 record_python_stack(u32 at)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 pid = pid_tgid >> 32, tid = (u32)pid_tgid, zero = 0;
-    struct py_proc_t *proc = python_procs.lookup(&pid);
+    struct py_proc_t *proc = current_python(pid);
     struct py_scratch_t *scratch;
     u64 hash;
     u64 fsbase, tstate, frame, depth;

@@ -1,6 +1,6 @@
-"""What python_stacks.bpf.h needs from user space: the offset of a thread's fs base in the
-running kernel's task_struct, and each Python process's interpreter layout in every
-sampler's `python_procs` map.
+"""What python_stacks.bpf.h needs from user space: where the running kernel's task_struct
+keeps a thread's fs base, parent, tgid and exec count, and each Python process's
+interpreter layout in every sampler's `python_procs` map.
 
 The kernel headers BCC compiles with need not match the running kernel (see
 ENVIRONMENT.md), so task_struct's layout is read from the kernel's own BTF instead.
@@ -27,21 +27,36 @@ _KIND_EXTRA = {1: (4, 0), 3: (12, 0), 4: (0, 12), 5: (0, 12), 6: (0, 8), 13: (0,
                15: (0, 12), 17: (4, 0), 19: (0, 12)}  # fmt: skip
 
 
+# The task_struct members python_stacks.bpf.h reads: thread.fsbase is a thread's
+# pthread_self() on x86-64 (what CPython's thread states record as thread_id); a forked
+# child that has not exec'd (same self_exec_id as its parent) walks with its parent's layout.
+TASK_MEMBERS = {
+    "TASK_FSBASE_OFFSET": ("thread", "fsbase"),
+    "TASK_REAL_PARENT_OFFSET": ("real_parent",),
+    "TASK_TGID_OFFSET": ("tgid",),
+    "TASK_SELF_EXEC_ID_OFFSET": ("self_exec_id",),
+}
+
+
 @functools.cache
-def task_fsbase_offset(path: str = BTF_PATH) -> int | None:
-    """Offset of thread.fsbase in the running kernel's task_struct (a thread's
-    pthread_self() on x86-64: what CPython's thread states record as thread_id); None if
-    the kernel has no BTF saying so."""
+def task_offsets(path: str = BTF_PATH) -> dict[str, int] | None:
+    """Offsets of TASK_MEMBERS in the running kernel's task_struct; None if the kernel has
+    no BTF saying so."""
     try:
         with open(path, "rb") as f:
             data = f.read()
-        return _member_offset(data, "task_struct", ("thread", "fsbase"))
+        offsets = _member_offsets(data, "task_struct", TASK_MEMBERS)
     except (OSError, ValueError, struct.error, IndexError) as exc:
         log.warning("no task_struct layout from %s (%s): no Python frames", path, exc)
         return None
+    if offsets is None:
+        log.warning("task_struct in %s lacks %s: no Python frames", path, list(TASK_MEMBERS))
+    return offsets
 
 
-def _member_offset(data: bytes, struct_name: str, members: tuple[str, ...]) -> int | None:
+def _member_offsets(
+    data: bytes, struct_name: str, wanted: dict[str, tuple[str, ...]]
+) -> dict[str, int] | None:
     magic, _, _, header_len, type_off, type_len, str_off, _ = _BTF_HEADER.unpack_from(data)
     if magic != _BTF_MAGIC:
         raise ValueError("not BTF")
@@ -78,16 +93,22 @@ def _member_offset(data: bytes, struct_name: str, members: tuple[str, ...]) -> i
                     return bits // 8 + inner[0], inner[1]
         return None
 
+    def offset(type_id: int, members: tuple[str, ...]) -> int | None:
+        total = 0
+        for member in members:
+            found = find(_resolved(types, type_id), member)
+            if found is None:
+                return None
+            total += found[0]
+            type_id = found[1]
+        return total
+
     for type_id, (kind, name_off, _, fields) in enumerate(types):
         if kind == _KIND_STRUCT and fields and name(name_off) == struct_name:
-            offset, current = 0, type_id
-            for member in members:
-                found = find(_resolved(types, current), member)
-                if found is None:
-                    return None
-                offset += found[0]
-                current = found[1]
-            return offset
+            offsets = {key: offset(type_id, members) for key, members in wanted.items()}
+            if None in offsets.values():
+                return None
+            return {key: value for key, value in offsets.items() if value is not None}
     return None
 
 
@@ -102,9 +123,9 @@ def _resolved(types: list[tuple[int, int, int, list[tuple[int, int, int]]]], typ
 
 
 def cflags() -> list[str]:
-    """Defines python_stacks.bpf.h needs: without the fs base offset it walks nothing."""
-    offset = task_fsbase_offset()
-    return [f"-DTASK_FSBASE_OFFSET={offset if offset is not None else -1}"]
+    """Defines python_stacks.bpf.h needs: without task_struct's layout it walks nothing."""
+    offsets = task_offsets() or dict.fromkeys(TASK_MEMBERS, -1)
+    return [f"-D{key}={value}" for key, value in offsets.items()]
 
 
 class PythonTargets:

@@ -306,7 +306,10 @@ def module_name(filename: str) -> str:
             break
     else:
         stdlib = re.search(r"/lib/python3\.\d+/", path)
-        path = path[stdlib.end() :] if stdlib else os.path.basename(path)
+        # Elsewhere, the file (a package: its folder) without what it is imported as.
+        path = path[stdlib.end() :] if stdlib else "/".join(path.split("/")[-2:])
+        if not stdlib and not path.endswith("/__init__"):
+            path = path.rsplit("/", 1)[-1]
     return path.removesuffix("/__init__").replace("/", ".") or filename
 
 
@@ -554,8 +557,7 @@ class PythonProcesses:
             firstlineno = int.from_bytes(
                 header[layout.code_firstlineno : layout.code_firstlineno + 4], "little"
             )
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
-            print("DEBUG", exc, hex(code), tag, code_tag(layout, header))
+        except (OSError, ValueError, UnicodeDecodeError):
             self.stats["code_unreadable"] += 1
             return None
         finally:
