@@ -100,8 +100,10 @@ static __always_inline void record_stacks(void *ctx, struct sample_key_t *key, u
 {
     note_sampled_pid(key->pid);
     key->user_stack = record_user_stack(at);
+#if PYTHON_FRAMES
     if (key->user_stack != USER_STACK_NONE)
         key->python_stack = record_python_stack(at);
+#endif
     if (kernel == KERNEL_THREADS_ONLY)
         kernel = key->user_stack == USER_STACK_NONE ? 0 : NO_KERNEL_STACK;
     if (kernel == NO_KERNEL_STACK)
