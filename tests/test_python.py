@@ -7,15 +7,16 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from fleetprof.node_agent.samplers.python_stacks import PythonTargets, task_offsets
+from fleetprof.node_agent.samplers.python_stacks import TARGETS, PythonTargets, task_offsets
 from fleetprof.node_agent.symbolize.frame import Frame
 from fleetprof.node_agent.symbolize.python import (
     LAYOUTS,
@@ -151,6 +152,13 @@ def profile(
         frames = [Frame(*f) for f in zip(row.frames, row.modules, row.kinds, strict=True)]
         rows.append((tid, frames, weight))
     return rows, said, symbolizer
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} in {timeout_s} s"
+        time.sleep(0.05)
 
 
 def python_leaf(frames: list[Frame]) -> Frame | None:
@@ -370,3 +378,86 @@ def test_debug_offsets_of_313_are_read_from_the_binary() -> None:
     layout = layout_from_debug_offsets(image.runtime_head)
     assert layout is not None and layout.minor == 13
     assert layout_from_debug_offsets(b"\0" * 600) is None
+
+
+def test_agent_ships_python_frames_to_sql_and_every_format(
+    aggregator: Any, running_agent: Any, tmp_path: Path
+) -> None:
+    """The whole path: the agent finds the interpreter when it starts (no flag), BPF walks
+    it, the stacks reach DuckDB with kind python and every flame graph format names them."""
+    import gzip
+
+    from fleetprof.cli import main
+    from fleetprof.proto.pprof import profile_pb2
+    from fleetprof.query.source import AggregatorSource
+
+    agent = running_agent(frequency=99, interval_s=1.0)
+    script = tmp_path / "hot.py"
+    script.write_text(HOT)
+    program = subprocess.Popen(
+        [str(DEBIAN_PYTHON), str(script), "3", "callers"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert program.stdout is not None and program.stdin is not None
+        assert program.stdout.readline() == "ready\n"
+        # The agent found it at its exec (on a loaded machine its event loop may lag).
+        wait_for(lambda: program.pid in TARGETS, "the agent to find the interpreter")
+        program.stdin.write("go\n")
+        program.stdin.flush()
+        assert json.loads(program.stdout.readline())
+        # Alive until two drains named its code.
+        drains = agent.stats["drains"]
+        wait_for(lambda: agent.stats["drains"] >= drains + 2, "two drains")
+    finally:
+        program.kill()
+        program.wait()
+    agent.stop()
+    pid_sql = (
+        "SELECT pid FROM samples JOIN stacks USING (stack_id) "
+        "WHERE list_contains(frames, 'hot.caller_b') GROUP BY pid"
+    )
+    source = AggregatorSource(aggregator.address)
+    try:
+        with source.stream(pid_sql) as reader:
+            pids = reader.read_all().column("pid").to_pylist()
+        if len(pids) != 1:
+            seen = (
+                "SELECT pid, comm, frames, kinds, sum(weight) AS w FROM samples JOIN stacks "
+                "USING (stack_id) WHERE comm = 'python3.11' GROUP BY ALL ORDER BY w DESC LIMIT 8"
+            )
+            with source.stream(seen) as reader:
+                pytest.fail(f"no one process named hot.caller_b: {reader.read_all().to_pylist()}")
+        [pid] = pids
+        shares_sql = f"""
+            SELECT sum(weight)::BIGINT AS total,
+                   sum(weight) FILTER (WHERE list_contains(kinds, 'python'))::BIGINT AS python,
+                   sum(weight) FILTER (WHERE frames[-1] = 'hot.hot'
+                       OR list_contains(frames, 'hot.hot'))::BIGINT AS hot
+            FROM samples JOIN stacks USING (stack_id) WHERE pid = {pid}"""
+        with source.stream(shares_sql) as reader:
+            shares = reader.read_all().to_pylist()[0]
+    finally:
+        source.close()
+    assert shares["total"] >= 50 and shares["hot"] >= 0.85 * shares["total"], shares
+    for suffix in ("html", "svg", "folded", "speedscope.json", "pb.gz"):
+        out = tmp_path / f"cpu.{suffix}"
+        argv = ["flamegraph", "--aggregator", aggregator.address, "--pid", str(pid), "-o", str(out)]
+        assert main(argv) == 0
+        if suffix != "pb.gz":
+            assert "hot.caller_a" in out.read_text(), suffix
+            continue
+        profile = profile_pb2.Profile.FromString(gzip.decompress(out.read_bytes()))
+        functions = {
+            profile.string_table[f.name]: profile.string_table[f.filename] for f in profile.function
+        }
+        assert functions["hot.hot"] == str(script)
+        lines = {
+            line.line
+            for location in profile.location
+            for line in location.line
+            if profile.string_table[profile.function[line.function_id - 1].name] == "hot.hot"
+        }
+        assert lines & {5, 6}, lines

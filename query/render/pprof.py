@@ -55,7 +55,8 @@ class PprofRenderer:
     def rows_sql(self, selection: SampleFilter) -> str:
         # merged per stack id before the join: the lists are fetched once per row kept
         return f"""
-            SELECT m.node, m.pid, m.comm, st.frames, st.modules, m.weight, m.first, m.last
+            SELECT m.node, m.pid, m.comm, st.frames, st.modules, st.kinds, m.weight, m.first,
+                   m.last
             FROM (
                 SELECT node, pid, comm, stack_id, {saturating("sum(weight)")} AS weight,
                        epoch_ns(min(ts)) AS first, epoch_ns(max(ts)) AS last
@@ -83,22 +84,34 @@ class PprofRenderer:
         functions: dict[tuple[str, str], int] = {}
         locations: dict[tuple[str, str], int] = {}
 
-        def location(name: str, module: str) -> int:
+        def location(name: str, module: str, kind: str) -> int:
             key = (name, module)
             found = locations.get(key)
             if found is not None:
                 return found
+            line = 0
+            if kind == "python":  # module is file:line: a source location, not a binary
+                path, _, number = module.rpartition(":")
+                module, line = "", int(number) if number.isdigit() else 0
+                key_function = (name, path)
+            else:
+                path, key_function = "", key
             mapping_id = mappings.get(module)
             if mapping_id is None and module:
                 mapping_id = mappings[module] = len(mappings) + 1
                 profile.mapping.add(id=mapping_id, filename=string(module), has_functions=True)
-            function_id = functions.get(key)
+            function_id = functions.get(key_function)
             if function_id is None:
-                function_id = functions[key] = len(functions) + 1
-                profile.function.add(id=function_id, name=string(name), system_name=string(name))
+                function_id = functions[key_function] = len(functions) + 1
+                profile.function.add(
+                    id=function_id,
+                    name=string(name),
+                    system_name=string(name),
+                    filename=string(path) if path else 0,
+                )
             location_id = locations[key] = len(locations) + 1
             added = profile.location.add(id=location_id, mapping_id=mapping_id or 0)
-            added.line.add(function_id=function_id)
+            added.line.add(function_id=function_id, line=line)
             return location_id
 
         total = 0
@@ -113,9 +126,14 @@ class PprofRenderer:
                 if len(types) == 2:
                     values.append(round(weight * period_ns))
                 # pprof lists the leaf first
-                frames = zip(reversed(row["frames"]), reversed(row["modules"]), strict=True)
+                frames = zip(
+                    reversed(row["frames"]),
+                    reversed(row["modules"]),
+                    reversed(row["kinds"]),
+                    strict=True,
+                )
                 sample = profile.sample.add(
-                    location_id=[location(name, module) for name, module in frames], value=values
+                    location_id=[location(*frame) for frame in frames], value=values
                 )
                 sample.label.add(key=label_keys[0], str=string(row["node"]))
                 sample.label.add(key=label_keys[1], str=string(row["comm"]))
