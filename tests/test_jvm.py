@@ -504,3 +504,7 @@ def test_spark_job_profile_shows_spark_frames(tmp_path: Path) -> None:
     frames = [row["frame"] for row in summary["spark_frames"]]
     assert any(frame.startswith("org.apache.spark.sql.") for frame in frames), frames
     assert "org.apache.spark" in (tmp_path / "spark-job.folded").read_text()
+    # The Python side: PySpark's worker processes, forked by its daemon, show their frames.
+    python = summary["python"]
+    assert python["python_samples"] >= 20 and python["score"] >= 10, python
+    assert any(f.startswith("pyspark.worker.main") for f in python["pyspark_frames"]), python

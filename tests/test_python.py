@@ -154,7 +154,7 @@ def profile(
     return rows, said, symbolizer
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 300) -> None:
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 900) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         assert time.monotonic() < deadline, f"no {what} in {timeout_s} s"

@@ -397,6 +397,7 @@ def _lnotab_line(table: bytes, line: int, offset: int) -> int:
 
 class _Process(NamedTuple):
     start_time: int
+    exe: str  # an exec keeps pid and start time: a new exe is a new program
     layout: Layout
 
 
@@ -412,7 +413,7 @@ class PythonProcesses:
     def __init__(self, targets: PythonTargets = TARGETS, max_code_objects: int = 65536) -> None:
         self._targets = targets
         self._processes: dict[int, _Process] = {}
-        self._refused: set[tuple[int, int]] = set()
+        self._refused: set[tuple[int, int, str]] = set()
         self._images: LruCache[tuple[int, int, int, int], _Image | None] = LruCache(64)
         self._codes: LruCache[tuple[int, int, int, int], CodeInfo] = LruCache(max_code_objects)
         self.stats = dict.fromkeys(
@@ -422,11 +423,13 @@ class PythonProcesses:
 
     def observe(self, snapshot: ProcessSnapshot) -> None:
         """Find a CPython interpreter in a new snapshot and have BPF walk its threads."""
-        if (snapshot.pid, snapshot.start_time) in self._refused:
+        if (snapshot.pid, snapshot.start_time, snapshot.exe) in self._refused:
             return
         known = self._processes.get(snapshot.pid)
-        if known is not None and known.start_time == snapshot.start_time:
-            return
+        if known is not None:
+            if (known.start_time, known.exe) == (snapshot.start_time, snapshot.exe):
+                return
+            self.forget(snapshot.pid)  # exec'd another program, or its pid was reused
         for mapping in snapshot.mappings:
             match = _INTERPRETER_FILE.fullmatch(mapping.module.removesuffix(" (deleted)"))
             if match is None:
@@ -440,7 +443,7 @@ class PythonProcesses:
             bias = _bias(image, mapping)
             if layout is None or layout.minor != minor or bias is None:
                 self.stats["unsupported"] += 1
-                self._refused.add((snapshot.pid, snapshot.start_time))
+                self._refused.add((snapshot.pid, snapshot.start_time, snapshot.exe))
                 log.warning(
                     "pid %d (%s): Python 3.%d in %s is not supported (3.%d-3.%d are): "
                     "its samples keep their native stacks only",
@@ -448,7 +451,7 @@ class PythonProcesses:
                     SUPPORTED.start, SUPPORTED.stop - 1,
                 )  # fmt: skip
                 return
-            self._processes[snapshot.pid] = _Process(snapshot.start_time, layout)
+            self._processes[snapshot.pid] = _Process(snapshot.start_time, snapshot.exe, layout)
             self._targets.set(snapshot.pid, proc_info(layout, bias + runtime))
             self.stats["processes"] += 1
             log.info("pid %d (%s): Python 3.%d, frames walked", snapshot.pid, snapshot.comm, minor)
