@@ -180,20 +180,20 @@ VERSIONS = [
 def test_hot_function_and_its_callers_in_the_runtimes_own_split(
     sampler: Any, python: Any, tmp_path: Path
 ) -> None:
-    rows, spent, symbolizer = profile(sampler, python(), tmp_path, "callers", seconds=8.0)
+    rows, spent, symbolizer = profile(sampler, python(), tmp_path, "callers", seconds=12.0)
     total = sum(weight for _, _, weight in rows)
-    # 8 s at 99 Hz: 800 on an idle core; the split's binomial spread is ~3 points at 200.
-    assert total >= 200, rows
+    # 12 s at 99 Hz: 1200 on an idle core; the split's binomial spread is ~3.5 points at 150.
+    assert total >= 150, rows
     hot = {"hot.hot"}
     named = sum(w for _, frames, w in rows if (leaf := python_leaf(frames)) and leaf.name in hot)
     assert named >= 0.85 * total, (named, total, Counter(str(python_leaf(f)) for _, f, _ in rows))
-    # The hot frame is at a line of hot()'s loop (lines 5-7 of the program).
+    # The hot frame is at a line of hot() (lines 4-8 of the program), mostly its loop.
     lines = Counter(
         python_leaf(frames).module.rsplit(":", 1)[1]  # type: ignore[union-attr]
         for _, frames, _ in rows
         if python_leaf(frames) is not None and python_leaf(frames).name in hot  # type: ignore[union-attr]
     )
-    assert set(lines) <= {"4", "5", "6", "7"} and lines.keys() & {"5", "6"}, lines
+    assert set(lines) <= {"4", "5", "6", "7", "8"} and lines.keys() & {"6", "7"}, lines
     by_caller = Counter()
     for _, frames, weight in rows:
         names = [f.name for f in frames if f.kind == "python"]
