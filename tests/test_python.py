@@ -219,7 +219,7 @@ def test_each_thread_has_its_own_frames(sampler: Any, python: Any, tmp_path: Pat
                 assert f"hot.{function}" in names and "hot.thread_main" in names, names
                 own[function] += weight
     # Both threads ran (the GIL shares the CPU between them), each named as itself.
-    assert min(own.values(), default=0) >= 30 and len(own) == 2, own
+    assert min(own.values(), default=0) >= 10 and len(own) == 2, own
 
 
 def test_unsupported_version_keeps_native_stacks(sampler: Any, tmp_path: Path) -> None:
