@@ -132,8 +132,43 @@ def settle(pid: int, timeout_s: float = 300) -> None:
     raise TimeoutError("the agent stayed busy")
 
 
+def bpf_cost(python: str, script: Path, rounds: int, repeats: int) -> None:
+    """The cpu sampler's BPF time per sample, in this process (no agent: quick on a busy
+    machine), without and with the Python walk, the workload running on every CPU."""
+    from fleetprof.node_agent.samplers import SamplerOptions
+    from fleetprof.node_agent.samplers.cpu import CpuSampler
+    from fleetprof.node_agent.symbolize.symbolizer import Symbolizer
+
+    processes = os.cpu_count() or 1
+    for repeat in range(repeats):
+        for walk in (False, True):
+            sampler = CpuSampler(SamplerOptions(frequency=99, python_frames=walk))
+            symbolizer = Symbolizer()
+            children = [
+                subprocess.Popen([python, str(script), str(rounds)]) for _ in range(processes)
+            ]
+            for child in children:
+                symbolizer.remember(child.pid)  # as the agent does at their exec
+            before = bpf_program_ns(os.getpid())
+            for child in children:
+                child.wait()
+            after = bpf_program_ns(os.getpid())
+            walks = sampler.python_walks()
+            sampler.close()
+            runs = after[1] - before[1]
+            print(
+                f"run {repeat}: python walk {'on ' if walk else 'off'}: "
+                f"{(after[0] - before[0]) / max(runs, 1):6.0f} ns/sample over {runs} samples, "
+                f"walks {walks}, {load()}",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--bpf-only", action="store_true", help="only the BPF program's time per sample"
+    )
     parser.add_argument("--rounds", type=int, default=2000, help="work per process (~5 ms each)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--python", default="/usr/bin/python3")
@@ -144,6 +179,12 @@ def main() -> None:
     script.write_text(WORKLOAD)
     stats_were = Path(BPF_STATS).read_text().strip()
     Path(BPF_STATS).write_text("1")
+    if args.bpf_only:
+        try:
+            bpf_cost(args.python, script, args.rounds, args.repeats)
+        finally:
+            Path(BPF_STATS).write_text(stats_were)
+        return
     results: dict[str, list[float]] = {"alone": [], "agent": [], "agent+python": []}
     shares: dict[str, list[float]] = {"agent": [], "agent+python": []}
     bpf_ns: dict[str, list[float]] = {"agent": [], "agent+python": []}
