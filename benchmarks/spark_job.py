@@ -133,6 +133,11 @@ def run_job(out: Path, seconds: float, rows: int) -> dict[str, Any]:
             python_stage(spark, rows)
             rounds += 1
         finished = datetime.now(UTC)
+        # Python code objects are named from the live workers (docs/python.md): keep them
+        # until two drains after the job (a drain can take long on a loaded machine).
+        drains, waited = agent.stats["drains"], time.monotonic() + 300
+        while agent.stats["drains"] < drains + 2 and time.monotonic() < waited:
+            time.sleep(0.1)
         spark.stop()
     finally:
         stop.set()
