@@ -138,13 +138,14 @@ def run_job(out: Path, seconds: float, rows: int) -> dict[str, Any]:
         drains, waited = agent.stats["drains"], time.monotonic() + 300
         while agent.stats["drains"] < drains + 2 and time.monotonic() < waited:
             time.sleep(0.1)
+        named = datetime.now(UTC)  # samples are stamped when drained
         spark.stop()
     finally:
         stop.set()
         agent_thread.join()
     # The job: its JVM, from its start to the end of the interval holding its last sample.
     job = SampleFilter(pids=(pid,), since=started, until=finished + timedelta(seconds=INTERVAL_S))
-    window = SampleFilter(since=started, until=finished + timedelta(seconds=INTERVAL_S))
+    window = SampleFilter(since=started, until=named + timedelta(seconds=INTERVAL_S))
     source = AggregatorSource(aggregator.address)
     try:
         tree = load_flame(source, job)
