@@ -4,7 +4,9 @@ Starts an aggregator and a node agent (99 Hz), runs a shuffle-heavy Spark SQL jo
 group-by over many keys, a shuffled join, a global sort) in a local[2] Spark whose driver
 JVM runs with -XX:+PreserveFramePointer and nothing else, then writes the job's flame graph
 (its JVM, its time) and prints what it shows: how much of the CPU is in Java frames, Spark's
-own hottest frames, what stayed unresolved. The agent attaches to the JVM by itself.
+own hottest frames, what stayed unresolved. The agent attaches to the JVM by itself. Each
+round also maps an RDD through a Python function, which PySpark runs in its Python worker
+processes: their Python frames (docs/python.md) are counted apart.
 
 Needs pyspark (4.x) and Java 17 (JAVA_HOME, else /usr/lib/jvm/java-17-openjdk-amd64).
 Run as root: .venv/bin/python benchmarks/spark_job.py [--seconds 30] [--rows N] [--out DIR]
@@ -52,6 +54,34 @@ SELECT sum(weight)::BIGINT AS samples,
        sum(weight) FILTER (WHERE frames[-1] LIKE '[jit 0x%')::BIGINT AS unresolved_leaf
 FROM samples JOIN stacks USING (stack_id) WHERE {where}
 """
+
+
+# Python frames of PySpark's worker processes in the job's time: pyspark's own and the
+# job's Python function.
+PYTHON_SQL = """
+SELECT sum(weight)::BIGINT AS python_samples,
+       sum(weight) FILTER (
+           WHERE list_contains(frames, 'spark_job.python_stage.<locals>.score')
+       )::BIGINT AS score,
+       count(DISTINCT pid)::BIGINT AS python_processes,
+       list_distinct(flatten(list(list_filter(frames, lambda f: f LIKE 'pyspark.%'))))
+           AS pyspark_frames
+FROM samples JOIN stacks USING (stack_id)
+WHERE {where} AND list_contains(kinds, 'python')
+  AND len(list_filter(frames, lambda f: f LIKE 'pyspark.worker.%')) > 0
+"""
+
+
+def python_stage(spark: Any, rows: int) -> int:
+    def score(value: int) -> int:
+        """Python work for each RDD element, done in PySpark's Python workers (a nested
+        function: pickled by value, as the workers cannot import this module)."""
+        total = 0
+        for i in range(200):
+            total += (value * i) % 7
+        return total
+
+    return spark.sparkContext.parallelize(range(rows // 50), 4).map(score).sum()
 
 
 def shuffle_job(spark: Any, rows: int) -> int:
@@ -103,14 +133,22 @@ def run_job(out: Path, seconds: float, rows: int) -> dict[str, Any]:
         rounds, deadline = 0, time.monotonic() + seconds
         while time.monotonic() < deadline:
             shuffle_job(spark, rows)
+            python_stage(spark, rows)
             rounds += 1
         finished = datetime.now(UTC)
+        # Python code objects are named from the live workers (docs/python.md): keep them
+        # until two drains after the job (a drain can take long on a loaded machine).
+        drains, waited = agent.stats["drains"], time.monotonic() + 300
+        while agent.stats["drains"] < drains + 2 and time.monotonic() < waited:
+            time.sleep(0.1)
+        named = datetime.now(UTC)  # samples are stamped when drained
         spark.stop()
     finally:
         stop.set()
         agent_thread.join()
     # The job: its JVM, from its start to the end of the interval holding its last sample.
     job = SampleFilter(pids=(pid,), since=started, until=finished + timedelta(seconds=INTERVAL_S))
+    window = SampleFilter(since=started, until=named + timedelta(seconds=INTERVAL_S))
     source = AggregatorSource(aggregator.address)
     try:
         tree = load_flame(source, job)
@@ -124,6 +162,7 @@ def run_job(out: Path, seconds: float, rows: int) -> dict[str, Any]:
             "seconds": (finished - started).total_seconds(),
             **_rows(source, SHARES_SQL.format(where=job.where()))[0],
             "spark_frames": _rows(source, SPARK_FRAMES_SQL.format(where=job.where(), limit=15)),
+            "python": _rows(source, PYTHON_SQL.format(where=window.where()))[0],
             "process": _rows(source, f"SELECT * FROM processes WHERE pid = {pid} ORDER BY ts")[-1],
             "attaches": agent.jvms.stats["attaches"],
             # What the agent holds of the JVM's code cache (symbolize/hotspot.py).
@@ -193,6 +232,11 @@ def main() -> int:
         f"{s['inlined'] / total:.0%} with inlined frames; code cache metadata held: "
         f"{metadata.get('nmethods', 0)} nmethods, {metadata.get('methods', 0)} methods, "
         f"{metadata.get('bytes', 0) / 1e6:.1f} MB (load average {os.getloadavg()[0]:.1f})"
+    )
+    python = s["python"]
+    print(
+        f"PySpark workers: {python['python_samples']} samples with Python frames in "
+        f"{python['python_processes']} processes, {python['score']} in the job's score()"
     )
     print("Spark's hottest frames (inclusive samples):")
     for row in s["spark_frames"]:

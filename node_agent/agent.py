@@ -199,6 +199,8 @@ class Agent:
             self.shipper.stats["acked"],
             self.shipper.pending,
         )
+        if self.symbolizer.python.stats["processes"] or self.symbolizer.python.stats["unsupported"]:
+            log.info("python frames: %s", self.symbolizer.python.stats)
 
     def _run_sessions(self) -> None:
         """Start what the aggregator ordered; finish what reached its deadline."""

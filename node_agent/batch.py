@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from fleetprof.node_agent.owners import Owner, ProcessOwners
 from fleetprof.node_agent.samplers import Drain, LatencyBucket
+from fleetprof.node_agent.samplers.stack_maps import PythonFrame
 from fleetprof.node_agent.symbolize.frame import Frame
 from fleetprof.node_agent.symbolize.symbolizer import Symbolizer
 from fleetprof.proto import schema
@@ -83,15 +84,21 @@ class BatchBuilder:
     def build(self, event: str, ts: datetime, drain: Drain, session_id: str | None = None) -> Batch:
         drained = drain.samples
         kernel_frames: dict[tuple[int, ...] | None, list[Frame]] = {}
-        ids: dict[tuple[int, tuple[int, ...] | None, tuple[int, ...] | None, str], int] = {}
+        ids: dict[tuple[object, ...], int] = {}
         stacks: dict[int, StackRow] = {}
         stack_ids = []
         for sample in drained:
-            key = (sample.pid, sample.kernel_stack, sample.user_stack, sample.leaf)
+            key = (
+                sample.pid,
+                sample.kernel_stack,
+                sample.user_stack,
+                sample.leaf,
+                sample.python_stack,
+            )
             if key not in ids:
                 if sample.kernel_stack not in kernel_frames:
                     kernel_frames[sample.kernel_stack] = self._kernel(sample.kernel_stack)
-                frames = self._user(sample.pid, sample.user_stack)
+                frames = self._user(sample.pid, sample.user_stack, sample.python_stack)
                 frames.extend(kernel_frames[sample.kernel_stack])
                 if sample.leaf:
                     frames.append(Frame(sample.leaf, "", "kernel"))
@@ -147,10 +154,16 @@ class BatchBuilder:
             return [LOST_STACK]
         return self._symbolizer.symbolize_kernel(addresses)[::-1]
 
-    def _user(self, pid: int, addresses: tuple[int, ...] | None) -> list[Frame]:
+    def _user(
+        self, pid: int, addresses: tuple[int, ...] | None, python: Sequence[PythonFrame] | None
+    ) -> list[Frame]:
         if addresses is None:
-            return [LOST_STACK]
-        return self._symbolizer.symbolize_user(pid, addresses)[::-1]
+            native = [LOST_STACK]
+        else:
+            native = self._symbolizer.symbolize_user(pid, addresses)
+        if python:
+            native = self._symbolizer.with_python(pid, native, python)
+        return native[::-1]
 
 
 def stacks_table(stacks: dict[int, StackRow]) -> pa.Table:

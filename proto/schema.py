@@ -26,7 +26,8 @@ EVENT_UNITS = {"cpu": "samples", "lock": "ns", "offcpu": "ns", "io": "ns"}
 # Frame kinds, as used in STACKS.kinds; flame graphs colour by them. "inlined" (agents of
 # schema version 2 from the JVM frames of docs/jvm.md on): a method the JIT compiled into its
 # caller, the frame below it, which is "jit"; readers that predate it treat it as unknown.
-FRAME_KINDS = ("kernel", "native", "jit", "inlined", "interpreted", "lost", "unknown")
+# "python": a CPython frame read from the interpreter (name module.qualname, module file:line).
+FRAME_KINDS = ("kernel", "native", "jit", "inlined", "interpreted", "python", "lost", "unknown")
 
 _SAMPLE_FIELDS_V1 = [
     pa.field("ts", pa.timestamp("us", tz="UTC"), nullable=False),

@@ -58,6 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="offcpu: shortest time off CPU that counts (microseconds)",
     )
     parser.add_argument(
+        "--no-python-frames",
+        action="store_true",
+        help="do not read CPython processes' own frames (docs/python.md)",
+    )
+    parser.add_argument(
         "--spool-dir", default="/var/lib/fleetprof/spool", help="undelivered batches wait here"
     )
     parser.add_argument(
@@ -116,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
             frequency=args.frequency,
             include_idle=args.include_idle,
             offcpu_min_us=args.offcpu_min_us,
+            python_frames=not args.no_python_frames,
         ),
     )
     Agent(config).run(stop_on_signals())

@@ -40,6 +40,8 @@ class SamplerOptions:
     max_unwind_rows: int = 1 << 23
     max_unwind_ranges: int = 1 << 17
     max_unwind_pids: int = 1 << 14
+    # Walk CPython processes' own frames at each sample (python_stacks.bpf.h).
+    python_frames: bool = True
 
     def cflags(self) -> list[str]:
         """Defines every BPF program of ours understands."""
@@ -59,6 +61,7 @@ class SamplerOptions:
             # children): no first-sample events (new_pids.bpf.h) from them.
             f"-DNOTE_SAMPLED_PIDS={int(not self.session_filter)}",
             f"-DPROCESS_EVENT_PAGES={PROCESS_EVENT_PAGES}",
+            f"-DPYTHON_FRAMES={int(self.python_frames)}",
         ]
 
 

@@ -1,6 +1,6 @@
 """What every sampler shares: its BPF C file, compiled after the PRELUDE headers
-(unwind_tables, user_stacks, new_pids, stack_counts), and the two-generation maps it counts
-into."""
+(unwind_tables, user_stacks, new_pids, python_stacks, stack_counts), and the
+two-generation maps it counts into."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import ClassVar
 
 from bcc import BPF
 
-from fleetprof.node_agent.samplers import Drain, SamplerOptions
+from fleetprof.node_agent.samplers import Drain, SamplerOptions, python_stacks
 from fleetprof.node_agent.samplers.stack_maps import GenerationalStackMaps
 from fleetprof.node_agent.symbolize.hotspot import write_unwind_info
 
@@ -27,6 +27,7 @@ PRELUDE = (
     HERE / "unwind_tables.bpf.h",
     HERE / "user_stacks.bpf.h",
     HERE / "new_pids.bpf.h",
+    HERE / "python_stacks.bpf.h",
     HERE / "stack_counts.bpf.h",
 )
 
@@ -49,9 +50,11 @@ class BpfSampler:
         # The native unwinder's shared tables are named after it (unwind_tables.bpf.h).
         text = text.replace(b"UNWIND_ID", options.native_unwind.encode())
         with BCC_LOCK:
-            self._bpf = BPF(text=text, cflags=options.cflags())
+            self._bpf = BPF(text=text, cflags=[*options.cflags(), *python_stacks.cflags()])
             release_compiler_memory()
         self._session_filter = options.session_filter
+        self._python_procs = self._bpf[b"python_procs"]
+        python_stacks.TARGETS.add_map(self._python_procs)
         if attach:
             self.attach(options)
         self._maps = GenerationalStackMaps(self._bpf, self.describe)
@@ -96,7 +99,13 @@ class BpfSampler:
     def dropped_samples(self) -> int:
         return int(self._bpf[b"dropped_samples"].sum(0).value)
 
+    def python_walks(self) -> list[int]:
+        """Python stack walks since start, by outcome (python_stacks.bpf.h PY_STAT_*)."""
+        walks = self._bpf[b"python_walks"]
+        return [int(walks.sum(i).value) for i in range(len(walks))]
+
     def close(self) -> None:
+        python_stacks.TARGETS.remove_map(self._python_procs)
         with BCC_LOCK:
             self._bpf.cleanup()
 

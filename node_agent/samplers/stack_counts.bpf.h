@@ -1,5 +1,5 @@
 // What every sampler's BPF program shares; bpf_sampler.py puts it (after
-// user_stacks.bpf.h) before each <event>.bpf.c, as text: BCC rewrites map calls only in the
+// user_stacks.bpf.h and python_stacks.bpf.h) before each <event>.bpf.c, as text: BCC rewrites map calls only in the
 // file it compiles.
 //
 // Programs count (pid, tid, comm, kernel stack, user stack, detail) -> weight in two
@@ -19,6 +19,8 @@ struct sample_key_t {
     u64 user_stack;
     // What the stacks alone do not say (io: which syscall, or block device and op); 0 if nothing.
     u64 detail;
+    // A record_python_stack result (python_stacks.bpf.h): PYTHON_STACK_NONE for no Python.
+    u64 python_stack;
     char comm[TASK_COMM_LEN];
 };
 
@@ -80,6 +82,7 @@ static __always_inline void current_key(struct sample_key_t *key, u64 detail)
     key->detail = detail;
     key->kernel_stack_id = -EFAULT;
     key->user_stack = USER_STACK_NONE;
+    key->python_stack = PYTHON_STACK_NONE;
     bpf_get_current_comm(&key->comm, sizeof(key->comm));
 }
 
@@ -97,6 +100,10 @@ static __always_inline void record_stacks(void *ctx, struct sample_key_t *key, u
 {
     note_sampled_pid(key->pid);
     key->user_stack = record_user_stack(at);
+#if PYTHON_FRAMES
+    if (key->user_stack != USER_STACK_NONE)
+        key->python_stack = record_python_stack(at);
+#endif
     if (kernel == KERNEL_THREADS_ONLY)
         kernel = key->user_stack == USER_STACK_NONE ? 0 : NO_KERNEL_STACK;
     if (kernel == NO_KERNEL_STACK)
@@ -118,6 +125,8 @@ static __always_inline void add_weight(struct sample_key_t *key, u32 at, u64 wei
     if (at != now) {
         key->kernel_stack_id = -ENOENT;
         key->user_stack = USER_STACK_LOST;
+        if (key->python_stack != PYTHON_STACK_NONE)
+            key->python_stack = PYTHON_STACK_LOST;
     }
     if (now & 1)
         total = counts_1.lookup_or_try_init(key, &zero);

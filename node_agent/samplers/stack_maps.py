@@ -1,7 +1,8 @@
 """Draining in-kernel stack counts kept in two generations of BPF maps.
 
 Every sampler's BPF program (see stack_counts.bpf.h) counts into `counts_<g>`, with stacks
-in `stacks_<g>` (kernel) and `user_stacks_<g>` (user, see user_stacks.bpf.h), for the
+in `stacks_<g>` (kernel), `user_stacks_<g>` (user, see user_stacks.bpf.h) and
+`python_stacks_<g>` (the interpreter's frames, see python_stacks.bpf.h), for the
 generation g = epoch & 1 of its `epoch` array. To drain, user space
 bumps the epoch, lets programs already running finish, then reads and clears the previous
 generation: each sample lands in exactly one drain. Samplers with more per-generation maps
@@ -21,6 +22,16 @@ _FLIP_SETTLE_S = 0.002
 # sample_key_t.user_stack values that are not hashes (user_stacks.bpf.h).
 _USER_STACK_NONE = 0
 _USER_STACK_LOST = 1
+# python_stacks.bpf.h: sample_key_t.python_stack values that are not hashes, and the flag
+# of py_stack_t.depth saying deeper frames were left out.
+_PYTHON_STACK_NONE = 0
+_PYTHON_STACK_LOST = 1
+_PY_TRUNCATED = 1 << 63
+
+# One Python frame as BPF records it: (code object address, instruction offset with the
+# PY_ENTRY flag, tag); see python_stacks.bpf.h. A (0, 0, 0) root: deeper frames were left out.
+PythonFrame = tuple[int, int, int]
+TRUNCATED = (0, 0, 0)
 
 
 class StackSample(NamedTuple):
@@ -38,6 +49,9 @@ class StackSample(NamedTuple):
     # A synthetic leaf frame naming what the stack alone does not say ("[syscall fsync]",
     # "[block write vda]"); empty for none.
     leaf: str = ""
+    # The interpreter's frames (python_stacks.bpf.h), leaf first; empty for none, None if
+    # they were lost.
+    python_stack: tuple[PythonFrame, ...] | None = ()
 
 
 class GenerationalStackMaps:
@@ -66,6 +80,11 @@ class GenerationalStackMaps:
             key.value: tuple(stack.ips[: stack.depth]) for key, stack in user_stacks.items()
         }
         users[_USER_STACK_NONE] = ()
+        python_stacks = self._bpf[f"python_stacks_{generation}".encode()]
+        pythons: dict[int, tuple[PythonFrame, ...] | None] = {
+            key.value: _python_frames(stack) for key, stack in python_stacks.items()
+        }
+        pythons[_PYTHON_STACK_NONE] = ()
 
         def walk(stack_id: int) -> tuple[int, ...] | None:
             if stack_id not in walked:
@@ -83,11 +102,13 @@ class GenerationalStackMaps:
                     user_stack=users.get(key.user_stack),
                     weight=value.value,
                     leaf=self._describe(key.detail),
+                    python_stack=pythons.get(key.python_stack),
                 )
             )
         counts.clear()
         stacks.clear()
         user_stacks.clear()
+        python_stacks.clear()
         return samples
 
     def drain(self) -> list[StackSample]:
@@ -104,3 +125,9 @@ def _read_stack(stacks: Any, stack_id: int) -> tuple[int, ...] | None:
         return tuple(stacks.walk(stack_id))
     except KeyError:
         return None
+
+
+def _python_frames(stack: Any) -> tuple[PythonFrame, ...]:
+    depth = stack.depth & ~_PY_TRUNCATED
+    frames = tuple((f.code, f.instr, f.tag) for f in stack.frames[:depth])
+    return (*frames, TRUNCATED) if stack.depth & _PY_TRUNCATED else frames

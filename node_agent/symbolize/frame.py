@@ -11,7 +11,7 @@ class Frame(NamedTuple):
     """One symbolized stack frame.
 
     kind is one of proto.schema.FRAME_KINDS: "kernel", "native", "jit", "inlined",
-    "interpreted", "lost" or "unknown".
+    "interpreted", "python", "lost" or "unknown".
     """
 
     name: str

@@ -6,6 +6,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 
+from fleetprof.node_agent.samplers.stack_maps import PythonFrame
 from fleetprof.node_agent.symbolize.elf import ElfCache
 from fleetprof.node_agent.symbolize.frame import Frame, LruCache
 from fleetprof.node_agent.symbolize.hotspot import HotSpotSymbolizer
@@ -18,6 +19,7 @@ from fleetprof.node_agent.symbolize.process import (
     read_stat,
     take_snapshot,
 )
+from fleetprof.node_agent.symbolize.python import PythonProcesses
 
 UNKNOWN = Frame("[unknown]", "", "unknown")
 
@@ -65,6 +67,8 @@ class Symbolizer:
         self._perf_maps = perf_maps or PerfMapCache()
         self._kernel = kernel
         self.hotspot = HotSpotSymbolizer()
+        # CPython processes: found in snapshots, their frames merged into native stacks.
+        self.python = PythonProcesses()
         self.on_snapshot: Callable[[ProcessSnapshot], None] | None = None
         # Per pid since take_jit_activity(): frames looked up in JIT code, and those missed.
         self._jit_lookups: Counter[int] = Counter()
@@ -87,6 +91,7 @@ class Symbolizer:
         self._snapshots.pop(pid)
         self._perf_maps.forget(pid)
         self.hotspot.forget(pid)
+        self.python.forget(pid)
 
     def reload_perf_map(self, pid: int, root: str | None = None) -> int | None:
         """Read pid's perf map now (its JVM just rewrote it, or is exiting); its size.
@@ -150,6 +155,13 @@ class Symbolizer:
             frames.append(self._user_frame(snapshot, mapping, addr, site))
         return frames
 
+    def with_python(
+        self, pid: int, native: list[Frame], python: Sequence[PythonFrame]
+    ) -> list[Frame]:
+        """A user stack's frames (leaf first) with the Python frames BPF read of the
+        interpreter put where its evaluation function ran them (see python.py)."""
+        return self.python.merge(native, self.python.frames(pid, python))
+
     def symbolize_kernel(self, addrs: Sequence[int]) -> list[Frame]:
         if self._kernel is None:
             try:
@@ -207,5 +219,6 @@ class Symbolizer:
     def _store(self, snapshot: ProcessSnapshot) -> None:
         self.stats["snapshots"] += 1
         self._snapshots.put(snapshot.pid, snapshot)
+        self.python.observe(snapshot)
         if self.on_snapshot is not None:
             self.on_snapshot(snapshot)

@@ -129,8 +129,14 @@ _PALETTES = {
     "grey": ((160, 40, 0), (160, 40, 0), (160, 40, 0)),
     "aqua": ((50, 60, 0), (165, 55, 0), (165, 55, 0)),
 }
-# Inlined Java frames are aqua, as async-profiler draws them.
-_KIND_PALETTE = {"jit": "green", "inlined": "aqua", "interpreted": "green", "kernel": "orange"}
+# Inlined Java frames are aqua, as async-profiler draws them; Python frames too.
+_KIND_PALETTE = {
+    "jit": "green",
+    "inlined": "aqua",
+    "interpreted": "green",
+    "python": "aqua",
+    "kernel": "orange",
+}
 
 
 @lru_cache(maxsize=1 << 16)  # the same few thousand frames in every graph

@@ -84,23 +84,34 @@ class PprofRenderer:
         label_keys = (string("node"), string("comm"), string("pid"))
         mappings: dict[str, int] = {}
         functions: dict[tuple[str, str], int] = {}
-        locations: dict[tuple[tuple[str, str], ...], int] = {}
+        locations: dict[tuple[tuple[str, str, str], ...], int] = {}
 
-        def function(key: tuple[str, str]) -> int:
-            function_id = functions.get(key)
+        def function(line: tuple[str, str, str]) -> tuple[int, int]:
+            """(function id, line number) of a (name, module, kind) frame; a Python frame's
+            module is file:line, a source location rather than a binary."""
+            name, module, kind = line
+            number = 0
+            if kind == "python":
+                module, _, digits = module.rpartition(":")
+                number = int(digits) if digits.isdigit() else 0
+            function_id = functions.get((name, module))
             if function_id is None:
-                function_id = functions[key] = len(functions) + 1
-                name = string(key[0])
-                profile.function.add(id=function_id, name=name, system_name=name)
-            return function_id
+                function_id = functions[(name, module)] = len(functions) + 1
+                profile.function.add(
+                    id=function_id,
+                    name=string(name),
+                    system_name=string(name),
+                    filename=string(module) if kind == "python" else 0,
+                )
+            return function_id, number
 
-        def location(lines: tuple[tuple[str, str], ...]) -> int:
-            """The location of (name, module) lines, innermost first; the last is the
-            frame the code runs in, whose module is the location's mapping."""
+        def location(lines: tuple[tuple[str, str, str], ...]) -> int:
+            """The location of (name, module, kind) lines, innermost first; the last is
+            the frame the code runs in, whose module is the location's mapping."""
             found = locations.get(lines)
             if found is not None:
                 return found
-            module = lines[-1][1]
+            module = lines[-1][1] if lines[-1][2] != "python" else ""
             mapping_id = mappings.get(module)
             if mapping_id is None and module:
                 mapping_id = mappings[module] = len(mappings) + 1
@@ -108,15 +119,16 @@ class PprofRenderer:
             location_id = locations[lines] = len(locations) + 1
             added = profile.location.add(id=location_id, mapping_id=mapping_id or 0)
             for line in lines:
-                added.line.add(function_id=function(line))
+                function_id, number = function(line)
+                added.line.add(function_id=function_id, line=number)
             return location_id
 
         def location_ids(frames: list[str], modules: list[str], kinds: list[str]) -> list[int]:
             """Leaf first, as pprof lists them: inlined frames joined to the frame below."""
             ids: list[int] = []
-            inlined: list[tuple[str, str]] = []
+            inlined: list[tuple[str, str, str]] = []
             for frame in zip(reversed(frames), reversed(modules), reversed(kinds), strict=True):
-                inlined.append(frame[:2])
+                inlined.append(frame)
                 if frame[2] != "inlined":
                     ids.append(location(tuple(inlined)))
                     inlined = []
