@@ -38,6 +38,8 @@ class StackSample(NamedTuple):
     # A synthetic leaf frame naming what the stack alone does not say ("[syscall fsync]",
     # "[block write vda]"); empty for none.
     leaf: str = ""
+    # The key's detail (stack_counts.bpf.h), for the sampler's event_of.
+    detail: int = 0
 
 
 class GenerationalStackMaps:
@@ -83,6 +85,7 @@ class GenerationalStackMaps:
                     user_stack=users.get(key.user_stack),
                     weight=value.value,
                     leaf=self._describe(key.detail),
+                    detail=key.detail,
                 )
             )
         counts.clear()
