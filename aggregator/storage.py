@@ -26,6 +26,7 @@ from fleetprof.aggregator.label_sets import (
     LabelSets,
     convert_wide_rows,
 )
+from fleetprof.aggregator.old_events import convert_old_events
 from fleetprof.proto import lake
 from fleetprof.proto.control.v1 import control_pb2
 from fleetprof.query.filters import saturating
@@ -314,6 +315,7 @@ class ProfileStore:
         if wide:  # converted in the transaction that makes the new tables
             convert_wide_rows(self._db, "wide_sample_rows")
             self._db.execute("DROP TABLE wide_sample_rows")
+        convert_old_events(self._db)
         refresh_views(self._db)
         self._db.execute("COMMIT")
         self._db.execute(_MACROS)
