@@ -192,7 +192,7 @@ CREATE OR REPLACE MACRO top_functions(
 # The hour-partitioned views: (lake table, DuckDB table of its rows not sealed yet).
 PARTITIONED = {
     "samples": "sample_rows",
-    # Block I/O latency histograms (event io): requests per (interval, process, device, op)
+    # Block I/O latency histograms (event block): requests per (interval, process, device, op)
     # whose latency was in (bucket_le_ns / 2, bucket_le_ns].
     "io_latency": "io_latency_rows",
     # What agents learned about processes (JVMs), one row each time: latest per (node, pid).

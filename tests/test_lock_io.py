@@ -11,13 +11,16 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import duckdb
 import grpc
 import pyarrow as pa
 import pytest
 
 from fleetprof import workloads
 from fleetprof.aggregator.server import Aggregator
+from fleetprof.aggregator.storage import ProfileStore
 from fleetprof.cli import main
+from fleetprof.node_agent.batch import StackRow, stacks_table
 from fleetprof.proto import schema
 from fleetprof.query.filters import SampleFilter
 from fleetprof.query.flame import load_flame
@@ -386,3 +389,60 @@ def test_io_latency_is_validated_stored_and_queried(aggregator) -> None:
     assert query(aggregator, PERCENTILES_PER_PROCESS) == [
         {"comm": "dd", "pid": 7, "device": "vda", "requests": 100, "p50_ms": p50, "p99_ms": p99}
     ]
+
+
+def old_stack(*frames: str, kind: str = "native") -> StackRow:
+    return StackRow(frames, ("app",) * len(frames), (kind,) * len(frames))
+
+
+# Stacks of agents before the split, by id: (event they sent, event they are).
+OLD_STACKS = {
+    1: (old_stack("main", "copy_file", "[syscall write]"), "io", "io"),
+    2: (old_stack("main", "copy_file", "[block write vda]"), "io", "block"),
+    3: (old_stack("worker", "update", "pthread_mutex_lock", "__lll_lock_wait"), "lock", "lock"),
+    4: (old_stack("main", "pthread_join", "__futex_abstimed_wait_common"), "lock", "wait"),
+    5: (
+        old_stack("run", "ObjectSynchronizer::enter", "ObjectMonitor::EnterI", "pthread_cond_wait"),
+        "lock",
+        "lock",
+    ),
+    6: (old_stack("getTask", "Parker::park", "___pthread_cond_timedwait64"), "lock", "wait"),
+    7: (old_stack("main", "[unknown]"), "lock", "lock"),  # nothing says: stays
+}
+
+
+def test_old_databases_convert_when_opened(tmp_path: Path) -> None:
+    path = tmp_path / "old.duckdb"
+    server = Aggregator(path, "127.0.0.1:0")
+    server.start()
+    now = datetime.now(UTC)
+    ids = list(OLD_STACKS)
+    old_samples = schema.samples_table(
+        {
+            "ts": [now] * len(ids),
+            "pid": [7] * len(ids),
+            "tid": [7] * len(ids),
+            "comm": ["app"] * len(ids),
+            "event": [OLD_STACKS[i][1] for i in ids],
+            "stack_id": ids,
+            "weight": [1000 * i for i in ids],
+        }
+    )
+    rows = {i: stack for i, (stack, _, _) in OLD_STACKS.items()}
+    send(
+        server,
+        batch(1, samples=schema.encode(old_samples), stacks=schema.encode(stacks_table(rows))),
+    )
+    server.stop(grace_s=0)
+    # What a database of an earlier release lacks: the record of its conversion.
+    with duckdb.connect(str(path)) as db:
+        db.execute("DROP TABLE converted_events")
+    for _ in range(2):  # converted once; opened again, it stays as it is
+        store = ProfileStore(path)
+        try:
+            found = dict(store.reader().execute("SELECT stack_id, event FROM samples").fetchall())
+            (total,) = store.reader().execute("SELECT sum(weight) FROM samples").fetchone()
+        finally:
+            store.close()
+        assert found == {i: new for i, (_, _, new) in OLD_STACKS.items()}
+        assert total == 1000 * sum(ids)
