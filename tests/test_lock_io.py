@@ -21,6 +21,8 @@ from fleetprof.aggregator.server import Aggregator
 from fleetprof.aggregator.storage import ProfileStore
 from fleetprof.cli import main
 from fleetprof.node_agent.batch import StackRow, stacks_table
+from fleetprof.node_agent.samplers.lock import lock_or_wait
+from fleetprof.node_agent.symbolize.frame import Frame
 from fleetprof.proto import schema
 from fleetprof.query.filters import SampleFilter
 from fleetprof.query.flame import load_flame
@@ -446,3 +448,71 @@ def test_old_databases_convert_when_opened(tmp_path: Path) -> None:
             store.close()
         assert found == {i: new for i, (_, _, new) in OLD_STACKS.items()}
         assert total == 1000 * sum(ids)
+
+
+def native(*names: str) -> list[Frame]:
+    return [Frame(name, "lib", "native") for name in names]
+
+
+FUTEX_WAIT, FUTEX_WAIT_BITSET = 0, 9
+
+
+@pytest.mark.parametrize(
+    ("command", "frames", "event"),
+    [
+        # What the program asked for decides, above what the runtime built it from.
+        (
+            FUTEX_WAIT_BITSET,
+            native(
+                "run",
+                "ObjectSynchronizer::enter",
+                "ObjectMonitor::EnterI",
+                "os::PlatformEvent::park",
+                "pthread_cond_wait",
+            ),
+            "lock",
+        ),
+        (
+            FUTEX_WAIT_BITSET,
+            native(
+                "java.lang.Object.wait",
+                "ObjectMonitor::wait",
+                "os::PlatformEvent::park",
+                "pthread_cond_wait",
+            ),
+            "wait",
+        ),
+        # A ReentrantLock.lock inlined into its caller leaves AQS's exclusive acquire.
+        (
+            FUTEX_WAIT_BITSET,
+            native(
+                "demo.Ledger.post",
+                "java.util.concurrent.locks.AbstractQueuedSynchronizer.acquire",
+                "Parker::park",
+                "__pthread_cond_wait",
+            ),
+            "lock",
+        ),
+        (
+            FUTEX_WAIT_BITSET,
+            native(
+                "demo.Batch.run",
+                "java.util.concurrent.CountDownLatch.await",
+                "java.util.concurrent.locks.AbstractQueuedSynchronizer.acquire",
+                "Parker::park",
+            ),
+            "wait",
+        ),
+        (FUTEX_WAIT, native("worker", "___pthread_mutex_lock", "__lll_lock_wait"), "lock"),
+        (FUTEX_WAIT_BITSET, native("reader", "__pthread_rwlock_rdlock_full64"), "lock"),
+        (FUTEX_WAIT_BITSET, native("main", "__pthread_clockjoin_ex"), "wait"),
+        # Frames that say nothing: the futex command.
+        (FUTEX_WAIT, native("play", "syscall"), "lock"),
+        (FUTEX_WAIT_BITSET, native("Interpreter", "Parker::park"), "wait"),
+        (FUTEX_WAIT_BITSET, [], "wait"),
+    ],
+)
+def test_a_wait_is_lock_or_wait_by_its_outermost_lock_or_wait_frame(
+    command: int, frames: list[Frame], event: str
+) -> None:
+    assert lock_or_wait(command, frames) == event
