@@ -120,10 +120,17 @@ def benchmark(work: Path, repeats: int, rounds: int) -> None:
     loads: list[float] = []
 
     def measure(setting: str, reference: dict[str, tuple[float, float]]) -> None:
+        cells = []
         for name, command in commands.items():
             seconds, elapsed, _ = run(command)
             cpu0, wall0 = reference[name]
             ratios.setdefault((setting, name), []).append((seconds / cpu0, elapsed / wall0))
+            cells.append(f"{name} {seconds / cpu0:.3f}")
+        # As it goes: a long run cut short still says what it measured.
+        print(
+            f"  {setting}: cpu ratios {', '.join(cells)}; load {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
 
     def measure_alone() -> dict[str, tuple[float, float]]:
         reference = {}
@@ -136,7 +143,8 @@ def benchmark(work: Path, repeats: int, rounds: int) -> None:
         loads.append(os.getloadavg()[0])
         return reference
 
-    for _ in range(repeats):
+    for round_number in range(repeats):
+        print(f"round {round_number + 1}", flush=True)
         reference = measure_alone()
         with empty_sched_programs():
             measure(FLOOR, reference)
