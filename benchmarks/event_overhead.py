@@ -15,7 +15,8 @@ doing anything; "over floor" is a setting's median ratio less the floor's.
 
 lock+offcpu runs lock, wait and offcpu in one pair of programs: it should cost about what
 the dearer of lock and offcpu costs alone, not their sum.
-Run as root: .venv/bin/python benchmarks/event_overhead.py [--repeats N]
+Run as root: .venv/bin/python benchmarks/event_overhead.py [--repeats N] [--rounds N]
+[--settings lock,offcpu,lock+offcpu]
 """
 
 from __future__ import annotations
@@ -99,12 +100,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=100_000, help="turns per thread pair")
+    parser.add_argument(
+        "--settings", default=",".join(SETTINGS), help=f"some of {','.join(SETTINGS)}"
+    )
     args = parser.parse_args()
+    settings = args.settings.split(",")
+    if not set(settings) <= SETTINGS.keys():
+        parser.error(f"--settings takes some of {','.join(SETTINGS)}")
     with tempfile.TemporaryDirectory(prefix="fleetprof-events-") as work:
-        benchmark(Path(work), args.repeats, args.rounds)
+        benchmark(Path(work), args.repeats, args.rounds, settings)
 
 
-def benchmark(work: Path, repeats: int, rounds: int) -> None:
+def benchmark(work: Path, repeats: int, rounds: int, settings: list[str]) -> None:
     binary = str(workloads.build_native(work, workloads.WAITS_SOURCE))
     data = work / "data"
     data.write_bytes(os.urandom(4096))
@@ -148,7 +155,7 @@ def benchmark(work: Path, repeats: int, rounds: int) -> None:
         reference = measure_alone()
         with empty_sched_programs():
             measure(FLOOR, reference)
-        for setting in SETTINGS:
+        for setting in settings:
             reference = measure_alone()
             with agent_recording(setting, work):
                 measure(setting, reference)
@@ -161,7 +168,7 @@ def benchmark(work: Path, repeats: int, rounds: int) -> None:
     )
     print(f"{'':12}" + "".join(f"{name:>44}" for name in commands))
     floor = {name: statistics.median(c for c, _ in ratios[FLOOR, name]) for name in commands}
-    for setting in (FLOOR, *SETTINGS):
+    for setting in (FLOOR, *settings):
         cells = []
         for name in commands:
             cpu = [c for c, _ in ratios[setting, name]]
