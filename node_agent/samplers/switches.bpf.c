@@ -15,6 +15,18 @@ RAW_TRACEPOINT_PROBE(sched_switch)
     return 0;
 }
 
+// What sched_exit_tp decided before walking the stacks, kept in a map rather than in
+// registers: read back through a volatile pointer, values the verifier does not follow, so
+// the walk is verified once however the decisions went (with both events on, the
+// combinations carried through the unwinder made the program too large to load).
+struct switch_in_t {
+    u64 offcpu;  // weight, or 0
+    u64 waited;  // weight, or 0
+    u64 futex;   // detail, or 0
+    s64 kernel;  // record_stacks' `kernel`
+};
+BPF_PERCPU_ARRAY(switch_in, struct switch_in_t, 1);
+
 // args: bool is_switch, unsigned long ip
 RAW_TRACEPOINT_PROBE(sched_exit_tp)
 {
@@ -29,17 +41,25 @@ RAW_TRACEPOINT_PROBE(sched_exit_tp)
     u64 futex = waited ? futex_wait_detail() : 0;
     if (!offcpu && !futex)
         return 0;
+    u32 zero = 0;
+    volatile struct switch_in_t *in = switch_in.lookup(&zero);
+    if (!in)
+        return 0;
+    in->offcpu = offcpu;
+    in->waited = waited;
+    in->futex = futex;
+    // A futex wait's kernel stack is only the futex code: offcpu's alone has one.
+    in->kernel = offcpu ? RAW_TP_FRAMES : NO_KERNEL_STACK;
     struct sample_key_t key = {};
     u32 at = current_epoch();
     current_key(&key, DETAIL_OFFCPU);
-    // A futex wait's kernel stack is only the futex code: offcpu's alone has one.
-    record_stacks(ctx, &key, at, offcpu ? RAW_TP_FRAMES : NO_KERNEL_STACK);
-    if (offcpu)
-        add_weight(&key, at, offcpu);
-    if (futex) {
+    record_stacks(ctx, &key, at, in->kernel);
+    if (in->offcpu)
+        add_weight(&key, at, in->offcpu);
+    if (in->futex) {
         key.kernel_stack_id = -EFAULT;
-        key.detail = futex;
-        add_weight(&key, at, waited);
+        key.detail = in->futex;
+        add_weight(&key, at, in->waited);
     }
     return 0;
 }
