@@ -26,6 +26,7 @@ from fleetprof.aggregator.label_sets import (
     LabelSets,
     convert_wide_rows,
 )
+from fleetprof.aggregator.old_events import convert_old_events
 from fleetprof.proto import lake
 from fleetprof.proto.control.v1 import control_pb2
 from fleetprof.query.filters import saturating
@@ -191,7 +192,7 @@ CREATE OR REPLACE MACRO top_functions(
 # The hour-partitioned views: (lake table, DuckDB table of its rows not sealed yet).
 PARTITIONED = {
     "samples": "sample_rows",
-    # Block I/O latency histograms (event io): requests per (interval, process, device, op)
+    # Block I/O latency histograms (event block): requests per (interval, process, device, op)
     # whose latency was in (bucket_le_ns / 2, bucket_le_ns].
     "io_latency": "io_latency_rows",
     # What agents learned about processes (JVMs), one row each time: latest per (node, pid).
@@ -314,6 +315,7 @@ class ProfileStore:
         if wide:  # converted in the transaction that makes the new tables
             convert_wide_rows(self._db, "wide_sample_rows")
             self._db.execute("DROP TABLE wide_sample_rows")
+        convert_old_events(self._db)
         refresh_views(self._db)
         self._db.execute("COMMIT")
         self._db.execute(_MACROS)

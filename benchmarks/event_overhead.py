@@ -1,17 +1,22 @@
-"""What the wait events (lock, io, offcpu) cost the workloads they watch, at high rates.
+"""What the wait events (lock/wait, offcpu, io, block) cost the workloads they watch, at
+high rates.
 
-Fixed-work workloads of the bundled waits.c, timed alone and under an agent recording one
-event (shipping to an aggregator, both in this process), in one run; printed as ratios of
-the workload's CPU time (and wall time) to alone, medians of interleaved runs. "sched floor"
-is two empty BPF programs on the tracepoints lock and offcpu use (sched_switch and
-sched_exit_tp): what any per-switch tracing costs here before doing anything.
+Fixed-work workloads of the bundled waits.c, timed alone and under an agent recording some
+events (shipping to an aggregator, both in this process), in one run; printed as ratios of
+the workload's CPU time (and wall time) to its run alone just before (so slow drifts of
+the machine's load hit both), medians over interleaved rounds with their min-max, and the
+load average. "sched floor" is two empty BPF programs on the tracepoints lock, wait and
+offcpu use (sched_switch and sched_exit_tp): what any per-switch tracing costs here before
+doing anything; "over floor" is a setting's median ratio less the floor's.
   futex     a thread pair per CPU (pinned) passing a turn through a futex, with some work
             per turn: about 200k futex waits/s in all (the rate is printed)
   syscalls  pread 4 KiB from the page cache and write it to /dev/null, over and over
   switches  the same pairs with no work per turn: context switches as fast as they go
 
-Targets: lock and io <= 1.03 on futex; offcpu (1 ms threshold) <= 1.05 on switches.
-Run as root: .venv/bin/python benchmarks/event_overhead.py [--repeats N]
+lock+offcpu runs lock, wait and offcpu in one pair of programs: it should cost about what
+the dearer of lock and offcpu costs alone, not their sum.
+Run as root: .venv/bin/python benchmarks/event_overhead.py [--repeats N] [--rounds N]
+[--settings lock,offcpu,lock+offcpu]
 """
 
 from __future__ import annotations
@@ -34,7 +39,14 @@ from fleetprof import workloads
 from fleetprof.aggregator.server import Aggregator
 from fleetprof.node_agent.agent import Agent, AgentConfig
 
-EVENTS = ("lock", "io", "offcpu")
+# Setting name: the agent's events.
+SETTINGS = {
+    "lock": ("lock", "wait"),
+    "offcpu": ("offcpu",),
+    "lock+offcpu": ("lock", "wait", "offcpu"),
+    "io": ("io",),
+    "block": ("block",),
+}
 FLOOR = "sched floor"
 EMPTY_SCHED_PROGRAMS = b"""
 RAW_TRACEPOINT_PROBE(sched_switch) { return 0; }
@@ -57,10 +69,11 @@ def run(command: list[str]) -> tuple[float, float, str]:
 
 
 @contextmanager
-def agent_recording(event: str, work: Path) -> Iterator[None]:
-    aggregator = Aggregator(work / f"{event}.duckdb", "127.0.0.1:0")
+def agent_recording(setting: str, work: Path) -> Iterator[None]:
+    aggregator = Aggregator(work / f"{setting}.duckdb", "127.0.0.1:0")
     aggregator.start()
-    config = AgentConfig(aggregator.address, "bench", 10.0, (event,), spool_dir=str(work / "spool"))
+    events = SETTINGS[setting]
+    config = AgentConfig(aggregator.address, "bench", 10.0, events, spool_dir=str(work / "spool"))
     agent = Agent(config)
     stop = threading.Event()
     thread = threading.Thread(target=agent.run, args=(stop,))
@@ -87,12 +100,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=100_000, help="turns per thread pair")
+    parser.add_argument(
+        "--settings", default=",".join(SETTINGS), help=f"some of {','.join(SETTINGS)}"
+    )
     args = parser.parse_args()
+    settings = args.settings.split(",")
+    if not set(settings) <= SETTINGS.keys():
+        parser.error(f"--settings takes some of {','.join(SETTINGS)}")
     with tempfile.TemporaryDirectory(prefix="fleetprof-events-") as work:
-        benchmark(Path(work), args.repeats, args.rounds)
+        benchmark(Path(work), args.repeats, args.rounds, settings)
 
 
-def benchmark(work: Path, repeats: int, rounds: int) -> None:
+def benchmark(work: Path, repeats: int, rounds: int, settings: list[str]) -> None:
     binary = str(workloads.build_native(work, workloads.WAITS_SOURCE))
     data = work / "data"
     data.write_bytes(os.urandom(4096))
@@ -101,53 +120,70 @@ def benchmark(work: Path, repeats: int, rounds: int) -> None:
         "syscalls": [binary, "syscalls", str(5 * rounds), str(data)],
         "switches": [binary, "pingpong", str(rounds), "0"],
     }
-    cpu: dict[tuple[str, str], list[float]] = {}
-    wall: dict[tuple[str, str], list[float]] = {}
+    # (setting, workload) -> per round, (cpu, wall) ratio to the run alone just before.
+    ratios: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    alone: dict[str, list[float]] = {}
     rates: list[float] = []
+    loads: list[float] = []
 
-    def measure(setting: str) -> None:
+    def measure(setting: str, reference: dict[str, tuple[float, float]]) -> None:
+        cells = []
+        for name, command in commands.items():
+            seconds, elapsed, _ = run(command)
+            cpu0, wall0 = reference[name]
+            ratios.setdefault((setting, name), []).append((seconds / cpu0, elapsed / wall0))
+            cells.append(f"{name} {seconds / cpu0:.3f}")
+        # As it goes: a long run cut short still says what it measured.
+        print(
+            f"  {setting}: cpu ratios {', '.join(cells)}; load {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
+
+    def measure_alone() -> dict[str, tuple[float, float]]:
+        reference = {}
         for name, command in commands.items():
             seconds, elapsed, output = run(command)
-            cpu.setdefault((setting, name), []).append(seconds)
-            wall.setdefault((setting, name), []).append(elapsed)
-            if setting == "alone" and name == "futex":
+            reference[name] = (seconds, elapsed)
+            alone.setdefault(name, []).append(seconds)
+            if name == "futex":
                 rates.append(float(re.findall(r"(\d+) futex waits/s", output)[0]))
+        loads.append(os.getloadavg()[0])
+        return reference
 
-    # Runs alone before every agent's, so slow drifts of the machine's load hit both.
-    for _ in range(repeats):
-        measure("alone")
+    for round_number in range(repeats):
+        print(f"round {round_number + 1}", flush=True)
+        reference = measure_alone()
         with empty_sched_programs():
-            measure(FLOOR)
-        for event in EVENTS:
-            measure("alone")
-            with agent_recording(event, work):
-                measure(event)
+            measure(FLOOR, reference)
+        for setting in settings:
+            reference = measure_alone()
+            with agent_recording(setting, work):
+                measure(setting, reference)
 
     print(
-        f"{repeats} runs each, medians; futex workload alone: "
-        f"{statistics.median(rates):,.0f} futex waits/s"
+        f"{repeats} rounds, medians (min-max); futex workload alone: "
+        f"{statistics.median(rates):,.0f} futex waits/s; load average (1 min) "
+        f"{statistics.median(loads):.2f} ({min(loads):.2f}-{max(loads):.2f}) on "
+        f"{os.cpu_count()} CPUs"
     )
-    print(f"{'':12}" + "".join(f"{name:>22}" for name in commands))
-    for setting in ("alone", FLOOR, *EVENTS):
+    print(f"{'':12}" + "".join(f"{name:>44}" for name in commands))
+    floor = {name: statistics.median(c for c, _ in ratios[FLOOR, name]) for name in commands}
+    for setting in (FLOOR, *settings):
         cells = []
         for name in commands:
-            cpu_ratio = statistics.median(cpu[setting, name]) / statistics.median(
-                cpu["alone", name]
+            cpu = [c for c, _ in ratios[setting, name]]
+            wall = [w for _, w in ratios[setting, name]]
+            over = "" if setting == FLOOR else f" +{statistics.median(cpu) - floor[name]:.3f}"
+            cells.append(
+                f"cpu {statistics.median(cpu):.3f} ({min(cpu):.2f}-{max(cpu):.2f}){over}"
+                f" wall {statistics.median(wall):.3f}"
             )
-            wall_ratio = statistics.median(wall[setting, name]) / statistics.median(
-                wall["alone", name]
-            )
-            cells.append(f"cpu {cpu_ratio:5.3f} wall {wall_ratio:5.3f}")
-        print(f"{setting:12}" + "".join(f"{cell:>22}" for cell in cells))
-    # How far runs alone stray from their median: ratios closer to 1 than this are noise.
-    spread = {
-        name: statistics.pstdev(cpu["alone", name]) / statistics.median(cpu["alone", name])
-        for name in commands
-    }
+        print(f"{setting:12}" + "".join(f"{cell:>44}" for cell in cells))
     print(
         "alone: "
         + ", ".join(
-            f"{name} {statistics.median(cpu['alone', name]):.2f} CPU s (sd {spread[name]:.1%})"
+            f"{name} {statistics.median(alone[name]):.2f} CPU s "
+            f"(sd {statistics.pstdev(alone[name]) / statistics.median(alone[name]):.1%})"
             for name in commands
         )
     )

@@ -23,7 +23,7 @@ from fleetprof.node_agent.owners import ProcessOwners
 from fleetprof.node_agent.process_events import ProcessEvents
 from fleetprof.node_agent.samplers import SamplerOptions
 from fleetprof.node_agent.samplers.bpf_sampler import release_free_memory
-from fleetprof.node_agent.samplers.registry import SAMPLERS
+from fleetprof.node_agent.samplers.registry import check_events, samplers_for
 from fleetprof.node_agent.samplers.stack_maps import StackSample
 from fleetprof.node_agent.sessions import PreparedSamplers, SessionRun
 from fleetprof.node_agent.shipper import Shipper
@@ -79,9 +79,7 @@ class Agent:
         self._exited: set[int] = set()
         # Sampled processes to read (maps, symbols, job) after this poll's events.
         self._new_code: set[int] = set()
-        unknown = set(config.events) - SAMPLERS.keys()
-        if unknown:
-            raise ValueError(f"unknown event {sorted(unknown)[0]!r}; known: {sorted(SAMPLERS)}")
+        check_events(config.events)
         self.unwinder = (
             NativeUnwinder(config.sampling, config.unwind_cache_dir)
             if config.native_unwind
@@ -89,7 +87,7 @@ class Agent:
         )
         # What every sampler is built with, sessions' too: the unwinder's tables named.
         self.sampling = self.unwinder.options if self.unwinder else config.sampling
-        self._samplers = [SAMPLERS[event](self.sampling) for event in config.events]
+        self._samplers = samplers_for(config.events, self.sampling)
         self._prepared = PreparedSamplers(self.sampling)
         # JVMs whose memory the symbolizer reads: their Java frames unwound in BPF too.
         self.symbolizer.hotspot.on_change = self._set_jvm
@@ -132,7 +130,7 @@ class Agent:
         self._sessions: dict[str, SessionRun] = {}
         # samples: weight shipped (scaled by host sampling); drained: weight counted.
         self.stats = {"drains": 0, "skipped": 0, "samples": 0, "drained": 0}
-        self._dropped = dict.fromkeys(config.events, 0)
+        self._dropped = [0] * len(self._samplers)
         # The native unwinder's counters (NativeUnwinder.stats) at the last drain.
         self.unwind_stats: dict[str, int] = {}
         log.info(
@@ -240,25 +238,26 @@ class Agent:
         now = datetime.now(UTC)
         profiled = self.host_sampling.profile_this_interval()
         self.stats["skipped"] += not profiled
-        for sampler in self._samplers:
+        for index, sampler in enumerate(self._samplers):
             # Drained even when skipped: the kernel maps must start the next interval empty.
             drained = sampler.drain()
-            dropped = sampler.dropped_samples() - self._dropped[sampler.event]
-            self._dropped[sampler.event] += dropped
+            dropped = sampler.dropped_samples() - self._dropped[index]
+            self._dropped[index] += dropped
             self.stats["drained"] += sum(s.weight for s in drained.samples) + dropped
             if not profiled:
                 continue  # not symbolized, not shipped
             if dropped:
                 # The kernel's counts map was full: keep their weight under [lost stack].
+                # (Of a sampler of several events, shipped as the first one's.)
                 log.warning(
                     "%s: %d %s of weight found the kernel counts map full",
-                    sampler.event,
+                    ",".join(sampler.events),
                     dropped,
                     sampler.unit,
                 )
                 drained.samples.append(StackSample(0, 0, "[dropped]", None, (), dropped))
             drained = self.host_sampling.scale_drain(drained)
-            self.shipper.ship(self._builder.build(sampler.event, now, drained))
+            self.shipper.ship(self._builder.build(sampler, now, drained))
             self.stats["samples"] += sum(s.weight for s in drained.samples)
         for session in self._sessions.values():
             self._ship_session(session)

@@ -1,5 +1,5 @@
 """Turns a sampler's drain into one wire batch: SAMPLES rows, the STACKS they use and,
-for io, IO_LATENCY rows."""
+for block, IO_LATENCY rows."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import NamedTuple
 import pyarrow as pa
 
 from fleetprof.node_agent.owners import Owner, ProcessOwners
-from fleetprof.node_agent.samplers import Drain, LatencyBucket
-from fleetprof.node_agent.samplers.stack_maps import PythonFrame
+from fleetprof.node_agent.samplers import Drain, LatencyBucket, Sampler
+from fleetprof.node_agent.samplers.stack_maps import PythonFrame, StackSample
 from fleetprof.node_agent.symbolize.frame import Frame
 from fleetprof.node_agent.symbolize.symbolizer import Symbolizer
 from fleetprof.proto import schema
@@ -70,7 +70,7 @@ class Batch(NamedTuple):
     stacks: dict[int, StackRow]
     # schema.PROCESSES rows, when the agent learned something about processes.
     processes: pa.Table | None = None
-    # schema.IO_LATENCY rows, drained with the io event's samples.
+    # schema.IO_LATENCY rows, drained with the block event's samples.
     io_latency: pa.Table | None = None
 
 
@@ -81,21 +81,27 @@ class BatchBuilder:
         self._symbolizer = symbolizer
         self._owners = owners
 
-    def build(self, event: str, ts: datetime, drain: Drain, session_id: str | None = None) -> Batch:
-        drained = drain.samples
+    def build(
+        self, sampler: Sampler, ts: datetime, drain: Drain, session_id: str | None = None
+    ) -> Batch:
+        """The drain's samples as rows of the events `sampler.event_of` says; samples of
+        an event the sampler counts but does not ship are left out."""
         kernel_frames: dict[tuple[int, ...] | None, list[Frame]] = {}
-        ids: dict[tuple[object, ...], int] = {}
+        # Per (pid, stacks, leaf, detail): its stack id and event.
+        keys: dict[tuple[object, ...], tuple[int, str | None]] = {}
         stacks: dict[int, StackRow] = {}
-        stack_ids = []
-        for sample in drained:
+        drained: list[StackSample] = []
+        stack_ids, events = [], []
+        for sample in drain.samples:
             key = (
                 sample.pid,
                 sample.kernel_stack,
                 sample.user_stack,
                 sample.leaf,
+                sample.detail,
                 sample.python_stack,
             )
-            if key not in ids:
+            if key not in keys:
                 if sample.kernel_stack not in kernel_frames:
                     kernel_frames[sample.kernel_stack] = self._kernel(sample.kernel_stack)
                 frames = self._user(sample.pid, sample.user_stack, sample.python_stack)
@@ -103,9 +109,13 @@ class BatchBuilder:
                 if sample.leaf:
                     frames.append(Frame(sample.leaf, "", "kernel"))
                 row = stack_row(frames or [LOST_STACK])
-                ids[key] = stack_id(row)
-                stacks[ids[key]] = row
-            stack_ids.append(ids[key])
+                keys[key] = (stack_id(row), sampler.event_of(sample.detail, frames))
+                stacks[keys[key][0]] = row
+            row_id, event = keys[key]
+            if event is not None:
+                drained.append(sample)
+                stack_ids.append(row_id)
+                events.append(event)
         samples = schema.samples_table(
             {
                 "ts": pa.array([ts] * len(drained), pa.timestamp("us", tz="UTC")),
@@ -115,7 +125,7 @@ class BatchBuilder:
                     schema.printable(self._symbolizer.process_name(s.pid) or s.comm)
                     for s in drained
                 ],
-                "event": [event] * len(drained),
+                "event": events,
                 "stack_id": stack_ids,
                 "weight": [s.weight for s in drained],
                 "session_id": [session_id] * len(drained),

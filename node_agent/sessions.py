@@ -20,7 +20,7 @@ from fleetprof.node_agent.batch import Batch, BatchBuilder
 from fleetprof.node_agent.owners import ProcessOwners
 from fleetprof.node_agent.samplers import Sampler, SamplerOptions
 from fleetprof.node_agent.samplers.cpu import CpuSampler
-from fleetprof.node_agent.samplers.registry import SAMPLERS
+from fleetprof.node_agent.samplers.registry import check_events, samplers_for
 from fleetprof.proto.control.v1 import control_pb2
 
 log = logging.getLogger(__name__)
@@ -54,23 +54,22 @@ class SessionRun:
     ) -> None:
         self.order = order
         self._owners = owners
-        unknown = set(order.events) - SAMPLERS.keys()
-        if unknown:
-            raise ValueError(f"this agent has no sampler for {sorted(unknown)}")
+        check_events(order.events)
         session_options = replace(
             options, frequency=order.frequency or options.frequency, session_filter=True
         )
         self._prepared = prepared if "cpu" in order.events and not prepared.in_use else None
         self._attached = False
         self._samplers: list[Sampler] = []
-        for event in order.events:
-            if event == "cpu" and self._prepared:
-                self._prepared.in_use = True
-                self._prepared.cpu.attach(session_options)
-                self._attached = True
-                self._samplers.append(self._prepared.cpu)
-            else:
-                self._samplers.append(SAMPLERS[event](session_options))
+        others = list(order.events)
+        if self._prepared:
+            self._prepared.in_use = True
+            self._prepared.cpu.attach(session_options)
+            self._attached = True
+            self._samplers.append(self._prepared.cpu)
+            others = [event for event in others if event != "cpu"]
+        if others:
+            self._samplers += samplers_for(others, session_options)
         self.pids: set[int] = set()
         self.samples = 0
         for pid in all_pids():
@@ -100,7 +99,7 @@ class SessionRun:
         for sampler in self._samplers:
             drain = sampler.drain()
             self.samples += sum(sample.weight for sample in drain.samples)
-            batches.append(builder.build(sampler.event, now, drain, self.order.session_id))
+            batches.append(builder.build(sampler, now, drain, self.order.session_id))
         return batches
 
     def finish(self, builder: BatchBuilder) -> list[Batch]:

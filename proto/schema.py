@@ -3,7 +3,7 @@
 A batch is Arrow IPC streams: SAMPLES rows (one per in-kernel aggregated
 (pid, tid, stack) count), STACKS rows (each distinct stack once per connection) and
 PROCESSES rows (what the agent learned about processes, when it learned it) and IO_LATENCY
-rows (block I/O latency histograms of the `io` event).
+rows (block I/O latency histograms of the `block` event).
 Bump SCHEMA_VERSION and keep the old schema readable when a column changes.
 """
 
@@ -19,9 +19,19 @@ SCHEMA_VERSION = 2
 SUPPORTED_SCHEMA_VERSIONS = frozenset({1, 2})
 
 # The events (SAMPLES.event) and the unit of their weight: counts, or nanoseconds of time.
-# cpu: on-CPU samples; lock: blocked in futex waits and on kernel locks; offcpu: off CPU
-# (above a minimum duration); io: in I/O syscalls and block requests (README "Events").
-EVENT_UNITS = {"cpu": "samples", "lock": "ns", "offcpu": "ns", "io": "ns"}
+# Each time event counts a thread's time once, so its weights add up (docs/events.md):
+# cpu: on-CPU samples; lock: blocked acquiring a lock (mutex, rwlock, kernel lock, Java
+# monitor or lock); wait: blocked waiting for anything else in a futex (condition, join,
+# park, sleep, Object.wait); offcpu: off CPU (above a minimum duration); io: in I/O
+# syscalls; block: block device requests, issue to completion, on their submitter's stacks.
+EVENT_UNITS = {
+    "cpu": "samples",
+    "lock": "ns",
+    "wait": "ns",
+    "offcpu": "ns",
+    "io": "ns",
+    "block": "ns",
+}
 
 # Frame kinds, as used in STACKS.kinds; flame graphs colour by them. "inlined" (agents of
 # schema version 2 from the JVM frames of docs/jvm.md on): a method the JIT compiled into its
@@ -95,7 +105,7 @@ PROCESSES = pa.schema(
 # Block request ops (IO_LATENCY.op).
 IO_OPS = ("read", "write", "flush", "discard", "other")
 
-# Block requests completed in one interval, per (process, device, op), in log2 latency
+# Block requests (event block) completed in one interval, per (process, device, op), in log2 latency
 # buckets (IngestBatch.io_latency): one row per non-empty bucket.
 IO_LATENCY = pa.schema(
     [

@@ -11,13 +11,18 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import duckdb
 import grpc
 import pyarrow as pa
 import pytest
 
 from fleetprof import workloads
 from fleetprof.aggregator.server import Aggregator
+from fleetprof.aggregator.storage import ProfileStore
 from fleetprof.cli import main
+from fleetprof.node_agent.batch import StackRow, stacks_table
+from fleetprof.node_agent.samplers.lock import lock_or_wait
+from fleetprof.node_agent.symbolize.frame import Frame
 from fleetprof.proto import schema
 from fleetprof.query.filters import SampleFilter
 from fleetprof.query.flame import load_flame
@@ -120,20 +125,39 @@ def run_waits(binary: Path, *args: object, realtime: bool = False) -> tuple[int,
     return process.pid, time.monotonic() - start
 
 
-def test_mutex_contention_lands_under_the_locking_function(
+def weights_of(aggregator: Aggregator, event: str, pid: int, tids: set[int]) -> int:
+    """The weight of some threads of a process in an event."""
+    (total,) = (
+        aggregator.store.reader()
+        .execute(
+            "SELECT coalesce(sum(weight), 0) FROM samples "
+            "WHERE event = ? AND pid = ? AND list_contains(?, tid)",
+            [event, pid, sorted(tids)],
+        )
+        .fetchone()
+    )
+    return int(total)
+
+
+def test_mutex_contention_is_lock_and_the_join_is_wait(
     aggregator, running_agent, waits_binary, tmp_path: Path
 ) -> None:
-    agent = running_agent(events=("lock",))
+    agent = running_agent(events=("lock", "wait"))
     threads = 4
     pid, wall = run_waits(waits_binary, "mutex", 3, threads)
     agent.stop()
     tree = flame(aggregator, "lock", pid)
     workers = weight_under(tree, "ledger_worker")
-    # glibc's frameless __lll_lock_wait and pthread_mutex_lock do not hide their caller.
-    assert weight_under(tree, "update_shared_ledger") >= 0.95 * workers
+    # The lock profile is the workers' contention: glibc's frameless __lll_lock_wait and
+    # pthread_mutex_lock do not hide their caller.
+    assert weight_under(tree, "update_shared_ledger") >= 0.9 * tree.total
     # One thread holds the lock (asleep), the other three wait: blocked time is about
     # (threads - 1) x wall, and can never exceed threads x wall.
     assert 0.6 * (threads - 1) * wall * NS <= workers <= threads * wall * NS, workers / NS
+    # main waits in pthread_join all along: a wait, not a lock.
+    assert weights_of(aggregator, "lock", pid, {pid}) <= 0.01 * wall * NS
+    joined = weights_of(aggregator, "wait", pid, {pid})
+    assert 0.8 * wall * NS <= joined <= wall * NS, joined / NS
     # The weight is nanoseconds, shown as time; the folded export keeps the whole graph.
     out = tmp_path / "lock.folded"
     argv = ["flamegraph", "--aggregator", aggregator.address, "--event", "lock"]
@@ -148,12 +172,12 @@ def test_mutex_contention_lands_under_the_locking_function(
 def test_sampled_short_waits_keep_their_total(waits_binary) -> None:
     require_ebpf()
     from fleetprof.node_agent.samplers import SamplerOptions
-    from fleetprof.node_agent.samplers.lock import LockSampler
+    from fleetprof.node_agent.samplers.switches import SwitchSampler
 
     # The same waits, seen by the default sampler (waits under 1 ms sampled, weighing 1 ms)
     # and by one that records every wait of 1 µs or more as it is.
-    sampled = LockSampler(SamplerOptions())
-    exact = LockSampler(SamplerOptions(wait_sample_us=1))
+    sampled = SwitchSampler(SamplerOptions(), ("lock", "wait"))
+    exact = SwitchSampler(SamplerOptions(wait_sample_us=1), ("lock", "wait"))
     try:
         # A thread pair per CPU passing a turn through a futex: waits of microseconds.
         pid, wall = run_waits(waits_binary, "pingpong", 200_000, 2500)
@@ -171,21 +195,47 @@ def test_sampled_short_waits_keep_their_total(waits_binary) -> None:
     assert abs(totals[0] - totals[1]) <= 0.06 * totals[1], [total / NS for total in totals]
 
 
-def test_java_monitor_contention_names_the_method(
+def threads_named(pid: int, prefix: str) -> set[int]:
+    """The tids of a process's threads whose name starts with `prefix`."""
+    tids = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if (task / "comm").read_text().startswith(prefix):
+                tids.add(int(task.name))
+        except OSError:
+            continue  # exited meanwhile
+    return tids
+
+
+def test_java_monitor_contention_is_lock_and_an_idle_pool_is_wait(
     aggregator, running_agent, contention_classes
 ) -> None:
-    agent = running_agent(events=("lock",))
-    seconds, threads = 8, 4
+    agent = running_agent(events=("lock", "wait"))
+    seconds, threads, idle_threads = 8, 4, 3
     process = workloads.start_java(
         contention_classes, seconds, threads, main=workloads.CONTENTION_MAIN
     )
+    # The idle pool's threads, by name, once the JVM has started them.
+    deadline = time.monotonic() + seconds
+    idle: set[int] = set()
+    while len(idle) < idle_threads and time.monotonic() < deadline:
+        time.sleep(0.2)
+        idle = threads_named(process.pid, "idle-pool-")
     assert process.wait() == 0
     agent.stop()
+    assert len(idle) == idle_threads, idle
     tree = flame(aggregator, "lock", process.pid)
     # Three of the four writers wait for the monitor at any time; the JVM's own threads
     # (GC, compiler, ...) wait too, elsewhere.
     contended = sum(node.total for node in outermost(tree, "appendToJournal"))
     assert contended >= 0.3 * (threads - 1) * seconds * NS, contended / NS
+    # Entering the monitor parks in pthread_cond_wait, as waits do: it is still lock.
+    waiting = flame(aggregator, "wait", process.pid)
+    assert sum(node.total for node in outermost(waiting, "appendToJournal")) <= 0.05 * contended
+    # The idle pool's threads wait for tasks all along: wait, never lock.
+    parked = weights_of(aggregator, "wait", process.pid, idle)
+    assert parked >= 0.5 * idle_threads * seconds * NS, parked / NS
+    assert weights_of(aggregator, "lock", process.pid, idle) <= 0.01 * parked
 
 
 def block_device(path: Path) -> str:
@@ -197,7 +247,7 @@ def block_device(path: Path) -> str:
     return real.parent.name if (real / "partition").exists() else real.name
 
 
-def test_direct_writes_match_biolatency(aggregator, tmp_path: Path) -> None:
+def test_direct_writes_weigh_their_time_once_in_io_and_block(aggregator, tmp_path: Path) -> None:
     require_ebpf()
     require(BIOLATENCY.exists(), "libbpf-tools' biolatency is not installed")
     from fleetprof.node_agent.agent import Agent, AgentConfig
@@ -206,8 +256,12 @@ def test_direct_writes_match_biolatency(aggregator, tmp_path: Path) -> None:
     writes = 3000
     # Drained by hand: the agent's window is cut right after biolatency starts and right
     # after it stops, so both count the disk's requests (everyone's) over the same time.
-    agent = Agent(AgentConfig(aggregator.address, "test-node", 3600, ("io",), str(tmp_path)))
+    events = ("io", "block")
+    agent = Agent(AgentConfig(aggregator.address, "test-node", 3600, events, str(tmp_path)))
     try:
+        # What the agent saw since it started (all syscalls of a busy machine) drained now,
+        # so that the drain right after biolatency attaches is quick.
+        agent.drain_once()
         # Line-buffered, so its "Tracing" line says it is attached.
         biolatency = subprocess.Popen(
             ["stdbuf", "-oL", str(BIOLATENCY), "-d", device],
@@ -219,11 +273,13 @@ def test_direct_writes_match_biolatency(aggregator, tmp_path: Path) -> None:
         assert "Tracing" in biolatency.stdout.readline()
         agent.drain_once()
         target = tmp_path / "direct.dat"
+        start = time.monotonic()
         dd = subprocess.Popen(
             ["dd", "if=/dev/zero", f"of={target}", "bs=4k", f"count={writes}", "oflag=direct"],
             stderr=subprocess.DEVNULL,
         )
         assert dd.wait() == 0
+        wall = time.monotonic() - start
         biolatency.send_signal(signal.SIGINT)
         report, _ = biolatency.communicate(timeout=30)
         agent.drain_once()
@@ -247,9 +303,15 @@ def test_direct_writes_match_biolatency(aggregator, tmp_path: Path) -> None:
     assert 0.98 * writes <= sum(n for _, n in buckets) <= 1.02 * writes
     assert all(bucket & (bucket - 1) == 0 for bucket, _ in buckets)
     assert abs(ours - theirs) <= 0.1 * theirs, (ours, theirs)
+    # dd's time in write(2) is its io; the device's part of it is block, apart: each adds
+    # up to at most the real time (io is short of dd's wall time by its start and exit).
+    io = flame(aggregator, "io", dd.pid)
+    assert 0.5 * wall * NS <= io.total <= 1.2 * wall * NS, (io.total / NS, wall)
+    assert weight_under(io, "[syscall write]") >= 0.95 * io.total
     # The same requests weigh on dd's stacks, under a leaf naming the device and op.
-    tree = flame(aggregator, "io", dd.pid)
-    assert weight_under(tree, f"[block write {device}]") > 0
+    block = flame(aggregator, "block", dd.pid)
+    assert weight_under(block, f"[block write {device}]") >= 0.95 * block.total > 0
+    assert block.total <= io.total, (block.total / NS, io.total / NS)
 
 
 def test_fsync_time_lands_under_the_commit_path(
@@ -267,8 +329,12 @@ def test_fsync_time_lands_under_the_commit_path(
     assert sum(weight_under(node, "[syscall fsync]") for node in commit) >= 0.99 * fsync
 
 
-def test_offcpu_counts_long_sleeps_only(aggregator, running_agent, waits_binary) -> None:
-    agent = running_agent(events=("offcpu",))
+# Alone, and with lock and wait in the same programs (one pair for all three).
+@pytest.mark.parametrize("events", [("offcpu",), ("offcpu", "lock", "wait")])
+def test_offcpu_counts_long_sleeps_only(
+    aggregator, running_agent, waits_binary, events: tuple[str, ...]
+) -> None:
+    agent = running_agent(events=events)
     sleeper = subprocess.Popen(["sleep", "0.5"])
     # A thread pair per CPU passing a turn: each thread waits for it half the time, in
     # waits of microseconds, far below the 1 ms threshold. At real-time priority, so that
@@ -284,6 +350,12 @@ def test_offcpu_counts_long_sleeps_only(aggregator, running_agent, waits_binary)
     waiting = weight_under(flame(aggregator, "offcpu", switcher), "play")
     threads = 2 * (os.cpu_count() or 1)
     assert waiting < 0.2 * 0.5 * threads * wall * NS, waiting / NS
+    if "lock" in events:
+        # A sleep is no futex wait; the players' short futex waits are counted (sampled).
+        assert weights_of(aggregator, "wait", sleeper.pid, {sleeper.pid}) == 0
+        assert weights_of(aggregator, "lock", sleeper.pid, {sleeper.pid}) == 0
+        players = flame(aggregator, "lock", switcher).total
+        assert players >= 0.2 * 0.5 * threads * wall * NS, players / NS
 
 
 def latency_rows(*rows: tuple[int, str, str, str, int, int]) -> bytes:
@@ -319,3 +391,128 @@ def test_io_latency_is_validated_stored_and_queried(aggregator) -> None:
     assert query(aggregator, PERCENTILES_PER_PROCESS) == [
         {"comm": "dd", "pid": 7, "device": "vda", "requests": 100, "p50_ms": p50, "p99_ms": p99}
     ]
+
+
+def old_stack(*frames: str, kind: str = "native") -> StackRow:
+    return StackRow(frames, ("app",) * len(frames), (kind,) * len(frames))
+
+
+# Stacks of agents before the split, by id: (event they sent, event they are).
+OLD_STACKS = {
+    1: (old_stack("main", "copy_file", "[syscall write]"), "io", "io"),
+    2: (old_stack("main", "copy_file", "[block write vda]"), "io", "block"),
+    3: (old_stack("worker", "update", "pthread_mutex_lock", "__lll_lock_wait"), "lock", "lock"),
+    4: (old_stack("main", "pthread_join", "__futex_abstimed_wait_common"), "lock", "wait"),
+    5: (
+        old_stack("run", "ObjectSynchronizer::enter", "ObjectMonitor::EnterI", "pthread_cond_wait"),
+        "lock",
+        "lock",
+    ),
+    6: (old_stack("getTask", "Parker::park", "___pthread_cond_timedwait64"), "lock", "wait"),
+    7: (old_stack("main", "[unknown]"), "lock", "lock"),  # nothing says: stays
+}
+
+
+def test_old_databases_convert_when_opened(tmp_path: Path) -> None:
+    path = tmp_path / "old.duckdb"
+    server = Aggregator(path, "127.0.0.1:0")
+    server.start()
+    now = datetime.now(UTC)
+    ids = list(OLD_STACKS)
+    old_samples = schema.samples_table(
+        {
+            "ts": [now] * len(ids),
+            "pid": [7] * len(ids),
+            "tid": [7] * len(ids),
+            "comm": ["app"] * len(ids),
+            "event": [OLD_STACKS[i][1] for i in ids],
+            "stack_id": ids,
+            "weight": [1000 * i for i in ids],
+        }
+    )
+    rows = {i: stack for i, (stack, _, _) in OLD_STACKS.items()}
+    send(
+        server,
+        batch(1, samples=schema.encode(old_samples), stacks=schema.encode(stacks_table(rows))),
+    )
+    server.stop(grace_s=0)
+    # What a database of an earlier release lacks: the record of its conversion.
+    with duckdb.connect(str(path)) as db:
+        db.execute("DROP TABLE converted_events")
+    for _ in range(2):  # converted once; opened again, it stays as it is
+        store = ProfileStore(path)
+        try:
+            found = dict(store.reader().execute("SELECT stack_id, event FROM samples").fetchall())
+            (total,) = store.reader().execute("SELECT sum(weight) FROM samples").fetchone()
+        finally:
+            store.close()
+        assert found == {i: new for i, (_, _, new) in OLD_STACKS.items()}
+        assert total == 1000 * sum(ids)
+
+
+def native(*names: str) -> list[Frame]:
+    return [Frame(name, "lib", "native") for name in names]
+
+
+FUTEX_WAIT, FUTEX_WAIT_BITSET = 0, 9
+
+
+@pytest.mark.parametrize(
+    ("command", "frames", "event"),
+    [
+        # What the program asked for decides, above what the runtime built it from.
+        (
+            FUTEX_WAIT_BITSET,
+            native(
+                "run",
+                "ObjectSynchronizer::enter",
+                "ObjectMonitor::EnterI",
+                "os::PlatformEvent::park",
+                "pthread_cond_wait",
+            ),
+            "lock",
+        ),
+        (
+            FUTEX_WAIT_BITSET,
+            native(
+                "java.lang.Object.wait",
+                "ObjectMonitor::wait",
+                "os::PlatformEvent::park",
+                "pthread_cond_wait",
+            ),
+            "wait",
+        ),
+        # A ReentrantLock.lock inlined into its caller leaves AQS's exclusive acquire.
+        (
+            FUTEX_WAIT_BITSET,
+            native(
+                "demo.Ledger.post",
+                "java.util.concurrent.locks.AbstractQueuedSynchronizer.acquire",
+                "Parker::park",
+                "__pthread_cond_wait",
+            ),
+            "lock",
+        ),
+        (
+            FUTEX_WAIT_BITSET,
+            native(
+                "demo.Batch.run",
+                "java.util.concurrent.CountDownLatch.await",
+                "java.util.concurrent.locks.AbstractQueuedSynchronizer.acquire",
+                "Parker::park",
+            ),
+            "wait",
+        ),
+        (FUTEX_WAIT, native("worker", "___pthread_mutex_lock", "__lll_lock_wait"), "lock"),
+        (FUTEX_WAIT_BITSET, native("reader", "__pthread_rwlock_rdlock_full64"), "lock"),
+        (FUTEX_WAIT_BITSET, native("main", "__pthread_clockjoin_ex"), "wait"),
+        # Frames that say nothing: the futex command.
+        (FUTEX_WAIT, native("play", "syscall"), "lock"),
+        (FUTEX_WAIT_BITSET, native("Interpreter", "Parker::park"), "wait"),
+        (FUTEX_WAIT_BITSET, [], "wait"),
+    ],
+)
+def test_a_wait_is_lock_or_wait_by_its_outermost_lock_or_wait_frame(
+    command: int, frames: list[Frame], event: str
+) -> None:
+    assert lock_or_wait(command, frames) == event

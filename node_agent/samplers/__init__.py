@@ -1,8 +1,10 @@
 """One sampler per signal, each owning its BPF C file next to its Python module.
 
-Every sampler counts (pid, tid, comm, kernel stack, user stack) → weight in the kernel, in
-the two-generation maps that stack_maps.GenerationalStackMaps drains (bpf_sampler.BpfSampler
-is what they share).
+Every sampler counts (pid, tid, comm, kernel stack, user stack, detail) → weight in the
+kernel, in the two-generation maps that stack_maps.GenerationalStackMaps drains
+(bpf_sampler.BpfSampler is what they share). A sampler may count several events (lock, wait
+and offcpu share the programs run at every context switch): each drained sample's event is
+what `event_of` says of its detail and symbolized frames.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 from fleetprof.node_agent.samplers.stack_maps import StackSample
+from fleetprof.node_agent.symbolize.frame import Frame
 
 # Ring buffer size (pages, a power of two) of a sampler's process events (new_pids.bpf.h):
 # first samples only, at most one per process image.
@@ -81,14 +84,21 @@ class Drain(NamedTuple):
     """What a sampler counted since its previous drain."""
 
     samples: list[StackSample]
-    # Block I/O latency histograms (io only).
+    # Block I/O latency histograms (block only).
     io_latency: Sequence[LatencyBucket] = ()
 
 
 class Sampler(Protocol):
-    event: str
-    # "samples" (counts) or "ns" (time): what `weight` means for this event.
+    # The events it ships, in the order asked for.
+    events: tuple[str, ...]
+    # "samples" (counts) or "ns" (time): what `weight` means for its events.
     unit: str
+
+    def event_of(self, detail: int, frames: Sequence[Frame]) -> str | None:
+        """The event of a drained sample (frames root first), or None: not shipped (an
+        event counted by the same programs but not asked for). Detail 0 (the agent's own
+        `[dropped]` weight) is the first event's."""
+        ...
 
     def drain(self) -> Drain: ...
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -15,6 +15,7 @@ from bcc import BPF
 
 from fleetprof.node_agent.samplers import Drain, SamplerOptions, python_stacks
 from fleetprof.node_agent.samplers.stack_maps import GenerationalStackMaps
+from fleetprof.node_agent.symbolize.frame import Frame
 from fleetprof.node_agent.symbolize.hotspot import write_unwind_info
 
 HERE = Path(__file__).parent
@@ -33,24 +34,26 @@ PRELUDE = (
 
 
 class BpfSampler:
-    """A sampler of one event; subclasses name their BPF file and attach what BCC does not.
+    """A sampler of one event (subclasses of several override events and event_of);
+    subclasses name their BPF file and attach what BCC does not.
 
     Programs named TRACEPOINT_PROBE / RAW_TRACEPOINT_PROBE attach when the file loads.
     """
 
-    event: ClassVar[str]
+    events: tuple[str, ...]
     unit: ClassVar[str]
-    # The BPF C file next to this module, and shared ones to put before it.
-    source: ClassVar[str]
-    headers: ClassVar[tuple[str, ...]] = ()
+    # The BPF C files next to this module, after PRELUDE, in order.
+    sources: ClassVar[tuple[str, ...]]
 
     def __init__(self, options: SamplerOptions, attach: bool = True) -> None:
-        files = (*PRELUDE, *(HERE / name for name in self.headers), HERE / self.source)
+        files = (*PRELUDE, *(HERE / name for name in self.sources))
         text = b"".join(path.read_bytes() for path in files)
         # The native unwinder's shared tables are named after it (unwind_tables.bpf.h).
         text = text.replace(b"UNWIND_ID", options.native_unwind.encode())
         with BCC_LOCK:
-            self._bpf = BPF(text=text, cflags=[*options.cflags(), *python_stacks.cflags()])
+            self._bpf = BPF(
+                text=text, cflags=[*options.cflags(), *python_stacks.cflags(), *self.cflags()]
+            )
             release_compiler_memory()
         self._session_filter = options.session_filter
         self._python_procs = self._bpf[b"python_procs"]
@@ -62,9 +65,13 @@ class BpfSampler:
     def attach(self, options: SamplerOptions) -> None:
         """Attach programs that do not attach on load (perf events)."""
 
+    def cflags(self) -> list[str]:
+        """Defines of this sampler's own, after options.cflags()."""
+        return []
+
     def detach(self) -> None:
         """Undo attach() (a prepared session sampler, between sessions)."""
-        raise NotImplementedError(f"{self.event} samplers are not reused")
+        raise NotImplementedError(f"{self.events} samplers are not reused")
 
     def reset_pids(self) -> None:
         self._bpf[b"session_pids"].clear()
@@ -72,6 +79,9 @@ class BpfSampler:
     def describe(self, detail: int) -> str:
         """The leaf frame of a key's `detail` (see StackSample.leaf); none by default."""
         return ""
+
+    def event_of(self, detail: int, frames: Sequence[Frame]) -> str | None:
+        return self.events[0]
 
     def drain(self) -> Drain:
         return Drain(self._maps.drain())

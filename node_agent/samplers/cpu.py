@@ -11,9 +11,9 @@ from fleetprof.node_agent.samplers.bpf_sampler import BpfSampler
 class CpuSampler(BpfSampler):
     """Samples on-CPU stacks at `options.frequency` Hz; weight = number of samples."""
 
-    event = "cpu"
+    events = ("cpu",)
     unit = "samples"
-    source = "cpu.bpf.c"
+    sources = ("cpu.bpf.c",)
 
     def attach(self, options: SamplerOptions) -> None:
         self._bpf.attach_perf_event(

@@ -1,8 +1,11 @@
-// Lock contention: time threads spend blocked
-//  - asleep in futex waits (pthread mutexes and condition variables, JVM monitors, Java
-//    locks), with the user stack at the wait;
-//  - on contended kernel locks (lock:contention_begin/end), with kernel and user stacks.
-// Futex waits are seen from the scheduler (switches.bpf.h), not from syscall tracepoints:
+// Lock contention and other waits: time threads spend blocked
+//  - asleep in futex waits (pthread mutexes, rwlocks and condition variables, joins, JVM
+//    monitors, parks and sleeps), with the user stack at the wait and the futex command,
+//    from which (and the frames) lock.py tells a lock acquisition (event lock) from any
+//    other wait (event wait);
+//  - on contended kernel locks (lock:contention_begin/end), with kernel and user stacks:
+//    always lock.
+// Futex waits are seen from the scheduler (switches.bpf.c), not from syscall tracepoints:
 // a thread that went to sleep counts when it runs again if the syscall it sleeps in is a
 // futex wait. Tracing every syscall's entry and exit would tax all syscalls of the machine
 // (even empty programs cost several % of a futex-heavy workload); this taxes only switches.
@@ -14,14 +17,14 @@
 #define __NR_futex_wait 454  // futex2 wait (Linux 6.7), newer than the build headers
 #endif
 
-struct contending_t {
-    u64 since;  // ns; 0 when not waiting for a kernel lock
-    u64 lock;
-};
-BPF_TASK_STORAGE(contending, struct contending_t);
+// sample_key_t.detail (lock.py's DETAIL_*): a futex wait, then its command (FUTEX_WAIT...,
+// FUTEX2_WAIT for futex_wait and futex_waitv); or a kernel lock.
+#define DETAIL_FUTEX (1ULL << 56)
+#define DETAIL_KERNEL_LOCK (2ULL << 56)
+#define FUTEX2_WAIT 0x100
 
-// Whether the current thread is in a futex syscall that waits.
-static __always_inline bool in_futex_wait(void)
+// The detail of the futex wait the current thread is in; 0 if it is in none.
+static __always_inline u64 futex_wait_detail(void)
 {
     struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
     // si, di and orig_ax follow each other in pt_regs: one read for the syscall number and
@@ -30,48 +33,33 @@ static __always_inline bool in_futex_wait(void)
 
     bpf_probe_read_kernel(si_di_nr, sizeof(si_di_nr), &regs->si);
     if (si_di_nr[2] == __NR_futex_waitv || si_di_nr[2] == __NR_futex_wait)
-        return true;
+        return DETAIL_FUTEX | FUTEX2_WAIT;
     if (si_di_nr[2] != __NR_futex)
-        return false;
-    switch (si_di_nr[0] & FUTEX_CMD_MASK) {
+        return 0;
+    u32 command = si_di_nr[0] & FUTEX_CMD_MASK;
+    switch (command) {
     case FUTEX_WAIT:
     case FUTEX_WAIT_BITSET:
     case FUTEX_LOCK_PI:
     case FUTEX_LOCK_PI2:
     case FUTEX_WAIT_REQUEUE_PI:
-        return true;
+        return DETAIL_FUTEX | command;
     }
-    return false;
-}
-
-// args: bool preempt, struct task_struct *prev, *next, unsigned int prev_state
-RAW_TRACEPOINT_PROBE(sched_switch)
-{
-    // Preempted threads (or any still TASK_RUNNING) are runnable, not waiting. Which thread
-    // and which syscall are checked only for the few waits sampled_wait keeps: here they
-    // would cost more than the stamp.
-    if (!ctx->args[0] && ctx->args[3])
-        stamp_switch_out(ctx);
     return 0;
 }
 
-// args: bool is_switch, unsigned long ip
-RAW_TRACEPOINT_PROBE(sched_exit_tp)
-{
-    u64 ns = time_switched_out(ctx);
-    if (!ns)
-        return 0;
-    u64 weight = sampled_wait(ns);
-    if (weight && !ignored(bpf_get_current_pid_tgid() >> 32) && in_futex_wait())
-        count_current(ctx, weight, NO_KERNEL_STACK, 0);
-    return 0;
-}
+#if COUNT_KERNEL_LOCKS
+struct contending_t {
+    u64 since;  // ns; 0 when not waiting for a kernel lock
+    u64 lock;
+};
+BPF_TASK_STORAGE(contending, struct contending_t);
 
 // args: void *lock, unsigned int flags
 RAW_TRACEPOINT_PROBE(contention_begin)
 {
     // A futex wait's own kernel locks (FUTEX_LOCK_PI's rt_mutex) count as that futex wait.
-    if (ignored(bpf_get_current_pid_tgid() >> 32) || in_futex_wait())
+    if (ignored(bpf_get_current_pid_tgid() >> 32) || futex_wait_detail())
         return 0;
     struct contending_t *c = contending.task_storage_get(
         bpf_get_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
@@ -92,6 +80,7 @@ RAW_TRACEPOINT_PROBE(contention_end)
     u64 weight = sampled_wait(bpf_ktime_get_ns() - c->since);
     c->since = 0;
     if (weight)
-        count_current(ctx, weight, RAW_TP_FRAMES, 0);
+        count_current(ctx, weight, RAW_TP_FRAMES, DETAIL_KERNEL_LOCK);
     return 0;
 }
+#endif

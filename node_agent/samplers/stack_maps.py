@@ -52,6 +52,8 @@ class StackSample(NamedTuple):
     # The interpreter's frames (python_stacks.bpf.h), leaf first; empty for none, None if
     # they were lost.
     python_stack: tuple[PythonFrame, ...] | None = ()
+    # The key's detail (stack_counts.bpf.h), for the sampler's event_of.
+    detail: int = 0
 
 
 class GenerationalStackMaps:
@@ -103,6 +105,7 @@ class GenerationalStackMaps:
                     weight=value.value,
                     leaf=self._describe(key.detail),
                     python_stack=pythons.get(key.python_stack),
+                    detail=key.detail,
                 )
             )
         counts.clear()

@@ -24,7 +24,7 @@ MIN_FRACTION = 0.1 / 1200
 @dataclass(frozen=True)
 class RenderOptions:
     """`unit` is "samples" for sampled events (cpu) and "ns" for time-weighted ones
-    (lock, io, offcpu), whose weights are shown as ns/µs/ms/s."""
+    (lock, wait, offcpu, io, block), whose weights are shown as ns/µs/ms/s."""
 
     title: str
     event: str

@@ -7,7 +7,8 @@ module), except for methods the JIT inlined (kind "inlined"): they are lines of 
 of the compiled method they are in, innermost first, as pprof represents inlining.
 Sample types follow the event's unit: a sampled event (cpu) has `samples/count`,
 plus `<event>/nanoseconds` when the sampling frequency is known (each sample stands for
-1/frequency s of CPU); a time-weighted event (lock, offcpu, io) has `<event>/nanoseconds`.
+1/frequency s of CPU); a time-weighted event (lock, wait, offcpu, io, block) has
+`<event>/nanoseconds`.
 """
 
 from __future__ import annotations
