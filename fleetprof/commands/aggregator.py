@@ -8,6 +8,8 @@ from datetime import timedelta
 from fleetprof.commands.options import (
     DEFAULT_AGGREGATOR,
     add_server_security_arguments,
+    check_can_listen,
+    listen_address,
     server_security,
     stop_on_signals,
 )
@@ -17,9 +19,16 @@ HELP = "run the aggregator (gRPC ingest + query service)"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", default="fleetprof.duckdb", metavar="PATH", help="DuckDB file")
-    parser.add_argument("--listen", default=DEFAULT_AGGREGATOR, metavar="HOST:PORT")
+    parser.add_argument(
+        "--listen",
+        type=listen_address,
+        default=DEFAULT_AGGREGATOR,
+        metavar="HOST:PORT",
+        help="gRPC address for agents and queries (port 0: any free port)",
+    )
     parser.add_argument(
         "--http",
+        type=listen_address,
         metavar="HOST:PORT",
         help="serve the web UI and its JSON API here (e.g. 127.0.0.1:7471); off if not given",
     )
@@ -95,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
     from fleetprof.aggregator.partitions import LakePolicy
     from fleetprof.aggregator.server import Aggregator
 
+    check_can_listen(args.listen, "--listen")
+    if args.http:
+        check_can_listen(args.http, "--http")
     aggregator = Aggregator(
         args.db,
         args.listen,

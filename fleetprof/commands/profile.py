@@ -14,6 +14,7 @@ import time
 from fleetprof.commands.options import (
     DEFAULT_AGGREGATOR,
     add_client_security_arguments,
+    aggregator_address,
     client_security,
 )
 from fleetprof.proto.control.v1 import control_pb2
@@ -28,12 +29,26 @@ HELP = "profile a job on every node it runs on, now (on-demand session)"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--job", required=True, help="the job, as the agents' resolvers name it")
     parser.add_argument("--duration", type=parse_duration, default=60.0, help="e.g. 60s, 5m")
-    parser.add_argument("--frequency", type=int, default=199, metavar="HZ")
+    parser.add_argument(
+        "--frequency", type=int, default=199, metavar="HZ", help="samples/s per CPU"
+    )
     parser.add_argument(
         "--events", default="cpu", help=f"comma-separated, of: {','.join(EVENT_UNITS)}"
     )
-    parser.add_argument("-o", "--output", required=True, metavar="FILE")
-    parser.add_argument("--aggregator", default=DEFAULT_AGGREGATOR, metavar="HOST:PORT")
+    parser.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="FILE",
+        help="the merged graph; its suffix gives the format, as for `flamegraph`",
+    )
+    parser.add_argument(
+        "--aggregator",
+        type=aggregator_address,
+        default=DEFAULT_AGGREGATOR,
+        metavar="HOST:PORT",
+        help="the aggregator the agents ship to",
+    )
     add_client_security_arguments(parser, token=True)
 
 
