@@ -48,6 +48,25 @@ class SampleFilter:
     # An on-demand session's rows only (fleetprof profile); None: continuous profiling.
     session: str | None = None
 
+    def describe(self) -> str:
+        """The selection in the user's words, for messages: `cpu samples of job etl-42`."""
+        parts = [f"{self.event} samples"]
+        for label, values in (
+            ("job", self.jobs),
+            ("node", self.nodes),
+            ("pid", self.pids),
+            ("process", self.comms),
+        ):
+            if values:
+                parts.append(f"{label} {' or '.join(map(str, values))}")
+        if self.session:
+            parts.append(f"session {self.session}")
+        if self.since:
+            parts.append(f"since {self.since.isoformat(timespec='seconds')}")
+        if self.until:
+            parts.append(f"until {self.until.isoformat(timespec='seconds')}")
+        return ", ".join(parts)
+
     def where(self) -> str:
         clauses = [f"event = {sql_literal(self.event)}"]
         if self.since:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal
 from typing import BinaryIO
 
@@ -17,21 +17,22 @@ MAX_CELL_CHARS = 60
 
 
 def write_table_text(reader: pa.RecordBatchReader, out: BinaryIO) -> None:
-    """Aligned columns for a terminal; widths come from the first batch."""
+    """Aligned columns for a terminal; widths come from the first batch. Column by column
+    and a batch at a time: millions of rows print in seconds."""
     names = reader.schema.names
     widths: list[int] | None = None
+    # lines are cut to a terminal's width, once asked (not per row)
+    cut = shutil.get_terminal_size((200, 20)).columns if out.isatty() else None
     rows_written = 0
     for batch in reader:
-        rows = [[_cell(v) for v in row.values()] for row in batch.to_pylist()]
+        columns = [list(map(_cell, column.to_pylist())) for column in batch.columns]
         if widths is None:
-            widths = [max([len(n)] + [len(r[i]) for r in rows]) for i, n in enumerate(names)]
-            _write_row(out, names, widths)
-            _write_row(out, ["-" * w for w in widths], widths)
-        for row in rows:
-            _write_row(out, row, widths)
-        rows_written += len(rows)
+            widths = [max([len(n), *map(len, c)]) for n, c in zip(names, columns, strict=True)]
+            _write_lines(out, [names, ["-" * w for w in widths]], widths, cut)
+        _write_lines(out, zip(*columns, strict=True), widths, cut)
+        rows_written += batch.num_rows
     if widths is None:
-        _write_row(out, names, [len(n) for n in names])
+        _write_lines(out, [names], [len(n) for n in names], cut)
     out.write(f"({rows_written} row{'s' if rows_written != 1 else ''})\n".encode())
 
 
@@ -40,13 +41,22 @@ def _cell(value: object) -> str:
     return text if len(text) <= MAX_CELL_CHARS else text[: MAX_CELL_CHARS - 1] + "…"
 
 
-def _write_row(out: BinaryIO, cells: list[str], widths: list[int]) -> None:
-    line = "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
-    width = shutil.get_terminal_size((200, 20)).columns
-    out.write((line[:width] if out.isatty() else line).encode() + b"\n")
+def _write_lines(
+    out: BinaryIO, rows: Iterable[Sequence[str]], widths: list[int], cut: int | None
+) -> None:
+    lines = ["  ".join(map(str.ljust, row, widths)).rstrip() for row in rows]
+    if cut is not None:
+        lines = [line[:cut] for line in lines]
+    out.write("\n".join(lines).encode() + b"\n" if lines else b"")
 
 
 def write_csv(reader: pa.RecordBatchReader, out: BinaryIO) -> None:
+    for field in reader.schema:
+        if pa.types.is_nested(field.type):
+            raise ValueError(
+                f"CSV cannot hold column {field.name!r} of type {field.type}: "
+                "use --format json or parquet, or cast it in the query (::VARCHAR)"
+            )
     with pacsv.CSVWriter(out, reader.schema) as writer:
         for batch in reader:
             writer.write_batch(batch)

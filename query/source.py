@@ -92,9 +92,13 @@ class AggregatorSource:
         except grpc.RpcError as exc:
             raise _rpc_error(exc, self._address) from exc
         except pa.ArrowInvalid as exc:
+            if not chunks.done():
+                raise  # the caller's own error (a writer refusing a type): the call runs on
             # The stream ended early: the server aborted with a status after the first byte.
-            status = chunks.exception() if hasattr(chunks, "exception") else None
+            status = chunks.exception()
             raise (_rpc_error(status, self._address) if status else QueryError(str(exc))) from exc
+        finally:
+            chunks.cancel()  # a caller that stopped reading early frees the server's query
 
     def close(self) -> None:
         self._channel.close()

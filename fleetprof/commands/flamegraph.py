@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fleetprof.commands.options import add_source_arguments, open_profiles
+from fleetprof.commands.options import add_source_arguments, open_profiles, output_file
 from fleetprof.proto.schema import EVENT_UNITS
 from fleetprof.query.filters import SampleFilter
 from fleetprof.query.selection import SELECTION_KEYS, parse_selection
@@ -46,10 +46,19 @@ def add_selection_arguments(parser: argparse.ArgumentParser, prefix: str = "") -
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_source_arguments(parser)
-    parser.add_argument("-o", "--output", required=True, metavar="FILE")
-    parser.add_argument("--event", default="cpu", choices=sorted(EVENT_UNITS))
+    parser.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        type=output_file,
+        metavar="FILE",
+        help="the file to write; its suffix gives the format",
+    )
+    parser.add_argument(
+        "--event", default="cpu", choices=sorted(EVENT_UNITS), help="what the weights count"
+    )
     add_selection_arguments(parser)
-    parser.add_argument("--title", default=None)
+    parser.add_argument("--title", help="the graph's title (default: names the event)")
     parser.add_argument("--icicle", action="store_true", help="root at the top (SVG)")
     parser.add_argument(
         "--sandwich",
@@ -110,7 +119,7 @@ def write_graph(
     from fleetprof.query.sandwich import sandwich
 
     renderer = renderer_for(output)
-    nothing = ValueError(f"no {selection.event} samples match ({selection.where()})")
+    nothing = ValueError(f"nothing to draw: no {selection.describe()}")
     if isinstance(renderer, RowRenderer):
         if sandwich_of:
             raise ValueError(f"--sandwich draws a tree: {output} is a row format")

@@ -65,6 +65,16 @@ def check_can_listen(listen: str, option: str) -> None:
             raise ValueError(f"{option} {listen}: cannot listen there: {exc.strerror}") from None
 
 
+def output_file(text: str) -> str:
+    """argparse type of -o FILE: its folder must exist, checked before any work is done."""
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: there is no folder {folder}")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: it is a folder")
+    return text
+
+
 def add_aggregator_or_db(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument(

@@ -16,6 +16,7 @@ from fleetprof.commands.options import (
     add_client_security_arguments,
     aggregator_address,
     client_security,
+    output_file,
 )
 from fleetprof.proto.control.v1 import control_pb2
 from fleetprof.proto.schema import EVENT_UNITS
@@ -39,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "-o",
         "--output",
         required=True,
+        type=output_file,
         metavar="FILE",
         help="the merged graph; its suffix gives the format, as for `flamegraph`",
     )
@@ -58,10 +60,11 @@ def run(args: argparse.Namespace) -> int:
     from fleetprof.commands.flamegraph import write_graph
     from fleetprof.proto.control.v1 import control_pb2_grpc
     from fleetprof.query.filters import SampleFilter
-    from fleetprof.query.render import RenderOptions
+    from fleetprof.query.render import RenderOptions, renderer_for
     from fleetprof.query.render.base import format_weight
     from fleetprof.query.source import AggregatorSource
 
+    renderer_for(args.output)  # an unknown suffix is refused before the session, not after
     events = [e.strip() for e in args.events.split(",") if e.strip()]
     security = client_security(args)
     channel = security.channel(args.aggregator)
@@ -96,6 +99,12 @@ def run(args: argparse.Namespace) -> int:
     finally:
         channel.close()
 
+    if final is None or not any(node.samples for node in final.nodes):
+        raise ValueError(
+            f"no samples of job {args.job!r}: none of the {session.agents} connected agent(s) "
+            f"found a process of it in {args.duration:g} s; the jobs seen so far: "
+            f'fleetprof query "SELECT DISTINCT job FROM samples"'
+        )
     source = AggregatorSource(args.aggregator, security=security)
     try:
         event = events[0]
