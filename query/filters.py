@@ -50,22 +50,23 @@ class SampleFilter:
 
     def describe(self) -> str:
         """The selection in the user's words, for messages: `cpu samples of job etl-42`."""
-        parts = [f"{self.event} samples"]
-        for label, values in (
-            ("job", self.jobs),
-            ("node", self.nodes),
-            ("pid", self.pids),
-            ("process", self.comms),
-        ):
-            if values:
-                parts.append(f"{label} {' or '.join(map(str, values))}")
-        if self.session:
-            parts.append(f"session {self.session}")
+        labels = [
+            f"{label} {' or '.join(map(str, values))}"
+            for label, values in (
+                ("job", self.jobs),
+                ("node", self.nodes),
+                ("pid", self.pids),
+                ("process", self.comms),
+                ("session", (self.session,) if self.session else ()),
+            )
+            if values
+        ]
+        text = f"{self.event} samples" + (f" of {', '.join(labels)}" if labels else "")
         if self.since:
-            parts.append(f"since {self.since.isoformat(timespec='seconds')}")
+            text += f" since {self.since.isoformat(timespec='seconds')}"
         if self.until:
-            parts.append(f"until {self.until.isoformat(timespec='seconds')}")
-        return ", ".join(parts)
+            text += f" until {self.until.isoformat(timespec='seconds')}"
+        return text
 
     def where(self) -> str:
         clauses = [f"event = {sql_literal(self.event)}"]

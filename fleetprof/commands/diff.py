@@ -39,7 +39,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_selection_arguments(parser)
     add_selection_arguments(parser, BASE)
     parser.add_argument("--title", help="the graph's title (default: names the event)")
-    parser.add_argument("--icicle", action="store_true", help="root at the top (SVG)")
+    orientation = parser.add_mutually_exclusive_group()
+    orientation.add_argument(
+        "--icicle",
+        action="store_true",
+        default=None,
+        help="SVG: root at the top (default: when the graph is deeper than a screen)",
+    )
+    orientation.add_argument(
+        "--flame",
+        dest="icicle",
+        action="store_false",
+        default=None,
+        help="SVG: root at the bottom, always",
+    )
     parser.add_argument("--top", type=int, default=20, help="rows of the printed table")
 
 

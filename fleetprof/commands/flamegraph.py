@@ -40,7 +40,10 @@ def add_selection_arguments(parser: argparse.ArgumentParser, prefix: str = "") -
             f"--{prefix}{name}", action="append", default=[], help=f"{what} (repeatable: any)"
         )
     group.add_argument(
-        f"--{prefix}session", help="an on-demand session's (its id, as `profile` prints it)"
+        f"--{prefix}session",
+        action="append",
+        default=[],
+        help="an on-demand session's (its id, as `profile` prints it)",
     )
 
 
@@ -59,7 +62,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_selection_arguments(parser)
     parser.add_argument("--title", help="the graph's title (default: names the event)")
-    parser.add_argument("--icicle", action="store_true", help="root at the top (SVG)")
+    orientation = parser.add_mutually_exclusive_group()
+    orientation.add_argument(
+        "--icicle",
+        action="store_true",
+        default=None,
+        help="SVG: root at the top (default: when the graph is deeper than a screen)",
+    )
+    orientation.add_argument(
+        "--flame",
+        dest="icicle",
+        action="store_false",
+        default=None,
+        help="SVG: root at the bottom, always",
+    )
     parser.add_argument(
         "--sandwich",
         metavar="FUNCTION",
