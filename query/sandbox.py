@@ -137,8 +137,12 @@ def run_query(
             raise _query_error(exc, timeout_s, timed_out.is_set()) from exc
         try:
             yield reader
-        # pyarrow's reader raises DuckDB's errors while streaming as OSError
-        except (duckdb.Error, pa.ArrowException, OSError) as exc:
+        except (duckdb.Error, pa.ArrowException) as exc:
+            raise _query_error(exc, timeout_s, timed_out.is_set()) from exc
+        except OSError as exc:
+            if exc.errno is not None:
+                raise  # the caller's own (a closed pipe, a full disk)
+            # pyarrow's reader raises DuckDB's errors while streaming as OSError
             raise _query_error(exc, timeout_s, timed_out.is_set()) from exc
     finally:
         timer.cancel()

@@ -16,8 +16,10 @@ import time
 from pathlib import Path
 
 HELP = "run the end-to-end demo on this machine"
-# Seconds the workloads run past the profile, and the JVM's JIT gets before its map is read.
-TAIL_S = 5.0
+# Seconds the workloads may run past the profile (they are stopped once the agent's last
+# drain has symbolized them: a busy machine may take long), and the JVM's JIT gets before
+# its map is read.
+TAIL_S = 120.0
 JIT_WARM_UP_S = 2.0
 
 TOP_FUNCTIONS_SQL = """
@@ -33,7 +35,9 @@ GROUP BY ALL ORDER BY samples DESC LIMIT 12
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="fleetprof-demo", metavar="DIR", help="output folder")
     parser.add_argument("--seconds", type=float, default=20.0, help="how long to profile")
-    parser.add_argument("--frequency", type=int, default=99, metavar="HZ")
+    parser.add_argument(
+        "--frequency", type=int, default=99, metavar="HZ", help="cpu samples/s per CPU"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
