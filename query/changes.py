@@ -13,7 +13,7 @@ import pyarrow as pa
 from fleetprof.query.flame_tree import FlameNode, gc_paused
 from fleetprof.query.result_formats import write_table_text
 
-# Below this many samples a share's 95% interval is wider than +-5 points (see
+# Below this many samples a share's 95% interval is wider than about +-5 points (see
 # share_margin): changes that size are noise, and `fleetprof diff` says so.
 FEW_SAMPLES = 400
 

@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         source.close()
     for name, found, chosen in (("base", base, base_selection), ("comparison", tree, selection)):
         if found.total == 0:
-            raise ValueError(f"the {name} has nothing: no {chosen.describe()}")
+            raise ValueError(f"the {name} has no {chosen.describe()}")
         if EVENT_UNITS[chosen.event] == "samples" and found.total < FEW_SAMPLES:
             print(
                 f"warning: the {name} has only {found.total} samples, so each share in it "
