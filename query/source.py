@@ -106,7 +106,9 @@ class AggregatorSource:
 
 def _rpc_error(exc: grpc.RpcError, address: str) -> QueryError:
     if exc.code() == grpc.StatusCode.UNAVAILABLE:
-        return QueryError(f"aggregator {address} is unreachable")
+        return QueryError(
+            f"aggregator {address} is unreachable (is `fleetprof aggregator` running there?)"
+        )
     return QueryError(exc.details() or exc.code().name)
 
 
