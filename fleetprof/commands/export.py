@@ -28,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     receiver.add_argument(
         "--otlp-insecure", action="store_true", help="allow plaintext to a non-loopback receiver"
     )
-    parser.add_argument("--event", default="cpu", choices=sorted(EVENT_UNITS))
+    parser.add_argument(
+        "--event", default="cpu", choices=sorted(EVENT_UNITS), help="what the weights count"
+    )
     add_selection_arguments(parser)
     parser.add_argument(
         "--frequency",
