@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         source.close()
     if total == 0:
-        raise ValueError(f"no {selection.event} samples match ({selection.where()})")
+        raise ValueError(f"nothing to export: no {selection.describe()}")
     request = profiles_service_pb2.ExportProfilesServiceRequest.FromString(encoded.getvalue())
     security = ClientSecurity(
         ca=args.otlp_tls_ca,
