@@ -14,20 +14,15 @@ from pathlib import Path
 import pytest
 
 from fleetprof.aggregator.server import Aggregator
-from fleetprof.aggregator.storage import ProfileStore
 from fleetprof.cli import build_parser, main
 from fleetprof.query.sandbox import QueryError
 from fleetprof.query.source import AggregatorSource
-from tests.test_sql_views import fill
+from tests.test_sql_views import filled_database
 
 
 @pytest.fixture(scope="module")
 def database(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("cli") / "profiles.duckdb"
-    store = ProfileStore(path)
-    fill(store)
-    store.close()
-    return path
+    return filled_database(tmp_path_factory)
 
 
 def refused(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:

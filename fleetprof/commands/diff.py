@@ -14,7 +14,11 @@ import argparse
 import sys
 from dataclasses import replace
 
-from fleetprof.commands.flamegraph import add_selection_arguments, selection_from
+from fleetprof.commands.flamegraph import (
+    add_drawing_arguments,
+    add_selection_arguments,
+    selection_from,
+)
 from fleetprof.commands.options import add_source_arguments, open_profiles, output_file
 from fleetprof.proto.schema import EVENT_UNITS
 
@@ -38,21 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_selection_arguments(parser)
     add_selection_arguments(parser, BASE)
-    parser.add_argument("--title", help="the graph's title (default: names the event)")
-    orientation = parser.add_mutually_exclusive_group()
-    orientation.add_argument(
-        "--icicle",
-        action="store_true",
-        default=None,
-        help="SVG: root at the top (default: when the graph is deeper than a screen)",
-    )
-    orientation.add_argument(
-        "--flame",
-        dest="icicle",
-        action="store_false",
-        default=None,
-        help="SVG: root at the bottom, always",
-    )
+    add_drawing_arguments(parser)
     parser.add_argument("--top", type=int, default=20, help="rows of the printed table")
 
 

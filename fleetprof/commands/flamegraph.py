@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fleetprof.commands.options import add_source_arguments, open_profiles, output_file
+from fleetprof.commands.options import add_output_argument, add_source_arguments, open_profiles
 from fleetprof.proto.schema import EVENT_UNITS
 from fleetprof.query.filters import SampleFilter
 from fleetprof.query.selection import SELECTION_KEYS, parse_selection
@@ -47,20 +47,8 @@ def add_selection_arguments(parser: argparse.ArgumentParser, prefix: str = "") -
     )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_source_arguments(parser)
-    parser.add_argument(
-        "-o",
-        "--output",
-        required=True,
-        type=output_file,
-        metavar="FILE",
-        help="the file to write; its suffix gives the format",
-    )
-    parser.add_argument(
-        "--event", default="cpu", choices=sorted(EVENT_UNITS), help="what the weights count"
-    )
-    add_selection_arguments(parser)
+def add_drawing_arguments(parser: argparse.ArgumentParser) -> None:
+    """--title and the SVG's orientation (--icicle/--flame)."""
     parser.add_argument("--title", help="the graph's title (default: names the event)")
     orientation = parser.add_mutually_exclusive_group()
     orientation.add_argument(
@@ -76,6 +64,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="SVG: root at the bottom, always",
     )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_source_arguments(parser)
+    add_output_argument(parser, "the file to write; its suffix gives the format", required=True)
+    parser.add_argument(
+        "--event", default="cpu", choices=sorted(EVENT_UNITS), help="what the weights count"
+    )
+    add_selection_arguments(parser)
+    add_drawing_arguments(parser)
     parser.add_argument(
         "--sandwich",
         metavar="FUNCTION",

@@ -75,6 +75,13 @@ def output_file(text: str) -> str:
     return text
 
 
+def add_output_argument(parser: argparse.ArgumentParser, what: str, required: bool) -> None:
+    """-o FILE, its folder checked as the options are read (output_file)."""
+    parser.add_argument(
+        "-o", "--output", required=required, type=output_file, metavar="FILE", help=what
+    )
+
+
 def add_aggregator_or_db(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument(

@@ -14,9 +14,9 @@ import time
 from fleetprof.commands.options import (
     DEFAULT_AGGREGATOR,
     add_client_security_arguments,
+    add_output_argument,
     aggregator_address,
     client_security,
-    output_file,
 )
 from fleetprof.proto.control.v1 import control_pb2
 from fleetprof.proto.schema import EVENT_UNITS
@@ -36,13 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--events", default="cpu", help=f"comma-separated, of: {','.join(EVENT_UNITS)}"
     )
-    parser.add_argument(
-        "-o",
-        "--output",
-        required=True,
-        type=output_file,
-        metavar="FILE",
-        help="the merged graph; its suffix gives the format, as for `flamegraph`",
+    add_output_argument(
+        parser, "the merged graph; its suffix gives the format, as for `flamegraph`", True
     )
     parser.add_argument(
         "--aggregator",
