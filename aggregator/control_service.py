@@ -21,7 +21,7 @@ import grpc
 from fleetprof.aggregator.storage import ProfileStore
 from fleetprof.proto.control.v1 import control_pb2, control_pb2_grpc
 from fleetprof.proto.schema import EVENT_UNITS
-from fleetprof.proto.security import ServerSecurity, bearer_token
+from fleetprof.proto.security import IngestDenied, ServerSecurity, bearer_token
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,17 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
         if first is None or not first.HasField("hello") or not first.hello.node:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first report must be a hello")
         node, agent_id = first.hello.node, first.hello.agent_id
+        try:
+            grant = self._security.ingest_grant(
+                context.invocation_metadata(), context.auth_context()
+            )
+            if not grant.allows(node):
+                raise IngestDenied(
+                    grpc.StatusCode.PERMISSION_DENIED, f"{grant.name} may not act as node {node!r}"
+                )
+        except IngestDenied as exc:
+            log.warning("refused control stream from %s: %s", context.peer(), exc)
+            context.abort(exc.code, str(exc))
         outbox: queue.Queue[control_pb2.AgentOrder | None] = queue.Queue()
         with self._lock:
             self._agents[agent_id] = (node, outbox)

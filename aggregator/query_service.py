@@ -13,24 +13,30 @@ from fleetprof.aggregator.storage import ProfileStore
 from fleetprof.proto.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from fleetprof.proto.security import ServerSecurity, bearer_token
 from fleetprof.query.access import limited_to
-from fleetprof.query.sandbox import DEFAULT_TIMEOUT_S, QueryError, run_query
+from fleetprof.query.sandbox import QueryError, run_query
 
 CHUNK_BYTES = 1 << 20
 
 
 class QueryService(ingest_pb2_grpc.QueryServiceServicer):
-    def __init__(self, store: ProfileStore, security: ServerSecurity) -> None:
+    def __init__(self, store: ProfileStore, security: ServerSecurity, max_query_s: float) -> None:
         self._store = store
         self._security = security
+        self._max_query_s = max_query_s
 
     def Sql(
         self, request: ingest_pb2.SqlRequest, context: grpc.ServicerContext
     ) -> Iterator[ingest_pb2.ArrowChunk]:
-        timeout_s = request.timeout_ms / 1000 if request.timeout_ms else DEFAULT_TIMEOUT_S
+        # The server's maximum bounds every query: a client may only ask for less.
+        timeout_s = min(request.timeout_ms / 1000 or self._max_query_s, self._max_query_s)
         scope = self._security.scope(bearer_token(context.invocation_metadata()))
         try:
             with run_query(
-                self._store.reader(), request.sql, timeout_s, prepare=limited_to(scope)
+                self._store.reader(),
+                request.sql,
+                timeout_s,
+                prepare=limited_to(scope),
+                on_end=context.add_callback,
             ) as reader:
                 for data in ipc_chunks(reader):
                     # an IPC stream may be cut anywhere, and must be: one record batch can

@@ -7,10 +7,12 @@ has one writer); readers use their own cursors, so queries never block ingest.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 import socket
 import threading
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -26,6 +28,7 @@ from fleetprof.aggregator.label_sets import (
 )
 from fleetprof.proto import lake
 from fleetprof.proto.control.v1 import control_pb2
+from fleetprof.query.filters import saturating
 
 _DDL = """
 -- A sample row's labels (those of its process and batch) once per distinct set
@@ -57,13 +60,16 @@ CREATE TABLE IF NOT EXISTS stack_rows (
     modules VARCHAR[] NOT NULL,
     kinds VARCHAR[] NOT NULL
 );
+-- incarnation: incarnation_key() of the batch's, never the secret itself (a reader could
+-- otherwise send batches as that agent process).
 CREATE TABLE IF NOT EXISTS ingested_batches (
     agent_id VARCHAR NOT NULL,
+    incarnation UBIGINT NOT NULL,
     sequence UBIGINT NOT NULL,
     node VARCHAR NOT NULL,
     received_at TIMESTAMPTZ NOT NULL,
     sample_rows BIGINT NOT NULL,
-    PRIMARY KEY (agent_id, sequence)
+    PRIMARY KEY (agent_id, incarnation, sequence)
 );
 CREATE TABLE IF NOT EXISTS process_rows (
     ts TIMESTAMPTZ NOT NULL,
@@ -133,7 +139,7 @@ CREATE OR REPLACE VIEW frames AS
     FROM stack_rows;
 """
 # Macros over the views (made after them).
-_MACROS = """
+_MACROS = f"""
 -- The samples of one event in [since, until) (NULL: unbounded), optionally of one node,
 -- pid or process name; the table macros below all select through it. The samples view
 -- qualifies its columns: DuckDB would bind unqualified ones to these parameters.
@@ -155,7 +161,7 @@ CREATE OR REPLACE MACRO flame(
     SELECT m.comm, m.stack_id, st.frames, st.kinds,
            array_to_string(list_prepend(m.comm, st.frames), ';') AS folded, m.weight
     FROM (
-        SELECT s.comm, s.stack_id, sum(s.weight)::BIGINT AS weight
+        SELECT s.comm, s.stack_id, {saturating("sum(s.weight)")} AS weight
         FROM selected_samples(event, since := since, until := until,
                               node := node, pid := pid, comm := comm) s
         GROUP BY ALL
@@ -174,10 +180,10 @@ CREATE OR REPLACE MACRO top_functions(
         GROUP BY s.stack_id
     )
     SELECT f AS function,
-           coalesce(sum(p.weight) FILTER (WHERE f = st.frames[-1]), 0)::BIGINT AS self,
-           sum(p.weight)::BIGINT AS total,
-           round(100 * self / (SELECT sum(weight) FROM per_stack), 2) AS self_percent,
-           round(100 * total / (SELECT sum(weight) FROM per_stack), 2) AS total_percent
+           {saturating("coalesce(sum(p.weight) FILTER (WHERE f = st.frames[-1]), 0)")} AS self,
+           {saturating("sum(p.weight)")} AS total,
+           round(100.0 * self / (SELECT sum(weight) FROM per_stack), 2) AS self_percent,
+           round(100.0 * total / (SELECT sum(weight) FROM per_stack), 2) AS total_percent
     FROM per_stack p JOIN stacks st USING (stack_id), unnest(list_distinct(st.frames)) AS t(f)
     GROUP BY f
     ORDER BY self DESC, total DESC, function;
@@ -241,6 +247,30 @@ def _set_aside_wide_rows(cur: duckdb.DuckDBPyConnection) -> bool:
     return True
 
 
+def _set_aside_batches_without_incarnation(cur: duckdb.DuckDBPyConnection) -> bool:
+    """Rename ingested_batches of an earlier release, keyed (agent_id, sequence) without an
+    incarnation, to old_ingested_batches; whether there was one."""
+    columns = {
+        name
+        for (name,) in cur.execute(
+            "SELECT column_name FROM duckdb_columns() "
+            "WHERE table_name = 'ingested_batches' AND database_name = current_database()"
+        ).fetchall()
+    }
+    if not columns or "incarnation" in columns:
+        return False
+    cur.execute("ALTER TABLE ingested_batches RENAME TO old_ingested_batches")
+    return True
+
+
+def incarnation_key(incarnation: str) -> int:
+    """How an agent incarnation is stored: 0 for none (agents before incarnations), else a
+    64-bit hash that does not give the incarnation away."""
+    if not incarnation:
+        return 0
+    return int.from_bytes(hashlib.blake2b(incarnation.encode(), digest_size=8).digest()) or 1
+
+
 def default_name() -> str:
     """This host's name, as an aggregator name (characters a file name may not have: `-`)."""
     return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()).strip(".-") or "aggregator"
@@ -273,7 +303,14 @@ class ProfileStore:
         self._db.execute("SET preserve_insertion_order = false")
         self._db.execute("BEGIN")
         wide = _set_aside_wide_rows(self._db)
+        old_batches = _set_aside_batches_without_incarnation(self._db)
         self._db.execute(_DDL)
+        if old_batches:  # incarnation 0: what batches without one get
+            self._db.execute(
+                "INSERT INTO ingested_batches SELECT agent_id, 0, sequence, node, received_at, "
+                "sample_rows FROM old_ingested_batches"
+            )
+            self._db.execute("DROP TABLE old_ingested_batches")
         if wide:  # converted in the transaction that makes the new tables
             convert_wide_rows(self._db, "wide_sample_rows")
             self._db.execute("DROP TABLE wide_sample_rows")
@@ -351,6 +388,72 @@ class ProfileStore:
                 },
             )
 
+    def agent_history(self, agent_id: str, incarnation: str) -> tuple[str | None, int]:
+        """The node an agent's batches were stored for (None: none stored), and the last
+        sequence stored of one incarnation (0: none)."""
+        cur = self.reader()
+        try:
+            node, last = cur.execute(
+                "SELECT any_value(node), coalesce(max(sequence) FILTER "
+                "(WHERE incarnation = $incarnation), 0) FROM ingested_batches "
+                "WHERE agent_id = $agent",
+                {"agent": agent_id, "incarnation": incarnation_key(incarnation)},
+            ).fetchone()
+            return node, int(last)
+        finally:
+            cur.close()
+
+    def delete(
+        self,
+        node: str | None,
+        agent_id: str | None,
+        since: datetime | None,
+        until: datetime | None,
+    ) -> dict[str, int]:
+        """Delete the rows in DuckDB of a node and/or agent in [since, until) (None:
+        unbounded), in one transaction; rows deleted per view, and the sealed files of the
+        time range (kept: sealed hours go with retention)."""
+        if node is None and agent_id is None:
+            raise ValueError("name a node, an agent or both")
+        params = {
+            "node": node,
+            "agent": agent_id,
+            "since": since or datetime.min.replace(tzinfo=UTC),
+            "until": until or datetime.max.replace(tzinfo=UTC),
+        }
+        match = (
+            "node = coalesce($node, node) AND agent_id = coalesce($agent, agent_id) "
+            "AND ts >= $since AND ts < $until"
+        )
+        deleted: dict[str, int] = {}
+        with self._write_lock:
+            cur = self._db.cursor()
+            try:
+                cur.execute("BEGIN")
+                deleted["samples"] = cur.execute(
+                    "DELETE FROM sample_rows WHERE label_set IN (SELECT label_set FROM label_sets "
+                    "WHERE node = coalesce($node, node) AND agent_id = coalesce($agent, agent_id)) "
+                    "AND ts >= $since AND ts < $until",
+                    params,
+                ).fetchone()[0]
+                for view in ("processes", "io_latency"):
+                    deleted[view] = cur.execute(
+                        f"DELETE FROM {PARTITIONED[view]} WHERE {match}", params
+                    ).fetchone()[0]
+                deleted["sealed_files_kept"] = cur.execute(
+                    "SELECT count(*) FROM sealed_files "
+                    "WHERE hour + INTERVAL 1 HOUR > $since AND hour < $until",
+                    {"since": params["since"], "until": params["until"]},
+                ).fetchone()[0]
+                cur.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(duckdb.Error):
+                    cur.execute("ROLLBACK")
+                raise
+            finally:
+                cur.close()
+        return deleted
+
     def append(
         self,
         agent_id: str,
@@ -360,8 +463,10 @@ class ProfileStore:
         stacks: pa.Table,
         processes: pa.Table | None = None,
         io_latency: pa.Table | None = None,
+        incarnation: str = "",
     ) -> StoreResult:
-        """Store one validated batch atomically; a (agent_id, sequence) seen before is a no-op.
+        """Store one validated batch atomically; an (agent_id, incarnation, sequence) seen
+        before is a no-op.
 
         Returns after COMMIT, so an acknowledgement sent after it is durable. Group commit:
         batches that arrive while a commit runs are stored together by the next one, in one
@@ -373,6 +478,7 @@ class ProfileStore:
         pending = _Pending(
             _Batch(
                 agent_id,
+                incarnation_key(incarnation),
                 sequence,
                 node,
                 labelled,
@@ -446,6 +552,7 @@ class ProfileStore:
 @dataclass(frozen=True, eq=False)
 class _Batch:
     agent_id: str
+    incarnation: int  # incarnation_key()
     sequence: int
     node: str
     samples: LabelledRows
@@ -471,20 +578,21 @@ def _fresh_batches(cur: duckdb.DuckDBPyConnection, batches: list[_Batch]) -> lis
     keys = pa.table(
         {
             "agent_id": [b.agent_id for b in batches],
+            "incarnation": pa.array([b.incarnation for b in batches], pa.uint64()),
             "sequence": pa.array([b.sequence for b in batches], pa.uint64()),
         }
     )
     cur.register("group_keys", keys)
     stored = set(
         cur.execute(
-            "SELECT agent_id, sequence FROM ingested_batches SEMI JOIN group_keys "
-            "USING (agent_id, sequence)"
+            "SELECT agent_id, incarnation, sequence FROM ingested_batches SEMI JOIN group_keys "
+            "USING (agent_id, incarnation, sequence)"
         ).fetchall()
     )
     cur.unregister("group_keys")
     fresh = []
     for batch in batches:
-        key = (batch.agent_id, batch.sequence)
+        key = (batch.agent_id, batch.incarnation, batch.sequence)
         if key not in stored:
             stored.add(key)
             fresh.append(batch)
@@ -531,6 +639,7 @@ def _insert(
         pa.table(
             {
                 "agent_id": [b.agent_id for b in batches],
+                "incarnation": pa.array([b.incarnation for b in batches], pa.uint64()),
                 "sequence": pa.array([b.sequence for b in batches], pa.uint64()),
                 "node": [b.node for b in batches],
                 "sample_rows": [b.samples.rows.num_rows for b in batches],
@@ -539,7 +648,7 @@ def _insert(
     )
     cur.execute(
         "INSERT INTO ingested_batches "
-        "SELECT agent_id, sequence, node, now(), sample_rows FROM group_batches"
+        "SELECT agent_id, incarnation, sequence, node, now(), sample_rows FROM group_batches"
     )
     cur.unregister("group_batches")
     return new_label_sets

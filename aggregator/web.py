@@ -14,14 +14,18 @@ needs a bearer token (`Authorization: Bearer T`, or the HttpOnly cookie that ope
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import logging
+import queue
 import socket
 import ssl
+import sys
 import threading
 from collections.abc import Callable
 from http import HTTPStatus
 from http.cookies import SimpleCookie
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 from fleetprof.aggregator.otlp_receiver import http_export
@@ -31,7 +35,7 @@ from fleetprof.aggregator.web_api import ENDPOINTS, BadRequest, json_bytes, sql_
 from fleetprof.proto import otlp, schema
 from fleetprof.proto.security import AccessScope, ServerSecurity, bearer_token, is_loopback
 from fleetprof.query.render.html import template
-from fleetprof.query.sandbox import QueryError, one_line
+from fleetprof.query.sandbox import DEFAULT_TIMEOUT_S, QueryError, one_line
 from fleetprof.query.source import ConnectionSource
 
 log = logging.getLogger(__name__)
@@ -70,6 +74,14 @@ class Unauthorized(PermissionError):
     pass
 
 
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 def split_listen(listen: str) -> tuple[str, int]:
     """`HOST:PORT` (`[::1]:PORT` for IPv6) as a bindable address."""
     host, sep, port = listen.rpartition(":")
@@ -79,14 +91,57 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host, int(port)
 
 
-class _Server(ThreadingHTTPServer):
-    # Not joined at close: an idle keep-alive connection would hold stop() for its timeout.
-    daemon_threads = True
+# Connections served at once, and accepted ones waiting for a thread: past both, a new
+# connection is closed at once (1,000 half-open connections took one thread each).
+HTTP_THREADS = 16
+HTTP_BACKLOG = 64
+
+
+class _Server(HTTPServer):
+    """Connections handled on a fixed pool of daemon threads (not joined at close: an idle
+    keep-alive connection would hold stop() for its timeout)."""
+
     store: ProfileStore
     loopback_only: bool
+    # Off loopback in plaintext (--insecure): the Host names answered (IP literals too).
+    host_names: frozenset[str] = frozenset()
     security: ServerSecurity
     https: bool
+    max_query_s: float
     stopping = False
+
+    def start_pool(self) -> None:
+        self._waiting: queue.Queue[tuple[socket.socket, object] | None] = queue.Queue(HTTP_BACKLOG)
+        for number in range(HTTP_THREADS):
+            threading.Thread(target=self._serve_pool, name=f"http-{number}", daemon=True).start()
+
+    def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
+        try:
+            self._waiting.put_nowait((request, client_address))
+        except queue.Full:
+            log.debug("HTTP: %d connections waiting already, closed one", HTTP_BACKLOG)
+            self.shutdown_request(request)
+
+    def server_close(self) -> None:
+        super().server_close()
+        for _ in range(HTTP_THREADS):  # each pool thread ends at one of these
+            with contextlib.suppress(queue.Full):
+                self._waiting.put_nowait(None)
+
+    def _serve_pool(self) -> None:
+        while (waiting := self._waiting.get()) is not None:
+            request, client_address = waiting
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """One line, never a traceback: a client that went away is not a server fault."""
+        exc = sys.exc_info()[1]
+        log.info("HTTP client %s: %s", client_address, one_line(exc) if exc else "error")
 
 
 class _Server6(_Server):
@@ -96,7 +151,13 @@ class _Server6(_Server):
 class WebServer:
     """The HTTP server on its own thread; `address` is HOST:PORT as bound (useful with :0)."""
 
-    def __init__(self, store: ProfileStore, listen: str, security: ServerSecurity) -> None:
+    def __init__(
+        self,
+        store: ProfileStore,
+        listen: str,
+        security: ServerSecurity,
+        max_query_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
         host, port = split_listen(listen)
         if not (security.cert or is_loopback(listen) or security.insecure):
             raise ValueError(
@@ -105,6 +166,7 @@ class WebServer:
             )
         self._httpd = (_Server6 if ":" in host else _Server)((host, port), _Handler)
         self._httpd.store = store
+        self._httpd.max_query_s = max_query_s
         self._httpd.security = security
         self._httpd.https = security.cert is not None
         if security.cert:
@@ -113,14 +175,24 @@ class WebServer:
             context.load_cert_chain(security.cert, security.key)
             self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
         # Served on loopback, the UI answers only to loopback names: a web page whose
-        # DNS name rebinds to 127.0.0.1 must not reach it.
+        # DNS name rebinds to 127.0.0.1 must not reach it. Off loopback in plaintext, only
+        # to this host's names and IP addresses.
         self._httpd.loopback_only = is_loopback(listen)
+        if not (security.cert or self._httpd.loopback_only):
+            self._httpd.host_names = frozenset({host, socket.gethostname(), socket.getfqdn()})
+            log.warning(
+                "INSECURE: the web UI on %s is plaintext (--insecure): tokens and profiles "
+                "cross the network readable; it answers Host names %s and IP addresses only",
+                listen,
+                ", ".join(sorted(self._httpd.host_names)),
+            )
         bound = self._httpd.server_address[1]
         self.address = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
         self.url = f"{'https' if security.cert else 'http'}://{self.address}/"
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="http")
 
     def start(self) -> None:
+        self._httpd.start_pool()
         self._thread.start()
 
     def stop(self) -> None:
@@ -135,7 +207,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: the page makes several requests
     server_version = "fleetprof"
     sys_version = ""
-    timeout = 120  # s: a stalled or idle keep-alive client gives its thread back
+    timeout = 20  # s: a stalled or idle keep-alive client gives its thread back
     server: _Server
 
     def do_GET(self) -> None:
@@ -171,10 +243,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _check_host(self) -> None:
         host = self.headers.get("Host")
-        if self.server.loopback_only and host:
-            name = urlsplit(f"//{host}").hostname or ""
-            if not is_loopback(f"[{name}]:0"):  # a Host may lack the port
-                raise BadRequest(f"this aggregator serves loopback names only, not {host!r}")
+        if not host:
+            return
+        name = urlsplit(f"//{host}").hostname or ""
+        if self.server.loopback_only and not is_loopback(f"[{name}]:0"):  # no port needed
+            raise BadRequest(f"this aggregator serves loopback names only, not {host!r}")
+        if self.server.host_names and not (name in self.server.host_names or _is_ip(name)):
+            raise BadRequest(f"this aggregator does not serve the name {host!r}")
 
     def _check_token(self) -> None:
         """With tokens, the API answers only requests that carry one (header or cookie);
@@ -216,7 +291,9 @@ class _Handler(BaseHTTPRequestHandler):
             except ValueError as exc:
                 raise BadRequest(str(exc)) from None
             store = self.server.store
-            source = ConnectionSource(store.reader(), scope=self.scope, identity=store.path)
+            source = ConnectionSource(
+                store.reader(), self.server.max_query_s, scope=self.scope, identity=store.path
+            )
             try:
                 answer = ENDPOINTS[url.path](source, params)
             finally:
@@ -246,7 +323,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise BadRequest(f"a Content-Length up to {MAX_BODY_BYTES} bytes is required")
         sql = sql_request(self.rfile.read(int(length)))
-        source = ConnectionSource(self.server.store.reader(), scope=self.scope)
+        source = ConnectionSource(
+            self.server.store.reader(), self.server.max_query_s, scope=self.scope
+        )
         try:
             if ARROW_STREAM in self.headers.get("Accept", ""):
                 self._send_arrow(source, sql)

@@ -16,7 +16,7 @@ from typing import Any, get_args
 
 from fleetprof.proto.schema import EVENT_UNITS
 from fleetprof.query.changes import function_changes
-from fleetprof.query.filters import SampleFilter
+from fleetprof.query.filters import SampleFilter, saturating
 from fleetprof.query.flame import load_flame, load_flat
 from fleetprof.query.flame_index import FocusNotFound
 from fleetprof.query.flame_tree import gc_paused
@@ -89,8 +89,8 @@ def meta(source: ProfileSource, params: Params) -> dict[str, object]:
     _check_keys(params, ())
     events = _rows(
         source,
-        """
-        SELECT event, sum(weight)::BIGINT AS weight, count(*) AS rows,
+        f"""
+        SELECT event, {saturating("sum(weight)")} AS weight, count(*) AS rows,
                min(ts) AS first, max(ts) AS last
         FROM samples GROUP BY event ORDER BY weight DESC
         """,
@@ -103,29 +103,29 @@ def meta(source: ProfileSource, params: Params) -> dict[str, object]:
         "known_events": EVENT_UNITS,
         "nodes": _rows(
             source,
-            "SELECT node, sum(weight)::BIGINT AS weight FROM samples "
+            f"SELECT node, {saturating('sum(weight)')} AS weight FROM samples "
             "GROUP BY node ORDER BY weight DESC, node LIMIT 1000",
         ),
         "comms": _rows(
             source,
-            "SELECT comm, sum(weight)::BIGINT AS weight FROM samples "
+            f"SELECT comm, {saturating('sum(weight)')} AS weight FROM samples "
             "GROUP BY comm ORDER BY weight DESC, comm LIMIT 500",
         ),
         "pids": _rows(
             source,
-            "SELECT pid, any_value(comm) AS comm, sum(weight)::BIGINT AS weight FROM samples "
-            "GROUP BY pid ORDER BY weight DESC, pid LIMIT 500",
+            f"SELECT pid, any_value(comm) AS comm, {saturating('sum(weight)')} AS weight "
+            "FROM samples GROUP BY pid ORDER BY weight DESC, pid LIMIT 500",
         ),
         "jobs": _rows(
             source,
-            "SELECT job, sum(weight)::BIGINT AS weight FROM samples WHERE job IS NOT NULL "
+            f"SELECT job, {saturating('sum(weight)')} AS weight FROM samples WHERE job IS NOT NULL "
             "GROUP BY job ORDER BY weight DESC, job LIMIT 500",
         ),
         # on-demand sessions (fleetprof profile), newest first
         "sessions": _rows(
             source,
             "SELECT session_id AS session, any_value(job) AS job, "
-            "sum(weight)::BIGINT AS weight, min(ts) AS first FROM samples "
+            f"{saturating('sum(weight)')} AS weight, min(ts) AS first FROM samples "
             "WHERE session_id IS NOT NULL GROUP BY session_id ORDER BY first DESC LIMIT 200",
         ),
     }

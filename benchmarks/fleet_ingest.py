@@ -16,6 +16,12 @@ Printed, on this machine's load (`uptime` is printed too), latency being batch s
    rows/s end to end (first batch sent → last ack) and its ratio to a bare DuckDB append of
    the same Arrow batches (one INSERT each, same columns, same process count: one); latency.
    Targets: >= 1M rows/s, >= 50% of the bare append.
+   Then sustained ingest with authentication off and on (issue 18: agent tokens checked on
+   every stream, each agent bound to its node) on two aggregators, alternating, three runs
+   each: median rows/s and spread, and the ratio (target: on >= 95% of off); and the cost of
+   the hostile-input checks every batch goes through (IPC size from metadata, control
+   characters, weight bounds, time window, stacks of the stream) timed over the same
+   batches, as a share of the sustained time per row.
 3. sustained ingest while a flame graph of one job is drawn over and over through the
    QueryService: rows/s, latency. Target: p99 < 500 ms.
 4. a flame graph of one job and one hour over `--rows` stored rows (default 100M, appended
@@ -38,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -46,12 +53,20 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from fleetprof.aggregator.label_sets import ROW_LABELS
 from fleetprof.aggregator.server import Aggregator
 from fleetprof.aggregator.storage import ProfileStore
+from fleetprof.aggregator.validate import (
+    StreamStacks,
+    check_text,
+    check_time_window,
+    check_weights,
+)
 from fleetprof.commands.flamegraph import write_graph
 from fleetprof.node_agent.batch import stack_id, stacks_table
 from fleetprof.proto import schema
 from fleetprof.proto.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from fleetprof.proto.security import ClientSecurity, NodeGrant, ServerSecurity
 from fleetprof.query.filters import SampleFilter
 from fleetprof.query.render import RenderOptions
 from fleetprof.query.source import AggregatorSource, DatabaseSource
@@ -61,6 +76,8 @@ from flame_query import best_of, synthetic_stacks
 
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", schema.MAX_MESSAGE_BYTES)]
 FLAME_JOB = "job-0"
+# With authentication on: the clients' agent token (any node) and an operator's query token.
+AGENT_TOKEN, QUERY_TOKEN = "bench-agent-token", "bench-query-token"
 OPTIONS = RenderOptions(title="fleet", event="cpu", unit="samples")
 
 
@@ -132,32 +149,46 @@ def make_batches(
 def run_client(
     address: str,
     streams: list[list[tuple[str, bytes]]],
-    stacks: bytes | None,
+    stacks: bytes,
+    warm: bool,
     rounds: int,
+    token: str | None,
     ready: mp.Barrier,
     results: mp.Queue,
 ) -> None:
     """Send each stream's batches `rounds` times, one in flight per stream; put
-    (rows acked, [(sent, acked)] per batch) on `results`. `stacks` None: streams past their
-    first batches, which sent their stacks then (as long-lived agent streams do)."""
+    (rows acked, [(sent, acked)] per batch) on `results`. `warm`: streams past their first
+    batches, which sent their stacks then (as long-lived agent streams do): each stream
+    sends the stacks its batches use before the clock starts."""
     import grpc
 
     channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
     stub = ingest_pb2_grpc.IngestServiceStub(channel)
-    all_stacks = None if stacks is None else schema.decode(stacks, schema.STACKS)
+    all_stacks = schema.decode(stacks, schema.STACKS)
     # Every message is made before the start: the clients share the aggregator's CPUs.
     messages = [
-        _messages(f"bench-{os.getpid()}-{i}", batches, rounds, all_stacks)
+        _messages(f"bench-{os.getpid()}-{i}", batches, rounds, all_stacks, warm)
         for i, batches in enumerate(streams)
     ]
+    metadata = ClientSecurity(token=token).metadata()
+    opened = []
+    for stream in messages:
+        requests: queue.Queue[ingest_pb2.IngestBatch | None] = queue.Queue()
+        acks = stub.Ingest(iter(requests.get, None), metadata=metadata)
+        if warm:
+            requests.put(stream.pop(0))
+            next(acks)
+        opened.append((requests, acks, stream))
     ready.wait()
     timings: list[tuple[float, float]] = []
     acked = [0]
     lock = threading.Lock()
 
-    def one_stream(stream: list[ingest_pb2.IngestBatch]) -> None:
-        requests: queue.Queue[ingest_pb2.IngestBatch | None] = queue.Queue()
-        acks = stub.Ingest(iter(requests.get, None))
+    def one_stream(
+        requests: queue.Queue[ingest_pb2.IngestBatch | None],
+        acks: Iterator[ingest_pb2.IngestAck],
+        stream: list[ingest_pb2.IngestBatch],
+    ) -> None:
         for message in stream:
             sent = time.time()
             requests.put(message)
@@ -167,7 +198,7 @@ def run_client(
                 acked[0] += ack.rows_stored
         requests.put(None)
 
-    threads = [threading.Thread(target=one_stream, args=(stream,)) for stream in messages]
+    threads = [threading.Thread(target=one_stream, args=opened_stream) for opened_stream in opened]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -177,32 +208,60 @@ def run_client(
 
 
 def _messages(
-    agent_id: str, batches: list[tuple[str, bytes]], rounds: int, stacks: pa.Table | None
+    stream_id: str,
+    batches: list[tuple[str, bytes]],
+    rounds: int,
+    stacks: pa.Table,
+    warm: bool,
 ) -> list[ingest_pb2.IngestBatch]:
     """One stream's messages: its batches `rounds` times, each stack in the first batch
-    that uses it, as the Shipper sends them (None: no stacks)."""
+    that uses it, as the Shipper sends them; `warm`: all the stacks first, in a batch
+    without samples. A stream carries several nodes' batches, each node as its own agent
+    (an agent writes one node), each agent counting its own sequence."""
     messages, sent = [], pa.array([], pa.int64())
-    for sequence, (node, samples) in enumerate(batches * rounds, start=1):
+    sequences: dict[str, int] = {}
+    if warm:
+        used = pc.unique(
+            pa.chunked_array(
+                [schema.decode(samples, schema.SAMPLES)["stack_id"] for _, samples in batches]
+            )
+        )
+        node = batches[0][0]
+        messages.append(_message(f"{node}/{stream_id}", 1, node, b"", stacks, used))
+        sequences[node] = 1
+        sent = used.combine_chunks() if isinstance(used, pa.ChunkedArray) else used
+    for node, samples in batches * rounds:
         used = pc.unique(schema.decode(samples, schema.SAMPLES)["stack_id"])
         new = pc.filter(used, pc.invert(pc.is_in(used, value_set=sent)))
         sent = pa.concat_arrays([sent, new])
+        sequences[node] = sequences.get(node, 0) + 1
         messages.append(
-            ingest_pb2.IngestBatch(
-                agent_id=agent_id,
-                sequence=sequence,
-                schema_version=schema.SCHEMA_VERSION,
-                node=node,
-                samples=samples,
-                stacks=schema.encode(stacks.filter(pc.is_in(stacks["stack_id"], value_set=new)))
-                if len(new) and stacks is not None
-                else b"",
-            )
+            _message(f"{node}/{stream_id}", sequences[node], node, samples, stacks, new)
         )
     return messages
 
 
-def run_aggregator(db: str, port: mp.Queue, stop: mp.Event) -> None:
-    aggregator = Aggregator(db, "127.0.0.1:0")
+def _message(
+    agent_id: str, sequence: int, node: str, samples: bytes, stacks: pa.Table, new: pa.Array
+) -> ingest_pb2.IngestBatch:
+    return ingest_pb2.IngestBatch(
+        agent_id=agent_id,
+        sequence=sequence,
+        incarnation="bench",
+        schema_version=schema.SCHEMA_VERSION,
+        node=node,
+        samples=samples,
+        stacks=schema.encode(stacks.filter(pc.is_in(stacks["stack_id"], value_set=new)))
+        if len(new)
+        else b"",
+    )
+
+
+def run_aggregator(db: str, port: mp.Queue, stop: mp.Event, auth: bool) -> None:
+    security = ServerSecurity(
+        tokens={QUERY_TOKEN: None}, agents={AGENT_TOKEN: NodeGrant("bench agents")}
+    )
+    aggregator = Aggregator(db, "127.0.0.1:0", security=security if auth else None)
     aggregator.start()
     port.put(aggregator.address)
     stop.wait()
@@ -212,15 +271,20 @@ def run_aggregator(db: str, port: mp.Queue, stop: mp.Event) -> None:
 def ingest(
     address: str,
     per_client: list[list[list[tuple[str, bytes]]]],
-    stacks: bytes | None,
+    stacks: bytes,
+    warm: bool,
     rounds: int,
+    token: str | None = None,
 ) -> tuple[int, float, list[float]]:
     """Run the clients once; (rows acked, seconds, latencies in seconds)."""
     ctx = mp.get_context("spawn")
     ready = ctx.Barrier(len(per_client) + 1)
     results = ctx.Queue()
     clients = [
-        ctx.Process(target=run_client, args=(address, streams, stacks, rounds, ready, results))
+        ctx.Process(
+            target=run_client,
+            args=(address, streams, stacks, warm, rounds, token, ready, results),
+        )
         for streams in per_client
     ]
     for client in clients:
@@ -266,6 +330,58 @@ def _duck_type(arrow_type: pa.DataType) -> str:
 
 def percentile(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(p / 100 * len(values)))]
+
+
+def start_aggregator(db: Path, auth: bool) -> tuple[mp.Process, mp.Event, str]:
+    ctx = mp.get_context("spawn")
+    port, stop = ctx.Queue(), ctx.Event()
+    server = ctx.Process(target=run_aggregator, args=(str(db), port, stop, auth))
+    server.start()
+    return server, stop, port.get()
+
+
+def auth_on_and_off(
+    work: Path, per_client: list, stacks: bytes, rounds: int, runs: int = 3
+) -> None:
+    """Sustained ingest into two aggregators, authentication off and on, alternating."""
+    servers = {auth: start_aggregator(work / f"auth-{auth}.duckdb", auth) for auth in (False, True)}
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(runs):
+        for auth, (_, _, address) in servers.items():
+            token = AGENT_TOKEN if auth else None
+            rows, took, _ = ingest(address, per_client, stacks, True, rounds, token)
+            rates[auth].append(rows / took)
+    for server, stop, _ in servers.values():
+        stop.set()
+        server.join()
+    off, on = (statistics.median(rates[auth]) for auth in (False, True))
+    spread = {a: f"{min(r) / 1e6:.2f}-{max(r) / 1e6:.2f}M" for a, r in rates.items()}
+    print(
+        f"2b. sustained, {runs} runs each, alternating: authentication off "
+        f"{off / 1e6:.2f}M rows/s ({spread[False]}), on {on / 1e6:.2f}M rows/s "
+        f"({spread[True]}); on/off {on / off:.1%} (target >= 95%)"
+    )
+
+
+def check_costs(per_client: list, stacks: pa.Table, rate: float) -> None:
+    """The hostile-input checks of issue 18 alone, over the same batches."""
+    payloads = [samples for streams in per_client for batch in streams for _, samples in batch]
+    decoded = [schema.decode(samples, schema.SAMPLES) for samples in payloads]
+    rows = sum(table.num_rows for table in decoded)
+    stream = StreamStacks()
+    stream.check(schema.SAMPLES.empty_table(), stacks)
+    started = time.perf_counter()
+    for payload, table in zip(payloads, decoded, strict=True):
+        schema.check_decoded_size("samples", payload)
+        check_time_window("samples", table)
+        check_weights(table)
+        check_text("samples", table, ROW_LABELS)
+        stream.check(table, stacks.slice(0, 0))
+    took = time.perf_counter() - started
+    print(
+        f"2c. the new checks alone over {rows:,} rows: {took:.2f} s, {rows / took / 1e6:.1f}M "
+        f"rows/s on one core: {rate * took / rows:.1%} of the sustained time per row"
+    )
 
 
 def flame_loop(address: str, out: Path, stop: threading.Event, times: list[float]) -> None:
@@ -373,13 +489,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
         f"{args.clients} clients x {args.streams} streams, {args.batch_rows:,} rows/batch"
     )
 
-    ctx = mp.get_context("spawn")
-    port, stop = ctx.Queue(), ctx.Event()
-    server = ctx.Process(target=run_aggregator, args=(str(work / "agg.duckdb"), port, stop))
-    server.start()
-    address = port.get()
-
-    rows, took, latencies = ingest(address, per_client, stacks, args.rounds)
+    server, stop, address = start_aggregator(work / "agg.duckdb", auth=False)
+    rows, took, latencies = ingest(address, per_client, stacks, False, args.rounds)
     print(
         f"1. first pass, every stack new to the aggregator ({args.stacks:,} stacks, "
         f"{len(stacks) / 1e6:.0f} MB of Arrow IPC, each sent once per stream): "
@@ -387,7 +498,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
         f"latency p50 {percentile(latencies, 50) * 1000:.0f} ms, "
         f"p99 {percentile(latencies, 99) * 1000:.0f} ms"
     )
-    rows, took, latencies = ingest(address, per_client, None, args.rounds)
+    rows, took, latencies = ingest(address, per_client, stacks, True, args.rounds)
     bare_rows, bare_s = bare_append(work / "bare.duckdb", tables, args.rounds)
     rate, bare_rate = rows / took, bare_rows / bare_s
     print(
@@ -405,7 +516,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
         target=flame_loop, args=(address, work / "live.html", stop_flames, flame_times)
     )
     flames.start()
-    rows, took, latencies = ingest(address, per_client, None, args.rounds)
+    rows, took, latencies = ingest(address, per_client, stacks, True, args.rounds)
     stop_flames.set()
     flames.join()
     print(
@@ -416,6 +527,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
     )
     stop.set()
     server.join()
+    auth_on_and_off(work, per_client, stacks, args.rounds)
+    check_costs(per_client, fleet.stacks, rate)
     if not args.skip_flame:
         flame_over_stored(work, fleet, args.rows)
 

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from fleetprof.commands import (
+    admin,
     agent,
     aggregator,
     demo,
@@ -30,6 +31,7 @@ COMMANDS = {
     "export": export,
     "import": import_,
     "demo": demo,
+    "admin": admin,
 }
 
 

@@ -104,7 +104,10 @@ class BatchBuilder:
                 "ts": pa.array([ts] * len(drained), pa.timestamp("us", tz="UTC")),
                 "pid": [s.pid for s in drained],
                 "tid": [s.tid for s in drained],
-                "comm": [self._symbolizer.process_name(s.pid) or s.comm for s in drained],
+                "comm": [
+                    schema.printable(self._symbolizer.process_name(s.pid) or s.comm)
+                    for s in drained
+                ],
                 "event": [event] * len(drained),
                 "stack_id": stack_ids,
                 "weight": [s.weight for s in drained],
@@ -127,7 +130,10 @@ class BatchBuilder:
             {
                 "ts": pa.array([ts] * len(buckets), pa.timestamp("us", tz="UTC")),
                 "pid": [b.pid for b in buckets],
-                "comm": [self._symbolizer.process_name(b.pid) or b.comm for b in buckets],
+                "comm": [
+                    schema.printable(self._symbolizer.process_name(b.pid) or b.comm)
+                    for b in buckets
+                ],
                 "device": [b.device for b in buckets],
                 "op": [b.op for b in buckets],
                 "bucket_le_ns": [b.bucket_le_ns for b in buckets],

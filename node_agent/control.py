@@ -32,6 +32,7 @@ class ControlClient:
         )
         self._address = address
         self._channel = security.channel(address)
+        self._metadata = security.metadata()
         self._stub = control_pb2_grpc.ControlServiceStub(self._channel)
         self._reports: queue.Queue[control_pb2.AgentReport | None] = queue.Queue()
         self._closed = threading.Event()
@@ -68,7 +69,7 @@ class ControlClient:
             reports: queue.Queue[control_pb2.AgentReport | None] = queue.Queue()
             self._reports = reports
             try:
-                self._call = self._stub.Connect(self._outgoing(reports))
+                self._call = self._stub.Connect(self._outgoing(reports), metadata=self._metadata)
                 for order in self._call:
                     failures = 0
                     self.orders.put(order.start_session)

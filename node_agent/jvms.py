@@ -349,7 +349,7 @@ class Jvms:
                 "ts": datetime.now(UTC),
                 "pid": jvm.pid,
                 "nspid": jvm.nspid,
-                "comm": jvm.comm,
+                "comm": schema.printable(jvm.comm),
                 "exe": jvm.exe,
                 "runtime": "jvm",
                 "frame_pointers": jvm.frame_pointers,

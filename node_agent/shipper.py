@@ -1,10 +1,12 @@
 """Sends batches to the aggregator over one bidirectional Ingest stream, in order.
 
-Each batch has a per-agent sequence number and counts as delivered only once the aggregator
-acks it (after its commit). A batch that cannot be delivered goes to the on-disk spool;
-spooled batches are retried oldest first, with jittered exponential backoff, before any
-newer one, so the aggregator sees every agent's batches in order. A batch the aggregator
-refuses as invalid is dropped and counted: resending it cannot succeed.
+Each batch has a sequence number within the agent's incarnation (a random value per
+Shipper: batches someone else sends under the same agent id never collide with this one's)
+and counts as delivered only once the aggregator acks it (after its commit). A batch that
+cannot be delivered goes to the on-disk spool; spooled batches are retried oldest first,
+with jittered exponential backoff, before any newer one, so the aggregator sees every
+agent's batches in order. A batch the aggregator refuses as invalid is dropped and counted:
+resending it cannot succeed.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import queue
 import random
 import threading
 import time
+import uuid
 
 import grpc
 import pyarrow as pa
@@ -45,9 +48,11 @@ RETRY_MAX_S = 10.0
 class _Stream:
     """One open Ingest call: requests go in through a queue, acks come out in order."""
 
-    def __init__(self, stub: ingest_pb2_grpc.IngestServiceStub) -> None:
+    def __init__(
+        self, stub: ingest_pb2_grpc.IngestServiceStub, metadata: list[tuple[str, str]]
+    ) -> None:
         self._requests: queue.Queue[ingest_pb2.IngestBatch | None] = queue.Queue()
-        self._acks = stub.Ingest(iter(self._requests.get, None))
+        self._acks = stub.Ingest(iter(self._requests.get, None), metadata=metadata)
         self.sent_stacks: set[int] = set()
 
     def exchange(self, batch: ingest_pb2.IngestBatch) -> ingest_pb2.IngestAck:
@@ -77,14 +82,20 @@ class Shipper:
         self.address = address
         self.agent_id = agent_id
         self.node = node
-        self._channel = (security or ClientSecurity()).channel(address, CHANNEL_OPTIONS)
+        security = security or ClientSecurity()
+        self._channel = security.channel(address, CHANNEL_OPTIONS)
+        self._metadata = security.metadata()
         self._stub = ingest_pb2_grpc.IngestServiceStub(self._channel)
         self._stream: _Stream | None = None
         self._spool = spool
-        self._next_sequence = 1
+        self._new_incarnation()
         self._failures = 0
         self._retry_at = 0.0
         self.stats = {"acked": 0, "duplicates": 0, "rejected": 0}
+
+    def _new_incarnation(self) -> None:
+        self._incarnation = uuid.uuid4().hex
+        self._next_sequence = 1
 
     @property
     def pending(self) -> int:
@@ -102,6 +113,7 @@ class Shipper:
         message = ingest_pb2.IngestBatch(
             agent_id=self.agent_id,
             sequence=self._next_sequence,
+            incarnation=self._incarnation,
             schema_version=schema.SCHEMA_VERSION,
             node=self.node,
             samples=schema.encode(batch.samples),
@@ -132,6 +144,21 @@ class Shipper:
             ack = self._send(message)
         except grpc.RpcError as exc:
             self._drop_stream()
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                # Its sequence is too far past the last stored (the spool dropped many
+                # batches): this and every later batch go in a new incarnation.
+                log.warning("aggregator: %s", exc.details())
+                self._new_incarnation()
+                message.incarnation = self._incarnation
+                message.sequence = self._next_sequence
+                self._next_sequence += 1
+                return self._deliver(message)
+            if exc.code() in (
+                grpc.StatusCode.UNAUTHENTICATED,
+                grpc.StatusCode.PERMISSION_DENIED,
+            ):
+                # A credential problem an operator fixes: keep the batch, say it loudly.
+                log.error("aggregator %s refused this agent: %s", self.address, exc.details())
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 self.stats["rejected"] += 1
                 log.error("aggregator refused batch %d: %s", message.sequence, exc.details())
@@ -154,7 +181,7 @@ class Shipper:
 
     def _send(self, message: ingest_pb2.IngestBatch) -> ingest_pb2.IngestAck:
         if self._stream is None:
-            self._stream = _Stream(self._stub)
+            self._stream = _Stream(self._stub, self._metadata)
         stream = self._stream
         stacks = schema.decode(message.stacks, schema.STACKS)
         sent = pa.array(list(stream.sent_stacks), pa.int64())

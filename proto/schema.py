@@ -9,6 +9,9 @@ Bump SCHEMA_VERSION and keep the old schema readable when a column changes.
 
 from __future__ import annotations
 
+import re
+import struct
+
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
@@ -111,8 +114,29 @@ IO_LATENCY = pa.schema(
 # Hostile-input limits, checked before anything is decoded or stored.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MAX_ROWS_PER_BATCH = 5_000_000
+# Bytes of one payload once decompressed: 5M rows of SAMPLES take ~350 MB; a 35 MB zstd
+# message of identical rows would otherwise decode to GBs before its row count is seen.
+MAX_DECODED_BYTES = 1 << 30
 MAX_FRAMES_PER_STACK = 1024
 MAX_STRING_BYTES = 4096
+# The heaviest a SAMPLES row can legitimately be (one thread, one stack, one interval): an
+# agent ships at least every MAX_INTERVAL_S, samples at most at MAX_FREQUENCY_HZ and scales
+# weights by at most 1 / MIN_HOST_SAMPLING (--host-sampling); time is at most the interval.
+# Heavier rows are refused: a poisoned weight would dwarf a fleet's profile.
+MAX_INTERVAL_S = 3600
+MAX_FREQUENCY_HZ = 10_000
+MIN_HOST_SAMPLING = 0.001
+MAX_WEIGHT = {
+    unit: (MAX_FREQUENCY_HZ if unit == "samples" else 1_000_000_000)
+    * MAX_INTERVAL_S
+    * round(1 / MIN_HOST_SAMPLING)
+    for unit in set(EVENT_UNITS.values())
+}
+# Names (node, agent, labels such as comm) must not hold C0/C1 control characters or DEL: a
+# NUL or newline breaks logs, files and the terminals names are printed on. Agents replace
+# them (a process may name itself anything); the aggregator refuses them.
+CONTROL_CHARACTERS = r"[\x00-\x1f\x7f-\x9f]"
+_CONTROL = re.compile(CONTROL_CHARACTERS)
 
 _WRITE_OPTIONS = ipc.IpcWriteOptions(compression="zstd")
 
@@ -133,11 +157,12 @@ def decode(payload: bytes, expected: pa.Schema) -> pa.Table:
     """Read an Arrow IPC stream and check it carries exactly `expected`'s columns."""
     if not payload:
         return expected.empty_table()
+    name = expected.metadata[b"fleetprof.table"].decode()
     try:
+        check_decoded_size(name, payload)
         table = ipc.open_stream(pa.py_buffer(payload)).read_all()
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
         raise SchemaError(f"malformed Arrow IPC payload: {exc}") from exc
-    name = expected.metadata[b"fleetprof.table"].decode()
     if not table.schema.equals(expected, check_metadata=False):
         raise SchemaError(
             f"{name}: schema does not match version {SCHEMA_VERSION}: "
@@ -146,6 +171,106 @@ def decode(payload: bytes, expected: pa.Schema) -> pa.Table:
     if table.num_rows > MAX_ROWS_PER_BATCH:
         raise SchemaError(f"{name}: {table.num_rows} rows exceeds {MAX_ROWS_PER_BATCH}")
     return table
+
+
+def check_decoded_size(name: str, payload: bytes) -> None:
+    """Refuse a payload whose record batches say (in their IPC metadata, read before any
+    buffer is decompressed) that they hold more than MAX_ROWS_PER_BATCH rows or
+    MAX_DECODED_BYTES bytes; raises pyarrow errors for a malformed stream."""
+    rows = size = 0
+    for message in ipc.MessageReader.open_stream(pa.py_buffer(payload)):
+        header = _record_batch_header(message)
+        if header is None:
+            continue
+        length, buffers, compressed = header
+        body = message.body
+        rows += length
+        for offset, buffer_length in buffers:
+            if offset < 0 or buffer_length < 0 or offset + buffer_length > body.size:
+                raise pa.ArrowInvalid("buffer outside the message body")
+            if compressed and buffer_length >= 8:
+                # A compressed buffer starts with its decompressed length (-1: stored as is).
+                (decoded,) = struct.unpack("<q", body[offset : offset + 8].to_pybytes())
+                size += buffer_length if decoded < 0 else decoded
+            else:
+                size += buffer_length
+        if rows > MAX_ROWS_PER_BATCH:
+            raise SchemaError(f"{name}: more than {MAX_ROWS_PER_BATCH} rows")
+        if size > MAX_DECODED_BYTES:
+            raise SchemaError(f"{name}: decodes to more than {MAX_DECODED_BYTES} bytes")
+
+
+# Arrow's Message.fbs: the Message table's fields, its header union's record batch types.
+_HEADER_TYPE, _HEADER = 1, 2
+_DICTIONARY_BATCH, _RECORD_BATCH = 2, 3
+
+
+def _record_batch_header(message: ipc.Message) -> tuple[int, list[tuple[int, int]], bool] | None:
+    """(rows, buffers as (offset, length), compressed) of a record or dictionary batch
+    message, from its flatbuffer metadata; None for other messages."""
+    meta = _Flatbuffer(message.metadata.to_pybytes())
+    root = meta.root()
+    kind = meta.scalar(root, _HEADER_TYPE, "<B")
+    if kind not in (_DICTIONARY_BATCH, _RECORD_BATCH):
+        return None
+    batch = meta.table(root, _HEADER)
+    if kind == _DICTIONARY_BATCH:  # DictionaryBatch: id, data (a RecordBatch), isDelta
+        batch = meta.table(batch, 1)
+    # RecordBatch: length, nodes, buffers (structs of two int64), compression
+    buffers = meta.vector(batch, 2, 16)
+    pairs = [struct.unpack_from("<qq", meta.data, at) for at in buffers]
+    return meta.scalar(batch, 0, "<q"), pairs, meta.offset(batch, 3) != 0
+
+
+class _Flatbuffer:
+    """Just enough of the flatbuffers format to read Arrow IPC message metadata."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def _u32(self, at: int) -> int:
+        if not 0 <= at <= len(self.data) - 4:
+            raise pa.ArrowInvalid("flatbuffer offset out of range")
+        return struct.unpack_from("<I", self.data, at)[0]
+
+    def root(self) -> int:
+        return self._u32(0)
+
+    def offset(self, table: int, field: int) -> int:
+        """Where a table's field is, relative to the table; 0 when absent."""
+        vtable = table - struct.unpack_from("<i", self.data, table)[0]
+        entry = 4 + 2 * field
+        if not 0 <= vtable <= len(self.data) - 4:
+            raise pa.ArrowInvalid("flatbuffer vtable out of range")
+        if entry >= struct.unpack_from("<H", self.data, vtable)[0]:
+            return 0
+        return struct.unpack_from("<H", self.data, vtable + entry)[0]
+
+    def scalar(self, table: int, field: int, fmt: str) -> int:
+        at = self.offset(table, field)
+        return struct.unpack_from(fmt, self.data, table + at)[0] if at else 0
+
+    def table(self, table: int, field: int) -> int:
+        at = self.offset(table, field)
+        if not at:
+            raise pa.ArrowInvalid("flatbuffer table missing")
+        return table + at + self._u32(table + at)
+
+    def vector(self, table: int, field: int, element: int) -> range:
+        """Positions of a vector's elements of `element` bytes each."""
+        at = self.offset(table, field)
+        if not at:
+            return range(0)
+        start = table + at + self._u32(table + at)
+        count = self._u32(start)
+        if start + 4 + count * element > len(self.data):
+            raise pa.ArrowInvalid("flatbuffer vector out of range")
+        return range(start + 4, start + 4 + count * element, element)
+
+
+def printable(name: str) -> str:
+    """A name as the contract accepts it: control characters become `?`."""
+    return _CONTROL.sub("?", name)
 
 
 def samples_table(columns: dict[str, object]) -> pa.Table:

@@ -6,6 +6,8 @@ in the handshake); queries also carry a bearer token when the aggregator has tok
 Loopback may stay plaintext and open for local use; any other address needs TLS unless
 the user explicitly passes --insecure. A token may be limited to some jobs and namespaces
 (AccessScope): its queries see only their samples, and it can profile only those jobs.
+Agents write only the nodes their credential grants (NodeGrant, docs/security.md): a token
+or a client certificate per agent or node group, named in an agent credentials file.
 """
 
 from __future__ import annotations
@@ -13,13 +15,18 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
 import grpc
 
 AUTHORIZATION = "authorization"
-INGEST_PREFIX = "/fleetprof.ingest.v1.IngestService/"
+# Agents' calls: they authenticate with ingest_grant (an agent credential), not query tokens.
+AGENT_METHODS = (
+    "/fleetprof.ingest.v1.IngestService/Ingest",
+    "/fleetprof.control.v1.ControlService/Connect",
+)
 
 
 def is_loopback(address: str) -> bool:
@@ -96,6 +103,51 @@ def parse_tokens(lines: Iterable[str]) -> dict[str, AccessScope | None]:
 
 
 @dataclass(frozen=True)
+class NodeGrant:
+    """The nodes an agent credential may write samples of (fnmatch patterns); `name` says
+    which credential it is in logs (never the secret itself)."""
+
+    name: str
+    nodes: tuple[str, ...] = ("*",)
+
+    def allows(self, node: str) -> bool:
+        return any(fnmatchcase(node, pattern) for pattern in self.nodes)
+
+
+CERT_PREFIX = "cert:"
+
+
+def parse_agent_credentials(lines: Iterable[str]) -> dict[str, NodeGrant]:
+    """An agent credentials file: `TOKEN nodes=web-*,db-1` (a bearer token) or
+    `cert:NAME nodes=...` (a client certificate whose subject CN or a DNS SAN is NAME) per
+    line; `nodes=` is required. Keys are tokens, or `cert:NAME`."""
+    grants: dict[str, NodeGrant] = {}
+    for number, line in enumerate(lines, start=1):
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        credential, *rules = words
+        key, sep, values = rules[0].partition("=") if len(rules) == 1 else ("", "", "")
+        nodes = tuple(v for v in values.split(",") if v)
+        if key != "nodes" or not sep or not nodes:
+            raise ValueError(f"agent credentials line {number}: expected CREDENTIAL nodes=A,B*")
+        name = credential if credential.startswith(CERT_PREFIX) else f"token of line {number}"
+        grants[credential] = NodeGrant(name, nodes)
+    return grants
+
+
+class IngestDenied(PermissionError):
+    """An ingest caller that is not who it must be; `code` is the gRPC status to answer."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+ANYONE = NodeGrant("an unauthenticated client")
+
+
+@dataclass(frozen=True)
 class ServerSecurity:
     """What an aggregator demands of its clients."""
 
@@ -103,10 +155,13 @@ class ServerSecurity:
     key: str | None = None
     # With a client CA, every client must present a certificate signed by it.
     client_ca: str | None = None
-    # With tokens, every RPC but ingest (agents) requires one of them as a bearer token;
-    # a token mapped to a scope sees only that scope.
+    # With tokens, every RPC but the agents' requires one of them as a bearer token; a
+    # token mapped to a scope sees only that scope.
     tokens: Mapping[str, AccessScope | None] = field(default_factory=dict)
     insecure: bool = False
+    # Agent credentials (parse_agent_credentials): with them, or with query tokens, every
+    # ingest caller must prove which nodes it may write.
+    agents: Mapping[str, NodeGrant] = field(default_factory=dict)
 
     def add_port(self, server: grpc.Server, listen: str) -> int:
         """Bind `listen` with TLS when configured; refuse plaintext off loopback."""
@@ -129,6 +184,39 @@ class ServerSecurity:
     def interceptors(self) -> list[grpc.ServerInterceptor]:
         return [_TokenInterceptor(self.tokens)] if self.tokens else []
 
+    def ingest_grant(
+        self,
+        metadata: Iterable[tuple[str, str | bytes]] | None,
+        auth_context: Mapping[str, Sequence[bytes]],
+    ) -> NodeGrant:
+        """Which nodes an ingest caller (gRPC metadata and auth context, as the OTLP receiver
+        has them too) may write; raises IngestDenied. Accepted: an agent token, a query
+        token that sees everything, a client certificate named in the agent credentials
+        or, when no certificate is named there, any certificate of the client CA."""
+        token = bearer_token(metadata)
+        if token is not None and token in self.agents:
+            return self.agents[token]
+        if token is not None and token in self.tokens and self.tokens[token] is None:
+            return NodeGrant("a query token that sees everything")
+        names = [
+            value.decode(errors="replace")
+            for key in ("x509_common_name", "x509_subject_alternative_name")
+            for value in auth_context.get(key, ())
+        ]
+        for name in names:
+            if (grant := self.agents.get(CERT_PREFIX + name)) is not None:
+                return grant
+        certified = bool(names) and self.client_ca is not None
+        if certified and not any(key.startswith(CERT_PREFIX) for key in self.agents):
+            return NodeGrant(f"certificate {names[0]}")
+        if not (self.tokens or self.agents):
+            return ANYONE
+        raise IngestDenied(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "ingest needs an agent credential: a token (--token) or a client certificate "
+            "named in the aggregator's --agent-credentials",
+        )
+
     def scope(self, token: str | None) -> AccessScope | None:
         """The scope of an accepted token (None: everything; the interceptor has already
         turned away requests without a valid token)."""
@@ -136,7 +224,7 @@ class ServerSecurity:
 
 
 class _TokenInterceptor(grpc.ServerInterceptor):
-    """Requires a bearer token on every RPC but ingest."""
+    """Requires a bearer token on every RPC but the agents' (AGENT_METHODS)."""
 
     def __init__(self, tokens: Mapping[str, AccessScope | None]) -> None:
         self._tokens = tokens
@@ -147,7 +235,7 @@ class _TokenInterceptor(grpc.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(details)
-        if handler is None or details.method.startswith(INGEST_PREFIX):
+        if handler is None or details.method in AGENT_METHODS:
             return handler
         if bearer_token(details.invocation_metadata) in self._tokens:
             return handler

@@ -29,6 +29,17 @@ def parse_time(text: str, now: datetime | None = None) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+# Sums of weights past BIGINT saturate rather than fail the whole query (DuckDB sums BIGINT
+# as HUGEINT; the cast back failed with "Conversion Error: Type INT128"): 2^63-1 ns is 292
+# years of thread time.
+INT64_MAX = 2**63 - 1
+
+
+def saturating(total: str) -> str:
+    """SQL of a HUGEINT sum as a BIGINT, capped at INT64_MAX."""
+    return f"least({total}, {INT64_MAX})::BIGINT"
+
+
 def sql_literal(value: object) -> str:
     """Quote a value for SQL text (queries travel as text over the wire)."""
     if isinstance(value, bool | int | float):

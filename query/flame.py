@@ -6,10 +6,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from fleetprof.query.filters import SampleFilter
+import numpy as np
+
+from fleetprof.query.filters import INT64_MAX, SampleFilter, saturating
 from fleetprof.query.flame_index import PathIndex, Selected
 from fleetprof.query.flame_tree import FlameNode, FlatTree
 from fleetprof.query.fleet import read_parts
+from fleetprof.query.sandbox import QueryError
 from fleetprof.query.source import ProfileSource
 
 # Per database (a source's `identity`), the paths of the stacks read once serve every later
@@ -38,7 +41,7 @@ def grouped_sql(selection: SampleFilter) -> str:
     """Weights summed per (process name, stack), by its `flame_key`: the only pass over the
     sample rows, which costs what a GROUP BY stack_id does (proto/lake.py DERIVED)."""
     return f"""
-        SELECT flame_key, sum(weight)::BIGINT AS weight
+        SELECT flame_key, {saturating("sum(weight)")} AS weight
         FROM samples WHERE {selection.where()}
         GROUP BY flame_key
     """
@@ -67,9 +70,16 @@ def load_flat(
     """
     # From a fleet: each aggregator's and the lake's rows; equal keys add up in the tree.
     table = read_parts(source, grouped_sql(selection))
+    weights = table["weight"].to_numpy()
+    # The tree adds weights up in int64: refuse a selection whose total would overflow it.
+    if weights.sum(dtype=np.float64) >= INT64_MAX:
+        raise QueryError(
+            "the weights of this selection add up past 2^63: narrow it (--since, --node), "
+            "or delete poisoned rows (fleetprof admin delete)"
+        )
     selected = Selected(
         flame_keys=table["flame_key"].to_numpy(),
-        weights=table["weight"].to_numpy(),
+        weights=weights,
         where=selection.where(),
         pairs=lambda keys: read_parts(source, pairs_sql(selection, keys)),
     )

@@ -7,6 +7,7 @@ query can neither write nor read anything but the profile tables.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -112,20 +113,29 @@ def run_query(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     rows_per_batch: int = 65_536,
     prepare: Callable[[duckdb.DuckDBPyConnection, str], None] | None = None,
+    on_end: Callable[[Callable[[], None]], object] | None = None,
 ) -> Iterator[pa.RecordBatchReader]:
     """Run a read-only query on a cursor of its own and stream its result as Arrow batches.
 
     The timeout covers the whole run, including the caller consuming the stream.
     `prepare(cursor, sql)` runs on that cursor first (query.access limits it to a scope).
+    `on_end(interrupt)` registers a function that stops the query for when its client goes
+    away (gRPC's context.add_callback; it also runs when the server stops).
     """
     cursor = conn.cursor()
     timed_out = threading.Event()
 
     def interrupt() -> None:
-        timed_out.set()
-        cursor.interrupt()
+        with contextlib.suppress(duckdb.Error):  # the cursor may be closed by then
+            cursor.interrupt()
 
-    timer = threading.Timer(timeout_s, interrupt)
+    def time_out() -> None:
+        timed_out.set()
+        interrupt()
+
+    if on_end:
+        on_end(interrupt)
+    timer = threading.Timer(timeout_s, time_out)
     try:
         check_read_only(cursor, sql)
         if prepare:

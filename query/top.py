@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fleetprof.query.filters import SampleFilter
+from fleetprof.query.filters import SampleFilter, saturating
 from fleetprof.query.source import ProfileSource
 
 Order = Literal["self", "total"]
@@ -20,8 +20,8 @@ def top_sql(selection: SampleFilter, order: Order, limit: int) -> str:
             GROUP BY stack_id
         )
         SELECT f AS function,
-               coalesce(sum(weight) FILTER (WHERE f = frames[-1]), 0)::BIGINT AS self,
-               sum(weight)::BIGINT AS total
+               {saturating("coalesce(sum(weight) FILTER (WHERE f = frames[-1]), 0)")} AS self,
+               {saturating("sum(weight)")} AS total
         FROM merged JOIN stacks USING (stack_id), unnest(list_distinct(frames)) AS t(f)
         GROUP BY f
         ORDER BY {order} DESC, function
@@ -31,7 +31,8 @@ def top_sql(selection: SampleFilter, order: Order, limit: int) -> str:
 
 def total_sql(selection: SampleFilter) -> str:
     where = selection.where()
-    return f"SELECT coalesce(sum(weight), 0)::BIGINT AS total FROM samples WHERE {where}"
+    total = saturating("coalesce(sum(weight), 0)")
+    return f"SELECT {total} AS total FROM samples WHERE {where}"
 
 
 def load_top(

@@ -19,7 +19,7 @@ from fleetprof.node_agent.batch import Batch
 from fleetprof.node_agent.shipper import Shipper
 from fleetprof.node_agent.spool import Spool
 from fleetprof.proto.ingest.v1 import ingest_pb2_grpc
-from fleetprof.proto.security import ClientSecurity, ServerSecurity
+from fleetprof.proto.security import ClientSecurity, ServerSecurity, parse_agent_credentials
 from fleetprof.query.sandbox import QueryError
 from fleetprof.query.source import AggregatorSource
 from tests.test_ingest import STACKS, batch, samples
@@ -106,10 +106,11 @@ def secure_aggregator(tmp_path: Path, pki: Pki) -> Iterator[Aggregator]:
     server.stop(grace_s=0)
 
 
-def ingest(address: str, security: ClientSecurity) -> grpc.StatusCode:
+def ingest(address: str, security: ClientSecurity, node: str = "node-a") -> grpc.StatusCode:
     channel = security.channel(address)
     try:
-        list(ingest_pb2_grpc.IngestServiceStub(channel).Ingest(iter([batch(1)]), timeout=10))
+        batches = iter([batch(1, node=node, agent_id=f"{node}/1")])
+        list(ingest_pb2_grpc.IngestServiceStub(channel).Ingest(batches, timeout=10))
         return grpc.StatusCode.OK
     except grpc.RpcError as exc:
         return exc.code()
@@ -127,6 +128,33 @@ def test_agents_need_a_client_certificate(secure_aggregator: Aggregator, pki: Pk
     assert ingest(address, ClientSecurity(insecure=True)) == grpc.StatusCode.UNAVAILABLE
     agent = ClientSecurity(ca=ca, cert=str(pki.agent_cert), key=str(pki.agent_key))
     assert ingest(address, agent) == grpc.StatusCode.OK
+
+
+def test_client_certificates_are_bound_to_their_nodes(tmp_path: Path, pki: Pki) -> None:
+    """With the certificate named in the agent credentials, it writes its nodes only; a
+    certificate of the CA that is not named there writes nothing."""
+    credentials = tmp_path / "agents"
+    credentials.write_text("cert:agent-node-1 nodes=node-a,rack-7-*\n")
+    with credentials.open() as lines:
+        agents = parse_agent_credentials(lines)
+    security = ServerSecurity(
+        cert=str(pki.server_cert), key=str(pki.server_key), client_ca=str(pki.ca), agents=agents
+    )
+    server = Aggregator(tmp_path / "p.duckdb", "127.0.0.1:0", security=security)
+    server.start()
+    try:
+        agent = ClientSecurity(ca=str(pki.ca), cert=str(pki.agent_cert), key=str(pki.agent_key))
+        assert ingest(server.address, agent, "node-a") == grpc.StatusCode.OK
+        assert ingest(server.address, agent, "rack-7-3") == grpc.StatusCode.OK
+        assert ingest(server.address, agent, "node-b") == grpc.StatusCode.PERMISSION_DENIED
+        server_cert = ClientSecurity(
+            ca=str(pki.ca), cert=str(pki.server_cert), key=str(pki.server_key)
+        )
+        assert ingest(server.address, server_cert) == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        server.stop(grace_s=0)
+    with pytest.raises(ValueError, match="line 1"):
+        parse_agent_credentials(["token-without-nodes"])
 
 
 def test_shipper_delivers_over_mutual_tls(secure_aggregator, pki: Pki, tmp_path: Path) -> None:

@@ -14,7 +14,12 @@ from fleetprof.commands.options import (
 )
 from fleetprof.node_agent import jobs
 from fleetprof.node_agent.assignment import parse_aggregators
-from fleetprof.proto.schema import EVENT_UNITS
+from fleetprof.proto.schema import (
+    EVENT_UNITS,
+    MAX_FREQUENCY_HZ,
+    MAX_INTERVAL_S,
+    MIN_HOST_SAMPLING,
+)
 
 HELP = "run the node agent (eBPF sampling; needs root)"
 
@@ -71,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="/var/cache/fleetprof/unwind",
         help="unwind rows prepared from binaries are kept here, by build id",
     )
-    add_client_security_arguments(parser, token=False)
+    add_client_security_arguments(parser, token=False, agent=True)
     jobs.add_arguments(parser)
     parser.add_argument(
         "--kubeconfig", help="pod metadata outside a cluster's pods (in a pod: automatic)"
@@ -83,13 +88,13 @@ def run(args: argparse.Namespace) -> int:
     from fleetprof.node_agent.agent import Agent, AgentConfig
     from fleetprof.node_agent.samplers import SamplerOptions
 
-    if not 1 <= args.frequency <= 10_000:
-        raise ValueError("--frequency must be between 1 and 10000 Hz")
+    if not 1 <= args.frequency <= MAX_FREQUENCY_HZ:
+        raise ValueError(f"--frequency must be between 1 and {MAX_FREQUENCY_HZ} Hz")
     parse_aggregators(args.aggregator)  # a bad list fails now, not after BPF compiles
-    if args.interval <= 0:
-        raise ValueError("--interval must be positive")
-    if not 0 < args.host_sampling <= 1:
-        raise ValueError("--host-sampling must be in (0, 1]")
+    if not 0 < args.interval <= MAX_INTERVAL_S:
+        raise ValueError(f"--interval must be positive, at most {MAX_INTERVAL_S} s")
+    if not MIN_HOST_SAMPLING <= args.host_sampling <= 1:
+        raise ValueError(f"--host-sampling must be in [{MIN_HOST_SAMPLING}, 1]")
     if args.offcpu_min_us < 1:
         raise ValueError("--offcpu-min-us must be at least 1")
     events = tuple(e.strip() for e in args.events.split(",") if e.strip())

@@ -79,6 +79,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="merge sealed rows older than this to one per minute (e.g. 1d; default: never)",
     )
     add_server_security_arguments(parser)
+    limits = parser.add_argument_group("limits (docs/security.md)")
+    limits.add_argument(
+        "--max-query-seconds",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="longest a query may run; clients may only ask for less",
+    )
+    limits.add_argument(
+        "--max-streams",
+        type=int,
+        default=2048,
+        metavar="N",
+        help="open gRPC streams at most (two per agent); more are refused",
+    )
+    limits.add_argument(
+        "--max-streams-per-peer",
+        type=int,
+        default=64,
+        metavar="N",
+        help="open gRPC streams at most from one client address",
+    )
 
 
 def _duration(text: str) -> timedelta:
@@ -122,6 +144,9 @@ def run(args: argparse.Namespace) -> int:
             max_disk_bytes=args.max_disk,
             downsample_after=args.downsample_after,
         ),
+        max_streams=args.max_streams,
+        max_streams_per_peer=args.max_streams_per_peer,
+        max_query_s=args.max_query_seconds,
     )
     stop = stop_on_signals()
     aggregator.start()

@@ -11,7 +11,13 @@ import threading
 from typing import TYPE_CHECKING
 
 from fleetprof.node_agent.assignment import parse_aggregators
-from fleetprof.proto.security import AccessScope, ClientSecurity, ServerSecurity, parse_tokens
+from fleetprof.proto.security import (
+    AccessScope,
+    ClientSecurity,
+    ServerSecurity,
+    parse_agent_credentials,
+    parse_tokens,
+)
 
 if TYPE_CHECKING:
     from fleetprof.query.source import ProfileSource
@@ -109,7 +115,9 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     add_client_security_arguments(parser, token=True)
 
 
-def add_client_security_arguments(parser: argparse.ArgumentParser, token: bool) -> None:
+def add_client_security_arguments(
+    parser: argparse.ArgumentParser, token: bool, agent: bool = False
+) -> None:
     group = parser.add_argument_group("transport security (needed off loopback)")
     group.add_argument("--tls-ca", metavar="PEM", help="CA that signed the aggregator's cert")
     group.add_argument("--tls-cert", metavar="PEM", help="this client's certificate (mTLS)")
@@ -119,6 +127,13 @@ def add_client_security_arguments(parser: argparse.ArgumentParser, token: bool) 
             "--token",
             default=os.environ.get("FLEETPROF_TOKEN"),
             help="bearer token for queries (default: $FLEETPROF_TOKEN)",
+        )
+    if agent:
+        group.add_argument(
+            "--token-file",
+            metavar="FILE",
+            help="file holding this agent's token (docs/security.md); default: "
+            "$FLEETPROF_AGENT_TOKEN",
         )
     group.add_argument(
         "--insecure", action="store_true", help="allow plaintext to a non-loopback address"
@@ -130,9 +145,18 @@ def client_security(args: argparse.Namespace) -> ClientSecurity:
         ca=args.tls_ca,
         cert=args.tls_cert,
         key=args.tls_key,
-        token=getattr(args, "token", None),
+        token=getattr(args, "token", None) or _agent_token(args),
         insecure=args.insecure,
     )
+
+
+def _agent_token(args: argparse.Namespace) -> str | None:
+    if "token_file" not in args:
+        return None
+    if args.token_file:
+        with open(args.token_file) as lines:
+            return lines.read().strip() or None
+    return os.environ.get("FLEETPROF_AGENT_TOKEN")
 
 
 def add_server_security_arguments(parser: argparse.ArgumentParser) -> None:
@@ -148,6 +172,13 @@ def add_server_security_arguments(parser: argparse.ArgumentParser) -> None:
         help="bearer tokens accepted for queries, one per line: TOKEN [jobs=A,B] [namespaces=X]",
     )
     group.add_argument(
+        "--agent-credentials",
+        metavar="FILE",
+        help="tokens and client certificates agents ingest with, and the nodes each may "
+        "write, one per line: TOKEN nodes=web-*,db-1 or cert:NAME nodes=... "
+        "(docs/security.md)",
+    )
+    group.add_argument(
         "--insecure", action="store_true", help="allow plaintext on a non-loopback address"
     )
 
@@ -159,12 +190,19 @@ def server_security(args: argparse.Namespace) -> ServerSecurity:
             tokens = parse_tokens(lines)
         if not tokens:
             raise ValueError(f"{args.token_file} holds no token")
+    agents = {}
+    if args.agent_credentials:
+        with open(args.agent_credentials) as lines:
+            agents = parse_agent_credentials(lines)
+        if not agents:
+            raise ValueError(f"{args.agent_credentials} holds no credential")
     return ServerSecurity(
         cert=args.tls_cert,
         key=args.tls_key,
         client_ca=args.tls_client_ca,
         tokens=tokens,
         insecure=args.insecure,
+        agents=agents,
     )
 
 

@@ -17,7 +17,7 @@ from typing import BinaryIO
 import pyarrow as pa
 
 from fleetprof.proto.pprof import profile_pb2
-from fleetprof.query.filters import SampleFilter
+from fleetprof.query.filters import SampleFilter, saturating
 from fleetprof.query.render.base import RenderOptions
 
 NANOS_PER_SECOND = 1_000_000_000
@@ -57,7 +57,7 @@ class PprofRenderer:
         return f"""
             SELECT m.node, m.pid, m.comm, st.frames, st.modules, m.weight, m.first, m.last
             FROM (
-                SELECT node, pid, comm, stack_id, sum(weight)::BIGINT AS weight,
+                SELECT node, pid, comm, stack_id, {saturating("sum(weight)")} AS weight,
                        epoch_ns(min(ts)) AS first, epoch_ns(max(ts)) AS last
                 FROM samples WHERE {selection.where()}
                 GROUP BY node, pid, comm, stack_id

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fleetprof/proto/ingest/v1/ingest.proto\x12\x13\x66leetprof.ingest.v1\"\x9f\x01\n\x0bIngestBatch\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x16\n\x0eschema_version\x18\x03 \x01(\r\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\x0f\n\x07samples\x18\x05 \x01(\x0c\x12\x0e\n\x06stacks\x18\x06 \x01(\x0c\x12\x11\n\tprocesses\x18\x07 \x01(\x0c\x12\x12\n\nio_latency\x18\x08 \x01(\x0c\"E\n\tIngestAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x13\n\x0brows_stored\x18\x03 \x01(\x04\"-\n\nSqlRequest\x12\x0b\n\x03sql\x18\x01 \x01(\t\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\"\x19\n\nArrowChunk\x12\x0b\n\x03ipc\x18\x01 \x01(\x0c\x32_\n\rIngestService\x12N\n\x06Ingest\x12 .fleetprof.ingest.v1.IngestBatch\x1a\x1e.fleetprof.ingest.v1.IngestAck(\x01\x30\x01\x32Y\n\x0cQueryService\x12I\n\x03Sql\x12\x1f.fleetprof.ingest.v1.SqlRequest\x1a\x1f.fleetprof.ingest.v1.ArrowChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fleetprof/proto/ingest/v1/ingest.proto\x12\x13\x66leetprof.ingest.v1\"\xb4\x01\n\x0bIngestBatch\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x16\n\x0eschema_version\x18\x03 \x01(\r\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\x0f\n\x07samples\x18\x05 \x01(\x0c\x12\x0e\n\x06stacks\x18\x06 \x01(\x0c\x12\x11\n\tprocesses\x18\x07 \x01(\x0c\x12\x12\n\nio_latency\x18\x08 \x01(\x0c\x12\x13\n\x0bincarnation\x18\t \x01(\t\"E\n\tIngestAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x13\n\x0brows_stored\x18\x03 \x01(\x04\"-\n\nSqlRequest\x12\x0b\n\x03sql\x18\x01 \x01(\t\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\"\x19\n\nArrowChunk\x12\x0b\n\x03ipc\x18\x01 \x01(\x0c\"]\n\rDeleteRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x15\n\rsince_unix_ms\x18\x03 \x01(\x03\x12\x15\n\runtil_unix_ms\x18\x04 \x01(\x03\"`\n\x0b\x44\x65leteReply\x12\x0f\n\x07samples\x18\x01 \x01(\x04\x12\x11\n\tprocesses\x18\x02 \x01(\x04\x12\x12\n\nio_latency\x18\x03 \x01(\x04\x12\x19\n\x11sealed_files_kept\x18\x04 \x01(\x04\x32_\n\rIngestService\x12N\n\x06Ingest\x12 .fleetprof.ingest.v1.IngestBatch\x1a\x1e.fleetprof.ingest.v1.IngestAck(\x01\x30\x01\x32Y\n\x0cQueryService\x12I\n\x03Sql\x12\x1f.fleetprof.ingest.v1.SqlRequest\x1a\x1f.fleetprof.ingest.v1.ArrowChunk0\x01\x32^\n\x0c\x41\x64minService\x12N\n\x06\x44\x65lete\x12\".fleetprof.ingest.v1.DeleteRequest\x1a .fleetprof.ingest.v1.DeleteReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,15 +32,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fleetprof.proto.ingest.v1.i
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_INGESTBATCH']._serialized_start=64
-  _globals['_INGESTBATCH']._serialized_end=223
-  _globals['_INGESTACK']._serialized_start=225
-  _globals['_INGESTACK']._serialized_end=294
-  _globals['_SQLREQUEST']._serialized_start=296
-  _globals['_SQLREQUEST']._serialized_end=341
-  _globals['_ARROWCHUNK']._serialized_start=343
-  _globals['_ARROWCHUNK']._serialized_end=368
-  _globals['_INGESTSERVICE']._serialized_start=370
-  _globals['_INGESTSERVICE']._serialized_end=465
-  _globals['_QUERYSERVICE']._serialized_start=467
-  _globals['_QUERYSERVICE']._serialized_end=556
+  _globals['_INGESTBATCH']._serialized_end=244
+  _globals['_INGESTACK']._serialized_start=246
+  _globals['_INGESTACK']._serialized_end=315
+  _globals['_SQLREQUEST']._serialized_start=317
+  _globals['_SQLREQUEST']._serialized_end=362
+  _globals['_ARROWCHUNK']._serialized_start=364
+  _globals['_ARROWCHUNK']._serialized_end=389
+  _globals['_DELETEREQUEST']._serialized_start=391
+  _globals['_DELETEREQUEST']._serialized_end=484
+  _globals['_DELETEREPLY']._serialized_start=486
+  _globals['_DELETEREPLY']._serialized_end=582
+  _globals['_INGESTSERVICE']._serialized_start=584
+  _globals['_INGESTSERVICE']._serialized_end=679
+  _globals['_QUERYSERVICE']._serialized_start=681
+  _globals['_QUERYSERVICE']._serialized_end=770
+  _globals['_ADMINSERVICE']._serialized_start=772
+  _globals['_ADMINSERVICE']._serialized_end=866
 # @@protoc_insertion_point(module_scope)

@@ -5,7 +5,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class IngestBatch(_message.Message):
-    __slots__ = ("agent_id", "sequence", "schema_version", "node", "samples", "stacks", "processes", "io_latency")
+    __slots__ = ("agent_id", "sequence", "schema_version", "node", "samples", "stacks", "processes", "io_latency", "incarnation")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -14,6 +14,7 @@ class IngestBatch(_message.Message):
     STACKS_FIELD_NUMBER: _ClassVar[int]
     PROCESSES_FIELD_NUMBER: _ClassVar[int]
     IO_LATENCY_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     sequence: int
     schema_version: int
@@ -22,7 +23,8 @@ class IngestBatch(_message.Message):
     stacks: bytes
     processes: bytes
     io_latency: bytes
-    def __init__(self, agent_id: _Optional[str] = ..., sequence: _Optional[int] = ..., schema_version: _Optional[int] = ..., node: _Optional[str] = ..., samples: _Optional[bytes] = ..., stacks: _Optional[bytes] = ..., processes: _Optional[bytes] = ..., io_latency: _Optional[bytes] = ...) -> None: ...
+    incarnation: str
+    def __init__(self, agent_id: _Optional[str] = ..., sequence: _Optional[int] = ..., schema_version: _Optional[int] = ..., node: _Optional[str] = ..., samples: _Optional[bytes] = ..., stacks: _Optional[bytes] = ..., processes: _Optional[bytes] = ..., io_latency: _Optional[bytes] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class IngestAck(_message.Message):
     __slots__ = ("sequence", "duplicate", "rows_stored")
@@ -47,3 +49,27 @@ class ArrowChunk(_message.Message):
     IPC_FIELD_NUMBER: _ClassVar[int]
     ipc: bytes
     def __init__(self, ipc: _Optional[bytes] = ...) -> None: ...
+
+class DeleteRequest(_message.Message):
+    __slots__ = ("node", "agent_id", "since_unix_ms", "until_unix_ms")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SINCE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    agent_id: str
+    since_unix_ms: int
+    until_unix_ms: int
+    def __init__(self, node: _Optional[str] = ..., agent_id: _Optional[str] = ..., since_unix_ms: _Optional[int] = ..., until_unix_ms: _Optional[int] = ...) -> None: ...
+
+class DeleteReply(_message.Message):
+    __slots__ = ("samples", "processes", "io_latency", "sealed_files_kept")
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    IO_LATENCY_FIELD_NUMBER: _ClassVar[int]
+    SEALED_FILES_KEPT_FIELD_NUMBER: _ClassVar[int]
+    samples: int
+    processes: int
+    io_latency: int
+    sealed_files_kept: int
+    def __init__(self, samples: _Optional[int] = ..., processes: _Optional[int] = ..., io_latency: _Optional[int] = ..., sealed_files_kept: _Optional[int] = ...) -> None: ...

@@ -170,3 +170,77 @@ class QueryService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AdminServiceStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Delete = channel.unary_unary(
+                '/fleetprof.ingest.v1.AdminService/Delete',
+                request_serializer=fleetprof_dot_proto_dot_ingest_dot_v1_dot_ingest__pb2.DeleteRequest.SerializeToString,
+                response_deserializer=fleetprof_dot_proto_dot_ingest_dot_v1_dot_ingest__pb2.DeleteReply.FromString,
+                _registered_method=True)
+
+
+class AdminServiceServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Delete(self, request, context):
+        """Delete stored rows of a node / agent / time range (docs/security.md); audited in the
+        aggregator's log. Needs a token that sees everything when the aggregator has tokens.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Delete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Delete,
+                    request_deserializer=fleetprof_dot_proto_dot_ingest_dot_v1_dot_ingest__pb2.DeleteRequest.FromString,
+                    response_serializer=fleetprof_dot_proto_dot_ingest_dot_v1_dot_ingest__pb2.DeleteReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'fleetprof.ingest.v1.AdminService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('fleetprof.ingest.v1.AdminService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class AdminService:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Delete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetprof.ingest.v1.AdminService/Delete',
+            fleetprof_dot_proto_dot_ingest_dot_v1_dot_ingest__pb2.DeleteRequest.SerializeToString,
+            fleetprof_dot_proto_dot_ingest_dot_v1_dot_ingest__pb2.DeleteReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,0 +1,482 @@
+"""Hostile clients, as an attacker would probe them on loopback (issue #18): each attack is
+performed against a real aggregator and the defence asserted; real agents (Shippers) keep
+storing meanwhile."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+import grpc
+import pyarrow as pa
+import pytest
+
+from fleetprof.aggregator.ingest_guard import MAX_SEQUENCE_JUMP
+from fleetprof.aggregator.server import Aggregator
+from fleetprof.aggregator.storage import incarnation_key
+from fleetprof.cli import main
+from fleetprof.node_agent.batch import Batch, stacks_table
+from fleetprof.node_agent.shipper import Shipper
+from fleetprof.node_agent.spool import Spool
+from fleetprof.proto import schema
+from fleetprof.proto.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from fleetprof.proto.security import AccessScope, ClientSecurity, NodeGrant, ServerSecurity
+from fleetprof.query.filters import SampleFilter
+from fleetprof.query.flame import load_flat
+from fleetprof.query.sandbox import QueryError
+from fleetprof.query.source import AggregatorSource
+from tests.test_faults import free_port
+from tests.test_ingest import STACKS, batch, samples, send, totals
+from tests.test_sessions import cpu_seconds
+
+AGENT_A, AGENT_B, ADMIN, LIMITED = "agent-a", "agent-b", "admin-token", "etl-only"
+
+
+def send_as(
+    aggregator: Aggregator, token: str | None, *batches: ingest_pb2.IngestBatch
+) -> grpc.StatusCode:
+    metadata = ClientSecurity(token=token).metadata()
+    with grpc.insecure_channel(aggregator.address) as channel:
+        stub = ingest_pb2_grpc.IngestServiceStub(channel)
+        try:
+            list(stub.Ingest(iter(batches), timeout=10, metadata=metadata))
+        except grpc.RpcError as exc:
+            return exc.code()
+    return grpc.StatusCode.OK
+
+
+def refused(aggregator: Aggregator, message: ingest_pb2.IngestBatch) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as error:
+        send(aggregator, message)
+    return error.value
+
+
+def stored_batches(aggregator: Aggregator, agent_id: str) -> int:
+    reader = aggregator.store.reader()
+    query = "SELECT count(*) FROM ingested_batches WHERE agent_id = $a"
+    return reader.execute(query, {"a": agent_id}).fetchone()[0]
+
+
+@pytest.fixture
+def authenticated(tmp_path: Path) -> Iterator[Aggregator]:
+    """Query tokens on, so ingest needs a credential: one token per node (group)."""
+    security = ServerSecurity(
+        tokens={ADMIN: None, LIMITED: AccessScope(jobs=frozenset({"etl"}))},
+        agents={
+            AGENT_A: NodeGrant("token a", ("node-a",)),
+            AGENT_B: NodeGrant("token b", ("node-b*",)),
+        },
+    )
+    server = Aggregator(
+        tmp_path / "p.duckdb", "127.0.0.1:0", security=security, http_listen="127.0.0.1:0"
+    )
+    server.start()
+    yield server
+    server.stop(grace_s=0)
+
+
+def test_ingest_needs_a_credential_bound_to_its_node(authenticated: Aggregator, tmp_path) -> None:
+    """Hole 1 (no token on ingest) and 2 (a credential writes as another agent): an agent
+    with its own credential keeps storing while another one tries to write as it."""
+    real = Shipper(
+        authenticated.address,
+        "node-a/1",
+        "node-a",
+        Spool(tmp_path / "spool", 1 << 20),
+        ClientSecurity(token=AGENT_A),
+    )
+    try:
+        real.ship(Batch(samples({11: 1}), {11: STACKS[11]}))
+        forged = batch(2, agent_id="node-a/1")
+        assert send_as(authenticated, None, forged) == grpc.StatusCode.UNAUTHENTICATED
+        assert send_as(authenticated, "guessed", forged) == grpc.StatusCode.UNAUTHENTICATED
+        # token b may write node-b*: not node-a, and not agent node-a/1 under its own node
+        assert send_as(authenticated, AGENT_B, forged) == grpc.StatusCode.PERMISSION_DENIED
+        as_b = batch(2, agent_id="node-a/1", node="node-b1")
+        assert send_as(authenticated, AGENT_B, as_b) == grpc.StatusCode.PERMISSION_DENIED
+        # what token b may do: write its own nodes
+        assert send_as(authenticated, AGENT_B, batch(1, node="node-b7")) == grpc.StatusCode.OK
+        for weight in (2, 3, 4):
+            real.ship(Batch(samples({11: weight}), {11: STACKS[11]}))
+        assert real.stats == {"acked": 4, "duplicates": 0, "rejected": 0}
+        assert stored_batches(authenticated, "node-a/1") == 4
+        # a query token that sees everything may ingest (an operator's import)
+        assert (
+            send_as(authenticated, ADMIN, batch(1, agent_id="import", node="z"))
+            == grpc.StatusCode.OK
+        )
+    finally:
+        real.close()
+
+
+def test_forged_sequences_never_make_an_agents_batches_duplicates(aggregator: Aggregator, tmp_path):
+    """Hole 2 on an open (loopback, tokenless) aggregator: a client reads an agent's last
+    sequence and sends the next 30 under its id. They land in an incarnation of their own;
+    the agent's next batches are stored, not acked as duplicates."""
+    real = Shipper(aggregator.address, "agent-1", "node-a", Spool(tmp_path / "s", 1 << 20))
+    try:
+        real.ship(Batch(samples({11: 1}), {11: STACKS[11]}))
+        reader = aggregator.store.reader()
+        (last, stored_incarnation) = reader.execute(
+            "SELECT max(sequence), any_value(incarnation) FROM ingested_batches"
+        ).fetchone()
+        # What SQL shows is a hash: it cannot be sent back as the agent's incarnation.
+        assert stored_incarnation == incarnation_key(real._incarnation)
+        assert str(stored_incarnation) != real._incarnation
+        forged = [batch(last + n, incarnation=str(stored_incarnation)) for n in range(1, 31)]
+        assert len(send(aggregator, *forged)) == 30
+        for weight in range(2, 6):
+            real.ship(Batch(samples({11: weight}), {11: STACKS[11]}))
+        assert real.stats == {"acked": 5, "duplicates": 0, "rejected": 0}
+        # Claiming sequences far ahead is refused outright.
+        far = refused(aggregator, batch(last + 31 + MAX_SEQUENCE_JUMP, incarnation="mine"))
+        assert far.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "new incarnation" in far.details()
+    finally:
+        real.close()
+
+
+def test_restarted_agent_is_not_mistaken_for_a_forger(aggregator: Aggregator, tmp_path) -> None:
+    """The same agent id after a restart counts from 1 again in a new incarnation: stored.
+    A shipper whose sequence jumped (its spool dropped many batches) starts a new one."""
+    first = Shipper(aggregator.address, "agent-r", "node-r", Spool(tmp_path / "1", 1 << 20))
+    for weight in (1, 2, 3):
+        first.ship(Batch(samples({11: weight}), {11: STACKS[11]}))
+    first.close()
+    second = Shipper(aggregator.address, "agent-r", "node-r", Spool(tmp_path / "2", 1 << 20))
+    try:
+        for weight in (4, 5):
+            second.ship(Batch(samples({11: weight}), {11: STACKS[11]}))
+        assert second.stats == {"acked": 2, "duplicates": 0, "rejected": 0}
+        second._next_sequence += 2 * MAX_SEQUENCE_JUMP  # as if 20k batches were dropped
+        old_incarnation = second._incarnation
+        second.ship(Batch(samples({11: 6}), {11: STACKS[11]}))
+        second.ship(Batch(samples({11: 7}), {11: STACKS[11]}))
+        assert second._incarnation != old_incarnation
+        assert second.stats == {"acked": 4, "duplicates": 0, "rejected": 0}
+        assert totals(aggregator)[0] == sum(range(1, 8))
+    finally:
+        second.close()
+
+
+def test_identifiers_time_and_stacks_are_checked(aggregator: Aggregator) -> None:
+    """Control characters in names, a 1970 timestamp and a sample of a stack never sent are
+    refused; stacks sent earlier on the same stream are known."""
+    old = samples({11: 1}).set_column(
+        0,
+        schema.SAMPLES.field("ts"),
+        pa.array([datetime(1970, 1, 2, tzinfo=UTC)], pa.timestamp("us", tz="UTC")),
+    )
+    comm = samples({11: 1}).set_column(3, schema.SAMPLES.field("comm"), pa.array(["evil\nname"]))
+    cases = {
+        "node": (batch(1, node="<b>x</b>\x00\n../../etc"), "control characters"),
+        "agent id": (batch(1, agent_id="a\x1b[2J"), "control characters"),
+        "comm": (batch(1, samples=schema.encode(comm)), "control characters"),
+        "1970": (batch(1, samples=schema.encode(old)), "older than"),
+        "unknown stack": (
+            batch(1, samples=schema.encode(samples({99: 1})), stacks=b""),
+            "never sent",
+        ),
+        "cpu weight": (batch(1, samples=schema.encode(samples({11: 2**63 - 1}))), "exceeds"),
+    }
+    for name, (message, problem) in cases.items():
+        error = refused(aggregator, message)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+        assert problem in error.details(), name
+    assert totals(aggregator) == (0, 0, 0)
+    # batch 2 uses stacks batch 1 sent on this stream: accepted
+    acks = send(aggregator, batch(1), batch(2, stacks=b""))
+    assert [a.duplicate for a in acks] == [False, False]
+    # ... but not on a stream of its own
+    assert "never sent" in refused(aggregator, batch(3, stacks=b"")).details()
+    # the agent replaces control characters a process put in its own name
+    assert schema.printable("evil\nname\x00") == "evil?name?"
+
+
+def test_poisoned_weights_cannot_break_graphs_and_can_be_deleted(
+    authenticated: Aggregator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Hole 1: rows of weight 2^63-1 (stored before the bound, straight into the store)
+    make sums overflow BIGINT. Every view and endpoint still answers; a flame graph of them
+    says what to do; an admin deletes them (audited) and graphs are back."""
+    store = authenticated.store
+    good = samples({11: 5})
+    store.append("node-a/1", 1, "node-a", good, stacks_table(STACKS))
+    poison = samples({12: 2**63 - 1}, pid=666)
+    for sequence in (1, 2):
+        store.append("evil/1", sequence, "node-evil", poison, stacks_table({}))
+    reader = store.reader()
+    flame = reader.execute("SELECT sum(weight) FROM flame('cpu')").fetchone()[0]
+    assert flame >= 2**63 - 1
+    assert reader.execute("SELECT count(*) FROM top_functions('cpu')").fetchone()[0] > 0
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+    base = authenticated.web.url
+
+    def get(path: str) -> tuple[int, dict]:
+        request = urllib.request.Request(base + path, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.load(response)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.load(exc)
+
+    status, meta = get("api/meta")
+    assert status == 200 and meta["events"][0]["weight"] == 2**63 - 1
+    assert get("api/top?event=cpu")[0] == 200
+    status, answer = get("api/flame?event=cpu")
+    assert status == 400 and "fleetprof admin delete" in answer["error"]
+    source = AggregatorSource(authenticated.address, security=ClientSecurity(token=ADMIN))
+    try:
+        with pytest.raises(QueryError, match="admin delete"):
+            load_flat(source, SampleFilter(event="cpu"))
+    finally:
+        source.close()
+    # Only a token that sees everything may delete; refusals are audited too.
+    address = authenticated.address
+    caplog.set_level(logging.WARNING, logger="fleetprof.aggregator.admin_service")
+    args = ["admin", "delete", "--aggregator", address, "--node", "node-evil"]
+    assert main([*args, "--token", AGENT_A]) == 2  # not a query token at all
+    assert main([*args, "--token", LIMITED]) == 2
+    assert main([*args, "--token", ADMIN]) == 0
+    audit = [r.getMessage() for r in caplog.records if "AUDIT" in r.getMessage()]
+    assert len(audit) == 2 and "node='node-evil'" in audit[1] and "2 samples" in audit[1]
+    status, answer = get("api/flame?event=cpu")
+    assert status == 200
+    assert totals(authenticated)[0] == 5
+
+
+def start_aggregator_process(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    address = f"127.0.0.1:{free_port()}"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fleetprof",
+            "aggregator",
+            "--db",
+            str(tmp_path / "p.duckdb"),
+            "--listen",
+            address,
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with grpc.insecure_channel(address) as channel:
+            try:
+                grpc.channel_ready_future(channel).result(timeout=1)
+                return process, address
+            except grpc.FutureTimeoutError:
+                assert process.poll() is None, process.stdout.read()
+    process.kill()
+    raise AssertionError("the aggregator did not start")
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+ENDLESS = "SELECT count(*) FROM range(1000000000) a, range(1000000000) b"
+
+
+def test_sql_limits_are_the_servers(tmp_path: Path) -> None:
+    """Hole 3: a client asking for a 2e9 ms timeout gets the server's maximum; a query whose
+    client went away stops; SIGTERM interrupts queries and exits within seconds."""
+    process, address = start_aggregator_process(tmp_path, "--max-query-seconds", "2")
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = ingest_pb2_grpc.QueryServiceStub(channel)
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as error:
+                list(stub.Sql(ingest_pb2.SqlRequest(sql=ENDLESS, timeout_ms=2_000_000_000)))
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "2 s timeout" in error.value.details()
+            assert time.monotonic() - started < 30
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    process, address = start_aggregator_process(tmp_path, "--max-query-seconds", "3600")
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = ingest_pb2_grpc.QueryServiceStub(channel)
+            call = stub.Sql(ingest_pb2.SqlRequest(sql=ENDLESS))
+            time.sleep(1.5)
+            before = cpu_seconds(process.pid)
+            assert before > 0.5, "the query did not run"
+            call.cancel()
+            time.sleep(1.0)  # the interrupt lands
+            idle_from = cpu_seconds(process.pid)
+            time.sleep(2.0)
+            assert cpu_seconds(process.pid) - idle_from < 0.5, "the query kept running"
+            # SIGTERM while a query runs: it is interrupted, the process exits
+            running = stub.Sql(ingest_pb2.SqlRequest(sql=ENDLESS))
+            time.sleep(1.0)
+            stopped = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=15) == 0
+            assert time.monotonic() - stopped < 10
+            with pytest.raises(grpc.RpcError):
+                list(running)
+        duckdb.connect(str(tmp_path / "p.duckdb")).close()  # the lock is released
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_decompression_bomb_is_refused_from_metadata(tmp_path: Path) -> None:
+    """Hole 5: ~60 MB of zstd holding 10M identical rows (~700 MB decoded) is refused from
+    its IPC metadata; the aggregator's peak memory does not grow by its decoded size."""
+    rows = 10_000_000
+    bomb = schema.samples_table(
+        {
+            "ts": pa.array([datetime.now(UTC)] * 1, pa.timestamp("us", tz="UTC")),
+            "pid": [1],
+            "tid": [1],
+            "comm": ["x"],
+            "event": ["cpu"],
+            "stack_id": [11],
+            "weight": [1],
+        }
+    )
+    # 10M copies of one row as 10 batches of the same 1M rows (held once): each column a
+    # run of one value, which zstd squeezes 12 to 1.
+    million = pa.concat_tables([bomb] * 1_000_000).combine_chunks().to_batches()[0]
+    payload = schema.encode(pa.Table.from_batches([million] * (rows // 1_000_000)))
+    del bomb, million
+    assert len(payload) < schema.MAX_MESSAGE_BYTES
+    process, address = start_aggregator_process(tmp_path)
+    try:
+        before = peak_rss_mb(process.pid)
+        with grpc.insecure_channel(
+            address, options=[("grpc.max_send_message_length", schema.MAX_MESSAGE_BYTES)]
+        ) as channel:
+            stub = ingest_pb2_grpc.IngestServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as error:
+                list(stub.Ingest(iter([batch(1, samples=payload)]), timeout=60))
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "more than 5000000 rows" in error.value.details()
+        grown = peak_rss_mb(process.pid) - before
+        # the message itself is held (a few MB, twice); 20M decoded rows are ~1.5 GB
+        assert grown < 3 * len(payload) / 2**20 + 100, grown
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def thread_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_idle_streams_and_half_open_connections_cannot_starve_queries(tmp_path: Path) -> None:
+    """Hole 4: hundreds of idle Ingest streams from one client and hundreds of half-open
+    HTTP connections: streams past the per-peer cap are refused at once, threads stay
+    bounded, queries answer, and client disconnects are one log line, not a traceback."""
+    http = f"127.0.0.1:{free_port()}"
+    process, address = start_aggregator_process(
+        tmp_path, "--http", http, "--max-streams-per-peer", "16"
+    )
+    idle: list[queue.Queue] = []
+    calls = []
+    sockets: list[socket.socket] = []
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = ingest_pb2_grpc.IngestServiceStub(channel)
+            for _ in range(300):
+                requests: queue.Queue = queue.Queue()
+                idle.append(requests)
+                calls.append(stub.Ingest(iter(requests.get, None)))
+            deadline = time.monotonic() + 30
+            while sum(c.done() for c in calls) < 300 - 16 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            done = [c for c in calls if c.done()]
+            assert len(done) == 300 - 16
+            assert {c.code() for c in done} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+            for _ in range(500):
+                half_open = socket.create_connection(tuple(http.rsplit(":", 1)))  # type: ignore[arg-type]
+                half_open.sendall(b"GET /api/meta HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+                sockets.append(half_open)
+            threads = thread_count(process.pid)
+            assert threads < 150, threads
+            # queries still answer, from another client as from this one
+            source = AggregatorSource(address)
+            try:
+                with source.stream("SELECT 42 AS answer") as reader:
+                    assert reader.read_all()["answer"].to_pylist() == [42]
+            finally:
+                source.close()
+            for half_open in sockets:
+                half_open.close()
+            sockets.clear()
+            for requests in idle:
+                requests.put(None)
+            for call in calls:
+                call.cancel()
+        # the web UI answers again once the attackers are gone
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://{http}/api/meta", timeout=5) as response:
+                    assert response.status == 200
+                    break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                assert time.monotonic() < deadline, "the web UI did not come back"
+                time.sleep(0.5)
+    finally:
+        for half_open in sockets:
+            half_open.close()
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    assert "Traceback" not in output and "BrokenPipeError" not in output
+    assert "refused stream" in output
+
+
+def test_insecure_off_loopback_warns_and_keeps_a_host_check(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    server = Aggregator(
+        tmp_path / "p.duckdb",
+        "0.0.0.0:0",
+        security=ServerSecurity(insecure=True),
+        http_listen="0.0.0.0:0",
+    )
+    server.start()
+    try:
+        warnings = [r.getMessage() for r in caplog.records if "INSECURE" in r.getMessage()]
+        assert len(warnings) == 2  # gRPC and the web UI
+        port = server.web.address.rsplit(":", 1)[1]
+
+        def status(host: str) -> int:
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/api/meta", headers={"Host": host}
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return response.status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        assert status("rebound.attacker.example") == 400
+        assert status(f"127.0.0.1:{port}") == 200
+        assert status(socket.gethostname()) == 200
+    finally:
+        server.stop(grace_s=0)
