@@ -45,6 +45,7 @@ def refused(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         (["profile", "--job", "j", "-o", "j.html", "--aggregator", "a:1,b:2"], "not a list"),
         (["aggregator", "--listen", "127.0.0.1:99999"], "a port from 0 to 65535"),
         (["aggregator", "--http", "7471"], "bad address '7471'"),
+        (["aggregator", "--otlp-listen", "4317"], "bad address '4317'"),
     ],
 )
 def test_bad_addresses_are_named_not_unreachable(
@@ -54,7 +55,22 @@ def test_bad_addresses_are_named_not_unreachable(
     assert message in err and "unreachable" not in err
 
 
-@pytest.mark.parametrize("option", ["--listen", "--http"])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--max-query-seconds", "0"], "'0': expected a number of seconds above 0"),
+        (["--max-query-seconds", "nan"], "'nan': expected a number of seconds above 0"),
+        (["--max-streams", "-1"], "'-1': expected a whole number above 0"),
+        (["--max-streams-per-peer", "1.5"], "'1.5': expected a whole number above 0"),
+    ],
+)
+def test_limits_that_would_refuse_everything_are_refused(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    assert message in refused(capsys, ["aggregator", *argv])
+
+
+@pytest.mark.parametrize("option", ["--listen", "--http", "--otlp-listen"])
 def test_a_busy_port_is_one_clear_line(
     tmp_path: Path, capfd: pytest.CaptureFixture[str], option: str
 ) -> None:
