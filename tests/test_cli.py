@@ -17,6 +17,7 @@ from fleetprof.aggregator.server import Aggregator
 from fleetprof.cli import build_parser, main
 from fleetprof.query.sandbox import QueryError
 from fleetprof.query.source import AggregatorSource
+from tests.test_faults import free_port
 from tests.test_sql_views import filled_database
 
 
@@ -46,6 +47,7 @@ def refused(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         (["aggregator", "--listen", "127.0.0.1:99999"], "a port from 0 to 65535"),
         (["aggregator", "--http", "7471"], "bad address '7471'"),
         (["aggregator", "--otlp-listen", "4317"], "bad address '4317'"),
+        (["admin", "delete", "--node", "n", "--aggregator", "127.0.0.1"], "use HOST:PORT"),
     ],
 )
 def test_bad_addresses_are_named_not_unreachable(
@@ -53,6 +55,22 @@ def test_bad_addresses_are_named_not_unreachable(
 ) -> None:
     err = refused(capsys, argv)
     assert message in err and "unreachable" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--since", "yesterday"], "since: bad time 'yesterday': use ISO 8601 or a duration"),
+        (["--since", "1h", "--until", "2h"], "since must be before until"),
+        ([], "is unreachable (is `fleetprof aggregator` running there?)"),
+    ],
+)
+def test_admin_delete_speaks_like_the_other_commands(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    nobody = f"127.0.0.1:{free_port()}"
+    argv = ["admin", "delete", "--node", "n", "--aggregator", nobody, "--token", "t", *argv]
+    assert message in refused(capsys, argv)
 
 
 @pytest.mark.parametrize(
