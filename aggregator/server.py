@@ -115,7 +115,8 @@ class Aggregator:
 
     def start(self) -> None:
         self._server.start()
-        log.info("aggregator listening on %s, database %s", self.address, self.store.path)
+        # debug: `fleetprof aggregator` prints these on stdout, for people and scripts
+        log.debug("aggregator listening on %s, database %s", self.address, self.store.path)
         if not (self._security.cert or is_loopback(self.address)):
             log.warning(
                 "INSECURE: gRPC on %s is plaintext (--insecure): agent and query tokens and "
@@ -124,10 +125,10 @@ class Aggregator:
             )
         if self.web:
             self.web.start()
-            log.info("web UI on %s", self.web.url)
+            log.debug("web UI on %s", self.web.url)
         if self.otlp:
             self.otlp.start()
-            log.info("OTLP profiles on %s", self.otlp.address)
+            log.debug("OTLP profiles on %s", self.otlp.address)
         if self.partitions:
             self.partitions.start()
             log.info("sealing closed hours into %s as %s", self.store.lake, self.store.name)

@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import datetime
 from decimal import Decimal
 from time import perf_counter
 from typing import Any, get_args
 
 from fleetprof.proto.schema import EVENT_UNITS
 from fleetprof.query.changes import function_changes
-from fleetprof.query.filters import SampleFilter, parse_time, saturating
+from fleetprof.query.filters import SampleFilter, saturating
 from fleetprof.query.flame import load_flame, load_flat
 from fleetprof.query.flame_index import FocusNotFound
 from fleetprof.query.flame_tree import gc_paused
@@ -25,12 +24,12 @@ from fleetprof.query.render import RenderOptions
 from fleetprof.query.render.base import MIN_FRACTION
 from fleetprof.query.render.html import flame_payload
 from fleetprof.query.result_formats import json_value
+from fleetprof.query.selection import SELECTION_KEYS, SelectionError, parse_selection
 from fleetprof.query.source import ProfileSource
 from fleetprof.query.top import Order, load_top
 
 Params = Mapping[str, Sequence[str]]
 
-SELECTION_KEYS = ("since", "until", "node", "pid", "comm")
 BASE_PREFIX = "base_"
 MAX_TOP_ROWS = 10_000
 MAX_DIFF_CHANGES = 50
@@ -65,39 +64,13 @@ def _event(params: Params) -> str:
     return event
 
 
-def _time(params: Params, key: str) -> datetime | None:
-    text = _single(params, key)
-    try:
-        return parse_time(text) if text else None
-    except ValueError as exc:
-        raise BadRequest(f"{key}: {exc}") from None
-
-
-def _pid(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise BadRequest(f"bad pid {text!r}: expected an integer") from None
-
-
 def selection_from(params: Params, event: str, prefix: str = "") -> SampleFilter:
-    """The samples picked by `since`, `until` and the repeatable `node`, `pid`, `comm`
-    (each name preceded by `prefix`)."""
-
-    def repeated(key: str) -> tuple[str, ...]:
-        return tuple(v.strip() for v in params.get(prefix + key, ()) if v.strip())
-
-    selection = SampleFilter(
-        event=event,
-        since=_time(params, prefix + "since"),
-        until=_time(params, prefix + "until"),
-        nodes=repeated("node"),
-        pids=tuple(_pid(pid) for pid in repeated("pid")),
-        comms=repeated("comm"),
-    )
-    if selection.since and selection.until and selection.since >= selection.until:
-        raise BadRequest(f"{prefix}since must be before {prefix}until")
-    return selection
+    """The samples picked by the selection parameters (query/selection.py), each name
+    preceded by `prefix`."""
+    try:
+        return parse_selection(params, event, prefix)
+    except SelectionError as exc:
+        raise BadRequest(str(exc)) from None
 
 
 def _options(event: str, title: str) -> RenderOptions:
@@ -111,7 +84,8 @@ def _rows(source: ProfileSource, sql: str) -> list[dict[str, Any]]:
 
 def meta(source: ProfileSource, params: Params) -> dict[str, object]:
     """What there is to pick from: events with their unit and time range, and the nodes,
-    process names and pids by weight (heaviest first, the first few hundred)."""
+    process names, pids and jobs by weight (heaviest first, the first few hundred), and
+    the on-demand sessions, newest first."""
     _check_keys(params, ())
     events = _rows(
         source,
@@ -141,6 +115,18 @@ def meta(source: ProfileSource, params: Params) -> dict[str, object]:
             source,
             f"SELECT pid, any_value(comm) AS comm, {saturating('sum(weight)')} AS weight "
             "FROM samples GROUP BY pid ORDER BY weight DESC, pid LIMIT 500",
+        ),
+        "jobs": _rows(
+            source,
+            f"SELECT job, {saturating('sum(weight)')} AS weight FROM samples WHERE job IS NOT NULL "
+            "GROUP BY job ORDER BY weight DESC, job LIMIT 500",
+        ),
+        # on-demand sessions (fleetprof profile), newest first
+        "sessions": _rows(
+            source,
+            "SELECT session_id AS session, any_value(job) AS job, "
+            f"{saturating('sum(weight)')} AS weight, min(ts) AS first FROM samples "
+            "WHERE session_id IS NOT NULL GROUP BY session_id ORDER BY first DESC LIMIT 200",
         ),
     }
 

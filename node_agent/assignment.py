@@ -20,8 +20,10 @@ def parse_aggregators(text: str) -> list[str]:
         raise ValueError("--aggregator needs at least one HOST:PORT")
     for address in addresses:
         host, _, port = address.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"bad aggregator address {address!r}: use HOST:PORT")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(
+                f"bad aggregator address {address!r}: use HOST:PORT, a port from 1 to 65535"
+            )
     return addresses
 
 

@@ -13,8 +13,18 @@ import pyarrow as pa
 from fleetprof.query.flame_tree import FlameNode, gc_paused
 from fleetprof.query.result_formats import write_table_text
 
+# Below this many samples a share's 95% interval is wider than about +-5 points (see
+# share_margin): changes that size are noise, and `fleetprof diff` says so.
+FEW_SAMPLES = 400
+
 # Frames that are not functions: process names at the root, sandwich halves.
 _NOT_FUNCTIONS = frozenset({"process"})
+
+
+def share_margin(samples: int) -> float:
+    """The widest 95% margin, in percentage points, of a share estimated from `samples`
+    independent samples (binomial, normal approximation: 1.96 * sqrt(p(1-p)/n) at p=1/2)."""
+    return 100 * 1.96 * 0.5 / samples**0.5 if samples > 0 else 100.0
 
 
 def function_weights(tree: FlameNode) -> dict[str, list[int]]:

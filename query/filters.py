@@ -59,6 +59,26 @@ class SampleFilter:
     # An on-demand session's rows only (fleetprof profile); None: continuous profiling.
     session: str | None = None
 
+    def describe(self) -> str:
+        """The selection in the user's words, for messages: `cpu samples of job etl-42`."""
+        labels = [
+            f"{label} {' or '.join(map(str, values))}"
+            for label, values in (
+                ("job", self.jobs),
+                ("node", self.nodes),
+                ("pid", self.pids),
+                ("process", self.comms),
+                ("session", (self.session,) if self.session else ()),
+            )
+            if values
+        ]
+        text = f"{self.event} samples" + (f" of {', '.join(labels)}" if labels else "")
+        if self.since:
+            text += f" since {self.since.isoformat(timespec='seconds')}"
+        if self.until:
+            text += f" until {self.until.isoformat(timespec='seconds')}"
+        return text
+
     def where(self) -> str:
         clauses = [f"event = {sql_literal(self.event)}"]
         if self.since:

@@ -25,6 +25,7 @@ from fleetprof.proto import schema
 from fleetprof.proto.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from fleetprof.proto.pprof import profile_pb2
 from fleetprof.proto.security import ClientSecurity
+from fleetprof.query.render.folded import PROCESS_HEADER
 
 STACKS_PER_BATCH = 20_000
 # flamegraph.pl's frame annotations (perf script | stackcollapse-perf.pl --all)
@@ -48,19 +49,26 @@ class Imported:
 
 
 def parse_folded(data: bytes, comm: str, ts: datetime) -> Imported:
-    """`frame;frame;frame count` lines, root first (flamegraph.pl's input)."""
+    """`frame;frame;frame count` lines, root first (flamegraph.pl's input). Under
+    fleetprof's own header (render/folded.py) the first frame is the process name."""
+    lines = data.splitlines()
+    by_process = bool(lines) and lines[0].decode("utf-8", "replace").strip() == PROCESS_HEADER
     rows = []
-    for number, line in enumerate(data.splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip() or line.startswith(b"#"):
             continue
         match = _FOLDED_LINE.match(line)
         if not match:
             raise ValueError(f"line {number}: not `frame;frame;... count`: {line[:80]!r}")
+        names = match[1].decode("utf-8", "surrogateescape").split(";")
+        if not all(name.strip() for name in names):
+            raise ValueError(f"line {number}: an empty frame name (`;;`): {line[:80]!r}")
+        process = names.pop(0) if by_process else comm  # alone: samples without a stack
         frames = []
-        for name in match[1].decode("utf-8", "surrogateescape").split(";"):
+        for name in names:
             kind = _ANNOTATIONS.get(name[-4:])
             frames.append((name[:-4], "", kind) if kind else (name, "", "unknown"))
-        rows.append((fit_stack(frames), comm, 0, int(match[2])))
+        rows.append((fit_stack(frames), process, 0, int(match[2])))
     return Imported(ts, rows)
 
 
@@ -138,6 +146,8 @@ def fit_stack(frames: list[tuple[str, str, str]]) -> StackRow:
     outermost callers give way to a "[truncated]" frame), names of MAX_STRING_BYTES."""
     if len(frames) > schema.MAX_FRAMES_PER_STACK:
         frames = [_TRUNCATED, *frames[len(frames) - schema.MAX_FRAMES_PER_STACK + 1 :]]
+    if not frames:
+        return StackRow((), (), ())
     names, modules, kinds = zip(*map(fit_frame, frames), strict=True)
     return StackRow(names, modules, kinds)
 

@@ -9,6 +9,7 @@ from decimal import Decimal
 from typing import BinaryIO
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
@@ -17,36 +18,72 @@ MAX_CELL_CHARS = 60
 
 
 def write_table_text(reader: pa.RecordBatchReader, out: BinaryIO) -> None:
-    """Aligned columns for a terminal; widths come from the first batch."""
+    """Aligned columns for a terminal; widths come from the first batch. Whole batches at
+    a time, in Arrow's compute kernels: millions of rows print in seconds."""
     names = reader.schema.names
     widths: list[int] | None = None
+    # lines are cut to a terminal's width, once asked (not per row)
+    cut = shutil.get_terminal_size((200, 20)).columns if out.isatty() else None
     rows_written = 0
     for batch in reader:
-        rows = [[_cell(v) for v in row.values()] for row in batch.to_pylist()]
+        if batch.num_rows == 0:
+            continue
+        cells = [_cells(column) for column in batch.columns]
         if widths is None:
-            widths = [max([len(n)] + [len(r[i]) for r in rows]) for i, n in enumerate(names)]
-            _write_row(out, names, widths)
-            _write_row(out, ["-" * w for w in widths], widths)
-        for row in rows:
-            _write_row(out, row, widths)
-        rows_written += len(rows)
+            widths = [
+                max(len(name), pc.max(pc.utf8_length(column)).as_py() or 0)
+                for name, column in zip(names, cells, strict=True)
+            ]
+            _write_header(out, names, widths, cut)
+        padded = [pc.utf8_rpad(c, width=w, padding=" ") for c, w in zip(cells, widths, strict=True)]
+        lines = pc.utf8_rtrim(pc.binary_join_element_wise(*padded, "  "), characters=" ")
+        if cut is not None:
+            lines = pc.utf8_slice_codeunits(lines, 0, cut)
+        out.write("\n".join(lines.to_pylist()).encode() + b"\n")
+        rows_written += batch.num_rows
     if widths is None:
-        _write_row(out, names, [len(n) for n in names])
+        _write_header(out, names, [len(n) for n in names], cut)
     out.write(f"({rows_written} row{'s' if rows_written != 1 else ''})\n".encode())
 
 
-def _cell(value: object) -> str:
-    text = "NULL" if value is None else str(value)
-    return text if len(text) <= MAX_CELL_CHARS else text[: MAX_CELL_CHARS - 1] + "…"
+def _cells(column: pa.Array) -> pa.Array:
+    """A column as the table's text: NULL for nulls, cut to MAX_CELL_CHARS."""
+    if (
+        pa.types.is_integer(column.type)
+        or pa.types.is_string(column.type)
+        or pa.types.is_decimal(column.type)
+    ):
+        text = pc.cast(column, pa.string())  # what Python's str() gives, for these types
+    elif pa.types.is_floating(column.type):
+        # Arrow's shortest round-trip digits, as Python's, but 3.0 comes out "3"
+        text = pc.cast(column, pa.string())
+        whole = pc.match_substring_regex(text, r"^-?[0-9]+$")
+        text = pc.if_else(whole, pc.binary_join_element_wise(text, ".0", ""), text)
+    else:  # as Python prints them: 1.0, datetimes, lists, structs
+        text = pa.array([None if v is None else str(v) for v in column.to_pylist()], pa.string())
+    text = pc.fill_null(text, "NULL")
+    long = pc.greater(pc.utf8_length(text), MAX_CELL_CHARS)
+    if pc.any(long).as_py():
+        cut = pc.binary_join_element_wise(
+            pc.utf8_slice_codeunits(text, 0, MAX_CELL_CHARS - 1), "…", ""
+        )
+        text = pc.if_else(long, cut, text)
+    return text
 
 
-def _write_row(out: BinaryIO, cells: list[str], widths: list[int]) -> None:
-    line = "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
-    width = shutil.get_terminal_size((200, 20)).columns
-    out.write((line[:width] if out.isatty() else line).encode() + b"\n")
+def _write_header(out: BinaryIO, names: list[str], widths: list[int], cut: int | None) -> None:
+    for row in (names, ["-" * w for w in widths]):
+        line = "  ".join(map(str.ljust, row, widths)).rstrip()
+        out.write((line[:cut] if cut is not None else line).encode() + b"\n")
 
 
 def write_csv(reader: pa.RecordBatchReader, out: BinaryIO) -> None:
+    for field in reader.schema:
+        if pa.types.is_nested(field.type):
+            raise ValueError(
+                f"CSV cannot hold column {field.name!r} of type {field.type}: "
+                "use --format json or parquet, or cast it in the query (::VARCHAR)"
+            )
     with pacsv.CSVWriter(out, reader.schema) as writer:
         for batch in reader:
             writer.write_batch(batch)

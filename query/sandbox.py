@@ -98,7 +98,12 @@ def check_read_only(conn: duckdb.DuckDBPyConnection, sql: str) -> None:
         raise QueryError(f"expected exactly one SQL statement, got {len(statements)}")
     kind = statements[0].type
     if kind not in ALLOWED_STATEMENTS:
-        raise QueryError(f"refused: {kind.name} statements are not allowed; queries are read-only")
+        # DuckDB files INSTALL under LOAD and CHECKPOINT under CALL: the user's own keyword
+        # says what was refused (but not WITH, which opens a DELETE as well as a SELECT)
+        words = statements[0].query.upper().split(maxsplit=2)[:2]
+        word = " ".join(words) if words[:1] == ["FORCE"] else "".join(words[:1])
+        name = word if word.replace(" ", "").isalpha() and word != "WITH" else kind.name
+        raise QueryError(f"refused: {name} statements are not allowed; queries are read-only")
 
 
 @contextmanager
@@ -118,14 +123,19 @@ def run_query(
     away (gRPC's context.add_callback; it also runs when the server stops).
     """
     cursor = conn.cursor()
+    timed_out = threading.Event()
 
     def interrupt() -> None:
         with contextlib.suppress(duckdb.Error):  # the cursor may be closed by then
             cursor.interrupt()
 
+    def time_out() -> None:
+        timed_out.set()
+        interrupt()
+
     if on_end:
         on_end(interrupt)
-    timer = threading.Timer(timeout_s, interrupt)
+    timer = threading.Timer(timeout_s, time_out)
     try:
         check_read_only(cursor, sql)
         if prepare:
@@ -134,17 +144,23 @@ def run_query(
         try:
             reader = cursor.sql(sql).to_arrow_reader(rows_per_batch)
         except duckdb.Error as exc:
-            raise _query_error(exc, timeout_s) from exc
+            raise _query_error(exc, timeout_s, timed_out.is_set()) from exc
         try:
             yield reader
         except (duckdb.Error, pa.ArrowException) as exc:
-            raise _query_error(exc, timeout_s) from exc
+            raise _query_error(exc, timeout_s, timed_out.is_set()) from exc
+        except OSError as exc:
+            if exc.errno is not None:
+                raise  # the caller's own (a closed pipe, a full disk)
+            # pyarrow's reader raises DuckDB's errors while streaming as OSError
+            raise _query_error(exc, timeout_s, timed_out.is_set()) from exc
     finally:
         timer.cancel()
         cursor.close()
 
 
-def _query_error(exc: BaseException, timeout_s: float) -> QueryError:
-    if isinstance(exc, duckdb.InterruptException):
-        return QueryError(f"query stopped after the {timeout_s:g} s timeout")
+def _query_error(exc: BaseException, timeout_s: float, timed_out: bool) -> QueryError:
+    if timed_out or isinstance(exc, duckdb.InterruptException):
+        reading = "(reading its result counts)"
+        return QueryError(f"query stopped after the {timeout_s:g} s timeout {reading}")
     return QueryError(one_line(exc))

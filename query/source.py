@@ -90,19 +90,25 @@ class AggregatorSource:
         try:
             yield ipc.open_stream(_ChunkReader(chunk.ipc for chunk in chunks))
         except grpc.RpcError as exc:
-            raise _rpc_error(exc, self._address) from exc
+            raise rpc_error(exc, self._address) from exc
         except pa.ArrowInvalid as exc:
+            if not chunks.done():
+                raise  # the caller's own error (a writer refusing a type): the call runs on
             # The stream ended early: the server aborted with a status after the first byte.
-            status = chunks.exception() if hasattr(chunks, "exception") else None
-            raise (_rpc_error(status, self._address) if status else QueryError(str(exc))) from exc
+            status = chunks.exception()
+            raise (rpc_error(status, self._address) if status else QueryError(str(exc))) from exc
+        finally:
+            chunks.cancel()  # a caller that stopped reading early frees the server's query
 
     def close(self) -> None:
         self._channel.close()
 
 
-def _rpc_error(exc: grpc.RpcError, address: str) -> QueryError:
+def rpc_error(exc: grpc.RpcError, address: str) -> QueryError:
     if exc.code() == grpc.StatusCode.UNAVAILABLE:
-        return QueryError(f"aggregator {address} is unreachable")
+        return QueryError(
+            f"aggregator {address} is unreachable (is `fleetprof aggregator` running there?)"
+        )
     return QueryError(exc.details() or exc.code().name)
 
 

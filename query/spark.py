@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from fleetprof.proto import lake as layout
 from fleetprof.query.filters import SampleFilter
 from fleetprof.query.fleet import COLUMN_TYPES
+from fleetprof.query.render.folded import PROCESS_HEADER
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -125,4 +126,5 @@ def folded(spark: SparkSession, **selection: Any) -> list[str]:
         .agg(F.sum("weight").alias("weight"))
         .where(F.col("weight") > 0)
     )
-    return sorted(f"{row.path} {row.weight}\n" for row in paths.toLocalIterator())
+    lines = sorted(f"{row.path} {row.weight}\n" for row in paths.toLocalIterator())
+    return [f"{PROCESS_HEADER}\n", *lines] if lines else lines

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fleetprof.cli import main
-from fleetprof.query.changes import function_changes, function_weights
+from fleetprof.query.changes import FEW_SAMPLES, function_changes, function_weights, share_margin
 from fleetprof.query.flame_tree import build_tree
 from fleetprof.query.render.base import diff_color
 from tests.test_exports import frame_rects
@@ -111,6 +111,22 @@ def test_diff_errors_are_one_line(database: Path, tmp_path: Path, capsys) -> Non
     assert diff(database, "--since", "5m") == 2
     assert "say what the base is" in capsys.readouterr().err
     assert diff(database, "--base-node", "nowhere") == 2
-    assert "the base has no cpu samples" in capsys.readouterr().err
+    assert "the base has no cpu samples of node nowhere\n" in capsys.readouterr().err
     assert diff(database, "--base-node", "node-b", "-o", str(tmp_path / "d.pb.gz")) == 2
     assert ".html, .svg or .folded" in capsys.readouterr().err
+
+
+def test_diff_warns_when_a_selection_has_too_few_samples(database: Path, capsys) -> None:
+    assert diff(database, *TIME_RANGES) == 0
+    err = capsys.readouterr().err.splitlines()
+    # 104 samples: a share is known to +-1.96 * 0.5 / sqrt(104) = +-9.6 points (95%)
+    assert err == [
+        "warning: the base has only 104 samples, so each share in it is known to +-10 "
+        "percentage points (95%); changes smaller than that are noise: select more "
+        f"({FEW_SAMPLES}+ samples)",
+        "warning: the comparison has only 86 samples, so each share in it is known to +-11 "
+        "percentage points (95%); changes smaller than that are noise: select more "
+        f"({FEW_SAMPLES}+ samples)",
+    ]
+    assert share_margin(FEW_SAMPLES) < 5 < share_margin(FEW_SAMPLES // 2)
+    assert share_margin(2) == pytest.approx(69.3, abs=0.1)  # the 2-sample base

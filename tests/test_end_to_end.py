@@ -13,6 +13,7 @@ from fleetprof.cli import main
 from fleetprof.query.filters import SampleFilter
 from fleetprof.query.flame import load_flame
 from fleetprof.query.flame_tree import FlameNode
+from fleetprof.query.render.folded import PROCESS_HEADER
 from fleetprof.query.source import AggregatorSource
 
 
@@ -101,7 +102,8 @@ def test_flamegraph_command_writes_every_format(
             == 0
         )
         assert "compute_alpha" in out.read_text()
-    folded = (tmp_path / "cpu.folded").read_text().splitlines()
+    header, *folded = (tmp_path / "cpu.folded").read_text().splitlines()
+    assert header == PROCESS_HEADER
     assert all(line.startswith("hotspots;") for line in folded)
     total = sum(int(line.rsplit(" ", 1)[1]) for line in folded)
     assert total == flame_for(aggregator, process.pid).total

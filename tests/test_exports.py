@@ -136,7 +136,7 @@ def test_empty_selection_writes_nothing(database: Path, tmp_path: Path, capsys) 
     out = tmp_path / "none.parquet"
     status = main(["flamegraph", "--db", str(database), "-o", str(out), "--node", "nowhere"])
     assert status == 2 and not out.exists()
-    assert "no cpu samples match" in capsys.readouterr().err
+    assert "nothing to draw: no cpu samples of node nowhere\n" in capsys.readouterr().err
 
 
 def frame_rects(svg: bytes) -> dict[str, float]:

@@ -127,3 +127,39 @@ def test_deep_stacks_are_truncated_at_the_root(tmp_path: Path) -> None:
     ((frames,),) = rows(db, "SELECT frames FROM stacks")
     assert frames[0] == "[truncated]" and frames[-1] == f"f{depth - 1}"
     assert len(frames) == 1024
+
+
+def test_our_folded_export_round_trips(tmp_path: Path) -> None:
+    original = tmp_path / "original.duckdb"
+    store = ProfileStore(original)
+    fill(store)
+    store.close()
+    exported = tmp_path / "fleet.folded"
+    assert main(["flamegraph", "--db", str(original), "-o", str(exported)]) == 0
+    again = tmp_path / "again.duckdb"
+    assert main(["import", str(exported), "--db", str(again)]) == 0
+    by_process = (
+        "SELECT comm, sum(weight) FROM samples WHERE event = 'cpu' GROUP BY comm ORDER BY comm"
+    )
+    # the process name stays the process, not a root frame under the file's name
+    assert rows(again, by_process) == rows(original, by_process)
+    paths = (
+        "SELECT comm, frames, sum(weight) FROM samples JOIN stacks USING (stack_id) "
+        "WHERE event = 'cpu' "
+        "GROUP BY ALL ORDER BY ALL"
+    )
+    assert rows(again, paths) == rows(original, paths)
+    # and exported again, the file is the same
+    second = tmp_path / "second.folded"
+    assert main(["flamegraph", "--db", str(again), "-o", str(second)]) == 0
+    assert second.read_bytes() == exported.read_bytes()
+
+
+def test_empty_frames_are_refused(tmp_path: Path, capsys) -> None:
+    db = tmp_path / "p.duckdb"
+    for text in (b"a;;b 1\n", b";a 2\n", b"a; ;b 3\n", b"a;b; 4\n"):
+        bad = tmp_path / "bad.folded"
+        bad.write_bytes(b"main;ok 5\n" + text)
+        assert main(["import", str(bad), "--db", str(db)]) == 2
+        assert "line 2: an empty frame name" in capsys.readouterr().err
+    assert not db.exists()  # nothing half-imported

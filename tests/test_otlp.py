@@ -30,6 +30,7 @@ from fleetprof.aggregator.validate import validate_batch
 from fleetprof.cli import main
 from fleetprof.proto import schema
 from fleetprof.proto.security import AccessScope, ClientSecurity, ServerSecurity
+from fleetprof.query.render.folded import PROCESS_HEADER
 from tests.test_security import Pki, pki  # noqa: F401 (the fixture)
 from tests.test_sql_views import fill
 
@@ -236,11 +237,11 @@ def test_a_real_otlp_client_export_becomes_samples_once(
     folded = tmp_path / "cpu.folded"
     address = receiving.address
     assert main(["flamegraph", "--aggregator", address, "-o", str(folded)]) == 0
-    assert folded.read_text() == "app;" + ";".join(FRAMES) + " 10\n"
+    assert folded.read_text() == f"{PROCESS_HEADER}\napp;" + ";".join(FRAMES) + " 10\n"
     off = tmp_path / "off.folded"
     args = ["flamegraph", "--aggregator", address, "--event", "offcpu", "-o", str(off)]
     assert main(args) == 0
-    assert off.read_text() == "app;" + ";".join(FRAMES) + " 1500000\n"
+    assert off.read_text() == f"{PROCESS_HEADER}\napp;" + ";".join(FRAMES) + " 1500000\n"
 
 
 def post(
@@ -316,7 +317,8 @@ def test_otlp_file_holds_the_folded_graph(tmp_path: Path) -> None:
     store.close()
     for suffix in ("folded", "otlp.pb"):
         assert main(["flamegraph", "--db", str(db), "-o", str(tmp_path / f"g.{suffix}")]) == 0
-    lines = (tmp_path / "g.folded").read_text().splitlines()
+    header, *lines = (tmp_path / "g.folded").read_text().splitlines()
+    assert header == PROCESS_HEADER
     expected = Counter({line.rsplit(" ", 1)[0]: int(line.rsplit(" ", 1)[1]) for line in lines})
     request = Request.FromString((tmp_path / "g.otlp.pb").read_bytes())
     assert folded_of(request) == expected

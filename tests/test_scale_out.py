@@ -28,6 +28,7 @@ from fleetprof.proto import lake, schema
 from fleetprof.query.filters import SampleFilter
 from fleetprof.query.flame import load_flame
 from fleetprof.query.fleet import FleetSource
+from fleetprof.query.render.folded import PROCESS_HEADER
 from fleetprof.query.source import AggregatorSource
 from tests.conftest import require_ebpf
 
@@ -137,6 +138,7 @@ def test_lake_and_live_aggregators_count_every_row_once(
     argv = ["flamegraph", "--lake", str(lake_dir), "--aggregator", addresses, "-o", str(folded)]
     assert main(argv) == 0
     assert sorted(folded.read_text().splitlines()) == [
+        PROCESS_HEADER,
         "app;main;encode 18",
         "app;main;encode;memcpy 6",
         "app;main;parse 21",

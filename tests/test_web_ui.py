@@ -6,6 +6,7 @@ the bundled native workload with the real agent. Screenshots go to tests/artifac
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 import shutil
@@ -34,6 +35,7 @@ from fleetprof.query.flame_tree import build_tree
 from fleetprof.query.render import RenderOptions
 from fleetprof.query.render.base import MIN_FRACTION
 from fleetprof.query.render.html import HtmlRenderer
+from fleetprof.query.render.svg import SvgRenderer
 from tests.conftest import require
 from tests.test_ingest import send
 from tests.test_sql import REFUSED
@@ -73,6 +75,8 @@ def message(
     pid: int = 100,
     comm: str = "app",
     event: str = "cpu",
+    job: str | None = None,
+    session: str | None = None,
 ) -> ingest_pb2.IngestBatch:
     rows = len(weights)
     table = schema.samples_table(
@@ -84,6 +88,8 @@ def message(
             "event": [event] * rows,
             "stack_id": list(weights),
             "weight": list(weights.values()),
+            "job": [job] * rows,
+            "session_id": [session] * rows,
         }
     )
     return ingest_pb2.IngestBatch(
@@ -200,6 +206,43 @@ def test_top_has_self_and_total_in_order(served: Aggregator) -> None:
     ]
 
 
+@pytest.fixture
+def with_jobs(aggregator: Aggregator) -> Aggregator:
+    """Job etl-42 on node-a (105 samples) and in session s-1 on node-c (7); job web on
+    node-b (115)."""
+    send(aggregator, message(1, BASE, T0, job="etl-42"))
+    later = T0 + timedelta(minutes=10)
+    send(aggregator, message(1, LATER, later, node="node-b", pid=200, job="web"))
+    session = T0 + timedelta(minutes=20)
+    send(
+        aggregator, message(1, {1: 7}, session, node="node-c", pid=300, job="etl-42", session="s-1")
+    )
+    return aggregator
+
+
+def test_jobs_and_sessions_are_selectable_in_the_api(with_jobs: Aggregator) -> None:
+    _, meta = get(with_jobs, "api/meta")
+    assert meta["jobs"] == [{"job": "web", "weight": 115}, {"job": "etl-42", "weight": 112}]
+    ((session),) = meta["sessions"]
+    assert (session["session"], session["job"], session["weight"]) == ("s-1", "etl-42", 7)
+    for query, total in [
+        ("job=etl-42", 112),
+        ("job=web", 115),
+        ("job=etl-42&job=web", 227),
+        ("session=s-1", 7),
+        ("job=etl-42&node=node-a", 105),
+        ("job=nosuchjob", 0),
+    ]:
+        status, top = get(with_jobs, f"api/top?{query}")
+        assert (status, top["total"]) == (200, total), query
+        status, flame = get(with_jobs, f"api/flame?{query}")
+        assert (status, flame["nodes"][2]) == (200, total), query
+    status, diff = get(with_jobs, "api/diff?base_job=web&job=etl-42")
+    assert (status, diff["baseTotal"], diff["nodes"][2]) == (200, 115, 112)
+    status, error = get(with_jobs, "api/top?session=s-1&session=s-2")
+    assert (status, error["error"]) == (400, "session may be given only once")
+
+
 def test_diff_carries_base_totals_aligned_with_the_comparison(served: Aggregator) -> None:
     status, diff = get(served, f"api/diff?base_until={MIDDLE}&since={MIDDLE}")
     assert status == 200
@@ -270,6 +313,7 @@ def test_sql_refuses_writes(served: Aggregator, sql: str) -> None:
         ("api/diff?base_pid=x", "bad pid 'x'"),
         ("api/diff?base_since=2h&base_until=3h", "base_since must be before base_until"),
         ("api/meta?node=a", "unknown parameter 'node'"),
+        ("api/top?jobs=a", "unknown parameter 'jobs'"),
     ],
 )
 def test_bad_parameters_get_400_with_one_line(served: Aggregator, path: str, message: str) -> None:
@@ -750,3 +794,170 @@ def test_browser_real_profile(aggregator: Aggregator, running_agent, native_bina
     matched = page.locator("#flame .fg-matched").inner_text()
     assert float(matched.split()[1].rstrip("%")) > 80
     shot(page, "10-real-profile-flame")
+
+
+def test_browser_selects_jobs_and_sessions_and_keeps_them_in_the_address(
+    with_jobs: Aggregator, page: Any
+) -> None:
+    page.goto(f"{with_jobs.web.url}#flame?job=etl-42")
+    loaded(page, "flame")
+    summary = page.locator("#flame .fg-summary")
+    assert "Total: 112 samples" in summary.inner_text()
+    job = page.locator("#selection input[name=job]")
+    assert job.input_value() == "etl-42"
+    # the jobs and sessions there are are offered as choices
+    assert page.locator("#jobs option").evaluate_all("o => o.map(x => x.value)") == [
+        "web",
+        "etl-42",
+    ]
+    assert page.locator("#sessions option").evaluate_all("o => o.map(x => x.value)") == ["s-1"]
+    job.fill("web")
+    page.click("#selection button[type=submit]")
+    loaded(page, "flame")
+    assert "Total: 115 samples" in summary.inner_text()
+    assert page.url.endswith("#flame?event=cpu&job=web")
+    # a session, in the top table, kept in the address too
+    job.fill("")
+    page.fill("#selection input[name=session]", "s-1")
+    page.click("[data-tab=top]")
+    page.click("#selection button[type=submit]")
+    loaded(page, "top")
+    assert "7 samples in all" in page.locator("#top-status").inner_text()
+    assert page.url.endswith("#top?event=cpu&session=s-1")
+    shot(page, "11-job-and-session")
+    # the diff's two selections take jobs as well
+    page.goto(f"{with_jobs.web.url}#diff?base_job=web&job=etl-42")
+    page.reload()
+    loaded(page, "diff")
+    status = page.locator("#diff-status").inner_text()
+    assert "base 115 samples, comparison 112 samples" in status
+
+
+def test_browser_address_with_an_unknown_parameter_says_so(served: Aggregator, page: Any) -> None:
+    page.goto(served.web.url + "#top?jobs=etl-42")
+    error = page.locator("#error")
+    error.wait_for()
+    assert error.inner_text().startswith("unknown parameter 'jobs'")
+
+
+# A stack as deep as javac's (one sample) beside the heavy shallow ones: the graph is 90
+# rows tall, 1,450 px, more than a first screen.
+DEEP = {
+    1: StackRow(("main", "run", "compute_alpha"), ("app",) * 3, ("native",) * 3),
+    2: StackRow(tuple(f"javac_frame_{i}" for i in range(90)), ("app",) * 90, ("jit",) * 90),
+}
+FIRST_SCREEN = {"width": 1440, "height": 900}
+
+
+def screen_pixel(browser: Any, png: bytes, point: dict[str, float]) -> list[int]:
+    """The colour at a point of a screenshot (decoded by the browser, on a blank page)."""
+    blank = browser.new_page()
+    try:
+        return blank.evaluate(
+            """async ([data, x, y]) => {
+                const image = new Image();
+                image.src = `data:image/png;base64,${data}`;
+                await image.decode();
+                const canvas = document.createElement("canvas");
+                canvas.width = image.width;
+                canvas.height = image.height;
+                const ctx = canvas.getContext("2d");
+                ctx.drawImage(image, 0, 0);
+                return [...ctx.getImageData(Math.round(x), Math.round(y), 1, 1).data.slice(0, 3)];
+            }""",
+            [base64.b64encode(png).decode(), point["x"], point["y"]],
+        )
+    finally:
+        blank.close()
+
+
+def rgb(colour: str) -> list[int]:
+    return [int(colour[i : i + 2], 16) for i in (1, 3, 5)]
+
+
+def assert_root_in_first_screen(page: Any, browser: Any, root: dict[str, Any], name: str) -> None:
+    """The root row lies inside the first viewport, and the screenshot of that viewport,
+    as the user sees it, shows the root's colour there (not a blank or a scrolled-away
+    box)."""
+    assert 0 <= root["y"] < page.viewport_size["height"], root
+    png = page.screenshot()  # the viewport only
+    (ARTIFACTS / f"{name}.png").write_bytes(png)
+    seen = screen_pixel(browser, png, root)
+    assert all(abs(a - b) <= 3 for a, b in zip(seen, rgb(root["colour"]), strict=True)), (
+        seen,
+        root,
+    )
+
+
+def canvas_root(page: Any, graph: str) -> dict[str, Any]:
+    """Where the root row of a flamegraph.js graph is on screen: a point near its right
+    end (its label is at the left) and its colour."""
+    return page.evaluate(
+        """(graph) => {
+            const fg = document.querySelector(graph).flameGraph;
+            const box = fg.canvas.getBoundingClientRect();
+            return {
+                x: box.left + fg.width - 6,
+                y: box.top + fg.rowTop(0) + 4,
+                colour: fg.data.frames[fg.frameOf[0]][2],
+            };
+        }""",
+        graph,
+    )
+
+
+def test_browser_graph_opens_with_its_root_in_the_first_screen(
+    aggregator: Aggregator, browser: Any
+) -> None:
+    send(aggregator, message(1, {1: 500, 2: 1}, T0, stacks=DEEP))
+    page = browser.new_page(viewport=FIRST_SCREEN)
+    try:
+        page.goto(aggregator.web.url)
+        loaded(page, "flame")
+        assert page.evaluate("document.querySelector('#flame').flameGraph.height") > 1400
+        page.mouse.move(0, 0)
+        assert_root_in_first_screen(page, browser, canvas_root(page, "#flame"), "12-deep-flame")
+        page.click("#flame .fg-orientation")  # as an icicle, the root is at the top
+        page.wait_for_timeout(100)
+        page.mouse.move(0, 0)
+        assert_root_in_first_screen(page, browser, canvas_root(page, "#flame"), "13-deep-icicle")
+        # the deepest frame is still there, a scroll of the graph away
+        page.click("#flame .fg-orientation")
+        page.wait_for_timeout(100)
+        point = frame_point(page, "#flame", "javac_frame_89")
+        assert point["y"] < 0  # above the box's visible part: scrolled out, not cut off
+    finally:
+        page.close()
+
+
+def test_browser_exported_graphs_open_with_their_root_in_the_first_screen(
+    tmp_path: Path, browser: Any
+) -> None:
+    rows = [
+        (["javac", *DEEP[2].frames], ["process", *DEEP[2].kinds], 1),
+        (["app", *DEEP[1].frames], ["process", *DEEP[1].kinds], 500),
+    ]
+    tree = build_tree(rows)
+    options = RenderOptions("Deep", "cpu", "samples")
+    html, svg = tmp_path / "deep.html", tmp_path / "deep.svg"
+    with html.open("wb") as out:
+        HtmlRenderer().render(tree, options, out)
+    with svg.open("wb") as out:
+        SvgRenderer().render(tree, options, out)
+    page = browser.new_page(viewport=FIRST_SCREEN)
+    try:
+        page.goto(html.as_uri())
+        page.mouse.move(0, 0)
+        root = canvas_root(page, "#flamegraph")
+        assert_root_in_first_screen(page, browser, root, "14-deep-standalone-html")
+        page.goto(svg.as_uri())
+        root = page.evaluate(
+            """() => {
+                const rect = document.querySelector("g.frame rect");  // pre-order: the root
+                const box = rect.getBoundingClientRect();
+                return { x: box.right - 6, y: box.top + 4, colour: rect.getAttribute("fill") };
+            }"""
+        )
+        assert_root_in_first_screen(page, browser, root, "15-deep-svg")
+    finally:
+        page.close()

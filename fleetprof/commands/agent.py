@@ -8,6 +8,7 @@ import socket
 from fleetprof.commands.options import (
     DEFAULT_AGGREGATOR,
     add_client_security_arguments,
+    aggregator_list,
     client_security,
     stop_on_signals,
 )
@@ -26,6 +27,7 @@ HELP = "run the node agent (eBPF sampling; needs root)"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--aggregator",
+        type=aggregator_list,
         default=DEFAULT_AGGREGATOR,
         metavar="HOST:PORT[,HOST:PORT...]",
         help="an aggregator, or a list of them: the node ships to one, by consistent hashing",

@@ -3,28 +3,43 @@
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Callable
 from datetime import timedelta
+from typing import TypeVar
 
 from fleetprof.commands.options import (
     DEFAULT_AGGREGATOR,
     add_server_security_arguments,
+    check_can_listen,
+    listen_address,
     server_security,
     stop_on_signals,
 )
 
 HELP = "run the aggregator (gRPC ingest + query service)"
 
+N = TypeVar("N", int, float)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", default="fleetprof.duckdb", metavar="PATH", help="DuckDB file")
-    parser.add_argument("--listen", default=DEFAULT_AGGREGATOR, metavar="HOST:PORT")
+    parser.add_argument(
+        "--listen",
+        type=listen_address,
+        default=DEFAULT_AGGREGATOR,
+        metavar="HOST:PORT",
+        help="gRPC address for agents and queries (port 0: any free port)",
+    )
     parser.add_argument(
         "--http",
+        type=listen_address,
         metavar="HOST:PORT",
         help="serve the web UI and its JSON API here (e.g. 127.0.0.1:7471); off if not given",
     )
     parser.add_argument(
         "--otlp-listen",
+        type=listen_address,
         metavar="HOST:PORT",
         help="also receive OTLP profiles (gRPC ProfilesService) here, e.g. 127.0.0.1:4317 "
         "(docs/otlp.md); off if not given",
@@ -73,25 +88,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     limits = parser.add_argument_group("limits (docs/security.md)")
     limits.add_argument(
         "--max-query-seconds",
-        type=float,
+        type=_above_zero(float, "a number of seconds"),
         default=60.0,
         metavar="S",
         help="longest a query may run; clients may only ask for less",
     )
     limits.add_argument(
         "--max-streams",
-        type=int,
+        type=_above_zero(int, "a whole number"),
         default=2048,
         metavar="N",
         help="open gRPC streams at most (two per agent); more are refused",
     )
     limits.add_argument(
         "--max-streams-per-peer",
-        type=int,
+        type=_above_zero(int, "a whole number"),
         default=64,
         metavar="N",
         help="open gRPC streams at most from one client address",
     )
+
+
+def _above_zero(kind: Callable[[str], N], what: str) -> Callable[[str], N]:
+    """An argparse type for limits: 0, negative, NaN or infinite would refuse every stream
+    or stop every query at once instead of limiting them."""
+
+    def parse(text: str) -> N:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not 0 < value < math.inf:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {what} above 0")
+        return value
+
+    return parse
 
 
 def _duration(text: str) -> timedelta:
@@ -117,6 +148,11 @@ def run(args: argparse.Namespace) -> int:
     from fleetprof.aggregator.partitions import LakePolicy
     from fleetprof.aggregator.server import Aggregator
 
+    check_can_listen(args.listen, "--listen")
+    if args.http:
+        check_can_listen(args.http, "--http")
+    if args.otlp_listen:
+        check_can_listen(args.otlp_listen, "--otlp-listen")
     aggregator = Aggregator(
         args.db,
         args.listen,

@@ -14,8 +14,12 @@ import argparse
 import sys
 from dataclasses import replace
 
-from fleetprof.commands.flamegraph import add_selection_arguments, selection_from
-from fleetprof.commands.options import add_source_arguments, open_profiles
+from fleetprof.commands.flamegraph import (
+    add_drawing_arguments,
+    add_selection_arguments,
+    selection_from,
+)
+from fleetprof.commands.options import add_source_arguments, open_profiles, output_file
 from fleetprof.proto.schema import EVENT_UNITS
 
 HELP = "differential flame graph (.html, .svg, .folded) and table (.txt) of two selections"
@@ -28,20 +32,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-o",
         "--output",
+        type=output_file,
         metavar="FILE",
         help=f"a graph (.html, .svg, .folded) or the table ({TABLE_SUFFIX}); "
         "without it, or for a graph, the table is printed",
     )
-    parser.add_argument("--event", default="cpu", choices=sorted(EVENT_UNITS))
+    parser.add_argument(
+        "--event", default="cpu", choices=sorted(EVENT_UNITS), help="what the weights count"
+    )
     add_selection_arguments(parser)
     add_selection_arguments(parser, BASE)
-    parser.add_argument("--title", default=None)
-    parser.add_argument("--icicle", action="store_true", help="root at the top (SVG)")
+    add_drawing_arguments(parser)
     parser.add_argument("--top", type=int, default=20, help="rows of the printed table")
 
 
 def run(args: argparse.Namespace) -> int:
-    from fleetprof.query.changes import function_changes, write_changes
+    from fleetprof.query.changes import (
+        FEW_SAMPLES,
+        function_changes,
+        share_margin,
+        write_changes,
+    )
     from fleetprof.query.flame import load_flame
     from fleetprof.query.render import RenderOptions, renderer_for
     from fleetprof.query.render.base import DiffRenderer
@@ -67,14 +78,21 @@ def run(args: argparse.Namespace) -> int:
         source.close()
     for name, found, chosen in (("base", base, base_selection), ("comparison", tree, selection)):
         if found.total == 0:
-            raise ValueError(f"the {name} has no {chosen.event} samples ({chosen.where()})")
+            raise ValueError(f"the {name} has no {chosen.describe()}")
+        if EVENT_UNITS[chosen.event] == "samples" and found.total < FEW_SAMPLES:
+            print(
+                f"warning: the {name} has only {found.total} samples, so each share in it "
+                f"is known to +-{share_margin(found.total):.0f} percentage points (95%); "
+                f"changes smaller than that are noise: select more ({FEW_SAMPLES}+ samples)",
+                file=sys.stderr,
+            )
     changes = function_changes(base, tree)
     if renderer is not None:
         options = RenderOptions(
             title=args.title or f"fleetprof {selection.event} differential flame graph",
             event=selection.event,
             unit=EVENT_UNITS[selection.event],
-            subtitle=f"base: {base_selection.where()}  |  comparison: {selection.where()}",
+            subtitle=f"base: {base_selection.describe()}  |  comparison: {selection.describe()}",
             icicle=args.icicle,
         )
         with open(args.output, "wb") as out:

@@ -28,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     receiver.add_argument(
         "--otlp-insecure", action="store_true", help="allow plaintext to a non-loopback receiver"
     )
-    parser.add_argument("--event", default="cpu", choices=sorted(EVENT_UNITS))
+    parser.add_argument(
+        "--event", default="cpu", choices=sorted(EVENT_UNITS), help="what the weights count"
+    )
     add_selection_arguments(parser)
     parser.add_argument(
         "--frequency",
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         source.close()
     if total == 0:
-        raise ValueError(f"no {selection.event} samples match ({selection.where()})")
+        raise ValueError(f"nothing to export: no {selection.describe()}")
     request = profiles_service_pb2.ExportProfilesServiceRequest.FromString(encoded.getvalue())
     security = ClientSecurity(
         ca=args.otlp_tls_ca,

@@ -11,9 +11,10 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fleetprof.commands.options import add_source_arguments, open_profiles
+from fleetprof.commands.options import add_output_argument, add_source_arguments, open_profiles
 from fleetprof.proto.schema import EVENT_UNITS
-from fleetprof.query.filters import SampleFilter, parse_time
+from fleetprof.query.filters import SampleFilter
+from fleetprof.query.selection import SELECTION_KEYS, parse_selection
 
 if TYPE_CHECKING:
     from fleetprof.query.render import RenderOptions
@@ -23,27 +24,56 @@ HELP = "write a flame graph (.html, .svg, .folded, .json, .pb.gz, .otlp.pb, .par
 
 
 def add_selection_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
-    """--since/--until/--node/--pid/--comm, or --base-since... with prefix "base-"."""
+    """--since/--until/--node/--pid/--comm/--job/--session, or --base-since... with prefix
+    "base-"; their texts are parsed by query/selection.py, as the web API's are."""
     which = f"the {prefix.rstrip('-')} selection's " if prefix else ""
-    parser.add_argument(
-        f"--{prefix}since", type=parse_time, help=f"{which}start: ISO time or 15m, 2h ago"
+    group = parser.add_argument_group(f"{prefix.rstrip('-') or 'sample'} selection")
+    group.add_argument(f"--{prefix}since", help=f"{which}start: ISO time or 15m, 2h ago")
+    group.add_argument(f"--{prefix}until", help=f"{which}end: ISO time or duration ago")
+    for name, what in (
+        ("node", "a node's samples"),
+        ("pid", "a process id's"),
+        ("comm", "a process name's"),
+        ("job", "a job's, as the agents' resolvers name it"),
+    ):
+        group.add_argument(
+            f"--{prefix}{name}", action="append", default=[], help=f"{what} (repeatable: any)"
+        )
+    group.add_argument(
+        f"--{prefix}session",
+        action="append",
+        default=[],
+        help="an on-demand session's (its id, as `profile` prints it)",
     )
-    parser.add_argument(
-        f"--{prefix}until", type=parse_time, help=f"{which}end: ISO time or duration ago"
+
+
+def add_drawing_arguments(parser: argparse.ArgumentParser) -> None:
+    """--title and the SVG's orientation (--icicle/--flame)."""
+    parser.add_argument("--title", help="the graph's title (default: names the event)")
+    orientation = parser.add_mutually_exclusive_group()
+    orientation.add_argument(
+        "--icicle",
+        action="store_true",
+        default=None,
+        help="SVG: root at the top (default: when the graph is deeper than a screen)",
     )
-    parser.add_argument(f"--{prefix}node", action="append", default=[], help="repeatable")
-    parser.add_argument(f"--{prefix}pid", type=int, action="append", default=[], help="repeatable")
-    parser.add_argument(f"--{prefix}comm", action="append", default=[], help="repeatable")
-    parser.add_argument(f"--{prefix}job", action="append", default=[], help="repeatable")
+    orientation.add_argument(
+        "--flame",
+        dest="icicle",
+        action="store_false",
+        default=None,
+        help="SVG: root at the bottom, always",
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_source_arguments(parser)
-    parser.add_argument("-o", "--output", required=True, metavar="FILE")
-    parser.add_argument("--event", default="cpu", choices=sorted(EVENT_UNITS))
+    add_output_argument(parser, "the file to write; its suffix gives the format", required=True)
+    parser.add_argument(
+        "--event", default="cpu", choices=sorted(EVENT_UNITS), help="what the weights count"
+    )
     add_selection_arguments(parser)
-    parser.add_argument("--title", default=None)
-    parser.add_argument("--icicle", action="store_true", help="root at the top (SVG)")
+    add_drawing_arguments(parser)
     parser.add_argument(
         "--sandwich",
         metavar="FUNCTION",
@@ -58,18 +88,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def selection_from(args: argparse.Namespace, prefix: str = "") -> SampleFilter:
-    def value(name: str) -> object:
-        return getattr(args, f"{prefix.replace('-', '_')}{name}")
-
-    return SampleFilter(
-        event=args.event,
-        since=value("since"),
-        until=value("until"),
-        nodes=tuple(value("node")),
-        pids=tuple(value("pid")),
-        comms=tuple(value("comm")),
-        jobs=tuple(value("job")),
-    )
+    texts: dict[str, list[str]] = {}
+    for key in SELECTION_KEYS:
+        value = getattr(args, f"{prefix.replace('-', '_')}{key}")
+        texts[prefix + key] = value if isinstance(value, list) else [value] if value else []
+    return parse_selection(texts, args.event, prefix)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,7 +133,7 @@ def write_graph(
     from fleetprof.query.sandwich import sandwich
 
     renderer = renderer_for(output)
-    nothing = ValueError(f"no {selection.event} samples match ({selection.where()})")
+    nothing = ValueError(f"nothing to draw: no {selection.describe()}")
     if isinstance(renderer, RowRenderer):
         if sandwich_of:
             raise ValueError(f"--sandwich draws a tree: {output} is a row format")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
+import socket
 import threading
 from typing import TYPE_CHECKING
 
+from fleetprof.node_agent.assignment import parse_aggregators
 from fleetprof.proto.security import (
     AccessScope,
     ClientSecurity,
@@ -22,10 +25,74 @@ if TYPE_CHECKING:
 DEFAULT_AGGREGATOR = "127.0.0.1:7470"
 
 
+def aggregator_list(text: str) -> str:
+    """argparse type of --aggregator: HOST:PORT, or a comma-separated list of them."""
+    try:
+        parse_aggregators(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def aggregator_address(text: str) -> str:
+    """argparse type of an --aggregator that takes one HOST:PORT."""
+    if len(parse_aggregators(aggregator_list(text))) > 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one aggregator here, not a list")
+    return text
+
+
+def listen_address(text: str) -> str:
+    """argparse type of a server's HOST:PORT ([::1]:PORT for IPv6; port 0: any free one)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(
+            f"bad address {text!r}: expected HOST:PORT with a port from 0 to 65535"
+        )
+    return text
+
+
+def check_can_listen(listen: str, option: str) -> None:
+    """Refuse a port another program holds before any server starts (gRPC would log a
+    C-core line and a hint about its own debug settings instead)."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if port == "0":
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, int(port)))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ValueError(
+                    f"{option} {listen}: the port is in use (another aggregator?); "
+                    "stop that program or pick another port"
+                ) from None
+            raise ValueError(f"{option} {listen}: cannot listen there: {exc.strerror}") from None
+
+
+def output_file(text: str) -> str:
+    """argparse type of -o FILE: its folder must exist, checked before any work is done."""
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: there is no folder {folder}")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: it is a folder")
+    return text
+
+
+def add_output_argument(parser: argparse.ArgumentParser, what: str, required: bool) -> None:
+    """-o FILE, its folder checked as the options are read (output_file)."""
+    parser.add_argument(
+        "-o", "--output", required=required, type=output_file, metavar="FILE", help=what
+    )
+
+
 def add_aggregator_or_db(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--aggregator",
+        type=aggregator_list,
         metavar="HOST:PORT",
         help=f"a running aggregator (default {DEFAULT_AGGREGATOR}); queries take a list: A,B,...",
     )

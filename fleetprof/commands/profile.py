@@ -14,6 +14,8 @@ import time
 from fleetprof.commands.options import (
     DEFAULT_AGGREGATOR,
     add_client_security_arguments,
+    add_output_argument,
+    aggregator_address,
     client_security,
 )
 from fleetprof.proto.control.v1 import control_pb2
@@ -28,12 +30,22 @@ HELP = "profile a job on every node it runs on, now (on-demand session)"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--job", required=True, help="the job, as the agents' resolvers name it")
     parser.add_argument("--duration", type=parse_duration, default=60.0, help="e.g. 60s, 5m")
-    parser.add_argument("--frequency", type=int, default=199, metavar="HZ")
+    parser.add_argument(
+        "--frequency", type=int, default=199, metavar="HZ", help="samples/s per CPU"
+    )
     parser.add_argument(
         "--events", default="cpu", help=f"comma-separated, of: {','.join(EVENT_UNITS)}"
     )
-    parser.add_argument("-o", "--output", required=True, metavar="FILE")
-    parser.add_argument("--aggregator", default=DEFAULT_AGGREGATOR, metavar="HOST:PORT")
+    add_output_argument(
+        parser, "the merged graph; its suffix gives the format, as for `flamegraph`", True
+    )
+    parser.add_argument(
+        "--aggregator",
+        type=aggregator_address,
+        default=DEFAULT_AGGREGATOR,
+        metavar="HOST:PORT",
+        help="the aggregator the agents ship to",
+    )
     add_client_security_arguments(parser, token=True)
 
 
@@ -43,10 +55,11 @@ def run(args: argparse.Namespace) -> int:
     from fleetprof.commands.flamegraph import write_graph
     from fleetprof.proto.control.v1 import control_pb2_grpc
     from fleetprof.query.filters import SampleFilter
-    from fleetprof.query.render import RenderOptions
+    from fleetprof.query.render import RenderOptions, renderer_for
     from fleetprof.query.render.base import format_weight
     from fleetprof.query.source import AggregatorSource
 
+    renderer_for(args.output)  # an unknown suffix is refused before the session, not after
     events = [e.strip() for e in args.events.split(",") if e.strip()]
     security = client_security(args)
     channel = security.channel(args.aggregator)
@@ -81,6 +94,12 @@ def run(args: argparse.Namespace) -> int:
     finally:
         channel.close()
 
+    if final is None or not any(node.samples for node in final.nodes):
+        raise ValueError(
+            f"no samples of job {args.job!r}: none of the {session.agents} connected agent(s) "
+            f"found a process of it in {args.duration:g} s; the jobs seen so far: "
+            f'fleetprof query "SELECT DISTINCT job FROM samples"'
+        )
     source = AggregatorSource(args.aggregator, security=security)
     try:
         event = events[0]

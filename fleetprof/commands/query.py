@@ -6,7 +6,7 @@ import argparse
 import sys
 from contextlib import ExitStack
 
-from fleetprof.commands.options import add_source_arguments, open_profiles
+from fleetprof.commands.options import add_source_arguments, open_profiles, output_file
 from fleetprof.query.result_formats import BINARY_FORMATS, WRITERS
 
 HELP = "run SQL over stored profiles"
@@ -15,8 +15,16 @@ HELP = "run SQL over stored profiles"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sql", help="one SELECT statement")
     add_source_arguments(parser)
-    parser.add_argument("--format", choices=sorted(WRITERS), default="table")
-    parser.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    parser.add_argument(
+        "--format",
+        choices=sorted(WRITERS),
+        default="table",
+        help="table: aligned text for a terminal; csv, json (one object per line), or, "
+        "with -o, parquet or arrow",
+    )
+    parser.add_argument(
+        "-o", "--output", type=output_file, metavar="FILE", help="write here instead of stdout"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -34,8 +34,9 @@ class RenderOptions:
     # the CPU time each sample stands for.
     frequency_hz: float | None = None
     # Top-down (root at the top) instead of a flame graph's bottom-up, for the SVG (the
-    # HTML page has its own toggle).
-    icicle: bool = False
+    # HTML page has its own toggle); None: an icicle only when the root of a flame graph
+    # would sit below the first screen.
+    icicle: bool | None = None
 
     def __post_init__(self) -> None:
         if self.unit not in get_args(Unit):

@@ -7,6 +7,11 @@ from typing import BinaryIO
 from fleetprof.query.flame_tree import FlameNode
 from fleetprof.query.render.base import RenderOptions
 
+# The first line of a graph whose root frames are process names (fleetprof's own graphs):
+# `fleetprof import` then reads them back as the process, not as a frame. flamegraph.pl and
+# speedscope skip it as a line without a count.
+PROCESS_HEADER = "# fleetprof folded stacks: the first frame is the process name"
+
 # ';' separates frames and a newline ends the record, so neither may survive in a name
 _SANITIZE = str.maketrans({";": ":", "\n": " ", "\r": " "})
 
@@ -20,6 +25,9 @@ class FoldedRenderer:
         are raw integers in the event's unit, as the format expects. Samples with an empty
         stack (self weight of the root) get no line: the format cannot express them."""
         lines = [f"{stack} {weight}\n" for stack, weight in _self_weights(tree).items()]
+        roots = tree.children.values()
+        if roots and all(node.kind == "process" for node in roots):
+            out.write(f"{PROCESS_HEADER}\n".encode())
         _write_sorted(lines, out)
 
     def render_diff(

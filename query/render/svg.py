@@ -24,6 +24,9 @@ FONT_SIZE = 12
 FONT_WIDTH = 0.59  # average Verdana glyph width per unit of font size (flamegraph.pl)
 MIN_WIDTH_PX = 0.1
 PAD_BOTTOM = FONT_SIZE * 2 + 10
+# A graph taller than this (a laptop's first screen, less the browser's bars) is drawn as
+# an icicle unless asked otherwise: its root would else open out of sight.
+FIRST_SCREEN_PX = 760
 
 # Code points XML 1.0 forbids even as character references; frame names come from the
 # profiled programs, so one stray control byte would otherwise make the file unparseable.
@@ -82,6 +85,7 @@ class SvgRenderer:
         rows = 1 + max((flat.depth[i] for i in shown), default=0)
         top = FONT_SIZE * (5 if options.subtitle else 3)
         height = top + rows * ROW_HEIGHT + PAD_BOTTOM
+        icicle = options.icicle if options.icicle is not None else height > FIRST_SCREEN_PX
 
         parts = [
             '<?xml version="1.0" encoding="UTF-8" standalone="no"?>\n'
@@ -103,7 +107,8 @@ class SvgRenderer:
             )
         parts.append(
             f'<text x="{PAD_X}" y="{height - FONT_SIZE}">'
-            f"Event: {_xml(options.event)}   Total: {format_weight(total, options.unit)}</text>\n"
+            f"Event: {_xml(options.event)}   Total: {format_weight(total, options.unit)}"
+            f"{'   (icicle: root at the top)' if icicle else ''}</text>\n"
         )
         bottom = height - PAD_BOTTOM
         # once per distinct frame, not per node (weights and percents need no escaping)
@@ -113,7 +118,7 @@ class SvgRenderer:
             name, kind = flat.frames[flat.frame[i]]
             x = PAD_X + offsets[i] * scale
             width = node_total * scale
-            y = top + depth * ROW_HEIGHT if options.icicle else bottom - (depth + 1) * ROW_HEIGHT
+            y = top + depth * ROW_HEIGHT if icicle else bottom - (depth + 1) * ROW_HEIGHT
             weight = format_weight(node_total, options.unit)
             percent = 100 * node_total / total
             title = f"{escaped[flat.frame[i]]} ({weight}, {percent:.2f}%"

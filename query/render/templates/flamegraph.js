@@ -13,8 +13,12 @@
 // `focus` (the web UI's zoom into elided frames): the names from the root down to the
 // focused frame, which follows its ancestors in `nodes`; its subtree is complete down to
 // the same share of its own total.
+// The plot is a box that fits the window, scrolled to the root: a graph as deep as its
+// deepest stack (one 90-frame sample is enough) would otherwise put the root screens down.
 class FlameGraph {
   static ROW = 16;           // px per stack level
+  static MIN_ROOM = 240;     // px: the plot box is at least this tall, whatever the window
+  static BELOW_PLOT = 40;    // px kept under the box for the hint line
   static MIN_PX = 0.5;       // narrower frames are skipped (with their subtrees)
   static TEXT_PAD = 3;
   static FONT = "12px Verdana, sans-serif";
@@ -61,6 +65,7 @@ class FlameGraph {
     this.charWidth = 7;
     this.icicle = false;
     this.drawPending = false;
+    this.anchorPending = true;  // scroll the plot box to the root once it can be
     // Set by a page that can fetch a focused payload (the web UI): path => Promise<data>.
     this.fetchFocus = null;
     this.show(data);
@@ -122,6 +127,7 @@ class FlameGraph {
     this.change = data.base ? this.changes(data.base, data.baseTotal) : null;
     this.zoom = 0;
     this.hover = -1;
+    this.anchorPending = true;
     this.resetButton.disabled = true;
     this.updateSummary();
     this.runSearch();
@@ -255,7 +261,22 @@ class FlameGraph {
     ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
     ctx.font = FlameGraph.FONT;
     this.charWidth = ctx.measureText("abcdefghijklmnopqrstuvwxyz_.:").width / 29;
+    this.fitToWindow();
     this.draw();
+  }
+
+  // The plot box as tall as the window leaves below its top (never under MIN_ROOM), and,
+  // after new data or a switch of orientation, scrolled so that the root row shows.
+  fitToWindow() {
+    const { plot } = this;
+    if (!plot.clientWidth) return;  // in a hidden tab: done when it is shown
+    const top = plot.getBoundingClientRect().top + window.scrollY;
+    const room = window.innerHeight - top - FlameGraph.BELOW_PLOT;
+    plot.style.maxHeight = `${Math.max(FlameGraph.MIN_ROOM, Math.floor(room))}px`;
+    if (this.anchorPending) {
+      this.anchorPending = false;
+      plot.scrollTop = this.icicle ? 0 : plot.scrollHeight;
+    }
   }
 
   // The drawn frame under a canvas point, or -1.
@@ -430,6 +451,8 @@ class FlameGraph {
     this.orientationButton.addEventListener("click", () => {
       this.icicle = !this.icicle;
       this.orientationButton.textContent = this.icicle ? "Switch to flame" : "Switch to icicle";
+      this.anchorPending = true;
+      this.fitToWindow();
       this.scheduleDraw();
     });
     this.search.addEventListener("input", () => this.runSearch());
@@ -449,5 +472,6 @@ class FlameGraph {
     new ResizeObserver(() => {
       if (this.plot.clientWidth !== this.width) this.resize();
     }).observe(this.plot);
+    window.addEventListener("resize", () => this.fitToWindow());
   }
 }

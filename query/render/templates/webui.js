@@ -6,7 +6,8 @@
   const $ = (id) => document.getElementById(id);
   const TABS = ["flame", "top", "diff", "sql"];
   // Fields that take several values, comma-separated, sent as repeated parameters.
-  const LIST_FIELDS = new Set(["node", "pid", "comm", "base_node", "base_pid", "base_comm"]);
+  const LIST_FIELDS = new Set(
+    ["node", "pid", "comm", "job"].flatMap((name) => [name, `base_${name}`]));
   const TOP_LIMIT = 200;
   const SQL_EXAMPLES = [
     ["Top functions by self weight",
@@ -28,12 +29,16 @@
       "FROM samples GROUP BY ALL ORDER BY minute, event"],
   ];
 
-  let meta = { events: [], known_events: { cpu: "samples" }, nodes: [], comms: [], pids: [] };
+  let meta = {
+    events: [], known_events: { cpu: "samples" }, nodes: [], comms: [], pids: [], jobs: [],
+    sessions: [],
+  };
   const graphs = {};    // per view ("flame", "diff"), its FlameGraph once drawn
   let topOrder = "self";
   let tab = "flame";
   const shown = {};     // per view, the query its content answers (reloaded when it differs)
   const latest = {};    // per view, the newest request: older answers arriving late are dropped
+  const extras = {};    // per form id, address parameters it has no field for (fillForm)
 
   function element(tag, text, className) {
     const el = document.createElement(tag);
@@ -65,7 +70,7 @@
 
   // A form's fields as API parameters (empty fields are left out).
   function formParams(form) {
-    const params = new URLSearchParams();
+    const params = new URLSearchParams(extras[form.id]);
     for (const [name, value] of new FormData(form)) {
       if (name === "preset") continue;
       for (const part of LIST_FIELDS.has(name) ? value.split(",") : [value]) {
@@ -75,7 +80,15 @@
     return params;
   }
 
+  // Fill a form from the address. Parameters it has no field for go to the API as they
+  // are, until the form is next applied: the API names what it does not know, rather than
+  // a link silently showing something else than its sender saw.
   function fillForm(form, params) {
+    const extra = new URLSearchParams();
+    for (const [name, value] of params) {
+      if (!form.elements[name] || name === "preset") extra.append(name, value);
+    }
+    extras[form.id] = extra;
     for (const field of form.elements) {
       if (!field.name || field.name === "preset") continue;
       const values = params.getAll(field.name);
@@ -320,6 +333,9 @@
     options("nodes", meta.nodes, (n) => n.node, (n) => integer(n.weight));
     options("comms", meta.comms, (c) => c.comm, (c) => integer(c.weight));
     options("pids", meta.pids, (p) => p.pid, (p) => `${p.comm} \u00b7 ${integer(p.weight)}`);
+    options("jobs", meta.jobs, (j) => j.job, (j) => integer(j.weight));
+    options("sessions", meta.sessions, (s) => s.session,
+      (s) => `job ${s.job} \u00b7 ${fmtTime(Date.parse(s.first))} \u00b7 ${integer(s.weight)}`);
     const first = Math.min(...meta.events.map((e) => Date.parse(e.first)));
     const last = Math.max(...meta.events.map((e) => Date.parse(e.last)));
     $("data-range").textContent = meta.events.length
@@ -367,6 +383,7 @@
     const selection = $("selection");
     selection.addEventListener("submit", (event) => {
       event.preventDefault();
+      delete extras.selection;
       shown.flame = shown.top = undefined;  // Apply always reloads
       showTab(tab);
     });
@@ -383,6 +400,7 @@
     selection.elements.event.addEventListener("change", () => selection.requestSubmit());
     $("diff-form").addEventListener("submit", (event) => {
       event.preventDefault();
+      delete extras["diff-form"];
       shown.diff = undefined;
       showTab("diff");
     });
