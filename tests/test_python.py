@@ -137,7 +137,7 @@ def profile(
         said = json.loads(program.stdout.readline())
         drained = sampler.drain()
         mine = [s for s in drained.samples if s.pid == program.pid]
-        batch = BatchBuilder(symbolizer).build("cpu", datetime.now(UTC), Drain(mine))
+        batch = BatchBuilder(symbolizer).build(sampler, datetime.now(UTC), Drain(mine))
     finally:
         program.kill()
         program.wait()
