@@ -44,14 +44,14 @@ GROUP BY f ORDER BY samples DESC, frame LIMIT {limit}
 # Samples by what the stack holds: Java frames at all; Spark's; a leaf left unresolved.
 SHARES_SQL = """
 SELECT sum(weight)::BIGINT AS samples,
-       sum(weight) FILTER (
+       coalesce(sum(weight) FILTER (
            WHERE list_has_any(kinds, ['jit', 'inlined', 'interpreted'])
-       )::BIGINT AS java,
-       sum(weight) FILTER (WHERE list_has_any(kinds, ['inlined']))::BIGINT AS inlined,
-       sum(weight) FILTER (
+       ), 0)::BIGINT AS java,
+       coalesce(sum(weight) FILTER (WHERE list_has_any(kinds, ['inlined'])), 0)::BIGINT AS inlined,
+       coalesce(sum(weight) FILTER (
            WHERE len(list_filter(frames, lambda f: f LIKE 'org.apache.spark.%')) > 0
-       )::BIGINT AS spark,
-       sum(weight) FILTER (WHERE frames[-1] LIKE '[jit 0x%')::BIGINT AS unresolved_leaf
+       ), 0)::BIGINT AS spark,
+       coalesce(sum(weight) FILTER (WHERE frames[-1] LIKE '[jit 0x%'), 0)::BIGINT AS unresolved_leaf
 FROM samples JOIN stacks USING (stack_id) WHERE {where}
 """
 
@@ -59,10 +59,10 @@ FROM samples JOIN stacks USING (stack_id) WHERE {where}
 # Python frames of PySpark's worker processes in the job's time: pyspark's own and the
 # job's Python function.
 PYTHON_SQL = """
-SELECT sum(weight)::BIGINT AS python_samples,
-       sum(weight) FILTER (
+SELECT coalesce(sum(weight), 0)::BIGINT AS python_samples,
+       coalesce(sum(weight) FILTER (
            WHERE list_contains(frames, 'spark_job.python_stage.<locals>.score')
-       )::BIGINT AS score,
+       ), 0)::BIGINT AS score,
        count(DISTINCT pid)::BIGINT AS python_processes,
        list_distinct(flatten(list(list_filter(frames, lambda f: f LIKE 'pyspark.%'))))
            AS pyspark_frames

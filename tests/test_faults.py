@@ -178,7 +178,8 @@ def test_full_disk_refuses_ingest_keeps_queries_and_recovers(small_disk: Path) -
     aggregator = Aggregator(small_disk / "profiles.duckdb", "127.0.0.1:0")
     aggregator.start()
     try:
-        payload = schema.encode(samples(dict.fromkeys(range(20_000), 1)))
+        # 20,000 rows of a stack every batch carries (a sample's stack must be sent).
+        payload = schema.encode(samples({11: 1}).take([0] * 20_000))
         filler = small_disk / "filler"
         filler.write_bytes(b"\0" * 3_000_000)
         sequence, error = 1, None

@@ -61,7 +61,7 @@ def test_probability_out_of_range_is_refused(probability: float, capsys) -> None
         HostSampling(probability)
     status = main(["agent", "--host-sampling", str(probability)])
     assert status == 2
-    assert "--host-sampling must be in (0, 1]" in capsys.readouterr().err
+    assert "--host-sampling must be in [0.001, 1]" in capsys.readouterr().err
 
 
 def test_agent_ships_the_seeded_intervals_scaled_by_two(
