@@ -49,7 +49,8 @@ def test_first_sample_once_per_image_exec_and_exit_of_every_process(cpu_sampler)
     try:
         script = BUSY_SHELL.format(python=sys.executable, busy=BUSY_PYTHON)
         busy = subprocess.Popen(["sh", "-c", script])
-        # Never on a CPU long enough to be sampled (at 99 Hz, ~1 chance in 10,000).
+        # On a CPU for about a millisecond (its exec and start-up): at 99 Hz it is sampled
+        # about once in ten runs, and then reports one first sample, never more.
         idle = subprocess.Popen(["sleep", "0.2"])
         busy.wait(timeout=60)
         idle.wait(timeout=10)
@@ -62,7 +63,10 @@ def test_first_sample_once_per_image_exec_and_exit_of_every_process(cpu_sampler)
     # sampled before its exec, as a copy of pytest: a first sample more, at the start.)
     assert of_busy[-5:] == ["exec", "first", "exec", "first", "exit"]
     assert of_busy[:-5] in ([], ["first"])
-    assert [kind for kind, pid in seen if pid == idle.pid] == ["exec", "exit"]
+    assert [kind for kind, pid in seen if pid == idle.pid] in (
+        ["exec", "exit"],
+        ["exec", "first", "exit"],
+    )
     assert busy.pid not in events.sampled  # exited: forgotten
 
 
