@@ -74,7 +74,11 @@ def churn(rate: float, seconds: float) -> int:
 
 @contextmanager
 def running_agent(
-    address: str, frequency: int, pythonpath: str | None, settle_s: float
+    address: str,
+    frequency: int,
+    pythonpath: str | None,
+    settle_s: float,
+    interval_s: float = 10.0,
 ) -> Iterator[subprocess.Popen[str]]:
     env = dict(os.environ)
     if pythonpath:
@@ -90,7 +94,7 @@ def running_agent(
             "--frequency",
             str(frequency),
             "--interval",
-            "10",
+            f"{interval_s:g}",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -1,11 +1,13 @@
-"""What naming Java frames from the JVM's memory costs the agent, and how soon new code is named.
+"""What Java frames read from the JVM's memory cost the agent, and how soon new code is named.
 
-One in-process agent (99 Hz, 1 s intervals) profiles:
-1. a busy 8-thread JVM started with no flags (demo.Hotspots): the CPU time the agent's
-   drain thread spends naming Java frames from memory (Symbolizer.hotspot.frames, thread CPU
-   time, so other load on the machine does not count), as a share of one core; and what it
-   holds of the JVM's code cache (nmethods, methods, bytes). Target: <= 1% of a core.
-2. Phases (late() first runs, and is compiled, after 4 s): per interval, late()'s samples
+1. The whole agent (`fleetprof agent`, 99 Hz, 1 s intervals, a process of its own) while a
+   busy 8-thread JVM started with no flags (demo.Hotspots) runs: its CPU time from
+   /proc/PID/stat over the JVM's run, as a share of one core. Target: <= 1% of a core.
+2. The same with an in-process agent, in parts, in thread CPU time (other load on the
+   machine does not count): naming Java frames from memory (Symbolizer.hotspot.frames) and
+   reading the code caches' unwind rows (CodeCaches.update); and what it holds of the JVM's
+   code cache (nmethods, methods, bytes).
+3. Phases (late() first runs, and is compiled, after 4 s): per interval, late()'s samples
    and those left `[jit 0x…]`. Target: late() named in the interval it first runs.
 
 The load average is printed with every figure. Run as root:
@@ -33,23 +35,25 @@ from fleetprof.node_agent.samplers import SamplerOptions
 from fleetprof.query.source import AggregatorSource
 
 sys.path.insert(0, str(Path(__file__).parent))  # benchmarks is not a package
+from agent_churn import running_agent
+from agent_overhead import process_cpu_s
 from spark_job import deep_size
 
 PHASES = Path(__file__).parents[1] / "tests" / "test_jvm.py"
 
 
-class TimedFrames:
-    """Symbolizer.hotspot.frames, timed in CPU seconds of the thread calling it."""
+class Timed:
+    """A method of an object, replaced by itself timed in CPU seconds of the calling thread."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, owner: Any, name: str) -> None:
         self.cpu_s = 0.0
-        self._frames = agent.symbolizer.hotspot.frames
-        agent.symbolizer.hotspot.frames = self  # type: ignore[method-assign]
+        self._method = getattr(owner, name)
+        setattr(owner, name, self)
 
     def __call__(self, *args: Any) -> Any:
         start = time.thread_time()
         try:
-            return self._frames(*args)
+            return self._method(*args)
         finally:
             self.cpu_s += time.thread_time() - start
 
@@ -68,10 +72,27 @@ def start_agent(work: Path) -> tuple[Aggregator, Agent, threading.Event, threadi
     return aggregator, agent, stop, thread
 
 
+def whole_agent(work: Path, classes: Path, seconds: float) -> float:
+    """The agent process's CPU share of one core while an 8-thread JVM with no flags runs."""
+    aggregator = Aggregator(work / f"whole-{time.monotonic_ns()}.duckdb", "127.0.0.1:0")
+    aggregator.start()
+    try:
+        with running_agent(aggregator.address, 99, None, settle_s=5, interval_s=1) as agent:
+            java = subprocess.Popen(
+                ["java", "-cp", str(classes), workloads.JAVA_MAIN, str(seconds), "8"]
+            )
+            before, start = process_cpu_s(agent.pid), time.monotonic()
+            java.wait()
+            return (process_cpu_s(agent.pid) - before) / (time.monotonic() - start)
+    finally:
+        aggregator.stop()
+
+
 def busy_jvm(work: Path, classes: Path, seconds: float) -> dict[str, float]:
-    """Naming cost and code cache metadata for an 8-thread JVM with no flags."""
+    """Naming and unwind-row costs and code cache metadata for an 8-thread JVM, no flags."""
     aggregator, agent, stop, thread = start_agent(work)
-    timed = TimedFrames(agent)
+    timed = Timed(agent.symbolizer.hotspot, "frames")
+    rows = Timed(agent.code_caches, "update")
     try:
         java = subprocess.Popen(
             ["java", "-cp", str(classes), workloads.JAVA_MAIN, str(seconds), "8"]
@@ -86,7 +107,13 @@ def busy_jvm(work: Path, classes: Path, seconds: float) -> dict[str, float]:
         stop.set()
         thread.join()
         aggregator.stop()
-    return {"share": timed.cpu_s / wall, "lookups": agent.symbolizer.hotspot.stats["named"], **held}
+    return {
+        "share": timed.cpu_s / wall,
+        "rows_share": rows.cpu_s / wall,
+        "row_updates": agent.code_caches.stats["updates"],
+        "lookups": agent.symbolizer.hotspot.stats["named"],
+        **held,
+    }
 
 
 def naming_delay(work: Path) -> list[dict[str, Any]]:
@@ -125,20 +152,28 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="fleetprof-jvm-bench-"))
     try:
         classes = workloads.build_java(work)
-        shares = []
+        wholes, shares, rows = [], [], []
         for _ in range(args.repeats):
+            wholes.append(whole_agent(work, classes, args.seconds))
+            print(
+                f"the agent, whole: {wholes[-1]:.2%} of a core "
+                f"(load average {os.getloadavg()[0]:.1f})"
+            )
             run = busy_jvm(work, classes, args.seconds)
             shares.append(run["share"])
+            rows.append(run["rows_share"])
             print(
                 f"naming Java frames from memory: {run['share']:.3%} of a core "
-                f"({run['lookups']} stacks' frames named so far); code cache metadata held: "
+                f"({run['lookups']} frames named); code cache unwind rows: "
+                f"{run['rows_share']:.3%} ({run['row_updates']} updates); metadata held: "
                 f"{run.get('nmethods', 0)} nmethods, {run.get('methods', 0)} methods, "
                 f"{run.get('bytes', 0) / 1e3:.0f} kB (load average {os.getloadavg()[0]:.1f})"
             )
-        print(
-            f"median {statistics.median(shares):.3%} of a core over {args.repeats} runs "
-            f"(range {min(shares):.3%} to {max(shares):.3%})"
-        )
+        for name, values in (("the agent, whole", wholes), ("naming", shares), ("rows", rows)):
+            print(
+                f"{name}: median {statistics.median(values):.3%} of a core over {args.repeats} "
+                f"runs (range {min(values):.3%} to {max(values):.3%})"
+            )
         for row in naming_delay(work):
             print(
                 f"  {row['ts']:%H:%M:%S.%f}  {row['samples']:4d} samples, late() "

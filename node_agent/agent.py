@@ -29,6 +29,7 @@ from fleetprof.node_agent.sessions import PreparedSamplers, SessionRun
 from fleetprof.node_agent.shipper import Shipper
 from fleetprof.node_agent.spool import Spool
 from fleetprof.node_agent.symbolize.symbolizer import Symbolizer
+from fleetprof.node_agent.unwind.hotspot import CodeCaches
 from fleetprof.node_agent.unwind.native import NativeUnwinder
 from fleetprof.proto import schema
 from fleetprof.proto.control.v1 import control_pb2
@@ -74,7 +75,13 @@ class Agent:
         self.config = config
         self.symbolizer = Symbolizer()
         # JVMs are found in the snapshots; their perf maps refreshed at most once an interval.
-        self.jvms = Jvms(self.symbolizer.reload_perf_map, interval_s=config.interval_s)
+        self.jvms = Jvms(
+            self.symbolizer.reload_perf_map,
+            interval_s=config.interval_s,
+            unwinds_java=lambda pid: (
+                self.code_caches is not None and not self.symbolizer.hotspot.failed(pid)
+            ),
+        )
         self.symbolizer.on_snapshot = self.jvms.observe
         self._exited: set[int] = set()
         # Sampled processes to read (maps, symbols, job) after this poll's events.
@@ -89,8 +96,16 @@ class Agent:
         self.sampling = self.unwinder.options if self.unwinder else config.sampling
         self._samplers = samplers_for(config.events, self.sampling)
         self._prepared = PreparedSamplers(self.sampling)
-        # JVMs whose memory the symbolizer reads: their Java frames unwound in BPF too.
-        self.symbolizer.hotspot.on_change = self._set_jvm
+        # JVMs whose memory the symbolizer reads: their code caches as unwind rows too.
+        self.code_caches = (
+            CodeCaches(
+                self.symbolizer.hotspot,
+                self.unwinder.set_code_rows,
+                self.unwinder.forget_code_rows,
+            )
+            if self.unwinder
+            else None
+        )
         pods = KubernetesMetadata.from_environment(config.node, config.kubeconfig)
         pods.start()
         # Owners are resolved when a process is first sampled, or a session asks.
@@ -148,10 +163,6 @@ class Agent:
         self.owners.forget(pid)
         for session in self._sessions.values():
             session.consider(pid)
-
-    def _set_jvm(self, pid: int, info: dict[str, int | list[int]] | None) -> None:
-        for sampler in (*self._samplers, self._prepared.cpu):
-            sampler.set_jvm(pid, info)
 
     def _on_exit(self, pid: int) -> None:
         self._remember_new_code()
@@ -294,6 +305,8 @@ class Agent:
         self._prepared.close()
         for sampler in self._samplers:
             sampler.close()
+        if self.code_caches:
+            self.code_caches.close()
         if self.unwinder:
             self.unwinder.close()
         self._events.close()

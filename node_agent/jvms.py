@@ -170,8 +170,12 @@ class Jvms:
         interval_s: float,
         refresh_every_s: float = 60.0,
         attach_timeout_s: float = ATTACH_TIMEOUT_S,
+        unwinds_java: Callable[[int], bool] = lambda pid: False,
     ) -> None:
         self._reload = reload_perf_map
+        # Whether a JVM's Java frames are unwound without its frame pointers (its code
+        # cache read from memory): then a JVM without them is not warned about.
+        self._unwinds_java = unwinds_java
         self._lead_s = min(REFRESH_LEAD_S, interval_s / 2)
         self._refresh_every_s = refresh_every_s
         self._attach_timeout_s = attach_timeout_s
@@ -357,7 +361,7 @@ class Jvms:
                 "perf_map_entries": jvm.perf_map_entries,
             }
         )
-        if jvm.frame_pointers is False and not jvm.warned:
+        if jvm.frame_pointers is False and not jvm.warned and not self._unwinds_java(jvm.pid):
             jvm.warned = True
             log.warning(
                 "JVM %d (%s) runs without -XX:+PreserveFramePointer: its stacks stop at the "

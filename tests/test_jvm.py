@@ -37,12 +37,10 @@ from fleetprof.node_agent.symbolize.hotspot import (
     LayoutError,
     Memory,
     read_layout,
-    write_unwind_info,
 )
 from fleetprof.node_agent.symbolize.names import native_name, runtime_frame
 from fleetprof.node_agent.symbolize.perfmap import PerfMap
 from fleetprof.node_agent.symbolize.process import read_stat, take_snapshot
-from fleetprof.node_agent.symbolize.symbolizer import Symbolizer
 from fleetprof.proto import schema
 from fleetprof.proto.ingest.v1 import ingest_pb2
 from fleetprof.query.filters import SampleFilter
@@ -340,132 +338,57 @@ def test_bad_memory_gives_no_name_and_loses_nothing(manifest_classes: Path) -> N
     symbolizer.close()
 
 
-# --- compiled frames without frame pointers: hotspot_stacks.bpf.h, in a harness -------------
-
-# A frame-pointer walk that lets jit_unwind_step take the frames it knows, as
-# user_stacks.bpf.h does (the agent's own walk uses it once it has the step: docs/jvm.md).
-WALK_HARNESS = r"""
-#include <linux/ptrace.h>
-#include <uapi/linux/bpf_perf_event.h>
-struct frame_state_t { u64 ip; u64 sp; u64 fp; };
-HOTSPOT_STACKS
-#define DEPTH 48
-struct walk_t { u64 ips[DEPTH]; };
-BPF_PERCPU_ARRAY(scratch, struct walk_t, 1);
-BPF_ARRAY(target, u32, 1);
-BPF_HASH(walks, struct walk_t, u64, 8192);
-
-int on_sample(struct bpf_perf_event_data *ctx)
-{
-    u32 pid = bpf_get_current_pid_tgid() >> 32, zero = 0, *wanted = target.lookup(&zero);
-    struct walk_t *walk = scratch.lookup(&zero);
-    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
-    struct frame_state_t state = {};
-    u64 one = 1, *count;
-
-    if (!wanted || pid != *wanted || !walk)
-        return 0;
-    __builtin_memset(walk, 0, sizeof(*walk));
-    bpf_probe_read_kernel(&state.ip, sizeof(state.ip), &regs->ip);
-    bpf_probe_read_kernel(&state.sp, sizeof(state.sp), &regs->sp);
-    bpf_probe_read_kernel(&state.fp, sizeof(state.fp), &regs->bp);
-    for (int i = 0; i < DEPTH; i++) {
-        u64 frame[2] = {};
-        if (state.ip < 4096 || state.ip >= 0x00007ffffffff000ULL)
-            break;
-        walk->ips[i] = state.ip;
-        if (jit_unwind_step(&state, pid))
-            continue;
-        if (bpf_probe_read_user(frame, sizeof(frame), (void *)state.fp) || frame[0] <= state.fp)
-            break;
-        state.ip = frame[1];
-        state.sp = state.fp + 16;
-        state.fp = frame[0];
-    }
-    count = walks.lookup_or_try_init(walk, &one);
-    if (count)
-        __sync_fetch_and_add(count, 1);
-    return 0;
-}
-"""
+# --- Java frames without frame pointers: the code cache's unwind rows (unwind/hotspot.py) ---
 
 
-class WalkHarness:
-    """WALK_HARNESS compiled (before the JVM starts: it takes seconds on a busy machine)."""
-
-    def __init__(self) -> None:
-        require_ebpf()
-        from bcc import BPF
-
-        from fleetprof.node_agent.samplers.bpf_sampler import HERE
-
-        header = (HERE / "hotspot_stacks.bpf.h").read_text()
-        self.bpf = BPF(text=WALK_HARNESS.replace("HOTSPOT_STACKS", header).encode())
-
-    def stacks(self, pid: int, seconds: float) -> list[tuple[list[Frame], int]]:
-        """Sample pid at 99 Hz for `seconds`; its symbolized stacks (leaf first) and their
-        counts, symbolized while it still runs."""
-        from bcc import PerfSWConfig, PerfType
-
-        symbolizer = Symbolizer()
-        deadline = time.monotonic() + 30
-        process = None
-        while process is None and time.monotonic() < deadline:
-            snapshot = take_snapshot(pid, ElfCache())
-            process = symbolizer.hotspot.process(snapshot) if snapshot else None
-            time.sleep(0.2)
-        assert process is not None, "the JVM's code cache was never readable"
-        target = self.bpf[b"target"]
-        target[target.Key(0)] = target.Leaf(pid)
-        write_unwind_info(self.bpf[b"hotspot_jvms"], pid, process.unwind_info())
-        self.bpf.attach_perf_event(
-            ev_type=PerfType.SOFTWARE, ev_config=PerfSWConfig.CPU_CLOCK, fn_name=b"on_sample",
-            sample_freq=99,
-        )  # fmt: skip
-        time.sleep(seconds)
-        walks = [(list(key.ips), value.value) for key, value in self.bpf[b"walks"].items()]
-        symbolizer.remember(pid)
-        return [
-            (symbolizer.symbolize_user(pid, [ip for ip in ips if ip]), count)
-            for ips, count in walks
+def java_paths(aggregator, pid: int) -> tuple[Counter[tuple[str, ...]], dict[str, set[str]]]:
+    """Weight per path of the Java frames (root first) of pid's stored samples, and the
+    kinds each Java frame was stored with."""
+    rows = sql(
+        aggregator,
+        "SELECT frames, kinds, sum(weight)::BIGINT AS weight "
+        f"FROM samples JOIN stacks USING (stack_id) WHERE pid = {pid} GROUP BY ALL",
+    )
+    paths: Counter[tuple[str, ...]] = Counter()
+    kinds: dict[str, set[str]] = {}
+    for row in rows:
+        java = [
+            (name, kind)
+            for name, kind in zip(row["frames"], row["kinds"], strict=True)
+            if kind in ("jit", "inlined", "interpreted") and name.startswith("com.")
         ]
-
-    def close(self) -> None:
-        self.bpf.cleanup()
-
-
-@pytest.fixture
-def harness() -> Iterator[WalkHarness]:
-    walk = WalkHarness()
-    yield walk
-    walk.close()
+        paths[tuple(name for name, _ in java)] += row["weight"]
+        for name, kind in java:
+            kinds.setdefault(name, set()).add(kind)
+    return paths, kinds
 
 
-def java_path(frames: list[Frame]) -> list[str]:
-    """The Java frames of a stack, root first."""
-    kinds = ("jit", "inlined", "interpreted")
-    return [f.name for f in reversed(frames) if f.kind in kinds and f.name.startswith("com.")]
+def profile_jvm(running_agent, command: list[str]) -> int:
+    """Run the JVM under a real agent until it exits; its pid."""
+    agent = running_agent(frequency=99, interval_s=1.0)
+    process = subprocess.Popen(command)
+    try:
+        process.wait(timeout=120)
+    finally:
+        stop(process)
+    agent.stop()
+    return process.pid
 
 
 @pytest.mark.parametrize("major", sorted(JAVAS))
 def test_compiled_frames_unwind_without_frame_pointers(
-    harness: WalkHarness, manifest_classes: Path, major: int
+    aggregator, running_agent, manifest_classes: Path, major: int
 ) -> None:
-    """No inlining, no frame pointers: every compiled frame is found by its frame size."""
+    """No inlining, no frame pointers: every compiled frame is unwound by its code blob's
+    frame size, from the agent's own walk."""
     java = JAVAS[major]
     require(Path(java).exists(), f"Java {major} is not installed (setup-host.sh)")
     command = [java, "-XX:CompileCommand=quiet", "-XX:CompileCommand=dontinline,com.harbor.*::*",
-               "-cp", str(manifest_classes), "com.harbor.Manifest", "14"]  # fmt: skip
-    process = subprocess.Popen(command)
-    try:
-        time.sleep(4)  # compiled by now
-        stacks = harness.stacks(process.pid, seconds=6)
-    finally:
-        stop(process)
-    total = sum(count for _, count in stacks)
-    paths = Counter()
-    for frames, count in stacks:
-        paths[tuple(java_path(frames))] += count
+               "-cp", str(manifest_classes), "com.harbor.Manifest", "16"]  # fmt: skip
+    pid = profile_jvm(running_agent, command)
+    paths, kinds = java_paths(aggregator, pid)
+    total = sum(paths.values())
+    assert total >= 100, paths
     hot = sum(count for path, count in paths.items() if path and path[-1] == HOT)
     whole = {path: count for path, count in paths.items() if path[:1] == (MAIN,)}
     weigh = sum(count for path, count in whole.items() if path[1:3] == (WEIGH, HOT))
@@ -475,27 +398,21 @@ def test_compiled_frames_unwind_without_frame_pointers(
     # 3 calls for 1: their own cost (not inlined) and tiers compiled at different times
     # make the split vary more than the inlined test's.
     assert abs(weigh / (weigh + stamp) - 0.75) <= 0.12, (weigh, stamp)
+    assert "jit" in kinds[HOT], kinds
 
 
 def test_interpreted_frames_named_from_their_method(
-    harness: WalkHarness, manifest_classes: Path
+    aggregator, running_agent, manifest_classes: Path
 ) -> None:
     """-Xint: every Java frame is the interpreter's; each is named from its Method*."""
-    command = ["java", "-Xint", "-cp", str(manifest_classes), "com.harbor.Manifest", "10"]
-    process = subprocess.Popen(command)
-    try:
-        time.sleep(1)
-        stacks = harness.stacks(process.pid, seconds=5)
-    finally:
-        stop(process)
-    total = sum(count for _, count in stacks)
-    paths = Counter()
-    for frames, count in stacks:
-        paths[tuple(java_path(frames))] += count
-    top = sorted(stacks, key=lambda stack: -stack[1])[:3]
-    assert sum(c for p, c in paths.items() if p[:1] == (MAIN,) and HOT in p) >= 0.7 * total, top
-    kinds = {f.kind for frames, _ in stacks for f in frames if f.name == HOT}
-    assert kinds == {"interpreted"}
+    command = ["java", "-Xint", "-cp", str(manifest_classes), "com.harbor.Manifest", "12"]
+    pid = profile_jvm(running_agent, command)
+    paths, kinds = java_paths(aggregator, pid)
+    total = sum(paths.values())
+    assert total >= 100, paths
+    under_main = sum(c for p, c in paths.items() if p[:1] == (MAIN,) and HOT in p)
+    assert under_main >= 0.7 * total, paths.most_common(4)
+    assert kinds[HOT] == {"interpreted"}, kinds
 
 
 LAUNCHERS = {
@@ -566,7 +483,8 @@ def test_exits_and_bad_perf_maps_lose_no_samples(
         stdout=subprocess.PIPE,
     )
     Path(f"/tmp/perf-{quiet.pid}.map").write_bytes(random.Random(3).randbytes(64 << 10))
-    # No -XX:+PreserveFramePointer: listed in SQL, warned about.
+    # No -XX:+PreserveFramePointer: listed in SQL; not warned about, its Java frames being
+    # unwound from its code cache (unwind/hotspot.py).
     bare = workloads.start_java(java_classes, seconds=6, threads=1, options=[])
     try:
         quiet_output, _ = quiet.communicate(timeout=60)
@@ -601,7 +519,7 @@ def test_exits_and_bad_perf_maps_lose_no_samples(
         for message in (record.getMessage() for record in caplog.records)
         if f"JVM {bare.pid} " in message and "PreserveFramePointer" in message
     ]
-    assert len(warnings) == 1, caplog.text
+    assert not warnings, caplog.text
     (quiet_row,) = sql(
         aggregator, f"SELECT attach FROM processes WHERE pid = {quiet.pid} AND attach IS NOT NULL"
     )

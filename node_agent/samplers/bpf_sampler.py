@@ -16,7 +16,6 @@ from bcc import BPF
 from fleetprof.node_agent.samplers import Drain, SamplerOptions, python_stacks
 from fleetprof.node_agent.samplers.stack_maps import GenerationalStackMaps
 from fleetprof.node_agent.symbolize.frame import Frame
-from fleetprof.node_agent.symbolize.hotspot import write_unwind_info
 
 HERE = Path(__file__).parent
 # BCC's compiler (clang and LLVM in libbcc) is not thread-safe, nor is freeing a compiled
@@ -97,14 +96,6 @@ class BpfSampler:
         if self._session_filter:
             return None
         return int(self._bpf[b"process_events"].map_fd)
-
-    def set_jvm(self, pid: int, info: dict[str, int | list[int]] | None) -> None:
-        """Let hotspot_stacks.bpf.h unwind a JVM's Java frames (None: it exited)."""
-        try:
-            table = self._bpf[b"hotspot_jvms"]
-        except KeyError:
-            return  # built without hotspot_stacks.bpf.h: frame pointers only
-        write_unwind_info(table, pid, info)
 
     def dropped_samples(self) -> int:
         return int(self._bpf[b"dropped_samples"].sum(0).value)

@@ -10,6 +10,9 @@
 #define CFA_RBP 2
 #define CFA_PLT 3      // rsp + 8, + 8 more from instruction offset cfa_offset of the entry
 #define CFA_END 4      // the outermost frame
+// HotSpot's template interpreter (unwind/hotspot.py): rbp frames holding the Method*, which
+// is recorded as a frame of its own, and the caller's sp.
+#define CFA_INTERPRETER 5
 
 // One unwind row: from file address pc on (to the next row), how to find the caller.
 struct unwind_row_t {

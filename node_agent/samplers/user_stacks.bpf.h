@@ -250,6 +250,27 @@ static __always_inline void row_step(struct unwind_t *unwind, u32 pid, u64 call)
         count_unwind(STAT_NO_ROW);
         return;
     }
+    if (row->cfa_kind == CFA_INTERPRETER) {
+        // frame_x86.hpp: the Method* at rbp - 3 words, the caller's sp at rbp - 1 (the
+        // interpreter may have extended the caller's frame), the caller's rbp at rbp, the
+        // return address above. The Method* goes in the stack as a word of its own after the
+        // interpreter's pc: user space names the frame from it.
+        u64 frame[5], depth = unwind->stack.depth;
+        if (bpf_probe_read_user(frame, sizeof(frame), (void *)(unwind->fp - 24))) {
+            count_unwind(STAT_BAD_READ);
+            return;
+        }
+        if (depth < USER_FRAMES - 1) {
+            unwind->stack.ips[BOUNDED(depth, USER_FRAMES)] = frame[0];
+            unwind->stack.depth = depth + 1;
+        }
+        unwind->ip = frame[4];
+        unwind->sp = frame[2] > unwind->fp ? frame[2] : unwind->fp + 16;
+        unwind->fp = frame[3];
+        unwind->step = 1;
+        count_unwind(STAT_TABLE_FRAMES);
+        return;
+    }
     unwind->step = -1;
     if (row->cfa_kind == CFA_END)
         return;
@@ -346,12 +367,6 @@ static __always_inline u64 record_user_stack(u32 at)
         }
         // Without callers found: the plain frame-pointer walk from rbp.
     }
-    // Hashed here, not in the walk: the walk's many exits would each be verified with it.
-#pragma unroll
-    for (int i = 0; i <= LEAF_CALLERS; i++) {
-        if (i < unwind->stack.depth)
-            hash = HASH_STEP(hash, unwind->stack.ips[i]);
-    }
     for (int i = 0; i < USER_FRAMES; i++) {
         u64 depth = unwind->stack.depth;
         if (unwind->step < 0)
@@ -368,7 +383,6 @@ static __always_inline u64 record_user_stack(u32 at)
         }
         unwind->stack.ips[BOUNDED(depth, USER_FRAMES)] = unwind->ip;
         unwind->stack.depth = depth + 1;
-        hash = HASH_STEP(hash, unwind->ip);
         unwind->step = 0;
 #if NATIVE_UNWIND
         if (unwind->rows)
@@ -377,6 +391,12 @@ static __always_inline u64 record_user_stack(u32 at)
         // Neither a row nor a frame pointer to follow: the stack ends here.
         if (unwind->step == 0 && !unwind->fp)
             break;
+    }
+    // Hashed after the walk, not in it: the walk's many exits would each be verified with it.
+    for (int i = 0; i < USER_FRAMES; i++) {
+        if (i >= unwind->stack.depth)
+            break;
+        hash = HASH_STEP(hash, unwind->stack.ips[i]);
     }
     hash |= 2;  // never USER_STACK_NONE or USER_STACK_LOST
     // BCC resolves map names at compile time, so each generation is spelled out.

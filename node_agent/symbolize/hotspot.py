@@ -10,7 +10,8 @@ disabled or not):
   compressed stream) from the inlined leaf out to the compiled method: one frame each, the
   inlined ones of kind "inlined";
 - an interpreted frame is named from the Method* of its interpreter frame, which the BPF
-  unwinder (hotspot_stacks.bpf.h) records as a word of its own after the frame's PC;
+  walk (unwind/hotspot.py's CFA_INTERPRETER rows) records as a word of its own after the
+  frame's PC;
 - a Method* is named through ConstMethod, ConstantPool, its holder Klass and their Symbols,
   as HotSpot's perf map writes it (`long demo.Hotspots.run(long)`), so names match those of
   the perf-map fallback.
@@ -26,11 +27,12 @@ import logging
 import os
 import re
 import struct
+import threading
 import time
 from bisect import bisect_right
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from fleetprof.node_agent.symbolize.elf import ElfSymbols
 from fleetprof.node_agent.symbolize.frame import Frame, LruCache
@@ -71,6 +73,7 @@ _FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
     "heap_log2_segment": (("CodeHeap", "_log2_segment_size"),),
     "vs_low_boundary": (("VirtualSpace", "_low_boundary"),),
     "vs_high_boundary": (("VirtualSpace", "_high_boundary"),),
+    "vs_high": (("VirtualSpace", "_high"),),
     "blob_name": (("CodeBlob", "_name"),),
     "blob_size": (("CodeBlob", "_size"),),
     "blob_frame_size": (("CodeBlob", "_frame_size"),),
@@ -126,7 +129,7 @@ class LayoutError(ValueError):
     """A vmStructs layout this reader does not know: the JVM gets no names from memory."""
 
 
-class _Unreadable(Exception):
+class Unreadable(Exception):
     """Memory that could not be read, or that does not hold what it should."""
 
 
@@ -140,15 +143,15 @@ class Memory:
 
     def read(self, address: int, size: int) -> bytes:
         if address <= 0 or size < 0 or address + size >= 1 << 47:
-            raise _Unreadable(f"address 0x{address:x}")
+            raise Unreadable(f"address 0x{address:x}")
         self.reads += 1
         try:
             data = os.pread(self.fd, size, address)
         except OSError as exc:
-            raise _Unreadable(f"0x{address:x}: {exc.strerror}") from None
+            raise Unreadable(f"0x{address:x}: {exc.strerror}") from None
         if len(data) != size:
             self.exited |= not data
-            raise _Unreadable(f"0x{address:x}: short read")
+            raise Unreadable(f"0x{address:x}: short read")
         return data
 
     def word(self, address: int) -> int:
@@ -158,7 +161,7 @@ class Memory:
         data = self.read(address, most) if address else b""
         end = data.find(b"\0")
         if end < 0 or not data[:end].isascii():
-            raise _Unreadable(f"string at 0x{address:x}")
+            raise Unreadable(f"string at 0x{address:x}")
         return data[:end].decode("ascii")
 
     def close(self) -> None:
@@ -195,7 +198,7 @@ def _table(
     stride = variable(f"{entry}ArrayStride")
     columns = {name: variable(f"{entry}{name}Offset") for name in names}
     if not base or not stride:
-        raise _Unreadable(f"{table}: not initialised yet")  # a JVM just started
+        raise Unreadable(f"{table}: not initialised yet")  # a JVM just started
     if not stride <= _MAX_STRIDE or any(o + 8 > stride for o in columns.values()):
         raise LayoutError(f"{table}: stride {stride}, columns {columns}")
     rows = []
@@ -296,7 +299,8 @@ class _Nmethod:
 
 
 @dataclass
-class _Heap:
+class CodeHeap:
+    address: int  # the CodeHeap
     low: int
     high: int
     segmap: int
@@ -310,11 +314,11 @@ def _unsigned5(data: bytes, at: int, excluded: int) -> tuple[int, int]:
     for i in range(max(0, min(5, len(data) - at))):
         byte = data[at + i]
         if byte < excluded:
-            raise _Unreadable("excluded byte in a compressed stream")
+            raise Unreadable("excluded byte in a compressed stream")
         value += (byte - excluded) << (6 * i)
         if byte < 192 or i == 4:
             return value, at + i + 1
-    raise _Unreadable("compressed stream cut short")
+    raise Unreadable("compressed stream cut short")
 
 
 def _java_type(descriptor: str, at: int) -> tuple[str, int]:
@@ -352,7 +356,7 @@ class HotSpotProcess:
         self.memory = memory
         self.layout = layout
         self._excluded = 1 if layout.major >= 20 else 0
-        self._heaps: list[_Heap] = []
+        self._heaps: list[CodeHeap] = []
         self.interpreter = (0, 0)
         self.code_bounds = (0, 0)
         self._methods: LruCache[int, tuple[int, str] | None] = LruCache(65536)
@@ -386,8 +390,8 @@ class HotSpotProcess:
             segmap = memory.word(heap + layout["heap_segmap"] + layout["vs_low_boundary"])
             shift = int.from_bytes(memory.read(heap + layout["heap_log2_segment"], 4), "little")
             if not (0 < low < high and segmap and 4 <= shift <= 16):
-                raise _Unreadable(f"code heap {i}: {low:x}-{high:x} segmap {segmap:x} {shift}")
-            heaps.append(_Heap(low, high, segmap, shift))
+                raise Unreadable(f"code heap {i}: {low:x}-{high:x} segmap {segmap:x} {shift}")
+            heaps.append(CodeHeap(heap, low, high, segmap, shift))
         stubs = memory.word(layout["interpreter_code"])
         if not stubs:
             return False  # the interpreter is generated after the heaps: not yet
@@ -401,28 +405,8 @@ class HotSpotProcess:
         return True
 
     @property
-    def heaps(self) -> list[_Heap]:
+    def heaps(self) -> list[CodeHeap]:
         return self._heaps
-
-    def unwind_info(self) -> dict[str, int | list[int]]:
-        """The fields of hotspot_stacks.bpf.h's hotspot_jvm_t for this JVM."""
-        layout, heaps = self.layout, self._heaps[:4]
-        pad = [0] * (4 - len(heaps))
-        return {
-            "code_low": self.code_bounds[0],
-            "code_high": self.code_bounds[1],
-            "interpreter_low": self.interpreter[0],
-            "interpreter_high": self.interpreter[1],
-            "heap_low": [heap.low for heap in heaps] + pad,
-            "heap_high": [heap.high for heap in heaps] + pad,
-            "segmap": [heap.segmap for heap in heaps] + pad,
-            "segment_shift": heaps[0].shift if heaps else 0,
-            "heap_block": layout.sizes["HeapBlock"],
-            "frame_size": layout["blob_frame_size"],
-            "frame_complete": layout["blob_frame_complete"],
-            "code_begin": layout["blob_code_begin"],
-            "code_offset": int(layout.major >= 23),
-        }
 
     def in_code_cache(self, pc: int) -> bool:
         return self.code_bounds[0] <= pc < self.code_bounds[1]
@@ -479,20 +463,20 @@ class HotSpotProcess:
             code_begin, code_end = u("blob_code_begin", 8), u("blob_code_end", 8)
         method = u("nm_method", 8)
         if not (blob < code_begin < code_end <= blob + size and method):
-            raise _Unreadable(f"nmethod 0x{blob:x}: code 0x{code_begin:x}-0x{code_end:x}")
+            raise Unreadable(f"nmethod 0x{blob:x}: code 0x{code_begin:x}-0x{code_end:x}")
         if layout.has("nm_immutable_data"):
             immutable = u("nm_immutable_data", 8)
             immutable_size = u("nm_immutable_data_size")
             pcs_at, scopes_at = u("nm_scopes_pcs_offset"), u("nm_scopes_data")
             if not (pcs_at <= scopes_at <= immutable_size <= _MAX_DEBUG_INFO):
-                raise _Unreadable(f"nmethod 0x{blob:x}: immutable data layout")
+                raise Unreadable(f"nmethod 0x{blob:x}: immutable data layout")
             data = memory.read(immutable + pcs_at, immutable_size - pcs_at)
             pcs, scopes = data[: scopes_at - pcs_at], data[scopes_at - pcs_at :]
             if layout.has("blob_mutable_data"):  # JDK 25+
                 relocations = u("blob_relocation_size")
                 mutable_size = u("blob_mutable_data_size")
                 if not relocations <= mutable_size <= relocations + _MAX_DEBUG_INFO:
-                    raise _Unreadable(f"nmethod 0x{blob:x}: mutable data layout")
+                    raise Unreadable(f"nmethod 0x{blob:x}: mutable data layout")
                 metadata = memory.read(
                     u("blob_mutable_data", 8) + relocations, mutable_size - relocations
                 )
@@ -505,7 +489,7 @@ class HotSpotProcess:
             pcs_at = u("nm_scopes_pcs_offset", 4, signed=True)
             end = u("nm_dependencies_offset", 4, signed=True)
             if not (0 < metadata_at <= scopes_at <= pcs_at <= end <= size):
-                raise _Unreadable(f"nmethod 0x{blob:x}: debug info layout")
+                raise Unreadable(f"nmethod 0x{blob:x}: debug info layout")
             data = memory.read(blob + metadata_at, end - metadata_at)
             metadata = data[: scopes_at - metadata_at]
             scopes = data[scopes_at - metadata_at : pcs_at - metadata_at]
@@ -549,13 +533,13 @@ class HotSpotProcess:
         limit = len(scopes)
         while offset > 0:  # DebugInformationRecorder::serialized_null is 0
             if offset >= limit or len(chain) >= _MAX_SCOPES:
-                raise _Unreadable("scope chain out of bounds")
+                raise Unreadable("scope chain out of bounds")
             limit = offset  # senders are written first: offsets only go down
             sender, at = _unsigned5(scopes, offset, self._excluded)
             index, at = _unsigned5(scopes, at, self._excluded)
             bci, at = _unsigned5(scopes, at, self._excluded)
             if not 0 < index <= len(methods) or not methods[index - 1]:
-                raise _Unreadable(f"scope method index {index} of {len(methods)}")
+                raise Unreadable(f"scope method index {index} of {len(methods)}")
             chain.append(ScopeFrame(methods[index - 1], bci - 1))
             offset = sender
         return tuple(chain)
@@ -600,7 +584,7 @@ class HotSpotProcess:
         try:
             at = nmethod.blob + self.layout["nm_compile_id"]
             return int.from_bytes(self.memory.read(at, 4), "little") == nmethod.compile_id
-        except _Unreadable:
+        except Unreadable:
             if self.memory.exited:
                 return True
             raise
@@ -622,19 +606,19 @@ class HotSpotProcess:
         body = head[layout["symbol_body"] :]
         if length > len(body):
             if length > _MAX_SYMBOL:
-                raise _Unreadable("symbol too long")
+                raise Unreadable("symbol too long")
             body = self.memory.read(address + layout["symbol_body"], length)
         # Modified UTF-8; names here are printable.
         try:
             text = body[:length].decode("utf-8")
         except UnicodeDecodeError:
-            raise _Unreadable("symbol not UTF-8") from None
+            raise Unreadable("symbol not UTF-8") from None
         if not text or not text.isprintable():
-            raise _Unreadable("symbol not printable")
+            raise Unreadable("symbol not printable")
         return text
 
     def method_entry(self, method: int) -> str:
-        """A Method*'s perf-map form; raises _Unreadable if what it points to is no method."""
+        """A Method*'s perf-map form; raises Unreadable if what it points to is no method."""
         cached = self._methods.get(method)
         layout, memory = self.layout, self.memory
         if cached is not None and memory.exited:
@@ -643,7 +627,7 @@ class HotSpotProcess:
         if cached is not None and cached[0] == const:
             return cached[1]
         if method & 7 or const & 7 or not const:
-            raise _Unreadable(f"Method* 0x{method:x}")
+            raise Unreadable(f"Method* 0x{method:x}")
         pool = memory.word(const + layout["const_constants"])
         indexes = (
             memory.read(const + layout["const_name_index"], 2),
@@ -651,7 +635,7 @@ class HotSpotProcess:
         )
         holder = memory.word(pool + layout["pool_holder"])
         if not pool or pool & 7 or not holder or holder & 7:
-            raise _Unreadable(f"Method* 0x{method:x}: pool 0x{pool:x}")
+            raise Unreadable(f"Method* 0x{method:x}: pool 0x{pool:x}")
         klass = self._symbol(memory.word(holder + layout["klass_name"]))
         name_index, signature_index = (int.from_bytes(index, "little") for index in indexes)
         base = pool + layout.sizes["ConstantPool"]
@@ -661,7 +645,7 @@ class HotSpotProcess:
         try:
             entry = external_signature(klass, name, signature)
         except (ValueError, IndexError, KeyError):
-            raise _Unreadable(f"Method* 0x{method:x}: signature {signature!r}") from None
+            raise Unreadable(f"Method* 0x{method:x}: signature {signature!r}") from None
         self._methods.put(method, (const, entry))
         return entry
 
@@ -673,7 +657,7 @@ class HotSpotProcess:
             return None
         if isinstance(nmethod, str):
             if not nmethod.isprintable():
-                raise _Unreadable("code blob name")
+                raise Unreadable("code blob name")
             self.stats["stubs"] += 1
             return [Frame(nmethod, nmethod, "jit")]
         offset = pc - nmethod.code_begin
@@ -743,7 +727,7 @@ def attach_process(snapshot: ProcessSnapshot) -> HotSpotProcess | None:
         if not process.refresh():
             memory.close()
             return None
-    except _Unreadable:
+    except Unreadable:
         memory.close()
         return None  # not set up yet, or torn: tried again later
     except BaseException:
@@ -760,29 +744,52 @@ class HotSpotSymbolizer:
     caller name it (native code, or what could not be read: the perf map then).
     """
 
-    RETRY_S = 1.0
+    RETRY_S = 0.2
 
     def __init__(self) -> None:
-        self._processes: dict[int, HotSpotProcess | None] = {}
+        self._processes: dict[int, HotSpotProcess] = {}
         self._failed: dict[int, str] = {}
         self._retry_at: dict[int, float] = {}  # not set up yet: not asked again before
-        # Told of each JVM read (its HotSpotProcess.unwind_info) and forgotten (None): the
-        # samplers' hotspot_jvms maps (hotspot_stacks.bpf.h).
-        self.on_change: Callable[[int, dict[str, int | list[int]] | None], None] | None = None
+        # JVMs sampled before they were set up: tried again by retry_waiting().
+        self._waiting: dict[int, ProcessSnapshot] = {}
+        # Held to attach and forget, and by a thread other than the drain's reading a
+        # process's memory (unwind/hotspot.py): a forgotten process's fd is closed.
+        self.lock = threading.RLock()
         self.stats = dict.fromkeys(("jvms", "layout_errors", "unreadable", "named"), 0)
 
     def process_of(self, pid: int) -> HotSpotProcess | None:
         return self._processes.get(pid)
 
+    def failed(self, pid: int) -> bool:
+        """Whether pid's JVM cannot be read from memory (a layout not understood)."""
+        return pid in self._failed
+
+    def processes(self) -> dict[int, HotSpotProcess]:
+        """The JVMs read from memory, by pid."""
+        return dict(self._processes)
+
     def process(self, snapshot: ProcessSnapshot) -> HotSpotProcess | None:
         pid = snapshot.pid
-        if pid in self._processes:
-            return self._processes[pid]
+        process = self._processes.get(pid)
+        if process is not None:
+            return process
         if pid in self._failed or not snapshot.hotspot:
             return None
-        if time.monotonic() < self._retry_at.get(pid, 0.0):
-            return None
+        with self.lock:
+            return self._attach(snapshot)
+
+    def retry_waiting(self) -> None:
+        """Try again the JVMs that were not set up when first sampled: they are read as soon
+        as they are, not when their samples next drain."""
+        for snapshot in list(self._waiting.values()):
+            self.process(snapshot)
+
+    def _attach(self, snapshot: ProcessSnapshot) -> HotSpotProcess | None:
+        pid = snapshot.pid
+        if pid in self._processes or time.monotonic() < self._retry_at.get(pid, 0.0):
+            return self._processes.get(pid)
         self._retry_at[pid] = time.monotonic() + self.RETRY_S
+        self._waiting.pop(pid, None)
         try:
             process = attach_process(snapshot)
         except (LayoutError, ValueError, IndexError, struct.error) as exc:
@@ -791,14 +798,13 @@ class HotSpotSymbolizer:
             log.warning("JVM %d: Java frames not read from memory (%s): perf map only", pid, exc)
             return None
         except OSError:
-            return None  # exited, or not set up: asked again with its next samples
+            process = None  # exited (then forgotten), or not set up
         if process is None:
+            self._waiting[pid] = snapshot
             return None
         self.stats["jvms"] += 1
         log.info("JVM %d: JDK %d, frames named from its memory", pid, process.layout.major)
         self._processes[pid] = process
-        if self.on_change is not None:
-            self.on_change(pid, process.unwind_info())
         return process
 
     def frames(
@@ -821,7 +827,7 @@ class HotSpotSymbolizer:
                         out[i], out[i + 1] = [process.interpreted_frame(method)], []
                 elif process.in_code_cache(addr):
                     out[i] = process.compiled_frames(addr, leaf=i == 0)
-            except (_Unreadable, ValueError, IndexError, struct.error) as exc:
+            except (Unreadable, ValueError, IndexError, struct.error) as exc:
                 # (The last three: what validation missed. Never a lost drain.)
                 self.stats["unreadable"] += 1
                 process.stats["invalid"] += 1
@@ -834,28 +840,14 @@ class HotSpotSymbolizer:
         return out
 
     def forget(self, pid: int) -> None:
-        process = self._processes.pop(pid, None)
-        if process is not None:
-            process.close()
-            if self.on_change is not None:
-                self.on_change(pid, None)
-        self._failed.pop(pid, None)
-        self._retry_at.pop(pid, None)
+        with self.lock:
+            process = self._processes.pop(pid, None)
+            if process is not None:
+                process.close()
+            self._failed.pop(pid, None)
+            self._retry_at.pop(pid, None)
+            self._waiting.pop(pid, None)
 
     def close(self) -> None:
         for pid in list(self._processes):
             self.forget(pid)
-
-
-def write_unwind_info(table: Any, pid: int, info: dict[str, int | list[int]] | None) -> None:
-    """Put a JVM's unwind_info in a BCC hotspot_jvms table, or take it out (None)."""
-    if info is None:
-        table.pop(table.Key(pid), None)
-        return
-    leaf = table.Leaf()
-    for name, value in info.items():
-        if isinstance(value, list):
-            getattr(leaf, name)[: len(value)] = value
-        else:
-            setattr(leaf, name, value)
-    table[table.Key(pid)] = leaf

@@ -26,6 +26,7 @@ CFA_RSP = 1
 CFA_RBP = 2
 CFA_PLT = 3  # PLT entries: rsp + 8, + 8 more past the entry's push (offset = that threshold)
 CFA_END = 4  # the return address is undefined: the outermost frame (_start, clone)
+CFA_INTERPRETER = 5  # HotSpot's template interpreter (unwind/hotspot.py)
 
 _RBP, _RSP, _RA = 6, 7, 16
 _MAX_OFFSET = 0xFFFF

@@ -17,8 +17,9 @@ import mmap
 import threading
 import time
 import uuid
+from array import array
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bcc import BPF
@@ -65,6 +66,17 @@ class _FileSlot:
 
 
 @dataclass
+class _Code:
+    """Rows of code a runtime generates (a JVM's code cache), over [low, high)."""
+
+    low: int
+    high: int
+    rows: array
+    slot: tuple[int, int] | None = None  # (start, count) in the kernel array, once put there
+    keys: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass
 class _Process:
     pid: int
     keys: list[tuple[int, int]]  # (address prefix, prefix length) inserted
@@ -92,6 +104,7 @@ class NativeUnwinder:
         self._free: list[tuple[int, int]] = [(0, options.max_unwind_rows)]  # (start, count)
         self._processes: dict[int, _Process] = {}
         self._waiting: dict[FileIdentity, _Wait] = {}
+        self._code: dict[int, _Code] = {}
         self.counts = {
             "processes_loaded": 0,
             "evicted": 0,
@@ -172,6 +185,9 @@ class NativeUnwinder:
                 else:
                     wait = self._waiting.setdefault(identity, _Wait(identity[2], paths, []))
                     wait.mappings.append((process, start, end, offset))
+            code = self._code.get(pid)
+            if code is not None:
+                self._put_code(pid, code)
             self._pids[self._pids.Key(pid)] = self._pids.Leaf(time.monotonic_ns())
             self.counts["processes_loaded"] += 1
             return True
@@ -193,7 +209,7 @@ class NativeUnwinder:
         value = self._ranges.Leaf(
             start - address, slot.start if slot else 0, slot.count if slot else 0
         )
-        self._insert_range(process.pid, start, end, value, process)
+        self._insert_range(process.pid, start, end, value, process.keys)
 
     def refresh(self, pid: int) -> None:
         """pid mapped new code (dlopen) or exec'd: have it loaded again at its next sample."""
@@ -205,6 +221,7 @@ class NativeUnwinder:
         """pid exited: drop its ranges and its files' references."""
         with self._lock:
             self._forget(pid)
+            self._code.pop(pid, None)
 
     def _forget(self, pid: int) -> bool:
         process = self._processes.pop(pid, None)
@@ -213,6 +230,9 @@ class NativeUnwinder:
         self._pids.pop(self._pids.Key(pid), None)
         for address, length in process.keys:
             self._ranges.pop(self._range_key(pid, address, length), None)
+        code = self._code.get(pid)
+        if code is not None:
+            self._take_code(pid, code)  # kept, to be put back when pid loads again
         for identity in process.files:
             slot = self._files[identity]
             slot.users -= 1
@@ -312,10 +332,53 @@ class NativeUnwinder:
                 merged.append((at, free))
         self._free = merged
 
+    # Code generated at run time: its rows are given, not parsed (unwind/hotspot.py).
+
+    def set_code_rows(self, pid: int, low: int, high: int, rows: array) -> None:
+        """pid's generated code in [low, high) unwinds by `rows` (addresses from low) from
+        now on, in place of the rows given before; kept until forget_code_rows or its exit."""
+        with self._lock:
+            old = self._code.get(pid)
+            code = self._code[pid] = _Code(low, high, rows)
+            if pid in self._processes:
+                self._put_code(pid, code)
+            if old is not None:
+                # Keys the new ranges did not overwrite, and the old rows, once unused.
+                for key in set(old.keys) - set(code.keys):
+                    self._ranges.pop(self._range_key(pid, *key), None)
+                if old.slot is not None:
+                    self._release(*old.slot)
+
+    def forget_code_rows(self, pid: int) -> None:
+        with self._lock:
+            code = self._code.pop(pid, None)
+            if code is not None:
+                self._take_code(pid, code)
+
+    def _put_code(self, pid: int, code: _Code) -> None:
+        start = self._allocate(len(code.rows)) if code.rows else None
+        while code.rows and start is None and self._evict_idle(self._processes[pid]):
+            start = self._allocate(len(code.rows))
+        if start is None:
+            self.counts["rows_full"] += bool(code.rows)
+            return
+        self._rows[start * 8 : (start + len(code.rows)) * 8] = code.rows.tobytes()
+        code.slot = (start, len(code.rows))
+        value = self._ranges.Leaf(code.low, start, len(code.rows))
+        self._insert_range(pid, code.low, code.high, value, code.keys)
+
+    def _take_code(self, pid: int, code: _Code) -> None:
+        for address, length in code.keys:
+            self._ranges.pop(self._range_key(pid, address, length), None)
+        code.keys.clear()
+        if code.slot is not None:
+            self._release(*code.slot)
+            code.slot = None
+
     # Ranges: a mapping as the aligned address blocks an LPM trie matches.
 
     def _insert_range(
-        self, pid: int, start: int, end: int, value: ctypes.Structure, process: _Process
+        self, pid: int, start: int, end: int, value: ctypes.Structure, keys: list[tuple[int, int]]
     ) -> bool:
         for address, length in _prefixes(start, end):
             try:
@@ -324,7 +387,7 @@ class NativeUnwinder:
                 self.counts["ranges_full"] += 1
                 log.warning("unwind ranges full: pid %d left to frame pointers past here", pid)
                 return False
-            process.keys.append((address, length))
+            keys.append((address, length))
         return True
 
     def _range_key(self, pid: int, address: int, length: int) -> ctypes.Structure:
