@@ -341,13 +341,16 @@ def test_bad_memory_gives_no_name_and_loses_nothing(manifest_classes: Path) -> N
 # --- Java frames without frame pointers: the code cache's unwind rows (unwind/hotspot.py) ---
 
 
-def java_paths(aggregator, pid: int) -> tuple[Counter[tuple[str, ...]], dict[str, set[str]]]:
-    """Weight per path of the Java frames (root first) of pid's stored samples, and the
-    kinds each Java frame was stored with."""
+def java_paths(
+    aggregator, pid: int, since: datetime
+) -> tuple[Counter[tuple[str, ...]], dict[str, set[str]]]:
+    """Weight per path of the Java frames (root first) of pid's samples stored since
+    `since`, and the kinds each Java frame was stored with."""
     rows = sql(
         aggregator,
         "SELECT frames, kinds, sum(weight)::BIGINT AS weight "
-        f"FROM samples JOIN stacks USING (stack_id) WHERE pid = {pid} GROUP BY ALL",
+        f"FROM samples JOIN stacks USING (stack_id) WHERE pid = {pid} "
+        f"AND ts >= '{since.isoformat()}'::TIMESTAMPTZ GROUP BY ALL",
     )
     paths: Counter[tuple[str, ...]] = Counter()
     kinds: dict[str, set[str]] = {}
@@ -363,16 +366,17 @@ def java_paths(aggregator, pid: int) -> tuple[Counter[tuple[str, ...]], dict[str
     return paths, kinds
 
 
-def profile_jvm(running_agent, command: list[str]) -> int:
-    """Run the JVM under a real agent until it exits; its pid."""
+def profile_jvm(running_agent, command: list[str]) -> tuple[int, datetime]:
+    """Run the JVM under a real agent until it exits; its pid and start time."""
     agent = running_agent(frequency=99, interval_s=1.0)
+    started = datetime.now(UTC)
     process = subprocess.Popen(command)
     try:
         process.wait(timeout=120)
     finally:
         stop(process)
     agent.stop()
-    return process.pid
+    return process.pid, started
 
 
 @pytest.mark.parametrize("major", sorted(JAVAS))
@@ -385,8 +389,9 @@ def test_compiled_frames_unwind_without_frame_pointers(
     require(Path(java).exists(), f"Java {major} is not installed (setup-host.sh)")
     command = [java, "-XX:CompileCommand=quiet", "-XX:CompileCommand=dontinline,com.harbor.*::*",
                "-cp", str(manifest_classes), "com.harbor.Manifest", "16"]  # fmt: skip
-    pid = profile_jvm(running_agent, command)
-    paths, kinds = java_paths(aggregator, pid)
+    pid, started = profile_jvm(running_agent, command)
+    # From 5 s on: read from memory, compiled (a loaded machine may take seconds for each).
+    paths, kinds = java_paths(aggregator, pid, started + timedelta(seconds=5))
     total = sum(paths.values())
     assert total >= 100, paths
     hot = sum(count for path, count in paths.items() if path and path[-1] == HOT)
@@ -406,8 +411,8 @@ def test_interpreted_frames_named_from_their_method(
 ) -> None:
     """-Xint: every Java frame is the interpreter's; each is named from its Method*."""
     command = ["java", "-Xint", "-cp", str(manifest_classes), "com.harbor.Manifest", "12"]
-    pid = profile_jvm(running_agent, command)
-    paths, kinds = java_paths(aggregator, pid)
+    pid, started = profile_jvm(running_agent, command)
+    paths, kinds = java_paths(aggregator, pid, started + timedelta(seconds=4))
     total = sum(paths.values())
     assert total >= 100, paths
     under_main = sum(c for p, c in paths.items() if p[:1] == (MAIN,) and HOT in p)
