@@ -454,3 +454,29 @@ def test_a_process_that_execs_is_unwound_as_its_new_program(
     total, main, big = shares(stored_stacks(aggregator, process.pid, since), "leaf_work")
     assert total >= 150
     assert main >= 0.95 and abs(big - 0.75) <= 0.05, (main, big)
+
+
+def test_a_binary_replaced_on_disk_while_running_keeps_its_own_tables(
+    aggregator, running_agent, tmp_path
+) -> None:
+    """A package upgrade renames a new build over a running program's file: the running
+    process (its mapping now `(deleted)`) is unwound with the old file's tables, read
+    through /proc/PID/map_files, and a process started from the new file with the new."""
+    delayed = CALLERS.replace("#include <time.h>", "#include <time.h>\n#include <unistd.h>")
+    delayed = delayed.replace(
+        "    struct timespec t0;\n", "    struct timespec t0;\n    sleep(atoi(argv[2]));\n"
+    )
+    binary = build(tmp_path, "callers", delayed)
+    running_agent(frequency=99, interval_s=1.0)
+    old = subprocess.Popen([str(binary), "8", "2"])  # sleeps 2 s: sampled after the swap
+    time.sleep(0.5)
+    build(tmp_path, "callers-new", delayed, "-no-pie", "-fno-pie").replace(binary)
+    assert "(deleted)" in Path(f"/proc/{old.pid}/maps").read_text()
+    new = subprocess.Popen([str(binary), "8", "0"])
+    since = datetime.now(UTC) + timedelta(seconds=4)
+    finish(old)
+    finish(new)
+    for process in (old, new):
+        total, main, big = shares(stored_stacks(aggregator, process.pid, since), "leaf_work")
+        assert total >= 150, (process.args, total)
+        assert main >= 0.95 and abs(big - 0.75) <= 0.05, (process.args, main, big)

@@ -285,7 +285,8 @@ class ScopeFrame(NamedTuple):
 
 @dataclass
 class _Nmethod:
-    """One compiled method: its code range and the scope chains of its PcDescs."""
+    """One compiled method: its code range and the scope chains of its PcDescs; or a stub
+    (another kind of code blob: `stub` is its name, and it has no scopes)."""
 
     blob: int
     compile_id: int
@@ -296,6 +297,7 @@ class _Nmethod:
     pcs: list[int]  # PcDesc pc offsets, sorted
     chains: list[tuple[ScopeFrame, ...]]  # per PcDesc, leaf first
     names: dict[tuple[int, int], list[Frame]] = field(default_factory=dict)
+    stub: str | None = None
 
 
 @dataclass
@@ -445,8 +447,8 @@ class HotSpotProcess:
 
     # --- nmethods -----------------------------------------------------------------------
 
-    def _read_nmethod(self, blob: int) -> _Nmethod | str:
-        """The nmethod at blob, or the name of the blob if it is another kind (a stub)."""
+    def _read_nmethod(self, blob: int) -> _Nmethod:
+        """The nmethod at blob, or the stub if it is another kind of blob."""
         layout, memory = self.layout, self.memory
         header = memory.read(blob, layout.sizes["nmethod"])
 
@@ -454,13 +456,15 @@ class HotSpotProcess:
             return int.from_bytes(header[layout[key] : layout[key] + size], "little", signed=signed)
 
         name = memory.cstring(u("blob_name", 8), 128)
-        if name != "nmethod":
-            return name
         size = u("blob_size")
         if layout.major >= 23:  # offsets from the blob (codeBlob.hpp)
             code_begin, code_end = blob + u("blob_code_begin"), blob + u("blob_code_end")
         else:
             code_begin, code_end = u("blob_code_begin", 8), u("blob_code_end", 8)
+        if name != "nmethod":
+            if not (name.isprintable() and blob < code_begin <= code_end <= blob + size):
+                raise Unreadable(f"code blob 0x{blob:x}: {name!r}")
+            return _Nmethod(blob, -1, 0, code_begin, code_end, 0, [], [], stub=name)
         method = u("nm_method", 8)
         if not (blob < code_begin < code_end <= blob + size and method):
             raise Unreadable(f"nmethod 0x{blob:x}: code 0x{code_begin:x}-0x{code_end:x}")
@@ -544,9 +548,10 @@ class HotSpotProcess:
             offset = sender
         return tuple(chain)
 
-    def _nmethod(self, pc: int) -> _Nmethod | str | None:
-        """The nmethod holding pc, from the cache if its header still says the same; the
-        name of the code blob holding it if not an nmethod; None if in no blob."""
+    def _nmethod(self, pc: int) -> _Nmethod | None:
+        """The nmethod (or stub) holding pc, from the cache if its header still says the
+        same; None if in no blob. Stubs are cached too: an exited JVM's last samples are
+        still named."""
         i = bisect_right(self._starts, pc) - 1
         cached = self._nmethods.get(self._blobs[i]) if i >= 0 else None
         if cached is not None and cached.code_begin <= pc < cached.code_end:
@@ -558,11 +563,9 @@ class HotSpotProcess:
         if blob is None:
             return None
         nmethod = self._read_nmethod(blob)
-        if isinstance(nmethod, str):
-            return nmethod
         if not nmethod.code_begin <= pc < nmethod.code_end:
             return None
-        self.stats["nmethods"] += 1
+        self.stats["nmethods"] += nmethod.stub is None
         old = self._nmethods.get(blob)
         if old is not None:
             self._forget(old)
@@ -578,8 +581,9 @@ class HotSpotProcess:
 
     def _still(self, nmethod: _Nmethod) -> bool:
         """Whether its blob still holds that compilation (a freed blob's space is reused);
-        once the JVM exited (its last samples drain after), the last one seen did."""
-        if self.memory.exited:
+        once the JVM exited (its last samples drain after), the last one seen did. Stubs
+        live as long as the JVM."""
+        if self.memory.exited or nmethod.stub is not None:
             return True
         try:
             at = nmethod.blob + self.layout["nm_compile_id"]
@@ -655,11 +659,9 @@ class HotSpotProcess:
         nmethod = self._nmethod(pc)
         if nmethod is None:
             return None
-        if isinstance(nmethod, str):
-            if not nmethod.isprintable():
-                raise Unreadable("code blob name")
+        if nmethod.stub is not None:
             self.stats["stubs"] += 1
-            return [Frame(nmethod, nmethod, "jit")]
+            return [Frame(nmethod.stub, nmethod.stub, "jit")]
         offset = pc - nmethod.code_begin
         key = (offset, leaf)
         frames = nmethod.names.get(key)
