@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -340,6 +341,89 @@ def test_sql_limits_are_the_servers(tmp_path: Path) -> None:
     finally:
         if process.poll() is None:
             process.kill()
+
+
+# ~900 MB in one string: an aggregate DuckDB cannot spill to disk
+HUNGRY = "SELECT length(string_agg(i::VARCHAR, ',')) AS n FROM range(100000000) t(i)"
+# ~400 MB of strings to sort: spilled past a 256 MB memory limit
+SPILLING = (
+    "SELECT count(*) AS n FROM "
+    "(SELECT i::VARCHAR || 'xxxxxxxxxxxxxxxxxxxx' AS s FROM range(10000000) t(i) ORDER BY s)"
+)
+
+
+def test_a_memory_hungry_query_is_stopped_while_ingest_keeps_storing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Memory per query: DuckDB caps the instance (--memory-limit), spilling sorts, joins
+    and aggregates to disk up to --max-spill. A query past either stops with a one-line
+    error; an agent shipping meanwhile loses nothing (a batch that finds the memory taken
+    is refused as retryable and sent again)."""
+    db = tmp_path / "p.duckdb"
+    aggregator = Aggregator(db, "127.0.0.1:0", memory_limit="256MB", max_spill_bytes=16 << 20)
+    aggregator.start()
+    shipper = Shipper(aggregator.address, "agent-m", "node-m", Spool(tmp_path / "s", 1 << 24))
+    shipped: list[int] = []
+    done = threading.Event()
+
+    def ship() -> None:
+        while not done.is_set():
+            shipped.append(len(shipped) + 1)
+            shipper.ship(Batch(samples({11: shipped[-1]}), {11: STACKS[11]}))
+            time.sleep(0.02)
+
+    shipping = threading.Thread(target=ship)
+    shipping.start()
+    source = AggregatorSource(aggregator.address)
+    try:
+        for sql, problem in ((HUNGRY, "--memory-limit"), (SPILLING, "--max-spill")):
+            with pytest.raises(QueryError, match=problem) as error, source.stream(sql) as reader:
+                reader.read_all()
+            assert "\n" not in str(error.value) and "SET " not in str(error.value)
+        # what a user of `fleetprof query` sees: one line, exit status 2
+        assert main(["query", "--aggregator", aggregator.address, HUNGRY]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "needs more memory" in err
+        done.set()
+        shipping.join(timeout=60)
+        deadline = time.monotonic() + 60
+        while not shipper.flush() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert shipper.stats == {"acked": len(shipped), "duplicates": 0, "rejected": 0}
+        assert len(shipped) > 10
+        assert totals(aggregator)[0] == sum(shipped)
+    finally:
+        done.set()
+        shipping.join(timeout=60)
+        shipper.close()
+        source.close()
+        aggregator.stop(grace_s=0)
+    # The same memory limit with room to spill: the sort runs, in bounded memory.
+    aggregator = Aggregator(db, "127.0.0.1:0", memory_limit="256MB")
+    aggregator.start()
+    source = AggregatorSource(aggregator.address)
+    try:
+        with source.stream(SPILLING) as reader:
+            assert reader.read_all()["n"].to_pylist() == [10_000_000]
+        assert totals(aggregator)[0] == sum(shipped)
+    finally:
+        source.close()
+        aggregator.stop(grace_s=0)
+
+
+def test_a_batch_that_finds_no_memory_is_refused_as_retryable(tmp_path: Path) -> None:
+    """Ingest past the memory limit (queries hold it): RESOURCE_EXHAUSTED, which agents
+    retry (not INVALID_ARGUMENT, which they drop), and nothing of the batch stored."""
+    aggregator = Aggregator(tmp_path / "p.duckdb", "127.0.0.1:0", memory_limit="2MB")
+    aggregator.start()
+    try:
+        rows = pa.concat_tables([samples({11: 1})] * 300_000).combine_chunks()
+        error = refused(aggregator, batch(1, samples=schema.encode(rows)))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "Out of Memory" in error.details() and "\n" not in error.details()
+        assert totals(aggregator) == (0, 0, 0)
+    finally:
+        aggregator.stop(grace_s=0)
 
 
 def test_decompression_bomb_is_refused_from_metadata(tmp_path: Path) -> None:
