@@ -41,6 +41,12 @@ GRPC_OPTIONS = [
     ("grpc.so_reuseport", 0),
     # A connection without calls (a client that opened one and went quiet) is closed.
     ("grpc.max_connection_idle_ms", 300_000),
+    # A client host that vanished (crashed, cut off) does not answer pings: its connection
+    # and streams are closed within 80 s (gRPC's default: 2 h), freeing them for the caps.
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    # gRPC 1.6x+ waits this long for a ping's answer (default: one minute).
+    ("grpc.http2.ping_timeout_ms", 20_000),
 ]
 
 

@@ -109,6 +109,10 @@ class _Server(HTTPServer):
     https: bool
     max_query_s: float
     stopping = False
+    # The kernel's queue of connections not accepted yet (socketserver's default: 5). A
+    # flood must reach the accept loop, which closes what the pool cannot take; past this
+    # queue the kernel drops SYNs, and every client (a real user too) waits 1 s or more.
+    request_queue_size = 4 * HTTP_BACKLOG
 
     def start_pool(self) -> None:
         self._waiting: queue.Queue[tuple[socket.socket, object] | None] = queue.Queue(HTTP_BACKLOG)

@@ -5,8 +5,8 @@ client with `--streams` idle Ingest streams (default 5000, opened at once; the p
 refuses all but 64), then again with the per-peer cap raised past the flood so that only the
 total cap (2048) holds; and with `--half-open` HTTP connections (default 1000) that send half
 a request and wait. Printed for each: the aggregator's RSS and threads before and during,
-streams refused, and the time `SELECT 42` takes through the QueryService meanwhile; with the
-load average. Bounded: every phase ends within a minute.
+streams refused, and whether `fleetprof query 'SELECT 42'` answers meanwhile, in how long (its
+process start included); with the load average. Bounded: every phase ends within a minute.
 
 Run: .venv/bin/python benchmarks/hostile_clients.py [--streams 5000] [--half-open 1000]
 """
@@ -14,6 +14,7 @@ Run: .venv/bin/python benchmarks/hostile_clients.py [--streams 5000] [--half-ope
 from __future__ import annotations
 
 import argparse
+import http.client
 import queue
 import resource
 import socket
@@ -21,12 +22,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
 
 from fleetprof.proto.ingest.v1 import ingest_pb2_grpc
-from fleetprof.query.source import AggregatorSource
 
 
 def free_port() -> int:
@@ -44,14 +45,34 @@ def status(pid: int) -> tuple[float, int]:
 
 
 def query_seconds(address: str) -> float:
-    source = AggregatorSource(address, timeout_s=120)
+    """How long `fleetprof query --aggregator ADDRESS 'SELECT 42'` takes, process start
+    included; raises if it does not answer 42."""
+    command = [sys.executable, "-m", "fleetprof", "query", "--aggregator", address]
     started = time.perf_counter()
-    try:
-        with source.stream("SELECT 42 AS answer") as reader:
-            reader.read_all()
-        return time.perf_counter() - started
-    finally:
-        source.close()
+    done = subprocess.run(
+        [*command, "SELECT 42 AS answer", "--format", "csv"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0 or done.stdout.split() != ['"answer"', "42"]:
+        raise RuntimeError(f"fleetprof query failed ({done.returncode}): {done.stderr.strip()}")
+    return elapsed
+
+
+def web_seconds(listen: str, limit_s: float = 60.0) -> str:
+    """How long a real user's GET /api/meta waits, retried until `limit_s` (connections
+    past the pool's queue are closed at once)."""
+    started = time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < limit_s:
+        try:
+            with urllib.request.urlopen(f"http://{listen}/api/meta", timeout=limit_s) as answer:
+                answer.read()
+                return f"answered in {time.perf_counter() - started:.1f} s"
+        except (http.client.HTTPException, OSError):  # closed at once: the queue was full
+            time.sleep(0.2)
+    return f"no answer within {elapsed:.0f} s"
 
 
 def load() -> str:
@@ -102,8 +123,8 @@ def idle_streams(db: Path, count: int, per_peer: int | None) -> None:
         print(
             f"{count} idle Ingest streams from one client, {cap}: opened in {opened_s:.1f} s, "
             f"{settled} refused; aggregator RSS {rss:.0f} -> {during_rss:.0f} MB, threads "
-            f"{threads} -> {during_threads}; SELECT 42 {before_query * 1000:.0f} ms before, "
-            f"{during_query * 1000:.0f} ms during | {load()}"
+            f"{threads} -> {during_threads}; `fleetprof query 'SELECT 42'` answered in "
+            f"{before_query:.1f} s before, {during_query:.1f} s during | {load()}"
         )
     finally:
         process.terminate()
@@ -117,20 +138,25 @@ def half_open(db: Path, count: int) -> None:
     sockets = []
     try:
         rss, threads = status(process.pid)
+        before_query = query_seconds(address)
+        started = time.perf_counter()
         for _ in range(count):
             connection = socket.create_connection((host, int(port)), timeout=10)
             connection.sendall(b"GET /api/meta HTTP/1.1\r\nHost: 127.0.0.1\r\n")
             sockets.append(connection)
+        opened_s = time.perf_counter() - started
         time.sleep(2.0)
         during_rss, during_threads = status(process.pid)
         during_query = query_seconds(address)
+        web = web_seconds(http)
         for connection in sockets:
             connection.close()
         sockets.clear()
         print(
-            f"{count} half-open HTTP connections: aggregator RSS {rss:.0f} -> "
-            f"{during_rss:.0f} MB, threads {threads} -> {during_threads}; gRPC SELECT 42 "
-            f"during {during_query * 1000:.0f} ms | {load()}"
+            f"{count} half-open HTTP connections (opened in {opened_s:.1f} s): aggregator RSS "
+            f"{rss:.0f} -> {during_rss:.0f} MB, threads {threads} -> {during_threads}; "
+            f"`fleetprof query 'SELECT 42'` answered in {before_query:.1f} s before, "
+            f"{during_query:.1f} s during; the web UI's /api/meta during: {web} | {load()}"
         )
     finally:
         for connection in sockets:

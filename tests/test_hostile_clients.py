@@ -25,6 +25,7 @@ import grpc
 import pyarrow as pa
 import pytest
 
+from fleetprof.aggregator import server as aggregator_server
 from fleetprof.aggregator.ingest_guard import MAX_SEQUENCE_JUMP
 from fleetprof.aggregator.server import Aggregator
 from fleetprof.aggregator.storage import incarnation_key
@@ -531,6 +532,67 @@ def test_idle_streams_and_half_open_connections_cannot_starve_queries(tmp_path: 
         output = process.communicate(timeout=30)[0]
     assert "Traceback" not in output and "BrokenPipeError" not in output
     assert "refused stream" in output
+
+
+# Opens one Ingest stream per batch read (hex, a line each), waits for its ack, and keeps
+# the streams open.
+HOLDER = """
+import queue, sys, threading, grpc
+from fleetprof.proto.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+stub = ingest_pb2_grpc.IngestServiceStub(grpc.insecure_channel(sys.argv[1]))
+calls = []
+for line in sys.stdin:
+    requests = queue.Queue()
+    requests.put(ingest_pb2.IngestBatch.FromString(bytes.fromhex(line)))
+    calls.append(stub.Ingest(iter(requests.get, None)))
+    next(calls[-1])
+print("holding", len(calls), flush=True)
+threading.Event().wait(120)
+"""
+
+
+def test_streams_of_a_vanished_client_are_released(tmp_path: Path, monkeypatch) -> None:
+    """A client host that vanishes (here a process stopped with SIGSTOP: its TCP connection
+    stays open, nothing answers on it) holds its streams until the aggregator's keepalive
+    ping goes unanswered; then the per-peer cap has room again. The aggregator's 60 s
+    ping and 20 s wait for its answer are shortened to 1 s here."""
+    shortened = (
+        "grpc.keepalive_time_ms",
+        "grpc.keepalive_timeout_ms",
+        "grpc.http2.ping_timeout_ms",
+    )
+    options = [o for o in aggregator_server.GRPC_OPTIONS if o[0] not in shortened]
+    options += [(name, 1000) for name in shortened]
+    monkeypatch.setattr(aggregator_server, "GRPC_OPTIONS", options)
+    aggregator = Aggregator(tmp_path / "p.duckdb", "127.0.0.1:0", max_streams_per_peer=4)
+    aggregator.start()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, aggregator.address],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    probes = iter(range(1, 1000))
+
+    def probe() -> grpc.StatusCode:
+        return send_as(aggregator, None, batch(1, agent_id=f"probe-{next(probes)}"))
+
+    try:
+        held = [batch(1, agent_id=f"holder-{n}").SerializeToString().hex() for n in range(4)]
+        assert holder.stdin is not None and holder.stdout is not None
+        holder.stdin.write("\n".join(held) + "\n")
+        holder.stdin.close()
+        assert holder.stdout.readline().split() == ["holding", "4"]
+        assert probe() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        holder.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 30
+        while probe() != grpc.StatusCode.OK:
+            assert time.monotonic() < deadline, "the vanished client's streams were kept"
+            time.sleep(0.2)
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+        aggregator.stop(grace_s=0)
 
 
 def test_insecure_off_loopback_warns_and_keeps_a_host_check(

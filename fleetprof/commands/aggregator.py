@@ -187,6 +187,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"fleetprof web UI on {aggregator.web.url}", flush=True)
     if aggregator.otlp:
         print(f"fleetprof OTLP profiles on {aggregator.otlp.address}", flush=True)
-    stop.wait()
+    # Woken every second: a signal that lands on another thread (gRPC's, DuckDB's) runs its
+    # handler only when the main thread next runs Python, and a bare wait() may never end
+    # (seen: SIGTERM ignored under a flood of connections until a second one).
+    while not stop.wait(1.0):
+        pass
     aggregator.stop()
     return 0
