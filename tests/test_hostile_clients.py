@@ -4,6 +4,7 @@ storing meanwhile."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -475,9 +476,9 @@ def test_idle_streams_and_half_open_connections_cannot_starve_queries(tmp_path: 
     """Hole 4: hundreds of idle Ingest streams from one client and hundreds of half-open
     HTTP connections: streams past the per-peer cap are refused at once, threads stay
     bounded, queries answer, and client disconnects are one log line, not a traceback."""
-    http = f"127.0.0.1:{free_port()}"
+    web = f"127.0.0.1:{free_port()}"
     process, address = start_aggregator_process(
-        tmp_path, "--http", http, "--max-streams-per-peer", "16"
+        tmp_path, "--http", web, "--max-streams-per-peer", "16"
     )
     idle: list[queue.Queue] = []
     calls = []
@@ -496,11 +497,21 @@ def test_idle_streams_and_half_open_connections_cannot_starve_queries(tmp_path: 
             assert len(done) == 300 - 16
             assert {c.code() for c in done} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
             for _ in range(500):
-                half_open = socket.create_connection(tuple(http.rsplit(":", 1)))  # type: ignore[arg-type]
+                half_open = socket.create_connection(tuple(web.rsplit(":", 1)))  # type: ignore[arg-type]
                 half_open.sendall(b"GET /api/meta HTTP/1.1\r\nHost: 127.0.0.1\r\n")
                 sockets.append(half_open)
             threads = thread_count(process.pid)
             assert threads < 150, threads
+            # one address cannot take the web UI's pool: a user from another one is served
+            host, port = web.rsplit(":", 1)
+            user = http.client.HTTPConnection(
+                host, int(port), timeout=30, source_address=("127.0.0.2", 0)
+            )
+            try:
+                user.request("GET", "/api/meta", headers={"Host": "127.0.0.1"})
+                assert user.getresponse().status == 200
+            finally:
+                user.close()
             # queries still answer, from another client as from this one
             source = AggregatorSource(address)
             try:
@@ -519,7 +530,7 @@ def test_idle_streams_and_half_open_connections_cannot_starve_queries(tmp_path: 
         deadline = time.monotonic() + 30
         while True:
             try:
-                with urllib.request.urlopen(f"http://{http}/api/meta", timeout=5) as response:
+                with urllib.request.urlopen(f"http://{web}/api/meta", timeout=5) as response:
                     assert response.status == 200
                     break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
