@@ -123,8 +123,9 @@ def idle_streams(db: Path, count: int, per_peer: int | None) -> None:
                 settled = done
             during_rss, during_threads = status(process.pid)
             during_query = query_seconds(address)
-            for call in calls:
+            for call, waiting in zip(calls, requests, strict=True):
                 call.cancel()
+                waiting.put(None)  # ends the thread that feeds the call its requests
         cap = f"per-peer cap {per_peer}" if per_peer else "default caps (64 per peer, 2048 in all)"
         print(
             f"{count} idle Ingest streams from one client, {cap}: opened in {opened_s:.1f} s, "
