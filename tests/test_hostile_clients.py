@@ -184,6 +184,13 @@ def test_identifiers_time_and_stacks_are_checked(aggregator: Aggregator) -> None
         pa.array([datetime(1970, 1, 2, tzinfo=UTC)], pa.timestamp("us", tz="UTC")),
     )
     comm = samples({11: 1}).set_column(3, schema.SAMPLES.field("comm"), pa.array(["evil\nname"]))
+
+    def offcpu(weight: int) -> bytes:
+        rows = samples({11: weight})
+        event = rows.schema.get_field_index("event")
+        field = schema.SAMPLES.field("event")
+        return schema.encode(rows.set_column(event, field, pa.array(["offcpu"])))
+
     cases = {
         "node": (batch(1, node="<b>x</b>\x00\n../../etc"), "control characters"),
         "agent id": (batch(1, agent_id="a\x1b[2J"), "control characters"),
@@ -194,17 +201,21 @@ def test_identifiers_time_and_stacks_are_checked(aggregator: Aggregator) -> None
             "never sent",
         ),
         "cpu weight": (batch(1, samples=schema.encode(samples({11: 2**63 - 1}))), "exceeds"),
+        # a time event: at most one thread for an hour (ns), scaled by host sampling
+        "offcpu weight": (batch(1, samples=offcpu(schema.MAX_WEIGHT["ns"] + 1)), "exceeds"),
     }
     for name, (message, problem) in cases.items():
         error = refused(aggregator, message)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, name
         assert problem in error.details(), name
     assert totals(aggregator) == (0, 0, 0)
-    # batch 2 uses stacks batch 1 sent on this stream: accepted
-    acks = send(aggregator, batch(1), batch(2, stacks=b""))
-    assert [a.duplicate for a in acks] == [False, False]
+    # batch 2 uses stacks batch 1 sent on this stream: accepted; and the heaviest weight
+    # a time event may have is stored
+    heaviest = batch(3, samples=offcpu(schema.MAX_WEIGHT["ns"]), stacks=b"")
+    acks = send(aggregator, batch(1), batch(2, stacks=b""), heaviest)
+    assert [a.duplicate for a in acks] == [False, False, False]
     # ... but not on a stream of its own
-    assert "never sent" in refused(aggregator, batch(3, stacks=b"")).details()
+    assert "never sent" in refused(aggregator, batch(4, stacks=b"")).details()
     # the agent replaces control characters a process put in its own name
     assert schema.printable("evil\nname\x00") == "evil?name?"
 
@@ -240,6 +251,8 @@ def test_poisoned_weights_cannot_break_graphs_and_can_be_deleted(
     assert status == 200 and meta["events"][0]["weight"] == 2**63 - 1
     assert get("api/top?event=cpu")[0] == 200
     status, answer = get("api/flame?event=cpu")
+    assert status == 400 and "fleetprof admin delete" in answer["error"]
+    status, answer = get("api/diff?event=cpu&base_node=node-a")
     assert status == 400 and "fleetprof admin delete" in answer["error"]
     source = AggregatorSource(authenticated.address, security=ClientSecurity(token=ADMIN))
     try:
