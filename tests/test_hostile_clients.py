@@ -575,6 +575,46 @@ threading.Event().wait(120)
 """
 
 
+def test_the_total_stream_cap_holds_across_peers(tmp_path: Path) -> None:
+    """Past --max-streams in all (whatever the per-peer cap), streams are refused at once
+    and queries still answer; once the streams close, new ones are taken again."""
+    aggregator = Aggregator(
+        tmp_path / "p.duckdb", "127.0.0.1:0", max_streams=8, max_streams_per_peer=64
+    )
+    aggregator.start()
+    idle: list[queue.Queue] = []
+    try:
+        with grpc.insecure_channel(aggregator.address) as channel:
+            stub = ingest_pb2_grpc.IngestServiceStub(channel)
+            calls = []
+            for _ in range(20):
+                idle.append(queue.Queue())
+                calls.append(stub.Ingest(iter(idle[-1].get, None)))
+            deadline = time.monotonic() + 30
+            while sum(c.done() for c in calls) < 12 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            done = [c for c in calls if c.done()]
+            assert len(done) == 12
+            assert {c.code() for c in done} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+            assert "8 streams open already" in done[0].details()
+            source = AggregatorSource(aggregator.address)
+            try:
+                with source.stream("SELECT 42 AS answer") as reader:
+                    assert reader.read_all()["answer"].to_pylist() == [42]
+            finally:
+                source.close()
+            for requests in idle:
+                requests.put(None)
+            for call in calls:  # the 8 taken end when their client closes them
+                if call not in done:
+                    assert list(call) == []
+        assert [a.duplicate for a in send(aggregator, batch(1))] == [False]
+    finally:
+        for requests in idle:
+            requests.put(None)
+        aggregator.stop(grace_s=0)
+
+
 def test_streams_of_a_vanished_client_are_released(tmp_path: Path, monkeypatch) -> None:
     """A client host that vanishes (here a process stopped with SIGSTOP: its TCP connection
     stays open, nothing answers on it) holds its streams until the aggregator's keepalive
