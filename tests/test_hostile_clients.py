@@ -481,6 +481,15 @@ def test_decompression_bomb_is_refused_from_metadata(tmp_path: Path) -> None:
         process.wait(timeout=30)
 
 
+def assert_queries_answer(address: str) -> None:
+    source = AggregatorSource(address)
+    try:
+        with source.stream("SELECT 42 AS answer") as reader:
+            assert reader.read_all()["answer"].to_pylist() == [42]
+    finally:
+        source.close()
+
+
 def thread_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
 
@@ -526,12 +535,7 @@ def test_idle_streams_and_half_open_connections_cannot_starve_queries(tmp_path: 
             finally:
                 user.close()
             # queries still answer, from another client as from this one
-            source = AggregatorSource(address)
-            try:
-                with source.stream("SELECT 42 AS answer") as reader:
-                    assert reader.read_all()["answer"].to_pylist() == [42]
-            finally:
-                source.close()
+            assert_queries_answer(address)
             for half_open in sockets:
                 half_open.close()
             sockets.clear()
@@ -597,12 +601,7 @@ def test_the_total_stream_cap_holds_across_peers(tmp_path: Path) -> None:
             assert len(done) == 12
             assert {c.code() for c in done} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
             assert "8 streams open already" in done[0].details()
-            source = AggregatorSource(aggregator.address)
-            try:
-                with source.stream("SELECT 42 AS answer") as reader:
-                    assert reader.read_all()["answer"].to_pylist() == [42]
-            finally:
-                source.close()
+            assert_queries_answer(aggregator.address)
             for requests in idle:
                 requests.put(None)
             for call in calls:  # the 8 taken end when their client closes them
