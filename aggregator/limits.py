@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 import grpc
+
+from fleetprof.proto.security import HandlerInterceptor, same_shape
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def peer_host(peer: str) -> str:
     return peer
 
 
-class StreamLimits(grpc.ServerInterceptor):
+class StreamLimits(HandlerInterceptor):
     """Counts calls that stream requests (Ingest, Connect) by peer host; refuses those past
     `per_peer` for the host or `total` in all."""
 
@@ -48,13 +49,10 @@ class StreamLimits(grpc.ServerInterceptor):
         self._total = 0
         self._refused = 0
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(details)
-        if handler is None or handler.stream_stream is None:
+    def intercept(
+        self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
+        if handler.stream_stream is None:
             return handler
         behavior = handler.stream_stream
 
@@ -67,11 +65,7 @@ class StreamLimits(grpc.ServerInterceptor):
                 self._release(host)  # the call had already ended
             return behavior(requests, context)
 
-        return grpc.stream_stream_rpc_method_handler(
-            limited,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return same_shape(handler, limited)
 
     def _acquire(self, host: str) -> str | None:
         with self._lock:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from concurrent import futures
 from pathlib import Path
@@ -40,6 +41,12 @@ GRPC_OPTIONS = [
     ("grpc.so_reuseport", 0),
     # A connection without calls (a client that opened one and went quiet) is closed.
     ("grpc.max_connection_idle_ms", 300_000),
+    # A client host that vanished (crashed, cut off) does not answer pings: its connection
+    # and streams are closed within 80 s (gRPC's default: 2 h), freeing them for the caps.
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    # gRPC 1.6x+ waits this long for a ping's answer (default: one minute).
+    ("grpc.http2.ping_timeout_ms", 20_000),
 ]
 
 
@@ -65,6 +72,7 @@ class Aggregator:
         max_streams: int = DEFAULT_MAX_STREAMS,
         max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER,
         max_query_s: float = DEFAULT_TIMEOUT_S,
+        max_spill_bytes: int | None = None,
     ) -> None:
         """`lake_policy` runs partition maintenance (sealing to the lake, retention) in a
         thread of its own; without it, nothing is sealed. `otlp_listen`: serve OTLP
@@ -77,8 +85,11 @@ class Aggregator:
         self.store = ProfileStore(db_path, lake_dir, name)
         # Queries run on the same database instance: lock it down before serving anything
         # (the views read the lake). The memory limit is the instance's: ingest and all
-        # queries share it.
-        lock_down(self.store.reader(), memory_limit, self.store.lake_roots())
+        # queries share it. Spilling is capped so that a query cannot take the disk that
+        # ingest writes to (DuckDB's default: 90% of the free space).
+        if max_spill_bytes is None:
+            max_spill_bytes = shutil.disk_usage(Path(self.store.path).resolve().parent).free // 4
+        lock_down(self.store.reader(), memory_limit, self.store.lake_roots(), max_spill_bytes)
         self.partitions = Partitions(self.store, lake_policy) if lake_policy else None
         # Every call holds a worker thread while it lasts (synchronous gRPC): streams get at
         # most max_streams of them, queries the rest; calls past them all are refused.

@@ -281,6 +281,11 @@ class StorageUnavailable(RuntimeError):
     """The batch could not be written (typically a full disk); nothing of it was stored."""
 
 
+def first_line(exc: BaseException) -> str:
+    """DuckDB's message without the hints below it (SET threads, ...): not the agent's."""
+    return str(exc).split("\n", 1)[0]
+
+
 @dataclass(frozen=True)
 class StoreResult:
     duplicate: bool
@@ -476,7 +481,10 @@ class ProfileStore:
         fsync whatever its size; per batch, that capped ingest at ~0.1M rows/s).
         """
         prunes = self._stack_prunes
-        labelled, new_stacks = self._prepare(agent_id, node, samples, stacks)
+        try:
+            labelled, new_stacks = self._prepare(agent_id, node, samples, stacks)
+        except duckdb.OutOfMemoryException as exc:
+            raise StorageUnavailable(first_line(exc)) from exc
         pending = _Pending(
             _Batch(
                 agent_id,
@@ -544,9 +552,13 @@ class ProfileStore:
             # A failed COMMIT (disk full) has already rolled back: nothing to undo then.
             with contextlib.suppress(duckdb.Error):
                 cur.execute("ROLLBACK")
-            storage = isinstance(exc, duckdb.IOException | duckdb.TransactionException)
+            # Out of memory: a query holds the instance's memory limit for now.
+            storage = isinstance(
+                exc,
+                duckdb.IOException | duckdb.TransactionException | duckdb.OutOfMemoryException,
+            )
             for p in group:
-                p.outcome = StorageUnavailable(str(exc)) if storage else exc
+                p.outcome = StorageUnavailable(first_line(exc)) if storage else exc
         finally:
             cur.close()
 

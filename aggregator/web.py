@@ -22,10 +22,12 @@ import socket
 import ssl
 import sys
 import threading
+from collections import Counter
 from collections.abc import Callable
 from http import HTTPStatus
 from http.cookies import SimpleCookie
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from fleetprof.aggregator.otlp_receiver import http_export
@@ -95,6 +97,9 @@ def split_listen(listen: str) -> tuple[str, int]:
 # connection is closed at once (1,000 half-open connections took one thread each).
 HTTP_THREADS = 16
 HTTP_BACKLOG = 64
+# Connections of one client address, served or waiting: one client cannot take the pool
+# (a browser opens about six). Behind a proxy every user has its address.
+HTTP_PER_PEER = 8
 
 
 class _Server(HTTPServer):
@@ -109,18 +114,40 @@ class _Server(HTTPServer):
     https: bool
     max_query_s: float
     stopping = False
+    # The kernel's queue of connections not accepted yet (socketserver's default: 5). A
+    # flood must reach the accept loop, which closes what the pool cannot take; past this
+    # queue the kernel drops SYNs, and every client (a real user too) waits 1 s or more.
+    request_queue_size = 4 * HTTP_BACKLOG
 
     def start_pool(self) -> None:
-        self._waiting: queue.Queue[tuple[socket.socket, object] | None] = queue.Queue(HTTP_BACKLOG)
+        self._waiting: queue.Queue[tuple[socket.socket, Any] | None] = queue.Queue(HTTP_BACKLOG)
+        self._per_peer: Counter[str] = Counter()
+        self._peers_lock = threading.Lock()
         for number in range(HTTP_THREADS):
             threading.Thread(target=self._serve_pool, name=f"http-{number}", daemon=True).start()
 
-    def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
+    def process_request(self, request: socket.socket, client_address: Any) -> None:  # type: ignore[override]
+        peer = client_address[0]
+        with self._peers_lock:
+            crowded = self._per_peer[peer] >= HTTP_PER_PEER
+            if not crowded:
+                self._per_peer[peer] += 1
+        if crowded:
+            log.debug("HTTP: %s has %d connections already, closed one", peer, HTTP_PER_PEER)
+            self.shutdown_request(request)
+            return
         try:
             self._waiting.put_nowait((request, client_address))
         except queue.Full:
             log.debug("HTTP: %d connections waiting already, closed one", HTTP_BACKLOG)
-            self.shutdown_request(request)
+            self._done(request, peer)
+
+    def _done(self, request: socket.socket, peer: str) -> None:
+        self.shutdown_request(request)
+        with self._peers_lock:
+            self._per_peer[peer] -= 1
+            if not self._per_peer[peer]:
+                del self._per_peer[peer]
 
     def server_close(self) -> None:
         super().server_close()
@@ -132,11 +159,16 @@ class _Server(HTTPServer):
         while (waiting := self._waiting.get()) is not None:
             request, client_address = waiting
             try:
+                if isinstance(request, ssl.SSLSocket):
+                    # Here, not in the accept loop: a client that never starts TLS would
+                    # stop every other one there.
+                    request.settimeout(_Handler.timeout)
+                    request.do_handshake()
                 self.finish_request(request, client_address)
             except Exception:
                 self.handle_error(request, client_address)
             finally:
-                self.shutdown_request(request)
+                self._done(request, client_address[0])
 
     def handle_error(self, request: object, client_address: object) -> None:
         """One line, never a traceback: a client that went away is not a server fault."""
@@ -173,7 +205,9 @@ class WebServer:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.minimum_version = ssl.TLSVersion.TLSv1_2
             context.load_cert_chain(security.cert, security.key)
-            self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
+            self._httpd.socket = context.wrap_socket(
+                self._httpd.socket, server_side=True, do_handshake_on_connect=False
+            )
         # Served on loopback, the UI answers only to loopback names: a web page whose
         # DNS name rebinds to 127.0.0.1 must not reach it. Off loopback in plaintext, only
         # to this host's names and IP addresses.

@@ -16,12 +16,15 @@ Printed, on this machine's load (`uptime` is printed too), latency being batch s
    rows/s end to end (first batch sent → last ack) and its ratio to a bare DuckDB append of
    the same Arrow batches (one INSERT each, same columns, same process count: one); latency.
    Targets: >= 1M rows/s, >= 50% of the bare append.
-   Then sustained ingest with authentication off and on (issue 18: agent tokens checked on
-   every stream, each agent bound to its node) on two aggregators, alternating, three runs
-   each: median rows/s and spread, and the ratio (target: on >= 95% of off); and the cost of
-   the hostile-input checks every batch goes through (IPC size from metadata, control
-   characters, weight bounds, time window, stacks of the stream) timed over the same
-   batches, as a share of the sustained time per row.
+   2b. sustained ingest into three aggregators: none of issue 18's checks (its per-batch
+   checks taken out in that aggregator's process: ingest as before it), its checks, its
+   checks and authentication (agent tokens checked on every stream, each agent bound to its
+   node); `--runs` interleaved runs (each visits all three, every other run in reverse):
+   median rows/s and spread of each, the per-run ratios to `none` (median and spread;
+   target: auth+checks >= 95%), and the load average before and after.
+   2c. the cost of the hostile-input checks every batch goes through (IPC size from
+   metadata, control characters, weight bounds, time window, stacks of the stream) timed
+   alone over the same batches, as a share of the sustained time per row.
 3. sustained ingest while a flame graph of one job is drawn over and over through the
    QueryService: rows/s, latency. Target: p99 < 500 ms.
 4. a flame graph of one job and one hour over `--rows` stored rows (default 100M, appended
@@ -29,6 +32,7 @@ Printed, on this machine's load (`uptime` is printed too), latency being batch s
    same rows; bytes per stored row. Target: < 2 s.
 
 Run: .venv/bin/python benchmarks/fleet_ingest.py [--quick] [--rows 100M] [--skip-flame]
+     [--runs 3] [--only-auth]   (--only-auth: the fleet, then 2b and 2c only)
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from fleetprof.aggregator import validate
+from fleetprof.aggregator.ingest_guard import IngestGuard
 from fleetprof.aggregator.label_sets import ROW_LABELS
 from fleetprof.aggregator.server import Aggregator
 from fleetprof.aggregator.storage import ProfileStore
@@ -257,7 +263,32 @@ def _message(
     )
 
 
-def run_aggregator(db: str, port: mp.Queue, stop: mp.Event, auth: bool) -> None:
+# Settings of 2b: (authentication, the hostile-input checks of issue 18).
+BASELINE, CHECKS, ALL_ON = (False, False), (False, True), (True, True)
+SETTING_NAMES = {BASELINE: "none", CHECKS: "checks", ALL_ON: "auth+checks"}
+
+
+def without_checks() -> None:
+    """The baseline of 2b, in its aggregator process only: ingest as before issue 18, none
+    of its per-batch checks (names, time window, weights, text, decoded size, stacks of
+    the stream, agent id bound to node and incarnation sequences)."""
+
+    def nothing(*_args: object, **_kwargs: object) -> None:
+        return None
+
+    for name in ("check_identifier", "check_text", "check_time_window", "check_weights"):
+        setattr(validate, name, nothing)
+    schema.check_decoded_size = nothing
+    validate.StreamStacks.check = nothing  # type: ignore[method-assign]
+    IngestGuard.admit = nothing  # type: ignore[method-assign]
+    IngestGuard.stored = nothing  # type: ignore[method-assign]
+
+
+def run_aggregator(
+    db: str, port: mp.Queue, stop: mp.Event, auth: bool, checks: bool = True
+) -> None:
+    if not checks:
+        without_checks()
     security = ServerSecurity(
         tokens={QUERY_TOKEN: None}, agents={AGENT_TOKEN: NodeGrant("bench agents")}
     )
@@ -332,35 +363,61 @@ def percentile(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(p / 100 * len(values)))]
 
 
-def start_aggregator(db: Path, auth: bool) -> tuple[mp.Process, mp.Event, str]:
+def start_aggregator(db: Path, auth: bool, checks: bool = True) -> tuple[mp.Process, mp.Event, str]:
     ctx = mp.get_context("spawn")
     port, stop = ctx.Queue(), ctx.Event()
-    server = ctx.Process(target=run_aggregator, args=(str(db), port, stop, auth))
+    server = ctx.Process(target=run_aggregator, args=(str(db), port, stop, auth, checks))
     server.start()
     return server, stop, port.get()
 
 
 def auth_on_and_off(
     work: Path, per_client: list, stacks: bytes, rounds: int, runs: int = 3
-) -> None:
-    """Sustained ingest into two aggregators, authentication off and on, alternating."""
-    servers = {auth: start_aggregator(work / f"auth-{auth}.duckdb", auth) for auth in (False, True)}
-    rates: dict[bool, list[float]] = {False: [], True: []}
-    for _ in range(runs):
-        for auth, (_, _, address) in servers.items():
-            token = AGENT_TOKEN if auth else None
-            rows, took, _ = ingest(address, per_client, stacks, True, rounds, token)
-            rates[auth].append(rows / took)
+) -> float:
+    """Sustained ingest into three aggregators (nothing of issue 18, its checks, its checks
+    and authentication), interleaved: each run visits all three, every other run in
+    reverse order, so that a change of the machine's load falls on all of them. Returns
+    the median rate without them."""
+    settings = (BASELINE, CHECKS, ALL_ON)
+    servers = {
+        setting: start_aggregator(work / f"{SETTING_NAMES[setting]}.duckdb", *setting)
+        for setting in settings
+    }
+    rates: dict[tuple[bool, bool], list[float]] = {setting: [] for setting in settings}
+    load_before = os.getloadavg()
+    for run in range(runs):
+        for setting in settings if run % 2 == 0 else settings[::-1]:
+            token = AGENT_TOKEN if setting[0] else None
+            rows, took, _ = ingest(servers[setting][2], per_client, stacks, True, rounds, token)
+            rates[setting].append(rows / took)
+    load_after = os.getloadavg()
     for server, stop, _ in servers.values():
         stop.set()
         server.join()
-    off, on = (statistics.median(rates[auth]) for auth in (False, True))
-    spread = {a: f"{min(r) / 1e6:.2f}-{max(r) / 1e6:.2f}M" for a, r in rates.items()}
+
+    def rate(setting: tuple[bool, bool]) -> str:
+        values = rates[setting]
+        return (
+            f"{SETTING_NAMES[setting]} {statistics.median(values) / 1e6:.2f}M rows/s "
+            f"({min(values) / 1e6:.2f}-{max(values) / 1e6:.2f}M)"
+        )
+
+    def ratio(setting: tuple[bool, bool]) -> str:
+        # per run: the two rates of one run were taken minutes apart at most
+        values = [on / off for on, off in zip(rates[setting], rates[BASELINE], strict=True)]
+        return (
+            f"{SETTING_NAMES[setting]}/none {statistics.median(values):.1%} "
+            f"({min(values):.1%}-{max(values):.1%})"
+        )
+
     print(
-        f"2b. sustained, {runs} runs each, alternating: authentication off "
-        f"{off / 1e6:.2f}M rows/s ({spread[False]}), on {on / 1e6:.2f}M rows/s "
-        f"({spread[True]}); on/off {on / off:.1%} (target >= 95%)"
+        f"2b. sustained, {runs} interleaved runs each (median (min-max)): "
+        f"{', '.join(rate(setting) for setting in settings)}; per-run ratios "
+        f"{ratio(ALL_ON)} (target >= 95%), {ratio(CHECKS)}; load average (1/5/15 min) "
+        f"{' '.join(f'{v:.1f}' for v in load_before)} before, "
+        f"{' '.join(f'{v:.1f}' for v in load_after)} after"
     )
+    return statistics.median(rates[BASELINE])
 
 
 def check_costs(per_client: list, stacks: pa.Table, rate: float) -> None:
@@ -459,6 +516,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="times each batch is sent")
     parser.add_argument("--rows", type=parse_count, default=100_000_000, help="for the flame graph")
     parser.add_argument("--skip-flame", action="store_true")
+    parser.add_argument("--runs", type=int, default=3, help="interleaved runs of 2b")
+    parser.add_argument("--only-auth", action="store_true", help="only 2b and 2c (issue 18's cost)")
     args = parser.parse_args()
     if args.quick:
         args.stacks, args.batches, args.rounds = 20_000, 8, 2
@@ -489,6 +548,13 @@ def run(args: argparse.Namespace, work: Path) -> None:
         f"{args.clients} clients x {args.streams} streams, {args.batch_rows:,} rows/batch"
     )
 
+    if args.only_auth:
+        check_costs(
+            per_client,
+            fleet.stacks,
+            auth_on_and_off(work, per_client, stacks, args.rounds, args.runs),
+        )
+        return
     server, stop, address = start_aggregator(work / "agg.duckdb", auth=False)
     rows, took, latencies = ingest(address, per_client, stacks, False, args.rounds)
     print(
@@ -527,8 +593,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
     )
     stop.set()
     server.join()
-    auth_on_and_off(work, per_client, stacks, args.rounds)
-    check_costs(per_client, fleet.stacks, rate)
+    baseline = auth_on_and_off(work, per_client, stacks, args.rounds, args.runs)
+    check_costs(per_client, fleet.stacks, baseline)
     if not args.skip_flame:
         flame_over_stored(work, fleet, args.rows)
 

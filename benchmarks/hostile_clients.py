@@ -5,8 +5,9 @@ client with `--streams` idle Ingest streams (default 5000, opened at once; the p
 refuses all but 64), then again with the per-peer cap raised past the flood so that only the
 total cap (2048) holds; and with `--half-open` HTTP connections (default 1000) that send half
 a request and wait. Printed for each: the aggregator's RSS and threads before and during,
-streams refused, and the time `SELECT 42` takes through the QueryService meanwhile; with the
-load average. Bounded: every phase ends within a minute.
+streams refused, whether `fleetprof query 'SELECT 42'` answers meanwhile and in how long (its
+process start included), how long a web UI user from another address (127.0.0.2) waits
+during the HTTP flood; with the load average. Bounded: every phase ends within two minutes.
 
 Run: .venv/bin/python benchmarks/hostile_clients.py [--streams 5000] [--half-open 1000]
 """
@@ -14,6 +15,7 @@ Run: .venv/bin/python benchmarks/hostile_clients.py [--streams 5000] [--half-ope
 from __future__ import annotations
 
 import argparse
+import http.client
 import queue
 import resource
 import socket
@@ -26,7 +28,6 @@ from pathlib import Path
 import grpc
 
 from fleetprof.proto.ingest.v1 import ingest_pb2_grpc
-from fleetprof.query.source import AggregatorSource
 
 
 def free_port() -> int:
@@ -44,14 +45,40 @@ def status(pid: int) -> tuple[float, int]:
 
 
 def query_seconds(address: str) -> float:
-    source = AggregatorSource(address, timeout_s=120)
+    """How long `fleetprof query --aggregator ADDRESS 'SELECT 42'` takes, process start
+    included; raises if it does not answer 42."""
+    command = [sys.executable, "-m", "fleetprof", "query", "--aggregator", address]
     started = time.perf_counter()
-    try:
-        with source.stream("SELECT 42 AS answer") as reader:
-            reader.read_all()
-        return time.perf_counter() - started
-    finally:
-        source.close()
+    done = subprocess.run(
+        [*command, "SELECT 42 AS answer", "--format", "csv"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0 or done.stdout.split() != ['"answer"', "42"]:
+        raise RuntimeError(f"fleetprof query failed ({done.returncode}): {done.stderr.strip()}")
+    return elapsed
+
+
+def web_seconds(listen: str, limit_s: float = 60.0) -> str:
+    """How long a user's GET /api/meta waits, from another address than the attacker's
+    (127.0.0.2), retried until `limit_s` (connections past the queue are closed at once)."""
+    host, port = listen.rsplit(":", 1)
+    started = time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < limit_s:
+        user = http.client.HTTPConnection(
+            host, int(port), timeout=limit_s, source_address=("127.0.0.2", 0)
+        )
+        try:
+            user.request("GET", "/api/meta", headers={"Host": host})
+            if user.getresponse().status == 200:
+                return f"answered in {time.perf_counter() - started:.1f} s"
+        except (http.client.HTTPException, OSError):  # closed at once: the queue was full
+            time.sleep(0.2)
+        finally:
+            user.close()
+    return f"no answer within {elapsed:.0f} s"
 
 
 def load() -> str:
@@ -96,14 +123,15 @@ def idle_streams(db: Path, count: int, per_peer: int | None) -> None:
                 settled = done
             during_rss, during_threads = status(process.pid)
             during_query = query_seconds(address)
-            for call in calls:
+            for call, waiting in zip(calls, requests, strict=True):
                 call.cancel()
+                waiting.put(None)  # ends the thread that feeds the call its requests
         cap = f"per-peer cap {per_peer}" if per_peer else "default caps (64 per peer, 2048 in all)"
         print(
             f"{count} idle Ingest streams from one client, {cap}: opened in {opened_s:.1f} s, "
             f"{settled} refused; aggregator RSS {rss:.0f} -> {during_rss:.0f} MB, threads "
-            f"{threads} -> {during_threads}; SELECT 42 {before_query * 1000:.0f} ms before, "
-            f"{during_query * 1000:.0f} ms during | {load()}"
+            f"{threads} -> {during_threads}; `fleetprof query 'SELECT 42'` answered in "
+            f"{before_query:.1f} s before, {during_query:.1f} s during | {load()}"
         )
     finally:
         process.terminate()
@@ -117,20 +145,25 @@ def half_open(db: Path, count: int) -> None:
     sockets = []
     try:
         rss, threads = status(process.pid)
+        before_query = query_seconds(address)
+        started = time.perf_counter()
         for _ in range(count):
             connection = socket.create_connection((host, int(port)), timeout=10)
             connection.sendall(b"GET /api/meta HTTP/1.1\r\nHost: 127.0.0.1\r\n")
             sockets.append(connection)
+        opened_s = time.perf_counter() - started
         time.sleep(2.0)
         during_rss, during_threads = status(process.pid)
         during_query = query_seconds(address)
+        web = web_seconds(http)
         for connection in sockets:
             connection.close()
         sockets.clear()
         print(
-            f"{count} half-open HTTP connections: aggregator RSS {rss:.0f} -> "
-            f"{during_rss:.0f} MB, threads {threads} -> {during_threads}; gRPC SELECT 42 "
-            f"during {during_query * 1000:.0f} ms | {load()}"
+            f"{count} half-open HTTP connections (opened in {opened_s:.1f} s): aggregator RSS "
+            f"{rss:.0f} -> {during_rss:.0f} MB, threads {threads} -> {during_threads}; "
+            f"`fleetprof query 'SELECT 42'` answered in {before_query:.1f} s before, "
+            f"{during_query:.1f} s during; the web UI's /api/meta during: {web} | {load()}"
         )
     finally:
         for connection in sockets:

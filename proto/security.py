@@ -223,11 +223,9 @@ class ServerSecurity:
         return self.tokens.get(token) if token else None
 
 
-class _TokenInterceptor(grpc.ServerInterceptor):
-    """Requires a bearer token on every RPC but the agents' (AGENT_METHODS)."""
-
-    def __init__(self, tokens: Mapping[str, AccessScope | None]) -> None:
-        self._tokens = tokens
+class HandlerInterceptor(grpc.ServerInterceptor):
+    """A server interceptor that may answer a call with a handler of its own
+    (`same_shape`); calls of unknown methods pass through."""
 
     def intercept_service(
         self,
@@ -235,7 +233,24 @@ class _TokenInterceptor(grpc.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(details)
-        if handler is None or details.method in AGENT_METHODS:
+        return None if handler is None else self.intercept(handler, details)
+
+    def intercept(
+        self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
+        raise NotImplementedError
+
+
+class _TokenInterceptor(HandlerInterceptor):
+    """Requires a bearer token on every RPC but the agents' (AGENT_METHODS)."""
+
+    def __init__(self, tokens: Mapping[str, AccessScope | None]) -> None:
+        self._tokens = tokens
+
+    def intercept(
+        self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
+        if details.method in AGENT_METHODS:
             return handler
         if bearer_token(details.invocation_metadata) in self._tokens:
             return handler
@@ -251,6 +266,16 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | No
 
 def _refusing(handler: grpc.RpcMethodHandler, problem: str) -> grpc.RpcMethodHandler:
     """A handler of the same shape that answers UNAUTHENTICATED."""
+
+    def refuse(_request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+
+    return same_shape(handler, refuse)
+
+
+def same_shape(handler: grpc.RpcMethodHandler, behavior: Callable) -> grpc.RpcMethodHandler:
+    """A handler of `handler`'s kind (unary or streaming each way) and (de)serializers that
+    runs `behavior(request or request iterator, context)` instead."""
     kinds = (
         ("unary_unary", grpc.unary_unary_rpc_method_handler),
         ("unary_stream", grpc.unary_stream_rpc_method_handler),
@@ -258,12 +283,8 @@ def _refusing(handler: grpc.RpcMethodHandler, problem: str) -> grpc.RpcMethodHan
         ("stream_stream", grpc.stream_stream_rpc_method_handler),
     )
     make = next(make for name, make in kinds if getattr(handler, name))
-
-    def refuse(_request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
-
     return make(
-        refuse,
+        behavior,
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )

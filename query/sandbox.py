@@ -38,12 +38,16 @@ def lock_down(
     conn: duckdb.DuckDBPyConnection,
     memory_limit: str | None = None,
     readable_dirs: Iterable[str | Path] = (),
+    max_spill_bytes: int | None = None,
 ) -> None:
     """Forbid file/network access and freeze settings for the whole database instance.
 
     `memory_limit` (e.g. "2GB") is DuckDB's: it bounds the buffer memory of the whole
-    instance, every connection and query on it together, not one query. `readable_dirs`
-    stay accessible (the Parquet lake the views read).
+    instance, every connection and query on it together, not one query (DuckDB's
+    per-connection `operator_memory_limit` cannot be set globally, nor on a query's cursor
+    once the configuration is locked). Sorts, joins and aggregates past it spill to the
+    temporary directory, at most `max_spill_bytes` (DuckDB's `max_temp_directory_size`).
+    `readable_dirs` stay accessible (the Parquet lake the views read).
     """
     if readable_dirs:
         # The trailing slash keeps a sibling such as `lake2` out.
@@ -55,6 +59,8 @@ def lock_down(
         if not _MEMORY.match(memory_limit):
             raise QueryError(f"bad memory limit {memory_limit!r}: use e.g. 512MB, 2GB, 1.5GiB")
         conn.execute(f"SET memory_limit = '{memory_limit}'")
+    if max_spill_bytes is not None:
+        conn.execute(f"SET max_temp_directory_size = '{int(max_spill_bytes)}B'")
     conn.execute("SET enable_external_access = false")
     conn.execute("SET lock_configuration = true")
 
@@ -159,8 +165,19 @@ def run_query(
         cursor.close()
 
 
+OUT_OF_MEMORY = "Out of Memory Error"
+
+
 def _query_error(exc: BaseException, timeout_s: float, timed_out: bool) -> QueryError:
     if timed_out or isinstance(exc, duckdb.InterruptException):
         reading = "(reading its result counts)"
         return QueryError(f"query stopped after the {timeout_s:g} s timeout {reading}")
+    first = str(exc).split("\n", 1)[0]
+    if first.startswith(OUT_OF_MEMORY):
+        # DuckDB's hints (SET threads, SET memory_limit) are not the user's to follow.
+        if "offload" in first:  # writing to the temporary directory failed: its cap
+            problem = "it would spill more to disk than allowed (aggregator --max-spill)"
+        else:
+            problem = "it needs more memory than the memory limit allows (--memory-limit)"
+        return QueryError(f"query stopped: {problem}; select less: {first}")
     return QueryError(one_line(exc))

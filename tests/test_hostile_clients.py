@@ -4,6 +4,7 @@ storing meanwhile."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +26,7 @@ import grpc
 import pyarrow as pa
 import pytest
 
+from fleetprof.aggregator import server as aggregator_server
 from fleetprof.aggregator.ingest_guard import MAX_SEQUENCE_JUMP
 from fleetprof.aggregator.server import Aggregator
 from fleetprof.aggregator.storage import incarnation_key
@@ -181,6 +184,13 @@ def test_identifiers_time_and_stacks_are_checked(aggregator: Aggregator) -> None
         pa.array([datetime(1970, 1, 2, tzinfo=UTC)], pa.timestamp("us", tz="UTC")),
     )
     comm = samples({11: 1}).set_column(3, schema.SAMPLES.field("comm"), pa.array(["evil\nname"]))
+
+    def offcpu(weight: int) -> bytes:
+        rows = samples({11: weight})
+        event = rows.schema.get_field_index("event")
+        field = schema.SAMPLES.field("event")
+        return schema.encode(rows.set_column(event, field, pa.array(["offcpu"])))
+
     cases = {
         "node": (batch(1, node="<b>x</b>\x00\n../../etc"), "control characters"),
         "agent id": (batch(1, agent_id="a\x1b[2J"), "control characters"),
@@ -191,17 +201,21 @@ def test_identifiers_time_and_stacks_are_checked(aggregator: Aggregator) -> None
             "never sent",
         ),
         "cpu weight": (batch(1, samples=schema.encode(samples({11: 2**63 - 1}))), "exceeds"),
+        # a time event: at most one thread for an hour (ns), scaled by host sampling
+        "offcpu weight": (batch(1, samples=offcpu(schema.MAX_WEIGHT["ns"] + 1)), "exceeds"),
     }
     for name, (message, problem) in cases.items():
         error = refused(aggregator, message)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, name
         assert problem in error.details(), name
     assert totals(aggregator) == (0, 0, 0)
-    # batch 2 uses stacks batch 1 sent on this stream: accepted
-    acks = send(aggregator, batch(1), batch(2, stacks=b""))
-    assert [a.duplicate for a in acks] == [False, False]
+    # batch 2 uses stacks batch 1 sent on this stream: accepted; and the heaviest weight
+    # a time event may have is stored
+    heaviest = batch(3, samples=offcpu(schema.MAX_WEIGHT["ns"]), stacks=b"")
+    acks = send(aggregator, batch(1), batch(2, stacks=b""), heaviest)
+    assert [a.duplicate for a in acks] == [False, False, False]
     # ... but not on a stream of its own
-    assert "never sent" in refused(aggregator, batch(3, stacks=b"")).details()
+    assert "never sent" in refused(aggregator, batch(4, stacks=b"")).details()
     # the agent replaces control characters a process put in its own name
     assert schema.printable("evil\nname\x00") == "evil?name?"
 
@@ -237,6 +251,8 @@ def test_poisoned_weights_cannot_break_graphs_and_can_be_deleted(
     assert status == 200 and meta["events"][0]["weight"] == 2**63 - 1
     assert get("api/top?event=cpu")[0] == 200
     status, answer = get("api/flame?event=cpu")
+    assert status == 400 and "fleetprof admin delete" in answer["error"]
+    status, answer = get("api/diff?event=cpu&base_node=node-a")
     assert status == 400 and "fleetprof admin delete" in answer["error"]
     source = AggregatorSource(authenticated.address, security=ClientSecurity(token=ADMIN))
     try:
@@ -342,6 +358,89 @@ def test_sql_limits_are_the_servers(tmp_path: Path) -> None:
             process.kill()
 
 
+# ~900 MB in one string: an aggregate DuckDB cannot spill to disk
+HUNGRY = "SELECT length(string_agg(i::VARCHAR, ',')) AS n FROM range(100000000) t(i)"
+# ~400 MB of strings to sort: spilled past a 256 MB memory limit
+SPILLING = (
+    "SELECT count(*) AS n FROM "
+    "(SELECT i::VARCHAR || 'xxxxxxxxxxxxxxxxxxxx' AS s FROM range(10000000) t(i) ORDER BY s)"
+)
+
+
+def test_a_memory_hungry_query_is_stopped_while_ingest_keeps_storing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Memory per query: DuckDB caps the instance (--memory-limit), spilling sorts, joins
+    and aggregates to disk up to --max-spill. A query past either stops with a one-line
+    error; an agent shipping meanwhile loses nothing (a batch that finds the memory taken
+    is refused as retryable and sent again)."""
+    db = tmp_path / "p.duckdb"
+    aggregator = Aggregator(db, "127.0.0.1:0", memory_limit="256MB", max_spill_bytes=16 << 20)
+    aggregator.start()
+    shipper = Shipper(aggregator.address, "agent-m", "node-m", Spool(tmp_path / "s", 1 << 24))
+    shipped: list[int] = []
+    done = threading.Event()
+
+    def ship() -> None:
+        while not done.is_set():
+            shipped.append(len(shipped) + 1)
+            shipper.ship(Batch(samples({11: shipped[-1]}), {11: STACKS[11]}))
+            time.sleep(0.02)
+
+    shipping = threading.Thread(target=ship)
+    shipping.start()
+    source = AggregatorSource(aggregator.address)
+    try:
+        for sql, problem in ((HUNGRY, "--memory-limit"), (SPILLING, "--max-spill")):
+            with pytest.raises(QueryError, match=problem) as error, source.stream(sql) as reader:
+                reader.read_all()
+            assert "\n" not in str(error.value) and "SET " not in str(error.value)
+        # what a user of `fleetprof query` sees: one line, exit status 2
+        assert main(["query", "--aggregator", aggregator.address, HUNGRY]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "needs more memory" in err
+        done.set()
+        shipping.join(timeout=60)
+        deadline = time.monotonic() + 60
+        while not shipper.flush() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert shipper.stats == {"acked": len(shipped), "duplicates": 0, "rejected": 0}
+        assert len(shipped) > 10
+        assert totals(aggregator)[0] == sum(shipped)
+    finally:
+        done.set()
+        shipping.join(timeout=60)
+        shipper.close()
+        source.close()
+        aggregator.stop(grace_s=0)
+    # The same memory limit with room to spill: the sort runs, in bounded memory.
+    aggregator = Aggregator(db, "127.0.0.1:0", memory_limit="256MB")
+    aggregator.start()
+    source = AggregatorSource(aggregator.address)
+    try:
+        with source.stream(SPILLING) as reader:
+            assert reader.read_all()["n"].to_pylist() == [10_000_000]
+        assert totals(aggregator)[0] == sum(shipped)
+    finally:
+        source.close()
+        aggregator.stop(grace_s=0)
+
+
+def test_a_batch_that_finds_no_memory_is_refused_as_retryable(tmp_path: Path) -> None:
+    """Ingest past the memory limit (queries hold it): RESOURCE_EXHAUSTED, which agents
+    retry (not INVALID_ARGUMENT, which they drop), and nothing of the batch stored."""
+    aggregator = Aggregator(tmp_path / "p.duckdb", "127.0.0.1:0", memory_limit="2MB")
+    aggregator.start()
+    try:
+        rows = pa.concat_tables([samples({11: 1})] * 300_000).combine_chunks()
+        error = refused(aggregator, batch(1, samples=schema.encode(rows)))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "Out of Memory" in error.details() and "\n" not in error.details()
+        assert totals(aggregator) == (0, 0, 0)
+    finally:
+        aggregator.stop(grace_s=0)
+
+
 def test_decompression_bomb_is_refused_from_metadata(tmp_path: Path) -> None:
     """Hole 5: ~60 MB of zstd holding 10M identical rows (~700 MB decoded) is refused from
     its IPC metadata; the aggregator's peak memory does not grow by its decoded size."""
@@ -382,6 +481,15 @@ def test_decompression_bomb_is_refused_from_metadata(tmp_path: Path) -> None:
         process.wait(timeout=30)
 
 
+def assert_queries_answer(address: str) -> None:
+    source = AggregatorSource(address)
+    try:
+        with source.stream("SELECT 42 AS answer") as reader:
+            assert reader.read_all()["answer"].to_pylist() == [42]
+    finally:
+        source.close()
+
+
 def thread_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
 
@@ -390,9 +498,9 @@ def test_idle_streams_and_half_open_connections_cannot_starve_queries(tmp_path: 
     """Hole 4: hundreds of idle Ingest streams from one client and hundreds of half-open
     HTTP connections: streams past the per-peer cap are refused at once, threads stay
     bounded, queries answer, and client disconnects are one log line, not a traceback."""
-    http = f"127.0.0.1:{free_port()}"
+    web = f"127.0.0.1:{free_port()}"
     process, address = start_aggregator_process(
-        tmp_path, "--http", http, "--max-streams-per-peer", "16"
+        tmp_path, "--http", web, "--max-streams-per-peer", "16"
     )
     idle: list[queue.Queue] = []
     calls = []
@@ -411,18 +519,23 @@ def test_idle_streams_and_half_open_connections_cannot_starve_queries(tmp_path: 
             assert len(done) == 300 - 16
             assert {c.code() for c in done} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
             for _ in range(500):
-                half_open = socket.create_connection(tuple(http.rsplit(":", 1)))  # type: ignore[arg-type]
+                half_open = socket.create_connection(tuple(web.rsplit(":", 1)))  # type: ignore[arg-type]
                 half_open.sendall(b"GET /api/meta HTTP/1.1\r\nHost: 127.0.0.1\r\n")
                 sockets.append(half_open)
             threads = thread_count(process.pid)
             assert threads < 150, threads
-            # queries still answer, from another client as from this one
-            source = AggregatorSource(address)
+            # one address cannot take the web UI's pool: a user from another one is served
+            host, port = web.rsplit(":", 1)
+            user = http.client.HTTPConnection(
+                host, int(port), timeout=30, source_address=("127.0.0.2", 0)
+            )
             try:
-                with source.stream("SELECT 42 AS answer") as reader:
-                    assert reader.read_all()["answer"].to_pylist() == [42]
+                user.request("GET", "/api/meta", headers={"Host": "127.0.0.1"})
+                assert user.getresponse().status == 200
             finally:
-                source.close()
+                user.close()
+            # queries still answer, from another client as from this one
+            assert_queries_answer(address)
             for half_open in sockets:
                 half_open.close()
             sockets.clear()
@@ -434,7 +547,7 @@ def test_idle_streams_and_half_open_connections_cannot_starve_queries(tmp_path: 
         deadline = time.monotonic() + 30
         while True:
             try:
-                with urllib.request.urlopen(f"http://{http}/api/meta", timeout=5) as response:
+                with urllib.request.urlopen(f"http://{web}/api/meta", timeout=5) as response:
                     assert response.status == 200
                     break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
@@ -447,6 +560,102 @@ def test_idle_streams_and_half_open_connections_cannot_starve_queries(tmp_path: 
         output = process.communicate(timeout=30)[0]
     assert "Traceback" not in output and "BrokenPipeError" not in output
     assert "refused stream" in output
+
+
+# Opens one Ingest stream per batch read (hex, a line each), waits for its ack, and keeps
+# the streams open.
+HOLDER = """
+import queue, sys, threading, grpc
+from fleetprof.proto.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+stub = ingest_pb2_grpc.IngestServiceStub(grpc.insecure_channel(sys.argv[1]))
+calls = []
+for line in sys.stdin:
+    requests = queue.Queue()
+    requests.put(ingest_pb2.IngestBatch.FromString(bytes.fromhex(line)))
+    calls.append(stub.Ingest(iter(requests.get, None)))
+    next(calls[-1])
+print("holding", len(calls), flush=True)
+threading.Event().wait(120)
+"""
+
+
+def test_the_total_stream_cap_holds_across_peers(tmp_path: Path) -> None:
+    """Past --max-streams in all (whatever the per-peer cap), streams are refused at once
+    and queries still answer; once the streams close, new ones are taken again."""
+    aggregator = Aggregator(
+        tmp_path / "p.duckdb", "127.0.0.1:0", max_streams=8, max_streams_per_peer=64
+    )
+    aggregator.start()
+    idle: list[queue.Queue] = []
+    try:
+        with grpc.insecure_channel(aggregator.address) as channel:
+            stub = ingest_pb2_grpc.IngestServiceStub(channel)
+            calls = []
+            for _ in range(20):
+                idle.append(queue.Queue())
+                calls.append(stub.Ingest(iter(idle[-1].get, None)))
+            deadline = time.monotonic() + 30
+            while sum(c.done() for c in calls) < 12 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            done = [c for c in calls if c.done()]
+            assert len(done) == 12
+            assert {c.code() for c in done} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+            assert "8 streams open already" in done[0].details()
+            assert_queries_answer(aggregator.address)
+            for requests in idle:
+                requests.put(None)
+            for call in calls:  # the 8 taken end when their client closes them
+                if call not in done:
+                    assert list(call) == []
+        assert [a.duplicate for a in send(aggregator, batch(1))] == [False]
+    finally:
+        for requests in idle:
+            requests.put(None)
+        aggregator.stop(grace_s=0)
+
+
+def test_streams_of_a_vanished_client_are_released(tmp_path: Path, monkeypatch) -> None:
+    """A client host that vanishes (here a process stopped with SIGSTOP: its TCP connection
+    stays open, nothing answers on it) holds its streams until the aggregator's keepalive
+    ping goes unanswered; then the per-peer cap has room again. The aggregator's 60 s
+    ping and 20 s wait for its answer are shortened to 1 s here."""
+    shortened = (
+        "grpc.keepalive_time_ms",
+        "grpc.keepalive_timeout_ms",
+        "grpc.http2.ping_timeout_ms",
+    )
+    options = [o for o in aggregator_server.GRPC_OPTIONS if o[0] not in shortened]
+    options += [(name, 1000) for name in shortened]
+    monkeypatch.setattr(aggregator_server, "GRPC_OPTIONS", options)
+    aggregator = Aggregator(tmp_path / "p.duckdb", "127.0.0.1:0", max_streams_per_peer=4)
+    aggregator.start()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, aggregator.address],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    probes = iter(range(1, 1000))
+
+    def probe() -> grpc.StatusCode:
+        return send_as(aggregator, None, batch(1, agent_id=f"probe-{next(probes)}"))
+
+    try:
+        held = [batch(1, agent_id=f"holder-{n}").SerializeToString().hex() for n in range(4)]
+        assert holder.stdin is not None and holder.stdout is not None
+        holder.stdin.write("\n".join(held) + "\n")
+        holder.stdin.close()
+        assert holder.stdout.readline().split() == ["holding", "4"]
+        assert probe() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        holder.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 30
+        while probe() != grpc.StatusCode.OK:
+            assert time.monotonic() < deadline, "the vanished client's streams were kept"
+            time.sleep(0.2)
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+        aggregator.stop(grace_s=0)
 
 
 def test_insecure_off_loopback_warns_and_keeps_a_host_check(

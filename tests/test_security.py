@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 import subprocess
 import urllib.error
@@ -213,6 +214,8 @@ def test_web_ui_over_https_needs_a_token(tmp_path: Path, pki: Pki) -> None:
         except urllib.error.HTTPError as exc:
             return exc.code
 
+    # A client that connects and never starts TLS holds one pool thread, not the server.
+    idle = socket.create_connection(("127.0.0.1", int(aggregator.web.address.rsplit(":", 1)[1])))
     try:
         assert status(meta) == 401
         assert status(meta, {"Authorization": "Bearer wrong"}) == 401
@@ -230,4 +233,5 @@ def test_web_ui_over_https_needs_a_token(tmp_path: Path, pki: Pki) -> None:
         with pytest.raises((urllib.error.URLError, ConnectionError)):
             urllib.request.urlopen(meta.replace("https://", "http://"), timeout=10)
     finally:
+        idle.close()
         aggregator.stop(grace_s=0)

@@ -50,6 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="DuckDB's memory limit, shared by ingest and all queries (e.g. 4GB; "
         "default 80%% of RAM)",
     )
+    parser.add_argument(
+        "--max-spill",
+        type=_size,
+        metavar="SIZE",
+        help="what queries may spill to disk past the memory limit, all together (e.g. "
+        "20GB; default a quarter of the free space beside --db)",
+    )
     storage = parser.add_argument_group("storage (README: Storage, retention and the lake)")
     storage.add_argument(
         "--lake",
@@ -171,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
         max_streams=args.max_streams,
         max_streams_per_peer=args.max_streams_per_peer,
         max_query_s=args.max_query_seconds,
+        max_spill_bytes=args.max_spill,
     )
     stop = stop_on_signals()
     aggregator.start()
@@ -179,6 +187,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"fleetprof web UI on {aggregator.web.url}", flush=True)
     if aggregator.otlp:
         print(f"fleetprof OTLP profiles on {aggregator.otlp.address}", flush=True)
-    stop.wait()
+    # Woken every second: a signal that lands on another thread (gRPC's, DuckDB's) runs its
+    # handler only when the main thread next runs Python, and a bare wait() may never end
+    # (seen: SIGTERM ignored under a flood of connections until a second one).
+    while not stop.wait(1.0):
+        pass
     aggregator.stop()
     return 0
