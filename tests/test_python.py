@@ -266,6 +266,46 @@ def test_forked_child_is_walked_with_its_parents_layout(sampler: Any, tmp_path: 
     assert total >= 20 and walked >= 0.9 * total, Drain(samples)
 
 
+# A parent that forks workers (multiprocessing's 'fork' start method, as PySpark's daemon,
+# gunicorn and celery's prefork pool do) burning CPU in a function of its own module.
+FORKS = """
+import json, multiprocessing, os, sys, time
+
+def burn(n):
+    total = 0
+    for i in range(n):
+        total += i * i
+    return total
+
+def work(seconds, queue, leave):
+    made = compile("def made_here(): pass", "<child>", "exec")  # code only the child has
+    queue.put(json.dumps({"pid": os.getpid(), "burn": id(burn.__code__), "made": id(made)}))
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        burn(5000)
+    queue.put("done")
+    leave.wait()  # until the test has read its memory
+
+if __name__ == "__main__":
+    context = multiprocessing.get_context("fork")
+    queues, leave = [context.Queue() for _ in range(2)], context.Event()
+    workers = [context.Process(target=work, args=(float(sys.argv[1]), q, leave)) for q in queues]
+    print("ready", flush=True)
+    sys.stdin.readline()
+    for w in workers:
+        w.start()
+    print(json.dumps([json.loads(q.get()) for q in queues]), flush=True)
+    for q in queues:
+        assert q.get() == "done"
+    sys.stdin.readline()
+    leave.set()
+    for w in workers:
+        w.join()
+    print("joined", flush=True)
+    sys.stdin.readline()  # alive until its children's samples are named
+"""
+
+
 def test_code_objects_named_and_a_reused_address_never_misnamed() -> None:
     """This very interpreter (the venv's CPython) read through /proc/self/mem."""
     from fleetprof.node_agent.symbolize.elf import ElfCache
@@ -299,6 +339,53 @@ def test_code_objects_named_and_a_reused_address_never_misnamed() -> None:
     assert other.name == f"[python code 0x{id(code):x}]"
     processes.forget(os.getpid())
     assert os.getpid() not in targets
+
+
+def test_exited_fork_has_its_code_named_from_its_parent(tmp_path: Path) -> None:
+    """A forked worker's code read once it exited (its last samples drain after its
+    exit): code from before the fork is read from its parent, code it made itself is not
+    misnamed."""
+    from fleetprof.node_agent.symbolize.elf import ElfCache
+    from fleetprof.node_agent.symbolize.process import take_snapshot
+
+    script = tmp_path / "forks.py"
+    script.write_text(FORKS)
+    program = subprocess.Popen(
+        [str(DEBIAN_PYTHON), str(script), "0"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    processes = PythonProcesses(PythonTargets())
+    try:
+        assert program.stdout is not None and program.stdin is not None
+        assert program.stdout.readline() == "ready\n"
+        program.stdin.write("go\n")
+        program.stdin.flush()
+        workers = json.loads(program.stdout.readline())
+        layout = LAYOUTS[11]
+        tags = {}
+        for worker in workers:
+            snapshot = take_snapshot(worker["pid"], ElfCache())
+            assert snapshot is not None and snapshot.ppid == program.pid
+            processes.observe(snapshot)
+            with open(f"/proc/{worker['pid']}/mem", "rb", buffering=0) as mem:
+                for code in ("burn", "made"):
+                    mem.seek(worker[code])
+                    tags[worker["pid"], code] = code_tag(layout, mem.read(256))
+        program.stdin.write("exit\n")
+        program.stdin.flush()
+        assert program.stdout.readline() == "joined\n"
+        for worker in workers:
+            pid = worker["pid"]
+            [(burn, _)] = processes.frames(pid, [(worker["burn"], 0, tags[pid, "burn"])])
+            assert burn.name == "forks.burn" and burn.module == f"{script}:4", burn
+            [(made, _)] = processes.frames(pid, [(worker["made"], 0, tags[pid, "made"])])
+            assert made.name == f"[python code 0x{worker['made']:x}]", made
+        assert processes.stats["code_from_parent"] == 2, processes.stats
+    finally:
+        program.kill()
+        program.wait()
 
 
 def test_merge_replaces_eval_frames_in_order_and_keeps_c_frames() -> None:
@@ -366,6 +453,10 @@ def test_module_names() -> None:
     assert module_name("/srv/app/jobs/__init__.py") == "jobs"
     assert module_name("<frozen importlib._bootstrap>") == "importlib._bootstrap"
     assert module_name("/tmp/x/hot.py") == "hot"
+    # PySpark's workers import pyspark from the zip archive Spark puts on their path.
+    zipped = "/venv/lib/python3.11/site-packages/pyspark/python/lib/pyspark.zip/pyspark/worker.py"
+    assert module_name(zipped) == "pyspark.worker"
+    assert module_name("/opt/app.pyz/service/__init__.py") == "service"
 
 
 def test_debug_offsets_of_313_are_read_from_the_binary() -> None:
