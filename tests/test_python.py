@@ -552,3 +552,59 @@ def test_agent_ships_python_frames_to_sql_and_every_format(
             if profile.string_table[profile.function[line.function_id - 1].name] == "hot.hot"
         }
         assert lines & {5, 6}, lines
+
+
+def test_forked_workers_show_their_frames_through_the_agent(
+    aggregator: Any, running_agent: Any, tmp_path: Path
+) -> None:
+    """multiprocessing's 'fork' workers (no exec, as PySpark's, gunicorn's and celery's):
+    each worker's samples reach DuckDB with its own function named, under its caller, as
+    kind python; they exit before their last samples are named."""
+    from fleetprof.query.source import AggregatorSource
+
+    agent = running_agent(frequency=99, interval_s=1.0)
+    script = tmp_path / "forks.py"
+    script.write_text(FORKS)
+    program = subprocess.Popen(
+        [str(DEBIAN_PYTHON), str(script), "4"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert program.stdout is not None and program.stdin is not None
+        assert program.stdout.readline() == "ready\n"
+        program.stdin.write("go\nleave when done\n")
+        program.stdin.flush()
+        workers = [worker["pid"] for worker in json.loads(program.stdout.readline())]
+        assert program.stdout.readline() == "joined\n"
+        drains = agent.stats["drains"]
+        wait_for(lambda: agent.stats["drains"] >= drains + 2, "two drains")
+    finally:
+        program.kill()
+        program.wait()
+    agent.stop()
+    sql = f"""
+        SELECT pid, sum(weight)::BIGINT AS total,
+               coalesce(sum(weight) FILTER (WHERE list_contains(frames, 'forks.burn')
+                   AND kinds[list_position(frames, 'forks.burn')] = 'python'), 0)::BIGINT AS burn,
+               coalesce(sum(weight) FILTER (WHERE list_position(frames, 'forks.work')
+                   < list_position(frames, 'forks.burn')), 0)::BIGINT AS under_work,
+               coalesce(sum(weight) FILTER (WHERE len(list_filter(frames,
+                   lambda f: f LIKE '[python code 0x%')) > 0), 0)::BIGINT AS unnamed
+        FROM samples JOIN stacks USING (stack_id)
+        WHERE pid IN ({", ".join(map(str, workers))}) GROUP BY pid"""
+    source = AggregatorSource(aggregator.address)
+    try:
+        with source.stream(sql) as reader:
+            rows = {row["pid"]: row for row in reader.read_all().to_pylist()}
+    finally:
+        source.close()
+    assert rows.keys() == set(workers), (rows, workers)
+    for row in rows.values():
+        # 4 s at 99 Hz: 400 on an idle core; 40 leaves room for a loaded machine.
+        assert row["total"] >= 40, row
+        assert row["burn"] >= 0.85 * row["total"] and row["under_work"] == row["burn"], row
+        assert row["unnamed"] <= 0.05 * row["total"], row
+    stats = agent.symbolizer.python.stats
+    assert stats["processes"] >= len(workers), stats
