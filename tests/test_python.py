@@ -629,3 +629,5 @@ def test_forked_workers_show_their_frames_through_the_agent(
         assert row["unnamed"] <= 0.05 * row["total"], (row, stacks)
     stats = agent.symbolizer.python.stats
     assert stats["processes"] >= len(workers), stats
+    # What the agent's stop line says of BPF's walks.
+    assert agent.python_walks["walked"] >= sum(row["burn"] for row in rows.values())
