@@ -232,18 +232,19 @@ def test_unsupported_version_keeps_native_stacks(sampler: Any, tmp_path: Path) -
 
 def test_forked_child_is_walked_with_its_parents_layout(sampler: Any, tmp_path: Path) -> None:
     """A child forked by a Python process (multiprocessing, PySpark's workers) that the
-    agent never saw exec is walked from its first sample."""
+    agent never saw is walked from its first sample, and named from its parent when it
+    exited before the agent looked at it."""
+    from fleetprof.node_agent.batch import BatchBuilder
     from fleetprof.node_agent.samplers import Drain
+    from fleetprof.node_agent.symbolize.symbolizer import Symbolizer
 
     script = tmp_path / "forks.py"
     script.write_text(
         HOT.split('print("ready"')[0]
         + "import os\nprint('ready', flush=True)\nsys.stdin.readline()\n"
         + "child = os.fork()\nif child == 0:\n    spin_one(time.time() + 2)\n    os._exit(0)\n"
-        + "print(child, flush=True)\nos.waitpid(child, 0)\n"
+        + "print(child, flush=True)\nos.waitpid(child, 0)\nsys.stdin.readline()\n"
     )
-    from fleetprof.node_agent.symbolize.symbolizer import Symbolizer
-
     program = subprocess.Popen(
         [str(DEBIAN_PYTHON), str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
@@ -256,14 +257,27 @@ def test_forked_child_is_walked_with_its_parents_layout(sampler: Any, tmp_path: 
         program.stdin.write("go\n")
         program.stdin.flush()
         child = int(program.stdout.readline())
-        program.wait(timeout=10)
+        wait_for(lambda: not Path(f"/proc/{child}").exists(), "the child's exit", 60)
         drained = sampler.drain()
+        samples = [s for s in drained.samples if s.pid == child]
+        # Named while the parent lives: the child is gone, the agent never saw it.
+        batch = BatchBuilder(symbolizer).build(sampler, datetime.now(UTC), Drain(samples))
     finally:
         program.kill()
-    samples = [s for s in drained.samples if s.pid == child]
+        program.wait()
     total = sum(s.weight for s in samples)
     walked = sum(s.weight for s in samples if s.python_stack)
     assert total >= 20 and walked >= 0.9 * total, Drain(samples)
+    named = sum(
+        weight
+        for stack_id, weight in zip(
+            batch.samples["stack_id"].to_pylist(), batch.samples["weight"].to_pylist(), strict=True
+        )
+        if "forks.spin_one" in batch.stacks[stack_id].frames
+    )
+    stacks = [batch.stacks[i].frames for i in batch.samples["stack_id"].to_pylist()]
+    assert named >= 0.9 * total, (named, total, stacks)
+    assert symbolizer.python.stats["code_from_parent"] >= 2, symbolizer.python.stats
 
 
 # A parent that forks workers (multiprocessing's 'fork' start method, as PySpark's daemon,

@@ -482,7 +482,7 @@ class PythonProcesses:
 
     def frames(self, pid: int, stack: Sequence[PythonFrame]) -> list[tuple[Frame, bool]]:
         """(frame, outermost of its eval call) for each recorded frame, leaf first."""
-        process = self._processes.get(pid)
+        process = self._processes.get(pid) or self._fork_of(pid)
         named = []
         for code, instr, tag in stack:
             if (code, instr, tag) == TRUNCATED:
@@ -498,6 +498,13 @@ class PythonProcesses:
             named.append((frame, entry))
         self.stats["frames"] += len(named)
         return named
+
+    def _fork_of(self, pid: int) -> _Process | None:
+        """A child BPF walked with its parent's layout, gone before the agent looked at
+        it: its code is read from the parent (see _code)."""
+        parent = self._targets.parent_of(pid)
+        known = self._processes.get(parent) if parent else None
+        return known._replace(parent=parent) if known is not None and parent else None
 
     def merge(self, native: list[Frame], python: list[tuple[Frame, bool]]) -> list[Frame]:
         """The native stack (leaf first) with each eval function frame replaced by the
