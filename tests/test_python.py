@@ -40,15 +40,19 @@ def pyenv(minor: int) -> Path:
 
 # One hot function under two callers; the program times its calls itself (CPU time: what the
 # runtime says) and prints that split, and each thread's native id, as JSON.
-HOT = """
-import json, sys, threading, time
-
+HOT_FUNCTION = """
 def hot(n):
     total = 0
     for i in range(n):
         total += i * i
     return total
-
+"""
+HOT = (
+    """
+import json, sys, threading, time
+"""
+    + HOT_FUNCTION
+    + """
 def caller_a(spent):
     start = time.thread_time()
     for _ in range(3):
@@ -95,6 +99,7 @@ else:
     print(json.dumps(ids), flush=True)
 sys.stdin.readline()  # alive until its samples are named
 """
+)
 
 
 @pytest.fixture(scope="module")
@@ -154,11 +159,30 @@ def profile(
     return rows, said, symbolizer
 
 
+def start_ready(python: Path, script: Path, source: str, *args: str) -> subprocess.Popen[str]:
+    """Run `source` as `script` under `python`, once it said "ready" (stdin, stdout piped)."""
+    script.write_text(source)
+    program = subprocess.Popen(
+        [str(python), str(script), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert program.stdout is not None and program.stdin is not None
+    if program.stdout.readline() != "ready\n":
+        program.kill()
+        program.wait()
+        raise AssertionError(f"{script} did not start")
+    return program
+
+
 def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 900) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         assert time.monotonic() < deadline, f"no {what} in {timeout_s} s"
         time.sleep(0.05)
+
+
+def two_drains(agent: Any) -> None:
+    drains = agent.stats["drains"]
+    wait_for(lambda: agent.stats["drains"] >= drains + 2, "two drains")
 
 
 def python_leaf(frames: list[Frame]) -> Frame | None:
@@ -282,21 +306,18 @@ def test_forked_child_is_walked_with_its_parents_layout(sampler: Any, tmp_path: 
 
 # A parent that forks workers (multiprocessing's 'fork' start method, as PySpark's daemon,
 # gunicorn and celery's prefork pool do) burning CPU in a function of its own module.
-FORKS = """
+FORKS = (
+    """
 import json, multiprocessing, os, sys, time
-
-def burn(n):
-    total = 0
-    for i in range(n):
-        total += i * i
-    return total
-
+"""
+    + HOT_FUNCTION
+    + """
 def work(seconds, queue, leave):
     made = compile("def made_here(): pass", "<child>", "exec")  # code only the child has
-    queue.put(json.dumps({"pid": os.getpid(), "burn": id(burn.__code__), "made": id(made)}))
+    queue.put(json.dumps({"pid": os.getpid(), "hot": id(hot.__code__), "made": id(made)}))
     deadline = time.time() + 10 * seconds  # CPU seconds, on a loaded machine too
     while time.process_time() < seconds and time.time() < deadline:
-        burn(5000)
+        hot(5000)
     queue.put("done")
     leave.wait()  # until the test has read its memory
 
@@ -306,7 +327,7 @@ if __name__ == "__main__":
     workers = [context.Process(target=work, args=(float(sys.argv[1]), q, leave)) for q in queues]
     started = time.time()
     while time.time() < started + 0.3:  # sampled: the agent knows the parent before it forks
-        burn(5000)
+        hot(5000)
     print("ready", flush=True)
     sys.stdin.readline()
     for w in workers:
@@ -321,6 +342,7 @@ if __name__ == "__main__":
     print("joined", flush=True)
     sys.stdin.readline()  # alive until its children's samples are named
 """
+)
 
 
 def test_code_objects_named_and_a_reused_address_never_misnamed() -> None:
@@ -366,17 +388,10 @@ def test_exited_fork_has_its_code_named_from_its_parent(tmp_path: Path) -> None:
     from fleetprof.node_agent.symbolize.process import take_snapshot
 
     script = tmp_path / "forks.py"
-    script.write_text(FORKS)
-    program = subprocess.Popen(
-        [str(DEBIAN_PYTHON), str(script), "0"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    program = start_ready(DEBIAN_PYTHON, script, FORKS, "0")
+    assert program.stdout is not None and program.stdin is not None
     processes = PythonProcesses(PythonTargets())
     try:
-        assert program.stdout is not None and program.stdin is not None
-        assert program.stdout.readline() == "ready\n"
         program.stdin.write("go\n")
         program.stdin.flush()
         workers = json.loads(program.stdout.readline())
@@ -387,7 +402,7 @@ def test_exited_fork_has_its_code_named_from_its_parent(tmp_path: Path) -> None:
             assert snapshot is not None and snapshot.ppid == program.pid
             processes.observe(snapshot)
             with open(f"/proc/{worker['pid']}/mem", "rb", buffering=0) as mem:
-                for code in ("burn", "made"):
+                for code in ("hot", "made"):
                     mem.seek(worker[code])
                     tags[worker["pid"], code] = code_tag(layout, mem.read(256))
         program.stdin.write("exit\n")
@@ -395,8 +410,8 @@ def test_exited_fork_has_its_code_named_from_its_parent(tmp_path: Path) -> None:
         assert program.stdout.readline() == "joined\n"
         for worker in workers:
             pid = worker["pid"]
-            [(burn, _)] = processes.frames(pid, [(worker["burn"], 0, tags[pid, "burn"])])
-            assert burn.name == "forks.burn" and burn.module == f"{script}:4", burn
+            [(hot, _)] = processes.frames(pid, [(worker["hot"], 0, tags[pid, "hot"])])
+            assert hot.name == "forks.hot" and hot.module == f"{script}:4", hot
             [(made, _)] = processes.frames(pid, [(worker["made"], 0, tags[pid, "made"])])
             assert made.name == f"[python code 0x{worker['made']:x}]", made
         assert processes.stats["code_from_parent"] == 2, processes.stats
@@ -501,24 +516,15 @@ def test_agent_ships_python_frames_to_sql_and_every_format(
 
     agent = running_agent(frequency=99, interval_s=1.0)
     script = tmp_path / "hot.py"
-    script.write_text(HOT)
-    program = subprocess.Popen(
-        [str(DEBIAN_PYTHON), str(script), "3", "callers"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    program = start_ready(DEBIAN_PYTHON, script, HOT, "3", "callers")
+    assert program.stdout is not None and program.stdin is not None
     try:
-        assert program.stdout is not None and program.stdin is not None
-        assert program.stdout.readline() == "ready\n"
         # The agent found it at its exec (on a loaded machine its event loop may lag).
         wait_for(lambda: program.pid in TARGETS, "the agent to find the interpreter")
         program.stdin.write("go\n")
         program.stdin.flush()
         assert json.loads(program.stdout.readline())
-        # Alive until two drains named its code.
-        drains = agent.stats["drains"]
-        wait_for(lambda: agent.stats["drains"] >= drains + 2, "two drains")
+        two_drains(agent)  # alive until they named its code
     finally:
         program.kill()
         program.wait()
@@ -581,39 +587,30 @@ def test_forked_workers_show_their_frames_through_the_agent(
     from fleetprof.query.source import AggregatorSource
 
     agent = running_agent(frequency=99, interval_s=1.0)
-    script = tmp_path / "forks.py"
-    script.write_text(FORKS)
-    program = subprocess.Popen(
-        [str(DEBIAN_PYTHON), str(script), "2"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    program = start_ready(DEBIAN_PYTHON, tmp_path / "forks.py", FORKS, "2")
+    assert program.stdout is not None and program.stdin is not None
     try:
-        assert program.stdout is not None and program.stdin is not None
-        assert program.stdout.readline() == "ready\n"
         # Known to the agent before it forks (on a loaded machine its event loop may lag).
         wait_for(lambda: program.pid in TARGETS, "the agent to find the parent")
         program.stdin.write("go\n")
         program.stdin.flush()
         workers = [worker["pid"] for worker in json.loads(program.stdout.readline())]
-        # The agent saw each worker alive: one it never saw is not named (docs/python.md).
+        # The agent saw each worker alive (one it never saw has no native frames).
         wait_for(lambda: all(pid in TARGETS for pid in workers), "the agent to find the workers")
         program.stdin.write("leave when done\n")
         program.stdin.flush()
         assert program.stdout.readline() == "joined\n"
-        drains = agent.stats["drains"]
-        wait_for(lambda: agent.stats["drains"] >= drains + 2, "two drains")
+        two_drains(agent)  # the parent alive until they named its workers' code
     finally:
         program.kill()
         program.wait()
     agent.stop()
     sql = f"""
         SELECT pid, sum(weight)::BIGINT AS total,
-               coalesce(sum(weight) FILTER (WHERE list_contains(frames, 'forks.burn')
-                   AND kinds[list_position(frames, 'forks.burn')] = 'python'), 0)::BIGINT AS burn,
+               coalesce(sum(weight) FILTER (WHERE list_contains(frames, 'forks.hot')
+                   AND kinds[list_position(frames, 'forks.hot')] = 'python'), 0)::BIGINT AS hot,
                coalesce(sum(weight) FILTER (WHERE list_position(frames, 'forks.work')
-                   < list_position(frames, 'forks.burn')), 0)::BIGINT AS under_work,
+                   < list_position(frames, 'forks.hot')), 0)::BIGINT AS under_work,
                coalesce(sum(weight) FILTER (WHERE len(list_filter(frames,
                    lambda f: f LIKE '[python code 0x%')) > 0), 0)::BIGINT AS unnamed
         FROM samples JOIN stacks USING (stack_id)
@@ -638,10 +635,10 @@ def test_forked_workers_show_their_frames_through_the_agent(
     for row in rows.values():
         # 2 CPU seconds at 99 Hz: about 200 (or fewer if it ran out of time).
         assert row["total"] >= 100, (row, stacks)
-        assert row["burn"] >= 0.85 * row["total"], (row, stacks)
-        assert row["under_work"] == row["burn"], (row, stacks)
+        assert row["hot"] >= 0.85 * row["total"], (row, stacks)
+        assert row["under_work"] == row["hot"], (row, stacks)
         assert row["unnamed"] <= 0.05 * row["total"], (row, stacks)
     stats = agent.symbolizer.python.stats
     assert stats["processes"] >= len(workers), stats
     # What the agent's stop line says of BPF's walks.
-    assert agent.python_walks["walked"] >= sum(row["burn"] for row in rows.values())
+    assert agent.python_walks["walked"] >= sum(row["hot"] for row in rows.values())
