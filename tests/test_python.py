@@ -516,7 +516,7 @@ def test_agent_ships_python_frames_to_sql_and_every_format(
 
     agent = running_agent(frequency=99, interval_s=1.0)
     script = tmp_path / "hot.py"
-    program = start_ready(DEBIAN_PYTHON, script, HOT, "3", "callers")
+    program = start_ready(DEBIAN_PYTHON, script, HOT, "6", "callers")  # 6 s: 50 samples at load 15
     assert program.stdout is not None and program.stdin is not None
     try:
         # The agent found it at its exec (on a loaded machine its event loop may lag).
