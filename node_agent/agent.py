@@ -145,6 +145,7 @@ class Agent:
         self._sessions: dict[str, SessionRun] = {}
         # samples: weight shipped (scaled by host sampling); drained: weight counted.
         self.stats = {"drains": 0, "skipped": 0, "samples": 0, "drained": 0}
+        self.python_walks: dict[str, int] = {}  # set at close
         self._dropped = [0] * len(self._samplers)
         # The native unwinder's counters (NativeUnwinder.stats) at the last drain.
         self.unwind_stats: dict[str, int] = {}
@@ -209,7 +210,9 @@ class Agent:
             self.shipper.pending,
         )
         if self.symbolizer.python.stats["processes"] or self.symbolizer.python.stats["unsupported"]:
-            log.info("python frames: %s", self.symbolizer.python.stats)
+            log.info(
+                "python frames: %s; BPF walks: %s", self.symbolizer.python.stats, self.python_walks
+            )
 
     def _run_sessions(self) -> None:
         """Start what the aggregator ordered; finish what reached its deadline."""
@@ -303,6 +306,12 @@ class Agent:
         for session in self._sessions.values():
             session.close()
         self._prepared.close()
+        # BPF's Python walks by outcome (python_stacks.bpf.h PY_STAT_*), for the stop line.
+        walks = [sampler.python_walks() for sampler in self._samplers]
+        self.python_walks = {
+            outcome: sum(counts[i] for counts in walks)
+            for i, outcome in enumerate(("walked", "no_thread", "unreadable", "truncated"))
+        }
         for sampler in self._samplers:
             sampler.close()
         if self.code_caches:

@@ -763,3 +763,7 @@ def test_spark_job_profile_shows_spark_frames(tmp_path: Path) -> None:
     assert summary["inlined"] >= 0.05 * summary["samples"], summary
     assert summary["code_cache_metadata"]["nmethods"] > 0, summary
     assert "org.apache.spark" in (tmp_path / "spark-job.folded").read_text()
+    # The Python side: PySpark's worker processes, forked by its daemon, show their frames.
+    python = summary["python"]
+    assert python["python_samples"] >= 20 and python["score"] >= 10, python
+    assert any(f.startswith("pyspark.worker.main") for f in python["pyspark_frames"]), python

@@ -40,15 +40,19 @@ def pyenv(minor: int) -> Path:
 
 # One hot function under two callers; the program times its calls itself (CPU time: what the
 # runtime says) and prints that split, and each thread's native id, as JSON.
-HOT = """
-import json, sys, threading, time
-
+HOT_FUNCTION = """
 def hot(n):
     total = 0
     for i in range(n):
         total += i * i
     return total
-
+"""
+HOT = (
+    """
+import json, sys, threading, time
+"""
+    + HOT_FUNCTION
+    + """
 def caller_a(spent):
     start = time.thread_time()
     for _ in range(3):
@@ -95,6 +99,7 @@ else:
     print(json.dumps(ids), flush=True)
 sys.stdin.readline()  # alive until its samples are named
 """
+)
 
 
 @pytest.fixture(scope="module")
@@ -154,11 +159,30 @@ def profile(
     return rows, said, symbolizer
 
 
+def start_ready(python: Path, script: Path, source: str, *args: str) -> subprocess.Popen[str]:
+    """Run `source` as `script` under `python`, once it said "ready" (stdin, stdout piped)."""
+    script.write_text(source)
+    program = subprocess.Popen(
+        [str(python), str(script), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert program.stdout is not None and program.stdin is not None
+    if program.stdout.readline() != "ready\n":
+        program.kill()
+        program.wait()
+        raise AssertionError(f"{script} did not start")
+    return program
+
+
 def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 900) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         assert time.monotonic() < deadline, f"no {what} in {timeout_s} s"
         time.sleep(0.05)
+
+
+def two_drains(agent: Any) -> None:
+    drains = agent.stats["drains"]
+    wait_for(lambda: agent.stats["drains"] >= drains + 2, "two drains")
 
 
 def python_leaf(frames: list[Frame]) -> Frame | None:
@@ -232,18 +256,19 @@ def test_unsupported_version_keeps_native_stacks(sampler: Any, tmp_path: Path) -
 
 def test_forked_child_is_walked_with_its_parents_layout(sampler: Any, tmp_path: Path) -> None:
     """A child forked by a Python process (multiprocessing, PySpark's workers) that the
-    agent never saw exec is walked from its first sample."""
+    agent never saw is walked from its first sample, and named from its parent when it
+    exited before the agent looked at it."""
+    from fleetprof.node_agent.batch import BatchBuilder
     from fleetprof.node_agent.samplers import Drain
+    from fleetprof.node_agent.symbolize.symbolizer import Symbolizer
 
     script = tmp_path / "forks.py"
     script.write_text(
         HOT.split('print("ready"')[0]
         + "import os\nprint('ready', flush=True)\nsys.stdin.readline()\n"
         + "child = os.fork()\nif child == 0:\n    spin_one(time.time() + 2)\n    os._exit(0)\n"
-        + "print(child, flush=True)\nos.waitpid(child, 0)\n"
+        + "print(child, flush=True)\nos.waitpid(child, 0)\nsys.stdin.readline()\n"
     )
-    from fleetprof.node_agent.symbolize.symbolizer import Symbolizer
-
     program = subprocess.Popen(
         [str(DEBIAN_PYTHON), str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
@@ -256,14 +281,68 @@ def test_forked_child_is_walked_with_its_parents_layout(sampler: Any, tmp_path: 
         program.stdin.write("go\n")
         program.stdin.flush()
         child = int(program.stdout.readline())
-        program.wait(timeout=10)
+        wait_for(lambda: not Path(f"/proc/{child}").exists(), "the child's exit", 60)
         drained = sampler.drain()
+        samples = [s for s in drained.samples if s.pid == child]
+        # Named while the parent lives: the child is gone, the agent never saw it.
+        batch = BatchBuilder(symbolizer).build(sampler, datetime.now(UTC), Drain(samples))
     finally:
         program.kill()
-    samples = [s for s in drained.samples if s.pid == child]
+        program.wait()
     total = sum(s.weight for s in samples)
     walked = sum(s.weight for s in samples if s.python_stack)
     assert total >= 20 and walked >= 0.9 * total, Drain(samples)
+    named = sum(
+        weight
+        for stack_id, weight in zip(
+            batch.samples["stack_id"].to_pylist(), batch.samples["weight"].to_pylist(), strict=True
+        )
+        if "forks.spin_one" in batch.stacks[stack_id].frames
+    )
+    stacks = [batch.stacks[i].frames for i in batch.samples["stack_id"].to_pylist()]
+    assert named >= 0.9 * total, (named, total, stacks)
+    assert symbolizer.python.stats["code_from_parent"] >= 2, symbolizer.python.stats
+
+
+# A parent that forks workers (multiprocessing's 'fork' start method, as PySpark's daemon,
+# gunicorn and celery's prefork pool do) burning CPU in a function of its own module.
+FORKS = (
+    """
+import json, multiprocessing, os, sys, time
+"""
+    + HOT_FUNCTION
+    + """
+def work(seconds, queue, leave):
+    made = compile("def made_here(): pass", "<child>", "exec")  # code only the child has
+    queue.put(json.dumps({"pid": os.getpid(), "hot": id(hot.__code__), "made": id(made)}))
+    deadline = time.time() + 10 * seconds  # CPU seconds, on a loaded machine too
+    while time.process_time() < seconds and time.time() < deadline:
+        hot(5000)
+    queue.put("done")
+    leave.wait()  # until the test has read its memory
+
+if __name__ == "__main__":
+    context = multiprocessing.get_context("fork")
+    queues, leave = [context.Queue() for _ in range(2)], context.Event()
+    workers = [context.Process(target=work, args=(float(sys.argv[1]), q, leave)) for q in queues]
+    started = time.time()
+    while time.time() < started + 0.3:  # sampled: the agent knows the parent before it forks
+        hot(5000)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    for w in workers:
+        w.start()
+    print(json.dumps([json.loads(q.get()) for q in queues]), flush=True)
+    for q in queues:
+        assert q.get() == "done"
+    sys.stdin.readline()
+    leave.set()
+    for w in workers:
+        w.join()
+    print("joined", flush=True)
+    sys.stdin.readline()  # alive until its children's samples are named
+"""
+)
 
 
 def test_code_objects_named_and_a_reused_address_never_misnamed() -> None:
@@ -299,6 +378,46 @@ def test_code_objects_named_and_a_reused_address_never_misnamed() -> None:
     assert other.name == f"[python code 0x{id(code):x}]"
     processes.forget(os.getpid())
     assert os.getpid() not in targets
+
+
+def test_exited_fork_has_its_code_named_from_its_parent(tmp_path: Path) -> None:
+    """A forked worker's code read once it exited (its last samples drain after its
+    exit): code from before the fork is read from its parent, code it made itself is not
+    misnamed."""
+    from fleetprof.node_agent.symbolize.elf import ElfCache
+    from fleetprof.node_agent.symbolize.process import take_snapshot
+
+    script = tmp_path / "forks.py"
+    program = start_ready(DEBIAN_PYTHON, script, FORKS, "0")
+    assert program.stdout is not None and program.stdin is not None
+    processes = PythonProcesses(PythonTargets())
+    try:
+        program.stdin.write("go\n")
+        program.stdin.flush()
+        workers = json.loads(program.stdout.readline())
+        layout = LAYOUTS[11]
+        tags = {}
+        for worker in workers:
+            snapshot = take_snapshot(worker["pid"], ElfCache())
+            assert snapshot is not None and snapshot.ppid == program.pid
+            processes.observe(snapshot)
+            with open(f"/proc/{worker['pid']}/mem", "rb", buffering=0) as mem:
+                for code in ("hot", "made"):
+                    mem.seek(worker[code])
+                    tags[worker["pid"], code] = code_tag(layout, mem.read(256))
+        program.stdin.write("exit\n")
+        program.stdin.flush()
+        assert program.stdout.readline() == "joined\n"
+        for worker in workers:
+            pid = worker["pid"]
+            [(hot, _)] = processes.frames(pid, [(worker["hot"], 0, tags[pid, "hot"])])
+            assert hot.name == "forks.hot" and hot.module == f"{script}:4", hot
+            [(made, _)] = processes.frames(pid, [(worker["made"], 0, tags[pid, "made"])])
+            assert made.name == f"[python code 0x{worker['made']:x}]", made
+        assert processes.stats["code_from_parent"] == 2, processes.stats
+    finally:
+        program.kill()
+        program.wait()
 
 
 def test_merge_replaces_eval_frames_in_order_and_keeps_c_frames() -> None:
@@ -366,6 +485,10 @@ def test_module_names() -> None:
     assert module_name("/srv/app/jobs/__init__.py") == "jobs"
     assert module_name("<frozen importlib._bootstrap>") == "importlib._bootstrap"
     assert module_name("/tmp/x/hot.py") == "hot"
+    # PySpark's workers import pyspark from the zip archive Spark puts on their path.
+    zipped = "/venv/lib/python3.11/site-packages/pyspark/python/lib/pyspark.zip/pyspark/worker.py"
+    assert module_name(zipped) == "pyspark.worker"
+    assert module_name("/opt/app.pyz/service/__init__.py") == "service"
 
 
 def test_debug_offsets_of_313_are_read_from_the_binary() -> None:
@@ -393,24 +516,15 @@ def test_agent_ships_python_frames_to_sql_and_every_format(
 
     agent = running_agent(frequency=99, interval_s=1.0)
     script = tmp_path / "hot.py"
-    script.write_text(HOT)
-    program = subprocess.Popen(
-        [str(DEBIAN_PYTHON), str(script), "3", "callers"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    program = start_ready(DEBIAN_PYTHON, script, HOT, "6", "callers")  # 6 s: 50 samples at load 15
+    assert program.stdout is not None and program.stdin is not None
     try:
-        assert program.stdout is not None and program.stdin is not None
-        assert program.stdout.readline() == "ready\n"
         # The agent found it at its exec (on a loaded machine its event loop may lag).
         wait_for(lambda: program.pid in TARGETS, "the agent to find the interpreter")
         program.stdin.write("go\n")
         program.stdin.flush()
         assert json.loads(program.stdout.readline())
-        # Alive until two drains named its code.
-        drains = agent.stats["drains"]
-        wait_for(lambda: agent.stats["drains"] >= drains + 2, "two drains")
+        two_drains(agent)  # alive until they named its code
     finally:
         program.kill()
         program.wait()
@@ -461,3 +575,70 @@ def test_agent_ships_python_frames_to_sql_and_every_format(
             if profile.string_table[profile.function[line.function_id - 1].name] == "hot.hot"
         }
         assert lines & {5, 6}, lines
+
+
+def test_forked_workers_show_their_frames_through_the_agent(
+    aggregator: Any, running_agent: Any, tmp_path: Path
+) -> None:
+    """multiprocessing's 'fork' workers (no exec, as PySpark's, gunicorn's and celery's):
+    each worker's samples reach DuckDB with its own function named, under its caller, as
+    kind python: walked from their first sample with their parent's layout, named from
+    their own memory, and from their parent's once they exited."""
+    from fleetprof.query.source import AggregatorSource
+
+    agent = running_agent(frequency=99, interval_s=1.0)
+    program = start_ready(DEBIAN_PYTHON, tmp_path / "forks.py", FORKS, "2")
+    assert program.stdout is not None and program.stdin is not None
+    try:
+        # Known to the agent before it forks (on a loaded machine its event loop may lag).
+        wait_for(lambda: program.pid in TARGETS, "the agent to find the parent")
+        program.stdin.write("go\n")
+        program.stdin.flush()
+        workers = [worker["pid"] for worker in json.loads(program.stdout.readline())]
+        # The agent saw each worker alive (one it never saw has no native frames).
+        wait_for(lambda: all(pid in TARGETS for pid in workers), "the agent to find the workers")
+        program.stdin.write("leave when done\n")
+        program.stdin.flush()
+        assert program.stdout.readline() == "joined\n"
+        two_drains(agent)  # the parent alive until they named its workers' code
+    finally:
+        program.kill()
+        program.wait()
+    agent.stop()
+    sql = f"""
+        SELECT pid, sum(weight)::BIGINT AS total,
+               coalesce(sum(weight) FILTER (WHERE list_contains(frames, 'forks.hot')
+                   AND kinds[list_position(frames, 'forks.hot')] = 'python'), 0)::BIGINT AS hot,
+               coalesce(sum(weight) FILTER (WHERE list_position(frames, 'forks.work')
+                   < list_position(frames, 'forks.hot')), 0)::BIGINT AS under_work,
+               coalesce(sum(weight) FILTER (WHERE len(list_filter(frames,
+                   lambda f: f LIKE '[python code 0x%')) > 0), 0)::BIGINT AS unnamed
+        FROM samples JOIN stacks USING (stack_id)
+        WHERE pid IN ({", ".join(map(str, workers))}) GROUP BY pid"""
+    stacks_sql = f"""
+        SELECT pid, frames, kinds, sum(weight)::BIGINT AS w FROM samples JOIN stacks
+        USING (stack_id) WHERE pid IN ({", ".join(map(str, workers))})
+        GROUP BY ALL ORDER BY w DESC LIMIT 6"""
+    source = AggregatorSource(aggregator.address)
+    try:
+        with source.stream(sql) as reader:
+            rows = {row["pid"]: row for row in reader.read_all().to_pylist()}
+        with source.stream(stacks_sql) as reader:
+            # What a failure shows.
+            stacks = "\n".join(
+                f"{row['pid']} {row['w']}: {';'.join(row['frames'])}"
+                for row in reader.read_all().to_pylist()
+            )
+    finally:
+        source.close()
+    assert rows.keys() == set(workers), (rows, workers)
+    for row in rows.values():
+        # 2 CPU seconds at 99 Hz: about 200 (or fewer if it ran out of time).
+        assert row["total"] >= 100, (row, stacks)
+        assert row["hot"] >= 0.85 * row["total"], (row, stacks)
+        assert row["under_work"] == row["hot"], (row, stacks)
+        assert row["unnamed"] <= 0.05 * row["total"], (row, stacks)
+    stats = agent.symbolizer.python.stats
+    assert stats["processes"] >= len(workers), stats
+    # What the agent's stop line says of BPF's walks.
+    assert agent.python_walks["walked"] >= sum(row["hot"] for row in rows.values())

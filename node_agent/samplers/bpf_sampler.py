@@ -56,7 +56,8 @@ class BpfSampler:
             release_compiler_memory()
         self._session_filter = options.session_filter
         self._python_procs = self._bpf[b"python_procs"]
-        python_stacks.TARGETS.add_map(self._python_procs)
+        self._python_forks = self._bpf[b"python_forks"]
+        python_stacks.TARGETS.add_map(self._python_procs, self._python_forks)
         if attach:
             self.attach(options)
         self._maps = GenerationalStackMaps(self._bpf, self.describe)
@@ -106,7 +107,7 @@ class BpfSampler:
         return [int(walks.sum(i).value) for i in range(len(walks))]
 
     def close(self) -> None:
-        python_stacks.TARGETS.remove_map(self._python_procs)
+        python_stacks.TARGETS.remove_map(self._python_procs, self._python_forks)
         with BCC_LOCK:
             self._bpf.cleanup()
 

@@ -85,6 +85,9 @@ struct py_thread_t {
 };
 
 BPF_HASH(python_procs, u32, struct py_proc_t, 4096);
+// Forked children walked with their parent's layout: child -> parent. User space names
+// the code of a child that exited before it looked at it from this parent.
+BPF_TABLE("lru_hash", u32, u32, python_forks, 4096);
 BPF_TABLE("lru_hash", u32, struct py_thread_t, python_threads, 16384);
 BPF_PERCPU_ARRAY(python_scratch, struct py_scratch_t, 1);
 BPF_F_TABLE("hash", u64, struct py_stack_t, python_stacks_0, MAX_STACKS, BPF_F_NO_PREALLOC);
@@ -148,6 +151,8 @@ static __always_inline struct py_proc_t *current_python(u32 pid)
     if (parent_pid == pid || exec_id != parent_exec_id)
         return 0;
     proc = python_procs.lookup(&parent_pid);
+    if (proc)
+        python_forks.update(&pid, &parent_pid);
 #endif
     return proc;
 }

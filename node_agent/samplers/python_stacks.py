@@ -130,7 +130,8 @@ def cflags() -> list[str]:
 
 class PythonTargets:
     """The Python processes every sampler's BPF program walks: pid -> the packed
-    struct py_proc_t (python_stacks.bpf.h), written into each sampler's `python_procs` map.
+    struct py_proc_t (python_stacks.bpf.h), written into each sampler's `python_procs` map;
+    and the forked children BPF walked with their parent's layout (`python_forks`).
 
     Process-wide: samplers come and go (sessions), processes are found by the symbolizer.
     """
@@ -139,17 +140,32 @@ class PythonTargets:
         self._lock = threading.Lock()
         self._procs: dict[int, bytes] = {}
         self._maps: list[Any] = []
+        self._forks: list[Any] = []
 
-    def add_map(self, table: Any) -> None:
-        """A new sampler's map: filled with every process known now, then kept current."""
+    def add_map(self, table: Any, forks: Any = None) -> None:
+        """A new sampler's maps: `table` filled with every process known now, then kept
+        current; `forks` read by parent_of."""
         with self._lock:
             self._maps.append(table)
             for pid, info in self._procs.items():
                 _put(table, pid, info)
+            if forks is not None:
+                self._forks.append(forks)
 
-    def remove_map(self, table: Any) -> None:
+    def remove_map(self, table: Any, forks: Any = None) -> None:
         with self._lock:
             self._maps = [known for known in self._maps if known is not table]
+            self._forks = [known for known in self._forks if known is not forks]
+
+    def parent_of(self, pid: int) -> int | None:
+        """The parent whose layout BPF walked pid with (a fork the agent did not see)."""
+        with self._lock:
+            for forks in self._forks:
+                try:
+                    return int(forks[forks.Key(pid)].value)
+                except KeyError:
+                    continue
+        return None
 
     def set(self, pid: int, info: bytes) -> None:
         with self._lock:

@@ -46,6 +46,7 @@ class ProcessSnapshot:
     mappings: list[Mapping]  # executable ones, sorted by start
     # When taken, or last found still current (time.monotonic()).
     checked_at: float = field(default_factory=time.monotonic)
+    ppid: int = 0  # its parent when taken (0: unknown)
     _starts: list[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -99,7 +100,9 @@ def take_snapshot(pid: int, elf_cache: ElfCache) -> ProcessSnapshot | None:
         exe = os.readlink(f"/proc/{pid}/exe")
     except OSError:
         exe = ""
-    return ProcessSnapshot(pid, _nspid(status, pid), comm, start_time, exe, mappings)
+    return ProcessSnapshot(
+        pid, _nspid(status, pid), comm, start_time, exe, mappings, ppid=_ppid(status)
+    )
 
 
 def read_stat(pid: int) -> tuple[str, int]:
@@ -115,6 +118,13 @@ def read_stat(pid: int) -> tuple[str, int]:
     if open_paren < 0 or len(fields) < 20 or fields[0] in ("Z", "X"):
         raise ProcessLookupError(pid)
     return stat[open_paren + 1 : close_paren], int(fields[19])
+
+
+def _ppid(status: str) -> int:
+    for line in status.split("\n"):
+        if line.startswith("PPid:"):
+            return int(line.split()[1])
+    return 0
 
 
 def _nspid(status: str, pid: int) -> int:

@@ -13,7 +13,11 @@ below, one per minor version, as CPython keeps these layouts within one.
 Code objects are read from the process's memory when a drain names them, and cached by
 (process, address, tag): the tag is what BPF read of the code object at the sample, so an
 address freed and reused by other code is read again, and a sample whose code is gone is
-shown as such, never as another function.
+shown as such, never as another function (what is read must also be a code object: its
+type is the interpreter's PyCode_Type). A forked child (multiprocessing, PySpark's and
+gunicorn's workers) that exited before its last samples were named has its code read from
+its parent, where code from before the fork lives at the same address: the same checks
+apply, and code the child made itself stays unnamed.
 """
 
 from __future__ import annotations
@@ -198,7 +202,7 @@ _EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
 _PHDR = struct.Struct("<IIQQQQQQ")
 _SHDR = struct.Struct("<IIQQQQIIQQ")
 _SYM = struct.Struct("<IBBHQQ")
-_WANTED = (b"_PyRuntime", b"Py_Version")
+_WANTED = (b"_PyRuntime", b"Py_Version", b"PyCode_Type")
 
 
 class _Image(NamedTuple):
@@ -291,19 +295,23 @@ class CodeInfo(NamedTuple):
 # A code object that could not be read (cached too: its process is gone, or the address
 # holds other code now).
 _UNREADABLE = CodeInfo("", "", 0, b"")
+# Where an import path starts in a file name: inside a zip archive (zipimport), or under a
+# site-packages folder.
+_IMPORT_ROOT = re.compile(r"\.(?:zip|egg|pyz|whl)/|/(?:site|dist)-packages/")
 
 
 def module_name(filename: str) -> str:
-    """A dotted module name from a code object's file: the path under site-packages or
+    """A dotted module name from a code object's file: the path inside a zip archive
+    (zipimport: PySpark's workers import pyspark from pyspark.zip), under site-packages or
     the standard library, else the file's stem (`<frozen importlib._bootstrap>` keeps its
     module)."""
     if filename.startswith("<frozen ") and filename.endswith(">"):
         return filename[8:-1]
     path = filename.removesuffix(".py")
-    for marker in ("/site-packages/", "/dist-packages/"):
-        if marker in path:
-            path = path.rsplit(marker, 1)[1]
-            break
+    # The last archive or site folder: what follows is the import path.
+    inside = [found.end() for found in _IMPORT_ROOT.finditer(path)]
+    if inside:
+        path = path[inside[-1] :]
     else:
         stdlib = re.search(r"/lib/python3\.\d+/", path)
         # Elsewhere, the file (a package: its folder) without what it is imported as.
@@ -399,15 +407,18 @@ class _Process(NamedTuple):
     start_time: int
     exe: str  # an exec keeps pid and start time: a new exe is a new program
     layout: Layout
+    code_type: int  # PyCode_Type's address in the process; 0: unknown (not checked)
+    parent: int  # where code is read once the process is gone (it may be a fork)
 
 
 class PythonProcesses:
     """Python processes: their layouts (published to the BPF walker through `targets`)
     and their code objects' names.
 
-    stats: processes found and refused (unsupported version), code objects read, reads
-    that failed (process gone, address no longer a code object), frames named, stacks
-    merged whole into their native stack and those whose native part was cut short.
+    stats: processes found and refused (unsupported version), code objects read, those
+    read from the parent of an exited fork, reads that failed (process gone, address no
+    longer a code object), frames named, stacks merged whole into their native stack and
+    those whose native part was cut short.
     """
 
     def __init__(self, targets: PythonTargets = TARGETS, max_code_objects: int = 65536) -> None:
@@ -417,8 +428,8 @@ class PythonProcesses:
         self._images: LruCache[tuple[int, int, int, int], _Image | None] = LruCache(64)
         self._codes: LruCache[tuple[int, int, int, int], CodeInfo] = LruCache(max_code_objects)
         self.stats = dict.fromkeys(
-            ("processes", "unsupported", "code_reads", "code_unreadable", "frames",
-             "merged", "cut_native"), 0,
+            ("processes", "unsupported", "code_reads", "code_from_parent", "code_unreadable",
+             "frames", "merged", "cut_native"), 0,
         )  # fmt: skip
 
     def observe(self, snapshot: ProcessSnapshot) -> None:
@@ -451,7 +462,14 @@ class PythonProcesses:
                     SUPPORTED.start, SUPPORTED.stop - 1,
                 )  # fmt: skip
                 return
-            self._processes[snapshot.pid] = _Process(snapshot.start_time, snapshot.exe, layout)
+            code_type = image.symbols.get(b"PyCode_Type")
+            self._processes[snapshot.pid] = _Process(
+                snapshot.start_time,
+                snapshot.exe,
+                layout,
+                bias + code_type if code_type else 0,
+                snapshot.ppid,
+            )
             self._targets.set(snapshot.pid, proc_info(layout, bias + runtime))
             self.stats["processes"] += 1
             log.info("pid %d (%s): Python 3.%d, frames walked", snapshot.pid, snapshot.comm, minor)
@@ -464,7 +482,7 @@ class PythonProcesses:
 
     def frames(self, pid: int, stack: Sequence[PythonFrame]) -> list[tuple[Frame, bool]]:
         """(frame, outermost of its eval call) for each recorded frame, leaf first."""
-        process = self._processes.get(pid)
+        process = self._processes.get(pid) or self._fork_of(pid)
         named = []
         for code, instr, tag in stack:
             if (code, instr, tag) == TRUNCATED:
@@ -480,6 +498,13 @@ class PythonProcesses:
             named.append((frame, entry))
         self.stats["frames"] += len(named)
         return named
+
+    def _fork_of(self, pid: int) -> _Process | None:
+        """A child BPF walked with its parent's layout, gone before the agent looked at
+        it: its code is read from the parent (see _code)."""
+        parent = self._targets.parent_of(pid)
+        known = self._processes.get(parent) if parent else None
+        return known._replace(parent=parent) if known is not None and parent else None
 
     def merge(self, native: list[Frame], python: list[tuple[Frame, bool]]) -> list[Frame]:
         """The native stack (leaf first) with each eval function frame replaced by the
@@ -532,40 +557,68 @@ class PythonProcesses:
         key = (pid, process.start_time, code, tag)
         info = self._codes.get(key)
         if info is None:
-            info = self._read_code(pid, process.layout, code, tag) or _UNREADABLE
+            self.stats["code_reads"] += 1
+            try:
+                info = _read_code(pid, process, code, tag)
+            except ProcessLookupError:
+                # Gone: if it was forked, its parent holds the code it did not make itself.
+                info = self._read_from_parent(process, code, tag)
+            if info is None:
+                self.stats["code_unreadable"] += 1
+            info = info or _UNREADABLE
             self._codes.put(key, info)
         return info if info is not _UNREADABLE else None
 
-    def _read_code(self, pid: int, layout: Layout, code: int, tag: int) -> CodeInfo | None:
-        self.stats["code_reads"] += 1
-        try:
-            fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            self.stats["code_unreadable"] += 1
+    def _read_from_parent(self, process: _Process, code: int, tag: int) -> CodeInfo | None:
+        if not process.parent:
             return None
         try:
+            info = _read_code(process.parent, process, code, tag)
+        except ProcessLookupError:
+            return None
+        self.stats["code_from_parent"] += info is not None
+        return info
+
+
+def _read_code(pid: int, process: _Process, code: int, tag: int) -> CodeInfo | None:
+    """The code object sampled at `code` of pid's memory, laid out as `process`'s; None if
+    it is not there any more. Raises ProcessLookupError if pid's memory has nothing at
+    `code`: the process exited (its memory reads as empty), or freed that memory."""
+    try:
+        fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ProcessLookupError(pid) from exc
+    try:
+        try:
             header = os.pread(fd, _CODE_HEADER_BYTES, code)
-            if len(header) < _CODE_HEADER_BYTES or code_tag(layout, header) != tag:
-                raise ValueError("not the code object sampled")
+        except OSError:
+            header = b""
+        if len(header) < _CODE_HEADER_BYTES:
+            raise ProcessLookupError(pid)
+        layout = process.layout
+        if code_tag(layout, header) != tag or (
+            process.code_type and int.from_bytes(header[8:16], "little") != process.code_type
+        ):
+            return None  # not the code object sampled
 
-            def pointer(offset: int) -> int:
-                return int.from_bytes(header[offset : offset + 8], "little")
+        def pointer(offset: int) -> int:
+            return int.from_bytes(header[offset : offset + 8], "little")
 
+        try:
             filename = _read_str(fd, layout, pointer(layout.code_filename))
             qualname_at = layout.code_qualname
             if qualname_at == _PY_NO_FIELD:
                 qualname_at = layout.code_name
             qualname = _read_str(fd, layout, pointer(qualname_at))
             linetable = _read_bytes(fd, pointer(layout.code_linetable))
-            firstlineno = int.from_bytes(
-                header[layout.code_firstlineno : layout.code_firstlineno + 4], "little"
-            )
         except (OSError, ValueError, UnicodeDecodeError):
-            self.stats["code_unreadable"] += 1
             return None
-        finally:
-            os.close(fd)
-        return CodeInfo(f"{module_name(filename)}.{qualname}", filename, firstlineno, linetable)
+    finally:
+        os.close(fd)
+    firstlineno = int.from_bytes(
+        header[layout.code_firstlineno : layout.code_firstlineno + 4], "little"
+    )
+    return CodeInfo(f"{module_name(filename)}.{qualname}", filename, firstlineno, linetable)
 
 
 def _is_eval(name: str) -> bool:
