@@ -8,7 +8,7 @@ import shutil
 import signal
 import subprocess
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -17,16 +17,18 @@ import pyarrow as pa
 import pytest
 
 from fleetprof import workloads
+from fleetprof.aggregator.partitions import Partitions
 from fleetprof.aggregator.server import Aggregator
 from fleetprof.aggregator.storage import ProfileStore
 from fleetprof.cli import main
 from fleetprof.node_agent.batch import StackRow, stacks_table
 from fleetprof.node_agent.samplers.lock import lock_or_wait
 from fleetprof.node_agent.symbolize.frame import Frame
-from fleetprof.proto import schema
+from fleetprof.proto import lake, schema
 from fleetprof.query.filters import SampleFilter
 from fleetprof.query.flame import load_flame
 from fleetprof.query.flame_tree import FlameNode
+from fleetprof.query.fleet import FleetSource
 from fleetprof.query.source import AggregatorSource
 from tests.conftest import require, require_ebpf
 from tests.test_end_to_end import weight_under
@@ -448,6 +450,100 @@ def test_old_databases_convert_when_opened(tmp_path: Path) -> None:
             store.close()
         assert found == {i: new for i, (_, _, new) in OLD_STACKS.items()}
         assert total == 1000 * sum(ids)
+
+
+def old_samples(ts: datetime) -> pa.Table:
+    """One row per stack of OLD_STACKS as an agent before the split sent it (weight 1000 x id)."""
+    ids = list(OLD_STACKS)
+    return schema.samples_table(
+        {
+            "ts": pa.array([ts] * len(ids), pa.timestamp("us", tz="UTC")),
+            "pid": [7] * len(ids),
+            "tid": [7] * len(ids),
+            "comm": ["app"] * len(ids),
+            "event": [OLD_STACKS[i][1] for i in ids],
+            "stack_id": ids,
+            "weight": [1000 * i for i in ids],
+        }
+    )
+
+
+def events_of(source: FleetSource | ProfileStore) -> dict[tuple[int, str], int]:
+    """Weight per (stack, event) of the `samples` view."""
+    sql = "SELECT stack_id, event, sum(weight) AS w FROM samples GROUP BY ALL"
+    if isinstance(source, ProfileStore):
+        rows = source.reader().execute(sql).fetchall()
+    else:
+        with source.stream(sql) as reader:
+            rows = [tuple(row.values()) for row in reader.read_all().to_pylist()]
+    return {(stack, event): int(weight) for stack, event, weight in rows}
+
+
+def test_old_lake_files_read_converted_and_are_rewritten(tmp_path: Path) -> None:
+    path, lake_dir, name = tmp_path / "old.duckdb", tmp_path / "lake", "old-aggregator"
+    now = datetime.now(UTC)
+    sealed_hour = lake.hour_start(now) - timedelta(hours=2)
+    stacks = stacks_table({i: stack for i, (stack, _, _) in OLD_STACKS.items()})
+    # An hour sealed and one still open, as an earlier release left them: the same rows
+    # (old agents' events), files without the marker, no record of any conversion.
+    store = ProfileStore(path, lake_dir, name)
+    for sequence, ts in enumerate((sealed_hour + timedelta(minutes=5), now), 1):
+        store.append("old-agent", sequence, "node-a", old_samples(ts), stacks)
+    Partitions(store).seal(lake.hour_start(now))
+    files = [
+        Path(p)
+        for (p,) in store.reader()
+        .execute("SELECT lake || '/' || path FROM sealed_files WHERE table_name = 'samples'")
+        .fetchall()
+    ]
+    store.close()
+    assert len(files) == 1
+    with duckdb.connect(str(path)) as db:
+        for file in files:  # as the earlier release's seal wrote it
+            copy = file.with_name(f".{file.name}.tmp")
+            db.execute(f"COPY (FROM '{file}') TO '{copy}' (FORMAT parquet, COMPRESSION zstd)")
+            copy.replace(file)
+        db.execute("DROP TABLE converted_events")
+        db.execute("DROP TABLE old_event_files")
+        db.execute("DROP TABLE old_event_stacks")
+    raw = duckdb.sql(f"SELECT DISTINCT event FROM read_parquet('{files[0]}')").fetchall()
+    assert sorted(raw) == [("io",), ("lock",)]
+    assert duckdb.sql(lake.unmarked_sql(files)).fetchall() == [(str(files[0]),)]
+
+    expected = {(i, new): 1000 * i for i, (_, _, new) in OLD_STACKS.items()}
+    # The lake alone, its aggregator gone: files of old events are read converted.
+    fleet = FleetSource(lake_dir, [])
+    try:
+        assert events_of(fleet) == expected
+    finally:
+        fleet.close()
+    # Opened by this release: the open hour's rows and the sealed file's read converted, and
+    # so does a fleet query over the aggregator and the lake, before maintenance runs.
+    server = Aggregator(path, "127.0.0.1:0", lake_dir=lake_dir, name=name)
+    server.start()
+    fleet = FleetSource(lake_dir, [server.address])
+    try:
+        assert events_of(server.store) == {k: 2 * w for k, w in expected.items()}
+        assert events_of(fleet) == {k: 2 * w for k, w in expected.items()}
+        # The first maintenance pass rewrites the file with its events converted.
+        Partitions(server.store).maintain()
+        assert events_of(server.store) == {k: 2 * w for k, w in expected.items()}
+        assert events_of(fleet) == {k: 2 * w for k, w in expected.items()}
+        (rewritten,) = (
+            server.store.reader()
+            .execute("SELECT lake || '/' || path FROM sealed_files WHERE table_name = 'samples'")
+            .fetchall()
+        )
+        assert not files[0].exists()
+        raw = duckdb.sql(
+            f"SELECT stack_id, event, sum(weight) FROM read_parquet('{rewritten[0]}') GROUP BY ALL"
+        ).fetchall()
+        assert {(i, e): w for i, e, w in raw} == expected
+        assert server.store.reader().execute("FROM old_event_files").fetchall() == []
+        assert duckdb.sql(lake.unmarked_sql([rewritten[0]])).fetchall() == []
+    finally:
+        fleet.close()
+        server.stop(grace_s=0)
 
 
 def native(*names: str) -> list[Frame]:
