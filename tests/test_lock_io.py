@@ -171,6 +171,37 @@ def test_mutex_contention_is_lock_and_the_join_is_wait(
     assert "update_shared_ledger" in top["waiting_in"]
 
 
+def kernel_stack_weight(aggregator: Aggregator, event: str, pid: int, function: str) -> int:
+    """The weight of a process's stacks with kernel frames under `function`, in an event."""
+    (total,) = (
+        aggregator.store.reader()
+        .execute(
+            "SELECT coalesce(sum(weight), 0) FROM samples JOIN stacks USING (stack_id) "
+            "WHERE event = ? AND pid = ? AND list_contains(kinds, 'kernel') "
+            "AND list_contains(frames, ?)",
+            [event, pid, function],
+        )
+        .fetchone()
+    )
+    return int(total)
+
+
+def test_kernel_lock_contention_is_lock(aggregator, running_agent, waits_binary) -> None:
+    agent = running_agent(events=("lock", "wait"))
+    threads = 4
+    # Threads mapping and unmapping memory: they contend for the mmap lock (a rwsem).
+    pid, wall = run_waits(waits_binary, "mmap", 3, threads)
+    agent.stop()
+    contended = kernel_stack_weight(aggregator, "lock", pid, "remap_scratch")
+    # Mostly one thread holds the lock while the others wait (seen here: 1.4 x wall).
+    assert contended >= 0.5 * wall * NS, contended / NS
+    # The lock profile is that contention, in the kernel under the program's own function
+    # (kernel frames such as down_write_killable, rwsem_down_write_slowpath below it)...
+    assert contended >= 0.9 * flame(aggregator, "lock", pid).total
+    # ...and none of it is a wait.
+    assert kernel_stack_weight(aggregator, "wait", pid, "remap_scratch") == 0
+
+
 def test_sampled_short_waits_keep_their_total(waits_binary) -> None:
     require_ebpf()
     from fleetprof.node_agent.samplers import SamplerOptions
@@ -209,13 +240,18 @@ def threads_named(pid: int, prefix: str) -> set[int]:
     return tids
 
 
-def test_java_monitor_contention_is_lock_and_an_idle_pool_is_wait(
-    aggregator, running_agent, contention_classes
+# The workers contend for a monitor (synchronized) or a java.util.concurrent ReentrantLock,
+# in the method named.
+@pytest.mark.parametrize(
+    ("lock", "method"), [("monitor", "appendToJournal"), ("reentrant", "postToLedger")]
+)
+def test_java_lock_contention_is_lock_and_an_idle_pool_is_wait(
+    aggregator, running_agent, contention_classes, lock: str, method: str
 ) -> None:
     agent = running_agent(events=("lock", "wait"))
     seconds, threads, idle_threads = 8, 4, 3
     process = workloads.start_java(
-        contention_classes, seconds, threads, main=workloads.CONTENTION_MAIN
+        contention_classes, seconds, threads, main=workloads.CONTENTION_MAIN, arguments=[lock]
     )
     # The idle pool's threads, by name, once the JVM has started them.
     deadline = time.monotonic() + seconds
@@ -227,13 +263,14 @@ def test_java_monitor_contention_is_lock_and_an_idle_pool_is_wait(
     agent.stop()
     assert len(idle) == idle_threads, idle
     tree = flame(aggregator, "lock", process.pid)
-    # Three of the four writers wait for the monitor at any time; the JVM's own threads
+    # Three of the four writers wait for the lock at any time; the JVM's own threads
     # (GC, compiler, ...) wait too, elsewhere.
-    contended = sum(node.total for node in outermost(tree, "appendToJournal"))
+    contended = sum(node.total for node in outermost(tree, method))
     assert contended >= 0.3 * (threads - 1) * seconds * NS, contended / NS
-    # Entering the monitor parks in pthread_cond_wait, as waits do: it is still lock.
+    # Entering a monitor or a ReentrantLock parks in pthread_cond_wait, as waits do: it is
+    # still lock.
     waiting = flame(aggregator, "wait", process.pid)
-    assert sum(node.total for node in outermost(waiting, "appendToJournal")) <= 0.05 * contended
+    assert sum(node.total for node in outermost(waiting, method)) <= 0.05 * contended
     # The idle pool's threads wait for tasks all along: wait, never lock.
     parked = weights_of(aggregator, "wait", process.pid, idle)
     assert parked >= 0.5 * idle_threads * seconds * NS, parked / NS
