@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import re
 import shutil
@@ -25,6 +27,7 @@ from fleetprof.node_agent.batch import StackRow, stacks_table
 from fleetprof.node_agent.samplers.lock import lock_or_wait
 from fleetprof.node_agent.symbolize.frame import Frame
 from fleetprof.proto import lake, schema
+from fleetprof.proto.pprof import profile_pb2
 from fleetprof.query.filters import SampleFilter
 from fleetprof.query.flame import load_flame
 from fleetprof.query.flame_tree import FlameNode
@@ -487,6 +490,17 @@ def test_old_databases_convert_when_opened(tmp_path: Path) -> None:
             store.close()
         assert found == {i: new for i, (_, _, new) in OLD_STACKS.items()}
         assert total == 1000 * sum(ids)
+    # Exports say each event's unit: time, in nanoseconds.
+    pprof, speedscope = tmp_path / "block.pb.gz", tmp_path / "wait.json"
+    assert main(["flamegraph", "--db", str(path), "--event", "block", "-o", str(pprof)]) == 0
+    profile = profile_pb2.Profile.FromString(gzip.decompress(pprof.read_bytes()))
+    strings = profile.string_table
+    types = [(strings[t.type], strings[t.unit]) for t in profile.sample_type]
+    assert types == [("block", "nanoseconds")]
+    assert sum(sample.value[0] for sample in profile.sample) == 2000
+    assert main(["flamegraph", "--db", str(path), "--event", "wait", "-o", str(speedscope)]) == 0
+    (waits,) = json.loads(speedscope.read_text())["profiles"]
+    assert (waits["unit"], sum(waits["weights"])) == ("nanoseconds", 4000 + 6000)
 
 
 def old_samples(ts: datetime) -> pa.Table:
