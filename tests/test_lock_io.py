@@ -530,7 +530,9 @@ def events_of(source: FleetSource | ProfileStore) -> dict[tuple[int, str], int]:
     return {(stack, event): int(weight) for stack, event, weight in rows}
 
 
-def test_old_lake_files_read_converted_and_are_rewritten(tmp_path: Path) -> None:
+# The old file rewritten by the first maintenance pass, or by downsampling before that.
+@pytest.mark.parametrize("rewrite", ["maintain", "downsample"])
+def test_old_lake_files_read_converted_and_are_rewritten(tmp_path: Path, rewrite: str) -> None:
     path, lake_dir, name = tmp_path / "old.duckdb", tmp_path / "lake", "old-aggregator"
     now = datetime.now(UTC)
     sealed_hour = lake.hour_start(now) - timedelta(hours=2)
@@ -576,8 +578,12 @@ def test_old_lake_files_read_converted_and_are_rewritten(tmp_path: Path) -> None
     try:
         assert events_of(server.store) == {k: 2 * w for k, w in expected.items()}
         assert events_of(fleet) == {k: 2 * w for k, w in expected.items()}
-        # The first maintenance pass rewrites the file with its events converted.
-        Partitions(server.store).maintain()
+        # The file is rewritten with its events converted.
+        partitions = Partitions(server.store)
+        if rewrite == "maintain":
+            partitions.maintain()
+        else:
+            partitions.downsample(lake.hour_start(now))
         assert events_of(server.store) == {k: 2 * w for k, w in expected.items()}
         assert events_of(fleet) == {k: 2 * w for k, w in expected.items()}
         (rewritten,) = (
