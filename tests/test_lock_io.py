@@ -455,54 +455,6 @@ OLD_STACKS = {
 }
 
 
-def test_old_databases_convert_when_opened(tmp_path: Path) -> None:
-    path = tmp_path / "old.duckdb"
-    server = Aggregator(path, "127.0.0.1:0")
-    server.start()
-    now = datetime.now(UTC)
-    ids = list(OLD_STACKS)
-    old_samples = schema.samples_table(
-        {
-            "ts": [now] * len(ids),
-            "pid": [7] * len(ids),
-            "tid": [7] * len(ids),
-            "comm": ["app"] * len(ids),
-            "event": [OLD_STACKS[i][1] for i in ids],
-            "stack_id": ids,
-            "weight": [1000 * i for i in ids],
-        }
-    )
-    rows = {i: stack for i, (stack, _, _) in OLD_STACKS.items()}
-    send(
-        server,
-        batch(1, samples=schema.encode(old_samples), stacks=schema.encode(stacks_table(rows))),
-    )
-    server.stop(grace_s=0)
-    # What a database of an earlier release lacks: the record of its conversion.
-    with duckdb.connect(str(path)) as db:
-        db.execute("DROP TABLE converted_events")
-    for _ in range(2):  # converted once; opened again, it stays as it is
-        store = ProfileStore(path)
-        try:
-            found = dict(store.reader().execute("SELECT stack_id, event FROM samples").fetchall())
-            (total,) = store.reader().execute("SELECT sum(weight) FROM samples").fetchone()
-        finally:
-            store.close()
-        assert found == {i: new for i, (_, _, new) in OLD_STACKS.items()}
-        assert total == 1000 * sum(ids)
-    # Exports say each event's unit: time, in nanoseconds.
-    pprof, speedscope = tmp_path / "block.pb.gz", tmp_path / "wait.json"
-    assert main(["flamegraph", "--db", str(path), "--event", "block", "-o", str(pprof)]) == 0
-    profile = profile_pb2.Profile.FromString(gzip.decompress(pprof.read_bytes()))
-    strings = profile.string_table
-    types = [(strings[t.type], strings[t.unit]) for t in profile.sample_type]
-    assert types == [("block", "nanoseconds")]
-    assert sum(sample.value[0] for sample in profile.sample) == 2000
-    assert main(["flamegraph", "--db", str(path), "--event", "wait", "-o", str(speedscope)]) == 0
-    (waits,) = json.loads(speedscope.read_text())["profiles"]
-    assert (waits["unit"], sum(waits["weights"])) == ("nanoseconds", 4000 + 6000)
-
-
 def old_samples(ts: datetime) -> pa.Table:
     """One row per stack of OLD_STACKS as an agent before the split sent it (weight 1000 x id)."""
     ids = list(OLD_STACKS)
@@ -517,6 +469,39 @@ def old_samples(ts: datetime) -> pa.Table:
             "weight": [1000 * i for i in ids],
         }
     )
+
+
+def test_old_databases_convert_when_opened(tmp_path: Path) -> None:
+    path = tmp_path / "old.duckdb"
+    server = Aggregator(path, "127.0.0.1:0")
+    server.start()
+    samples = schema.encode(old_samples(datetime.now(UTC)))
+    rows = {i: stack for i, (stack, _, _) in OLD_STACKS.items()}
+    send(server, batch(1, samples=samples, stacks=schema.encode(stacks_table(rows))))
+    server.stop(grace_s=0)
+    # What a database of an earlier release lacks: the record of its conversion.
+    with duckdb.connect(str(path)) as db:
+        db.execute("DROP TABLE converted_events")
+    for _ in range(2):  # converted once; opened again, it stays as it is
+        store = ProfileStore(path)
+        try:
+            found = dict(store.reader().execute("SELECT stack_id, event FROM samples").fetchall())
+            (total,) = store.reader().execute("SELECT sum(weight) FROM samples").fetchone()
+        finally:
+            store.close()
+        assert found == {i: new for i, (_, _, new) in OLD_STACKS.items()}
+        assert total == 1000 * sum(OLD_STACKS)
+    # Exports say each event's unit: time, in nanoseconds.
+    pprof, speedscope = tmp_path / "block.pb.gz", tmp_path / "wait.json"
+    assert main(["flamegraph", "--db", str(path), "--event", "block", "-o", str(pprof)]) == 0
+    profile = profile_pb2.Profile.FromString(gzip.decompress(pprof.read_bytes()))
+    strings = profile.string_table
+    types = [(strings[t.type], strings[t.unit]) for t in profile.sample_type]
+    assert types == [("block", "nanoseconds")]
+    assert sum(sample.value[0] for sample in profile.sample) == 2000
+    assert main(["flamegraph", "--db", str(path), "--event", "wait", "-o", str(speedscope)]) == 0
+    (waits,) = json.loads(speedscope.read_text())["profiles"]
+    assert (waits["unit"], sum(waits["weights"])) == ("nanoseconds", 4000 + 6000)
 
 
 def events_of(source: FleetSource | ProfileStore) -> dict[tuple[int, str], int]:
