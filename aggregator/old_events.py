@@ -23,8 +23,6 @@ for old by mistake reads the same.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import duckdb
 
 from fleetprof.aggregator.label_sets import LABELS
@@ -96,9 +94,7 @@ def _list_old_files(cur: duckdb.DuckDBPyConnection) -> None:
     if not files:
         return
     cur.execute(f"INSERT OR IGNORE INTO old_event_files {lake.unmarked_sql(files)}")
-    old: Sequence[str] = [
-        path for (path,) in cur.execute("SELECT path FROM old_event_files").fetchall()
-    ]
+    old = [path for (path,) in cur.execute("SELECT path FROM old_event_files").fetchall()]
     if old:
         rows = f"SELECT stack_id, event FROM {lake.read_sql(old)}"
         cur.execute(

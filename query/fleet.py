@@ -161,7 +161,7 @@ class FleetSource:
         """An in-memory database whose views are the live rows and the lake files (paths
         relative to the lake) that `read` accepts."""
         conn = duckdb.connect()
-        # samples last: files of old events are read with their stacks (new_events)
+        # samples last: files of old events are read with their stacks
         for table in sorted(layout.TABLES, key=lambda t: t == "samples"):
             parts = []
             if self._lake is not None:
@@ -203,8 +203,9 @@ def _lake_scans(conn: duckdb.DuckDBPyConnection, table: str, files: list[Path]) 
     scans = [layout.scan_sql(table, new)] if new else []
     if old:
         rows = f"SELECT stack_id, event FROM {layout.read_sql(sorted(old))}"
-        conn.execute(f"CREATE TABLE new_events AS {new_events_sql(rows, 'stacks')}", PARAMETERS)
-        scans.append(layout.scan_sql(table, sorted(old), "new_events"))
+        new_events = new_events_sql(rows, "stacks")
+        conn.execute(f"CREATE TABLE old_event_stacks AS {new_events}", PARAMETERS)
+        scans.append(layout.scan_sql(table, sorted(old), "old_event_stacks"))
     return scans
 
 
