@@ -10,7 +10,15 @@ database is opened (docs/events.md "Older data"):
 
 Each conversion moves rows to a twin of their label set with the new event, in the
 transaction that opens the store, and is recorded in converted_events so it runs once.
-Files already sealed into the lake are not rewritten: their rows keep the old events.
+
+Samples files sealed into the lake before (those without lake.MARKER) are converted as
+they are read: the same rule gives, in a table (stack_id, event, new_event), the events
+of their stacks that change (`new_events_sql`), and lake.scan_sql replaces them. The
+store lists its own such files in old_event_files (read so until partition maintenance
+rewrites them, aggregator/partitions.py); fleet queries check the files they read.
+The rule changes nothing in rows of agents after the split (their `io` stacks end in a
+syscall, their `lock` stacks' outermost lock-or-wait frame is a lock's), so a file taken
+for old by mistake reads the same.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import duckdb
 
 from fleetprof.aggregator.label_sets import LABELS
 from fleetprof.node_agent.samplers.lock import LOCKING_PATTERN, WAITING_PATTERN
+from fleetprof.proto import lake
 
 _MARKER = "regexp_full_match(ltrim(f, '_'), $locking) OR regexp_full_match(ltrim(f, '_'), $waiting)"
 # new event: (old event, condition on the row's stack `st`)
@@ -32,20 +41,71 @@ CONVERSIONS = {
 }
 
 
+PARAMETERS = {"locking": LOCKING_PATTERN, "waiting": WAITING_PATTERN}
+# The store's sealed samples files of old events (lake || '/' || path, as sealed_files
+# names them), and the events of their stacks that change.
+_LAKE_DDL = """
+CREATE TABLE IF NOT EXISTS old_event_files (path VARCHAR PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS old_event_stacks (
+    stack_id BIGINT NOT NULL, event VARCHAR NOT NULL, new_event VARCHAR NOT NULL
+);
+"""
+
+
 def convert_old_events(cur: duckdb.DuckDBPyConnection) -> None:
     """Run the conversions this database has not had, in the caller's transaction."""
     cur.execute("CREATE TABLE IF NOT EXISTS converted_events (event VARCHAR PRIMARY KEY)")
+    cur.execute(_LAKE_DDL)
     done = {event for (event,) in cur.execute("SELECT event FROM converted_events").fetchall()}
     for new, (old, condition) in CONVERSIONS.items():
         if new not in done:
             _move(cur, old, new, condition)
             cur.execute("INSERT INTO converted_events VALUES (?)", [new])
+    if "lake" not in done:
+        _list_old_files(cur)
+        cur.execute("INSERT INTO converted_events VALUES ('lake')")
+
+
+def new_events_sql(samples: str, stacks: str) -> str:
+    """DuckDB SQL of (stack_id, event, new_event): the events that change of the rows of
+    `samples` (SQL with stack_id and event columns), by their stacks in `stacks`; takes
+    PARAMETERS."""
+    cases = " ".join(
+        f"WHEN r.event = '{old}' AND ({condition}) THEN '{new}'"
+        for new, (old, condition) in CONVERSIONS.items()
+    )
+    return f"""
+        SELECT * FROM (
+            SELECT r.stack_id, r.event, CASE {cases} END AS new_event
+            FROM (SELECT DISTINCT stack_id, event FROM ({samples})) r
+            JOIN {stacks} st ON st.stack_id = r.stack_id
+        ) WHERE new_event IS NOT NULL
+    """
+
+
+def _list_old_files(cur: duckdb.DuckDBPyConnection) -> None:
+    """Note the sealed samples files without lake.MARKER, and how their events change."""
+    files = [
+        path
+        for (path,) in cur.execute(
+            "SELECT lake || '/' || path FROM sealed_files WHERE table_name = 'samples'"
+        ).fetchall()
+    ]
+    if not files:
+        return
+    cur.execute(f"INSERT OR IGNORE INTO old_event_files {lake.unmarked_sql(files)}")
+    old = [path for (path,) in cur.execute("SELECT path FROM old_event_files").fetchall()]
+    if old:
+        rows = f"SELECT stack_id, event FROM {lake.read_sql(old)}"
+        cur.execute(
+            f"INSERT INTO old_event_stacks {new_events_sql(rows, 'stack_rows')}", PARAMETERS
+        )
 
 
 def _move(cur: duckdb.DuckDBPyConnection, old: str, new: str, condition: str) -> None:
     parameters = {"old": old}
     if "$locking" in condition:
-        parameters |= {"locking": LOCKING_PATTERN, "waiting": WAITING_PATTERN}
+        parameters |= PARAMETERS
     cur.execute(
         f"""
         CREATE OR REPLACE TEMP TABLE moved_stacks AS

@@ -9,6 +9,8 @@ arrive late stay in DuckDB until the next pass seals them into a further file. F
 the lake the other way round (record removed in one transaction, then unlinked), and every
 file a pass may leave behind if it dies half-way is listed in `lake_pending` first, so the
 next pass removes it. Neither holds ingest's write lock, except stack pruning, briefly.
+Samples files sealed before events were split are rewritten with their events converted
+(aggregator/old_events.py), in the same way, by the first pass.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import duckdb
 
-from fleetprof.aggregator.storage import PARTITIONED, ProfileStore, refresh_views
+from fleetprof.aggregator.storage import PARTITIONED, ProfileStore, refresh_views, sealed_scan_sql
 from fleetprof.proto import lake
 from fleetprof.proto.lake import HOUR
 
@@ -104,6 +106,7 @@ class Partitions:
     def _maintain(self, now: datetime) -> None:
         policy = self.policy
         self.forget_unrecorded()
+        self.convert_old_files()
         self.seal(lake.hour_start(now - policy.seal_after))
         if policy.downsample_after is not None:
             self.downsample(lake.hour_start(now - policy.downsample_after))
@@ -179,8 +182,7 @@ class Partitions:
         final.parent.mkdir(parents=True, exist_ok=True)
         order = ", ".join(lake.SORT_KEYS[table])
         rows = cur.execute(
-            f"COPY ({select} ORDER BY {order}) TO {_quote(temporary)} "
-            "(FORMAT parquet, COMPRESSION zstd)"
+            f"COPY ({select} ORDER BY {order}) TO {_quote(temporary)} ({lake.COPY_OPTIONS})"
         ).fetchone()[0]
         if rows == 0:
             temporary.unlink()
@@ -252,7 +254,8 @@ class Partitions:
                     else c
                     for c in lake.COLUMNS[table]
                 ]
-                select = f"SELECT {', '.join(columns)} FROM {lake.read_sql(files)} GROUP BY ALL"
+                source = sealed_scan_sql(cur, table, files)  # old events converted
+                select = f"SELECT {', '.join(columns)} FROM ({source}) GROUP BY ALL"
                 written += self._write(cur, table, hour, select)
                 dropped += files
             rows_before = self._rows(cur, dropped)
@@ -269,6 +272,38 @@ class Partitions:
             f"{rows_before:,}",
             f"{sum(f.rows for f in written):,}",
         )
+
+    # --- converting old events ----------------------------------------------------------
+
+    def convert_old_files(self) -> None:
+        """Rewrite each samples file of events from before the split (old_event_files) with
+        its events converted, as the store's views read it."""
+        cur = self.store.reader()
+        old = cur.execute(
+            "SELECT o.path, s.hour, s.downsampled FROM old_event_files o "
+            "JOIN sealed_files s ON s.lake || '/' || s.path = o.path ORDER BY s.hour, o.path"
+        ).fetchall()
+        for path, hour, downsampled in old:
+            if self._stop.is_set():
+                return
+            self._convert_file(path, hour.astimezone(UTC), downsampled)
+
+    def _convert_file(self, path: str, hour: datetime, downsampled: bool) -> None:
+        cur = self.store.reader()
+        cur.execute("BEGIN")
+        written: list[_NewFile] = []
+        try:
+            columns = ", ".join(lake.COLUMNS["samples"])
+            select = f"SELECT {columns} FROM ({sealed_scan_sql(cur, 'samples', [path])})"
+            written = self._write(cur, "samples", hour, select)
+            self._commit(cur, written, [path], downsampled)
+        except BaseException:
+            self._abandon(cur, written)
+            raise
+        finally:
+            cur.close()
+        self._settle(written, [path])
+        log.info("converted the events of %s (sealed before the io/block, lock/wait split)", path)
 
     # --- dropping ------------------------------------------------------------------------
 
@@ -405,6 +440,10 @@ class Partitions:
                 {"paths": dropped},
             )
             cur.execute("INSERT INTO lake_pending SELECT unnest($paths)", {"paths": dropped})
+            cur.execute(
+                "DELETE FROM old_event_files WHERE list_contains($paths, path)", {"paths": dropped}
+            )
+            cur.execute("DELETE FROM old_event_stacks WHERE NOT EXISTS (FROM old_event_files)")
         refresh_views(cur)
         cur.execute("COMMIT")
 

@@ -214,8 +214,23 @@ def refresh_views(cur: duckdb.DuckDBPyConnection) -> None:
         live = _live_sql(view)
         cur.execute(f"CREATE OR REPLACE VIEW live_{view} AS {live}")
         files = sealed.get(view)
-        union = f"{live} UNION ALL {lake.scan_sql(view, files)}" if files else live
+        union = f"{live} UNION ALL {sealed_scan_sql(cur, view, files)}" if files else live
         cur.execute(f"CREATE OR REPLACE VIEW {view} AS {union}")
+
+
+def sealed_scan_sql(cur: duckdb.DuckDBPyConnection, table: str, files: list[str]) -> str:
+    """lake.scan_sql of some of the store's sealed files (non-empty), those of old events
+    (aggregator/old_events.py) with their events converted."""
+    old = {path for (path,) in cur.execute("SELECT path FROM old_event_files").fetchall()}
+    scans = [
+        lake.scan_sql(table, part, new_events)
+        for part, new_events in (
+            ([f for f in files if f not in old], None),
+            ([f for f in files if f in old], "old_event_stacks"),
+        )
+        if part
+    ]
+    return " UNION ALL ".join(scans)
 
 
 def _live_sql(view: str) -> str:

@@ -81,6 +81,8 @@ def agent_recording(setting: str, work: Path) -> Iterator[None]:
     time.sleep(2)  # past start-up
     try:
         yield
+        if not thread.is_alive():  # its traceback is above: the figures are not the agent's
+            raise RuntimeError(f"the agent stopped while {setting} was measured")
     finally:
         stop.set()
         thread.join()

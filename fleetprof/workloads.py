@@ -59,9 +59,11 @@ def start_java(
     threads: int = 2,
     options: Sequence[str] = ("-XX:+PreserveFramePointer",),
     main: str = JAVA_MAIN,
+    arguments: Sequence[str] = (),
     **popen: Any,
 ) -> subprocess.Popen[bytes]:
-    """Run Hotspots.java (or another `main` class taking SECONDS THREADS) with these JVM
-    options (frame pointers kept, by default)."""
+    """Run Hotspots.java (or another `main` class taking SECONDS THREADS, then
+    `arguments`) with these JVM options (frame pointers kept, by default)."""
     command = ["java", *options, "-cp", str(classes), main, str(seconds), str(threads)]
+    command += arguments
     return subprocess.Popen(command, **popen)

@@ -8,7 +8,10 @@ aggregators (which write it) and every reader of it (fleetprof query, Spark).
 Dates and hours are UTC; the hour is the hour of `ts` (for stacks: of the samples that
 reference them). Each file is written once under a hidden temporary name in its directory
 and renamed into place, so a reader listing `*.parquet` never sees a partial file. An
-aggregator writes and deletes only files carrying its own name.
+aggregator writes and deletes only files carrying its own name. Each file carries the
+Parquet key-value metadata MARKER: a samples file without it was written before events
+were split (io/block, lock/wait: docs/events.md "Older data"), and its readers convert its
+events as they read it.
 """
 
 from __future__ import annotations
@@ -52,6 +55,10 @@ SORT_KEYS: dict[str, tuple[str, ...]] = {
     "processes": ("node", "pid", "ts"),
 }
 HOUR = timedelta(hours=1)
+# Key-value metadata of every file written since `io`/`block` and `lock`/`wait` are apart.
+MARKER = ("fleetprof_events", "split")
+# DuckDB's COPY options of a lake file.
+COPY_OPTIONS = f"FORMAT parquet, COMPRESSION zstd, KV_METADATA {{{MARKER[0]}: '{MARKER[1]}'}}"
 # Aggregator names: host-name characters, so `_` can separate the file number.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,127}$")
 _FILE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9.-]*)(?:_(?P<n>[1-9]\d*))?\.parquet$")
@@ -114,10 +121,7 @@ def table_glob(lake: str | Path, table: str) -> str:
 def read_sql(files: str | Sequence[str | Path]) -> str:
     """DuckDB's read_parquet over a glob or a list of files of one table (without the
     date/hour columns of the directory names)."""
-    if isinstance(files, str):
-        source = _quote(files)
-    else:
-        source = "[" + ", ".join(_quote(str(f)) for f in files) + "]"
+    source = _quote(files) if isinstance(files, str) else _list(files)
     return f"read_parquet({source}, hive_partitioning = false)"
 
 
@@ -126,14 +130,32 @@ def view_columns(table: str) -> tuple[str, ...]:
     return COLUMNS[table] + tuple(DERIVED.get(table, {}))
 
 
-def scan_sql(table: str, files: str | Sequence[str | Path]) -> str:
+def scan_sql(table: str, files: str | Sequence[str | Path], new_events: str | None = None) -> str:
     """DuckDB SQL selecting one table's view columns (qualified, so the query can sit in a
     view that table macros with same-named parameters use) from a glob or a list of files;
-    stacks keep one row per stack_id."""
+    stacks keep one row per stack_id. `new_events` names a table (stack_id, event,
+    new_event) of the samples' events to replace (files without MARKER)."""
     distinct = "DISTINCT ON (f.stack_id) " if table == "stacks" else ""
     columns = [f"f.{c}" for c in COLUMNS[table]]
     columns += [f"{sql} AS {name}" for name, sql in DERIVED.get(table, {}).items()]
-    return f"SELECT {distinct}{', '.join(columns)} FROM {read_sql(files)} f"
+    join = ""
+    if new_events is not None:
+        columns[COLUMNS[table].index("event")] = "coalesce(n.new_event, f.event) AS event"
+        join = f" LEFT JOIN {new_events} n ON n.stack_id = f.stack_id AND n.event = f.event"
+    return f"SELECT {distinct}{', '.join(columns)} FROM {read_sql(files)} f{join}"
+
+
+def unmarked_sql(files: Sequence[str | Path]) -> str:
+    """DuckDB SQL listing those of `files` (non-empty) that lack MARKER (`path` column)."""
+    marked = (
+        f"SELECT file_name FROM parquet_kv_metadata({_list(files)}) "
+        f"WHERE decode(key) = {_quote(MARKER[0])} AND decode(value) = {_quote(MARKER[1])}"
+    )
+    return f"SELECT unnest({_list(files)}) AS path EXCEPT {marked}"
+
+
+def _list(files: Sequence[str | Path]) -> str:
+    return "[" + ", ".join(_quote(str(f)) for f in files) + "]"
 
 
 def _quote(text: str) -> str:

@@ -28,6 +28,7 @@ from typing import TypeVar
 import duckdb
 import pyarrow as pa
 
+from fleetprof.aggregator.old_events import PARAMETERS, new_events_sql
 from fleetprof.proto import lake as layout
 from fleetprof.proto.security import ClientSecurity
 from fleetprof.query.sandbox import (
@@ -160,11 +161,12 @@ class FleetSource:
         """An in-memory database whose views are the live rows and the lake files (paths
         relative to the lake) that `read` accepts."""
         conn = duckdb.connect()
-        for table in layout.TABLES:
+        # samples last: files of old events are read with their stacks
+        for table in sorted(layout.TABLES, key=lambda t: t == "samples"):
             parts = []
             if self._lake is not None:
                 files = [self._lake / f for f in _lake_files(self._lake, table) if read(f)]
-                parts.append(layout.scan_sql(table, files) if files else _empty(table))
+                parts += _lake_scans(conn, table, files) or [_empty(table)]
             for i, tables in enumerate(t for t in live if table in t):
                 conn.register("fetched", tables[table])
                 conn.execute(f"CREATE TABLE live_{i}_{table} AS SELECT * FROM fetched")
@@ -186,6 +188,25 @@ def referenced_tables(sql: str) -> set[str]:
     if "frames" in words:  # the view over stacks
         words.add("stacks")
     return words & set(layout.TABLES)
+
+
+def _lake_scans(conn: duckdb.DuckDBPyConnection, table: str, files: list[Path]) -> list[str]:
+    """The SQL reading lake files of a table; samples files of agents before events were
+    split (without MARKER) are read with their events converted (aggregator/old_events.py),
+    by the stacks of the view `stacks`."""
+    if not files:
+        return []
+    old = set()
+    if table == "samples":
+        old = {Path(p) for (p,) in conn.execute(layout.unmarked_sql(files)).fetchall()}
+    new = [f for f in files if f not in old]
+    scans = [layout.scan_sql(table, new)] if new else []
+    if old:
+        rows = f"SELECT stack_id, event FROM {layout.read_sql(sorted(old))}"
+        new_events = new_events_sql(rows, "stacks")
+        conn.execute(f"CREATE TABLE old_event_stacks AS {new_events}", PARAMETERS)
+        scans.append(layout.scan_sql(table, sorted(old), "old_event_stacks"))
+    return scans
 
 
 def _lake_files(lake: Path, table: str) -> list[str]:

@@ -15,6 +15,8 @@ same files wherever they are mounted (a local path, `s3a://`, `abfss://`, ...):
 `register_views` makes the temp views `samples`, `stacks` (one row per stack_id),
 `processes`, `io_latency` and `frames`, with the columns of the aggregator's SQL views;
 `folded` gives the lines `fleetprof flamegraph -o x.folded` writes for the same selection.
+Samples files sealed before events were split (io/block, lock/wait) are read as they are,
+until their aggregator rewrites them (docs/events.md "Older data").
 """
 
 from __future__ import annotations

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -17,16 +19,19 @@ import pyarrow as pa
 import pytest
 
 from fleetprof import workloads
+from fleetprof.aggregator.partitions import Partitions
 from fleetprof.aggregator.server import Aggregator
 from fleetprof.aggregator.storage import ProfileStore
 from fleetprof.cli import main
 from fleetprof.node_agent.batch import StackRow, stacks_table
 from fleetprof.node_agent.samplers.lock import lock_or_wait
 from fleetprof.node_agent.symbolize.frame import Frame
-from fleetprof.proto import schema
+from fleetprof.proto import lake, schema
+from fleetprof.proto.pprof import profile_pb2
 from fleetprof.query.filters import SampleFilter
 from fleetprof.query.flame import load_flame
 from fleetprof.query.flame_tree import FlameNode
+from fleetprof.query.fleet import FleetSource
 from fleetprof.query.source import AggregatorSource
 from tests.conftest import require, require_ebpf
 from tests.test_end_to_end import weight_under
@@ -169,6 +174,37 @@ def test_mutex_contention_is_lock_and_the_join_is_wait(
     assert "update_shared_ledger" in top["waiting_in"]
 
 
+def kernel_stack_weight(aggregator: Aggregator, event: str, pid: int, function: str) -> int:
+    """The weight of a process's stacks with kernel frames under `function`, in an event."""
+    (total,) = (
+        aggregator.store.reader()
+        .execute(
+            "SELECT coalesce(sum(weight), 0) FROM samples JOIN stacks USING (stack_id) "
+            "WHERE event = ? AND pid = ? AND list_contains(kinds, 'kernel') "
+            "AND list_contains(frames, ?)",
+            [event, pid, function],
+        )
+        .fetchone()
+    )
+    return int(total)
+
+
+def test_kernel_lock_contention_is_lock(aggregator, running_agent, waits_binary) -> None:
+    agent = running_agent(events=("lock", "wait"))
+    threads = 4
+    # Threads mapping and unmapping memory: they contend for the mmap lock (a rwsem).
+    pid, wall = run_waits(waits_binary, "mmap", 3, threads)
+    agent.stop()
+    contended = kernel_stack_weight(aggregator, "lock", pid, "remap_scratch")
+    # Mostly one thread holds the lock while the others wait (seen here: 1.4 x wall).
+    assert contended >= 0.5 * wall * NS, contended / NS
+    # The lock profile is that contention, in the kernel under the program's own function
+    # (kernel frames such as down_write_killable, rwsem_down_write_slowpath below it)...
+    assert contended >= 0.9 * flame(aggregator, "lock", pid).total
+    # ...and none of it is a wait.
+    assert kernel_stack_weight(aggregator, "wait", pid, "remap_scratch") == 0
+
+
 def test_sampled_short_waits_keep_their_total(waits_binary) -> None:
     require_ebpf()
     from fleetprof.node_agent.samplers import SamplerOptions
@@ -207,13 +243,18 @@ def threads_named(pid: int, prefix: str) -> set[int]:
     return tids
 
 
-def test_java_monitor_contention_is_lock_and_an_idle_pool_is_wait(
-    aggregator, running_agent, contention_classes
+# The workers contend for a monitor (synchronized) or a java.util.concurrent ReentrantLock,
+# in the method named.
+@pytest.mark.parametrize(
+    ("lock", "method"), [("monitor", "appendToJournal"), ("reentrant", "postToLedger")]
+)
+def test_java_lock_contention_is_lock_and_an_idle_pool_is_wait(
+    aggregator, running_agent, contention_classes, lock: str, method: str
 ) -> None:
     agent = running_agent(events=("lock", "wait"))
     seconds, threads, idle_threads = 8, 4, 3
     process = workloads.start_java(
-        contention_classes, seconds, threads, main=workloads.CONTENTION_MAIN
+        contention_classes, seconds, threads, main=workloads.CONTENTION_MAIN, arguments=[lock]
     )
     # The idle pool's threads, by name, once the JVM has started them.
     deadline = time.monotonic() + seconds
@@ -225,13 +266,14 @@ def test_java_monitor_contention_is_lock_and_an_idle_pool_is_wait(
     agent.stop()
     assert len(idle) == idle_threads, idle
     tree = flame(aggregator, "lock", process.pid)
-    # Three of the four writers wait for the monitor at any time; the JVM's own threads
+    # Three of the four writers wait for the lock at any time; the JVM's own threads
     # (GC, compiler, ...) wait too, elsewhere.
-    contended = sum(node.total for node in outermost(tree, "appendToJournal"))
+    contended = sum(node.total for node in outermost(tree, method))
     assert contended >= 0.3 * (threads - 1) * seconds * NS, contended / NS
-    # Entering the monitor parks in pthread_cond_wait, as waits do: it is still lock.
+    # Entering a monitor or a ReentrantLock parks in pthread_cond_wait, as waits do: it is
+    # still lock.
     waiting = flame(aggregator, "wait", process.pid)
-    assert sum(node.total for node in outermost(waiting, "appendToJournal")) <= 0.05 * contended
+    assert sum(node.total for node in outermost(waiting, method)) <= 0.05 * contended
     # The idle pool's threads wait for tasks all along: wait, never lock.
     parked = weights_of(aggregator, "wait", process.pid, idle)
     assert parked >= 0.5 * idle_threads * seconds * NS, parked / NS
@@ -413,15 +455,12 @@ OLD_STACKS = {
 }
 
 
-def test_old_databases_convert_when_opened(tmp_path: Path) -> None:
-    path = tmp_path / "old.duckdb"
-    server = Aggregator(path, "127.0.0.1:0")
-    server.start()
-    now = datetime.now(UTC)
+def old_samples(ts: datetime) -> pa.Table:
+    """One row per stack of OLD_STACKS as an agent before the split sent it (weight 1000 x id)."""
     ids = list(OLD_STACKS)
-    old_samples = schema.samples_table(
+    return schema.samples_table(
         {
-            "ts": [now] * len(ids),
+            "ts": pa.array([ts] * len(ids), pa.timestamp("us", tz="UTC")),
             "pid": [7] * len(ids),
             "tid": [7] * len(ids),
             "comm": ["app"] * len(ids),
@@ -430,11 +469,15 @@ def test_old_databases_convert_when_opened(tmp_path: Path) -> None:
             "weight": [1000 * i for i in ids],
         }
     )
+
+
+def test_old_databases_convert_when_opened(tmp_path: Path) -> None:
+    path = tmp_path / "old.duckdb"
+    server = Aggregator(path, "127.0.0.1:0")
+    server.start()
+    samples = schema.encode(old_samples(datetime.now(UTC)))
     rows = {i: stack for i, (stack, _, _) in OLD_STACKS.items()}
-    send(
-        server,
-        batch(1, samples=schema.encode(old_samples), stacks=schema.encode(stacks_table(rows))),
-    )
+    send(server, batch(1, samples=samples, stacks=schema.encode(stacks_table(rows))))
     server.stop(grace_s=0)
     # What a database of an earlier release lacks: the record of its conversion.
     with duckdb.connect(str(path)) as db:
@@ -447,7 +490,102 @@ def test_old_databases_convert_when_opened(tmp_path: Path) -> None:
         finally:
             store.close()
         assert found == {i: new for i, (_, _, new) in OLD_STACKS.items()}
-        assert total == 1000 * sum(ids)
+        assert total == 1000 * sum(OLD_STACKS)
+    # Exports say each event's unit: time, in nanoseconds.
+    pprof, speedscope = tmp_path / "block.pb.gz", tmp_path / "wait.json"
+    assert main(["flamegraph", "--db", str(path), "--event", "block", "-o", str(pprof)]) == 0
+    profile = profile_pb2.Profile.FromString(gzip.decompress(pprof.read_bytes()))
+    strings = profile.string_table
+    types = [(strings[t.type], strings[t.unit]) for t in profile.sample_type]
+    assert types == [("block", "nanoseconds")]
+    assert sum(sample.value[0] for sample in profile.sample) == 2000
+    assert main(["flamegraph", "--db", str(path), "--event", "wait", "-o", str(speedscope)]) == 0
+    (waits,) = json.loads(speedscope.read_text())["profiles"]
+    assert (waits["unit"], sum(waits["weights"])) == ("nanoseconds", 4000 + 6000)
+
+
+def events_of(source: FleetSource | ProfileStore) -> dict[tuple[int, str], int]:
+    """Weight per (stack, event) of the `samples` view."""
+    sql = "SELECT stack_id, event, sum(weight) AS w FROM samples GROUP BY ALL"
+    if isinstance(source, ProfileStore):
+        rows = source.reader().execute(sql).fetchall()
+    else:
+        with source.stream(sql) as reader:
+            rows = [tuple(row.values()) for row in reader.read_all().to_pylist()]
+    return {(stack, event): int(weight) for stack, event, weight in rows}
+
+
+# The old file rewritten by the first maintenance pass, or by downsampling before that.
+@pytest.mark.parametrize("rewrite", ["maintain", "downsample"])
+def test_old_lake_files_read_converted_and_are_rewritten(tmp_path: Path, rewrite: str) -> None:
+    path, lake_dir, name = tmp_path / "old.duckdb", tmp_path / "lake", "old-aggregator"
+    now = datetime.now(UTC)
+    sealed_hour = lake.hour_start(now) - timedelta(hours=2)
+    stacks = stacks_table({i: stack for i, (stack, _, _) in OLD_STACKS.items()})
+    # An hour sealed and one still open, as an earlier release left them: the same rows
+    # (old agents' events), files without the marker, no record of any conversion.
+    store = ProfileStore(path, lake_dir, name)
+    for sequence, ts in enumerate((sealed_hour + timedelta(minutes=5), now), 1):
+        store.append("old-agent", sequence, "node-a", old_samples(ts), stacks)
+    Partitions(store).seal(lake.hour_start(now))
+    files = [
+        Path(p)
+        for (p,) in store.reader()
+        .execute("SELECT lake || '/' || path FROM sealed_files WHERE table_name = 'samples'")
+        .fetchall()
+    ]
+    store.close()
+    assert len(files) == 1
+    with duckdb.connect(str(path)) as db:
+        for file in files:  # as the earlier release's seal wrote it
+            copy = file.with_name(f".{file.name}.tmp")
+            db.execute(f"COPY (FROM '{file}') TO '{copy}' (FORMAT parquet, COMPRESSION zstd)")
+            copy.replace(file)
+        db.execute("DROP TABLE converted_events")
+        db.execute("DROP TABLE old_event_files")
+        db.execute("DROP TABLE old_event_stacks")
+    raw = duckdb.sql(f"SELECT DISTINCT event FROM read_parquet('{files[0]}')").fetchall()
+    assert sorted(raw) == [("io",), ("lock",)]
+    assert duckdb.sql(lake.unmarked_sql(files)).fetchall() == [(str(files[0]),)]
+
+    expected = {(i, new): 1000 * i for i, (_, _, new) in OLD_STACKS.items()}
+    # The lake alone, its aggregator gone: files of old events are read converted.
+    fleet = FleetSource(lake_dir, [])
+    try:
+        assert events_of(fleet) == expected
+    finally:
+        fleet.close()
+    # Opened by this release: the open hour's rows and the sealed file's read converted, and
+    # so does a fleet query over the aggregator and the lake, before maintenance runs.
+    server = Aggregator(path, "127.0.0.1:0", lake_dir=lake_dir, name=name)
+    server.start()
+    fleet = FleetSource(lake_dir, [server.address])
+    try:
+        assert events_of(server.store) == {k: 2 * w for k, w in expected.items()}
+        assert events_of(fleet) == {k: 2 * w for k, w in expected.items()}
+        # The file is rewritten with its events converted.
+        partitions = Partitions(server.store)
+        if rewrite == "maintain":
+            partitions.maintain()
+        else:
+            partitions.downsample(lake.hour_start(now))
+        assert events_of(server.store) == {k: 2 * w for k, w in expected.items()}
+        assert events_of(fleet) == {k: 2 * w for k, w in expected.items()}
+        (rewritten,) = (
+            server.store.reader()
+            .execute("SELECT lake || '/' || path FROM sealed_files WHERE table_name = 'samples'")
+            .fetchall()
+        )
+        assert not files[0].exists()
+        raw = duckdb.sql(
+            f"SELECT stack_id, event, sum(weight) FROM read_parquet('{rewritten[0]}') GROUP BY ALL"
+        ).fetchall()
+        assert {(i, e): w for i, e, w in raw} == expected
+        assert server.store.reader().execute("FROM old_event_files").fetchall() == []
+        assert duckdb.sql(lake.unmarked_sql([rewritten[0]])).fetchall() == []
+    finally:
+        fleet.close()
+        server.stop(grace_s=0)
 
 
 def native(*names: str) -> list[Frame]:

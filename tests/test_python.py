@@ -376,6 +376,10 @@ def test_code_objects_named_and_a_reused_address_never_misnamed() -> None:
     # Another code object at that address since the sample: its tag differs.
     [(other, _)] = processes.frames(os.getpid(), [(id(code), 0, tag ^ 1)])
     assert other.name == f"[python code 0x{id(code):x}]"
+    # A pointer read from memory reused since can be anything, past what pread takes.
+    wild = 0xFFFF_8000_0000_0000
+    [(unread, _)] = processes.frames(os.getpid(), [(wild, 0, tag)])
+    assert unread.name == f"[python code 0x{wild:x}]"
     processes.forget(os.getpid())
     assert os.getpid() not in targets
 

@@ -556,9 +556,16 @@ def test_browser_main_views(served: Aggregator, page: Any) -> None:
 def test_browser_time_event_in_milliseconds(aggregator: Aggregator, page: Any) -> None:
     waits = {1: 3_000_000, 2: 1_500_000, 3: 500_000}  # ns waited on a lock, per stack
     send(aggregator, message(1, waits, T0, event="lock"))
+    send(aggregator, message(2, {1: 2_000_000}, T0, event="wait"))
     page.goto(f"{aggregator.web.url}#top?event=lock")
     loaded(page, "top")
-    assert page.locator("#selection select[name=event]").input_value() == "lock"
+    picker = page.locator("#selection select[name=event]")
+    assert picker.input_value() == "lock"
+    # Every event, with its total in its unit: lock and wait apart, io and block apart.
+    choices = picker.locator("option").all_inner_texts()
+    assert {"lock (5.00 ms)", "wait (2.00 ms)", "io (no data)", "block (no data)"} <= set(
+        choices
+    ), choices
     first = page.locator("#top-table tbody tr").first.locator("td").all_inner_texts()
     assert first[1:4] == ["compute_alpha", "3.00 ms", "60.00%"]
     assert "5.00 ms in all" in page.locator("#top-status").inner_text()

@@ -9,6 +9,8 @@
 //   waits pingpong ROUNDS SPIN_NS  one thread pair per CPU (pinned) passing a turn through
 //                                  futexes, spinning SPIN_NS per turn; prints futex waits/s
 //   waits syscalls ROUNDS FILE     pread 4 KiB of FILE and write it to /dev/null, ROUNDS times
+//   waits mmap SECONDS THREADS     threads map, touch and unmap memory in remap_scratch():
+//                                  they contend for the process's mmap lock, in the kernel
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <linux/futex.h>
@@ -19,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -173,6 +176,45 @@ static int run_syscalls(long rounds, const char *path)
     return 0;
 }
 
+// --- mmap: every map and unmap takes the process's mmap lock (a kernel rwsem) to write.
+__attribute__((noinline)) int remap_scratch(void)
+{
+    const size_t size = 16 * 4096;
+    char *scratch = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (scratch == MAP_FAILED)
+        return -1;
+    for (size_t i = 0; i < size; i += 4096)
+        scratch[i] = 1;
+    return munmap(scratch, size);
+}
+
+static void *remap_worker(void *arg)
+{
+    (void)arg;
+    while (now() < deadline) {
+        if (remap_scratch() < 0)
+            return (void *)1;
+    }
+    return NULL;
+}
+
+static int run_mmap(double seconds, int threads)
+{
+    pthread_t ids[64];
+    void *failed = NULL;
+    int result = 0;
+    if (threads < 1 || threads > 64)
+        return 2;
+    deadline = now() + seconds;
+    for (int i = 0; i < threads; i++)
+        pthread_create(&ids[i], NULL, remap_worker, NULL);
+    for (int i = 0; i < threads; i++) {
+        pthread_join(ids[i], &failed);
+        result |= failed != NULL;
+    }
+    return result;
+}
+
 int main(int argc, char **argv)
 {
     if (argc == 4 && !strcmp(argv[1], "mutex"))
@@ -183,6 +225,8 @@ int main(int argc, char **argv)
         return run_pingpong(atol(argv[2]), atol(argv[3]));
     if (argc == 4 && !strcmp(argv[1], "syscalls"))
         return run_syscalls(atol(argv[2]), argv[3]);
+    if (argc == 4 && !strcmp(argv[1], "mmap"))
+        return run_mmap(atof(argv[2]), atoi(argv[3]));
     fprintf(stderr, "usage: see the top of waits.c\n");
     return 2;
 }

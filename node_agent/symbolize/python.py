@@ -590,7 +590,9 @@ def _read_code(pid: int, process: _Process, code: int, tag: int) -> CodeInfo | N
         raise ProcessLookupError(pid) from exc
     try:
         try:
-            header = os.pread(fd, _CODE_HEADER_BYTES, code)
+            header = _pread(fd, _CODE_HEADER_BYTES, code)
+        except ValueError:
+            return None  # no user-space address: not a code object
         except OSError:
             header = b""
         if len(header) < _CODE_HEADER_BYTES:
@@ -625,9 +627,17 @@ def _is_eval(name: str) -> bool:
     return name == EVAL_FUNCTION or name.startswith(EVAL_FUNCTION + ".")
 
 
+def _pread(fd: int, size: int, address: int) -> bytes:
+    """`size` bytes of a process's memory at `address`, read from a pointer in it: a code
+    object freed and reused since it was sampled can hold any 64 bits there."""
+    if not 0 < address < 1 << 63:  # past what pread takes (an off_t)
+        raise ValueError(f"no user-space address: {address:#x}")
+    return os.pread(fd, size, address)
+
+
 def _read_str(fd: int, layout: Layout, address: int) -> str:
     """A compact str object's text (code objects' names and file names are compact)."""
-    head = os.pread(fd, 40, address)
+    head = _pread(fd, 40, address)
     if len(head) < 40:
         raise ValueError("short read")
     length = int.from_bytes(head[16:24], "little")
@@ -637,17 +647,17 @@ def _read_str(fd: int, layout: Layout, address: int) -> str:
         raise ValueError("not a compact str")
     # Non-ASCII compact strings have utf8_length and utf8 (and wstr_length before 3.12).
     data = layout.ascii_data + (0 if ascii_only else (24 if layout.minor < 12 else 16))
-    raw = os.pread(fd, length * kind, address + data)
+    raw = _pread(fd, length * kind, address + data)
     encoding = {1: "latin-1", 2: "utf-16-le", 4: "utf-32-le"}[kind]
     return raw.decode(encoding)
 
 
 def _read_bytes(fd: int, address: int) -> bytes:
     """A bytes object's content (PyBytesObject: ob_size at 16, ob_sval at 32)."""
-    head = os.pread(fd, 32, address)
+    head = _pread(fd, 32, address)
     if len(head) < 32:
         raise ValueError("short read")
     size = int.from_bytes(head[16:24], "little")
     if size > _MAX_LINETABLE_BYTES:
         raise ValueError("line table too large")
-    return os.pread(fd, size, address + 32)
+    return _pread(fd, size, address + 32)
