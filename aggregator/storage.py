@@ -121,7 +121,7 @@ CREATE TABLE IF NOT EXISTS sealed_files (
 -- Files that may exist on disk and must go unless they are in sealed_files (a seal or
 -- drop that crashed half-way): absolute paths, cleared by the next maintenance pass.
 CREATE TABLE IF NOT EXISTS lake_pending (path VARCHAR NOT NULL);
--- The documented, stable SQL surface (README "SQL"): samples, processes, io_latency and
+-- The documented, stable SQL surface (docs/sql.md): samples, processes, io_latency and
 -- their live_ twins are views made by refresh_views().
 CREATE OR REPLACE VIEW lake_files AS
     SELECT name, table_name, hour, path, rows, bytes, downsampled FROM sealed_files;

@@ -39,8 +39,8 @@ from tests.test_ingest import batch, send
 
 BIOLATENCY = Path("/usr/sbin/biolatency")
 NS = 1e9
-README = Path(__file__).parent.parent / "README.md"
-# README "Lock and I/O queries" (checked to be there, word for word).
+EVENTS_DOC = Path(__file__).parent.parent / "docs" / "events.md"
+# docs/events.md "Lock and I/O queries" (checked to be there, word for word).
 PERCENTILES_PER_DEVICE = """
 WITH buckets AS (
     SELECT device, bucket_le_ns, sum(count) AS n FROM io_latency GROUP BY ALL
@@ -81,8 +81,8 @@ ORDER BY comm, pid, blocked_s DESC;
 
 
 def query(aggregator: Aggregator, sql: str) -> list[dict[str, object]]:
-    """Run one of README's queries through the aggregator's read-only SQL service."""
-    assert sql.strip() in README.read_text(), "README's query differs"
+    """Run one of docs/events.md's queries through the aggregator's read-only SQL service."""
+    assert sql.strip() in EVENTS_DOC.read_text(), "docs/events.md's query differs"
     source = AggregatorSource(aggregator.address)
     try:
         with source.stream(sql.strip().removesuffix(";")) as reader:

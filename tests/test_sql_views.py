@@ -1,4 +1,4 @@
-"""The SQL surface: the frames view, the table macros, and every query of README's cookbook."""
+"""The SQL surface: the frames view, the table macros, and every SQL query of docs/."""
 
 from __future__ import annotations
 
@@ -16,13 +16,14 @@ from fleetprof.node_agent.batch import StackRow, stack_id, stacks_table
 from fleetprof.proto import schema
 from fleetprof.query.source import AggregatorSource, DatabaseSource
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 def stack(*frames: str) -> StackRow:
     """`name@kind` frames, root first (kind defaults to jit, module follows the kind)."""
     names, kinds = zip(*(f.split("@") if "@" in f else (f, "jit") for f in frames), strict=True)
-    modules = tuple({"kernel": "[kernel]", "native": "libjvm.so"}.get(k, "[jit]") for k in kinds)
+    module = {"kernel": "[kernel]", "native": "libjvm.so", "python": "etl.py:12"}
+    modules = tuple(module.get(k, "[jit]") for k in kinds)
     return StackRow(tuple(names), modules, tuple(kinds))
 
 
@@ -34,16 +35,17 @@ STACKS = {
     "gc": stack("GCTaskThread::run@native", "G1ParScanThreadState::trim_queue@native"),
     "recursive": stack(*APP, "com.acme.Tree.walk", "com.acme.Tree.walk", "com.acme.Tree.walk"),
     "postgres": stack("main@native", "PostgresMain@native", "ExecScan@native"),
+    "python": stack("Py_RunMain@native", "<module>@python", "transform@python"),
 }
 IDS = {name: stack_id(row) for name, row in STACKS.items()}
 
 
 def rows(
-    ts: datetime, node: str, comm: str, pid: int, weights: dict[str, int]
+    ts: datetime, node: str, comm: str, pid: int, weights: dict[str, int], job: str | None = None
 ) -> list[dict[str, object]]:
     return [
         {"ts": ts, "pid": pid, "tid": pid + i, "comm": comm, "event": "cpu",
-         "stack_id": IDS[name], "weight": weight}
+         "stack_id": IDS[name], "weight": weight, "job": job}
         for i, (name, weight) in enumerate(weights.items())
     ]  # fmt: skip
 
@@ -59,12 +61,14 @@ def fill(store: ProfileStore) -> None:
         ("node-a", rows(after, "node-a", "java", 100, {"recursive": 6, "gc": 2})),
         ("node-b", rows(before, "node-b", "java", 200, {"resize": 5, "gc": 50, "write": 4})),
         ("node-b", rows(after, "node-b", "postgres", 300, {"postgres": 20})),
+        # A Python job (docs/python.md's queries).
+        ("node-b", rows(after, "node-b", "python3", 400, {"python": 12}, "etl-7")),
     ]
     for sequence, (node, batch_rows) in enumerate(batches, start=1):
         samples = pa.Table.from_pylist(batch_rows, schema=schema.SAMPLES)
         stacks = stacks_table({IDS[name]: row for name, row in STACKS.items()})
         store.append(f"agent-{node}", sequence, node, samples, stacks)
-    # What node-a's agent learned of its JVM (README, JVM): it runs without frame pointers.
+    # What node-a's agent learned of its JVM (docs/jvm.md): it runs without frame pointers.
     jvm = {
         "ts": now,
         "pid": 100,
@@ -79,7 +83,7 @@ def fill(store: ProfileStore) -> None:
     processes = pa.Table.from_pylist([jvm], schema=schema.PROCESSES)
     empty = schema.SAMPLES.empty_table(), schema.STACKS.empty_table()
     store.append("agent-node-a", len(batches) + 1, "node-a", *empty, processes)
-    # What node-b's agent saw of postgres with --events lock,io (README, Events): 4 ms
+    # What node-b's agent saw of postgres with --events lock,io (docs/events.md): 4 ms
     # blocked in a lock, and 100 block writes, 90 of them under 128 µs.
     blocked = rows(after, "node-b", "postgres", 300, {"postgres": 4_000_000})
     blocked[0]["event"] = "lock"
@@ -189,9 +193,9 @@ def test_aggregator_serves_the_same_views(tmp_path: Path) -> None:
         aggregator.stop(grace_s=0)
 
 
-def readme_queries() -> list[tuple[str, str]]:
-    """(question, SQL) of every statement in README's ```sql blocks."""
-    text = README.read_text("utf-8")
+def docs_queries() -> list[tuple[str, str]]:
+    """(question, SQL) of every statement in the ```sql blocks of docs/*.md."""
+    text = "\n".join(page.read_text("utf-8") for page in sorted(DOCS.glob("*.md")))
     found = []
     parser = duckdb.connect()
     for block in re.findall(r"```sql\n(.*?)```", text, re.S):
@@ -202,13 +206,13 @@ def readme_queries() -> list[tuple[str, str]]:
     return found
 
 
-def test_readme_has_a_cookbook() -> None:
-    assert len(readme_queries()) >= 10
+def test_docs_have_a_cookbook() -> None:
+    assert len(docs_queries()) >= 10
 
 
 @pytest.mark.parametrize(
-    ("question", "sql"), [pytest.param(q, sql, id=q[:50]) for q, sql in readme_queries()]
+    ("question", "sql"), [pytest.param(q, sql, id=q[:50]) for q, sql in docs_queries()]
 )
-def test_readme_query_runs_and_answers(source: DatabaseSource, question: str, sql: str) -> None:
+def test_docs_query_runs_and_answers(source: DatabaseSource, question: str, sql: str) -> None:
     result = query(source, sql)
     assert result, f"no rows for: {question}"

@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="what queries may spill to disk past the memory limit, all together (e.g. "
         "20GB; default a quarter of the free space beside --db)",
     )
-    storage = parser.add_argument_group("storage (README: Storage, retention and the lake)")
+    storage = parser.add_argument_group("storage (docs/storage.md)")
     storage.add_argument(
         "--lake",
         metavar="DIR",

@@ -1,4 +1,4 @@
-"""Run read-only SQL over profiles (views: samples, stacks; see README "SQL")."""
+"""Run read-only SQL over profiles (views: samples, stacks; see docs/sql.md)."""
 
 from __future__ import annotations
 

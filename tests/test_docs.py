@@ -1,0 +1,50 @@
+"""Every `fleetprof` command line in README.md and docs/ is one the CLI takes.
+
+The SQL of the same pages runs in tests/test_sql_views.py; here each command of a ```sh
+block is parsed by the CLI's own parser, so an option renamed or dropped fails a test
+instead of a reader. `[--option value]` (optional in prose) is parsed as given, `...` left
+out. Synopses (```text blocks) are not commands.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from fleetprof.cli import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def commands() -> list[tuple[str, list[str]]]:
+    """(page: first words, argv after `fleetprof`) of every command in the pages' sh blocks."""
+    found = []
+    for page in PAGES:
+        for block in re.findall(r"```sh\n(.*?)```", page.read_text("utf-8"), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                words = shlex.split(line, comments=True)
+                starts = [i for i, word in enumerate(words) if word.endswith("bin/fleetprof")]
+                starts += [i for i, word in enumerate(words) if word == "fleetprof"]
+                if not starts:
+                    continue
+                argv = [w.strip("[]") for w in words[min(starts) + 1 :] if w != "..."]
+                found.append((f"{page.name}: {' '.join(argv[:3])}", argv))
+    return found
+
+
+def test_the_pages_have_commands() -> None:
+    assert len(commands()) >= 15
+
+
+@pytest.mark.parametrize(("where", "argv"), [pytest.param(w, a, id=w) for w, a in commands()])
+def test_docs_command_parses(where: str, argv: list[str]) -> None:
+    parser = build_parser()
+    try:
+        args, unknown = parser.parse_known_args(argv)
+    except SystemExit:
+        pytest.fail(f"{where}: the CLI refuses {shlex.join(argv)}")
+    assert not unknown, f"{where}: unknown options {unknown}"
