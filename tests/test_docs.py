@@ -44,7 +44,7 @@ def test_the_pages_have_commands() -> None:
 def test_docs_command_parses(where: str, argv: list[str]) -> None:
     parser = build_parser()
     try:
-        args, unknown = parser.parse_known_args(argv)
+        _, unknown = parser.parse_known_args(argv)
     except SystemExit:
         pytest.fail(f"{where}: the CLI refuses {shlex.join(argv)}")
     assert not unknown, f"{where}: unknown options {unknown}"
