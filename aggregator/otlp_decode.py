@@ -26,16 +26,16 @@ from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.profiles.v1development import profiles_pb2
 
 from fleetprof.aggregator.validate import MAX_ID_CHARS
-from fleetprof.node_agent.batch import (
-    LOST_STACK,
+from fleetprof.proto import otlp, schema
+from fleetprof.proto.ingest.v1 import ingest_pb2
+from fleetprof.proto.stacks import (
+    LOST_FRAME,
     StackRow,
     frame_key,
     keyed_stack_id,
     stack_id,
     stacks_table,
 )
-from fleetprof.proto import otlp, schema
-from fleetprof.proto.ingest.v1 import ingest_pb2
 from fleetprof.query.importers import fit_frame, fit_stack, location_frames, module_name
 
 # Hostile-input limits of one request (beyond gRPC's message size, schema.MAX_MESSAGE_BYTES).
@@ -257,7 +257,7 @@ class _Dictionary:
             row = StackRow(*zip(*frames, strict=True))
             key = keyed_stack_id(b"".join(keys for _, keys in root_first))
         else:  # cut, or empty: the general way
-            row = fit_stack(frames or [tuple(LOST_STACK)])
+            row = fit_stack(frames or [LOST_FRAME])
             key = stack_id(row)
         self._stacks[index] = key
         self.stacks_by_id[key] = row

@@ -33,8 +33,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from fleetprof.aggregator.storage import ProfileStore
-from fleetprof.node_agent.batch import StackRow, stack_id, stacks_table
 from fleetprof.proto import schema
+from fleetprof.proto.stacks import StackRow, stack_id, stacks_table
 from fleetprof.query.filters import SampleFilter
 from fleetprof.query.flame import grouped_sql, load_flat
 from fleetprof.query.render import RenderOptions

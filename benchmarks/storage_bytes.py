@@ -32,8 +32,8 @@ from flame_query import best_of, synthetic_stacks
 
 from fleetprof.aggregator.partitions import LakePolicy, Partitions
 from fleetprof.aggregator.storage import ProfileStore
-from fleetprof.node_agent.batch import stack_id, stacks_table
 from fleetprof.proto import lake, schema
+from fleetprof.proto.stacks import stack_id, stacks_table
 
 PARCA_BYTES_PER_SAMPLE = 60
 ONE_JOB_FLAME = (

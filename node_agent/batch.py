@@ -3,7 +3,6 @@ for block, IO_LATENCY rows."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from datetime import datetime
 from typing import NamedTuple
@@ -16,53 +15,9 @@ from fleetprof.node_agent.samplers.stack_maps import PythonFrame, StackSample
 from fleetprof.node_agent.symbolize.frame import Frame
 from fleetprof.node_agent.symbolize.symbolizer import Symbolizer
 from fleetprof.proto import schema
+from fleetprof.proto.stacks import LOST_FRAME, StackRow, stack_id, stack_row
 
-LOST_STACK = Frame("[lost stack]", "", "lost")
-
-
-class StackRow(NamedTuple):
-    """One distinct stack, root first."""
-
-    frames: tuple[str, ...]
-    modules: tuple[str, ...]
-    kinds: tuple[str, ...]
-
-
-def stack_row(frames: Sequence[Frame]) -> StackRow:
-    return StackRow(
-        tuple(fit(f.name) for f in frames),
-        tuple(fit(f.module) for f in frames),
-        tuple(f.kind for f in frames),
-    )
-
-
-def fit(name: str) -> str:
-    """A name cut to what the wire contract accepts: demangled C++ templates (LLVM's reach
-    8k characters) would otherwise get the whole batch refused."""
-    encoded = name.encode()
-    if len(encoded) <= schema.MAX_STRING_BYTES:
-        return name
-    ellipsis = "…"
-    kept = encoded[: schema.MAX_STRING_BYTES - len(ellipsis.encode())]
-    return kept.decode(errors="ignore") + ellipsis  # a character cut in two goes
-
-
-def stack_id(row: StackRow) -> int:
-    """64-bit id of a stack: a hash of its frames, equal on every node for equal stacks."""
-    frames = zip(row.frames, row.modules, row.kinds, strict=True)
-    return keyed_stack_id(b"".join(frame_key(*frame) for frame in frames))
-
-
-def frame_key(name: str, module: str, kind: str) -> bytes:
-    """What one frame adds to its stack's id."""
-    return f"{name}\x1f{module}\x1f{kind}\x1e".encode(errors="surrogateescape")
-
-
-def keyed_stack_id(keys: bytes) -> int:
-    """The stack_id of the stack whose frame_keys, root first, are joined in `keys` (for
-    readers that key each part of a stack once, as OTLP's locations)."""
-    digest = hashlib.blake2b(keys, digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
+LOST_STACK = Frame(*LOST_FRAME)
 
 
 class Batch(NamedTuple):
@@ -174,16 +129,3 @@ class BatchBuilder:
         if python:
             native = self._symbolizer.with_python(pid, native, python)
         return native[::-1]
-
-
-def stacks_table(stacks: dict[int, StackRow]) -> pa.Table:
-    rows = list(stacks.values())
-    return pa.table(
-        {
-            "stack_id": list(stacks),
-            "frames": [r.frames for r in rows],
-            "modules": [r.modules for r in rows],
-            "kinds": [r.kinds for r in rows],
-        },
-        schema=schema.STACKS,
-    )

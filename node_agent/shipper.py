@@ -22,11 +22,12 @@ import grpc
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from fleetprof.node_agent.batch import Batch, stacks_table
+from fleetprof.node_agent.batch import Batch
 from fleetprof.node_agent.spool import Spool
 from fleetprof.proto import schema
 from fleetprof.proto.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from fleetprof.proto.security import ClientSecurity
+from fleetprof.proto.stacks import stacks_table
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,11 @@ from pathlib import Path
 import grpc
 import pyarrow as pa
 
-from fleetprof.node_agent.batch import StackRow, stack_id, stacks_table
 from fleetprof.proto import schema
 from fleetprof.proto.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from fleetprof.proto.pprof import profile_pb2
 from fleetprof.proto.security import ClientSecurity
+from fleetprof.proto.stacks import StackRow, stack_id, stacks_table
 from fleetprof.query.render.folded import PROCESS_HEADER
 
 STACKS_PER_BATCH = 20_000

@@ -16,10 +16,10 @@ import pytest
 
 from fleetprof.aggregator.partitions import Partitions
 from fleetprof.aggregator.server import Aggregator
-from fleetprof.node_agent.batch import StackRow, stack_id, stacks_table
 from fleetprof.proto import schema
 from fleetprof.proto.control.v1 import control_pb2, control_pb2_grpc
 from fleetprof.proto.security import AccessScope, ClientSecurity, ServerSecurity, parse_tokens
+from fleetprof.proto.stacks import StackRow, stack_id, stacks_table
 from fleetprof.query.sandbox import QueryError
 from fleetprof.query.source import AggregatorSource
 

@@ -12,8 +12,8 @@ import duckdb
 import pytest
 
 from fleetprof.aggregator.storage import ProfileStore
-from fleetprof.node_agent.batch import StackRow, stack_id, stacks_table
 from fleetprof.proto import lake, schema
+from fleetprof.proto.stacks import StackRow, stack_id, stacks_table
 from fleetprof.query.filters import SampleFilter
 from fleetprof.query.flame import load_flame, load_flat
 from fleetprof.query.flame_index import FocusNotFound

@@ -31,12 +31,13 @@ from fleetprof.aggregator.ingest_guard import MAX_SEQUENCE_JUMP
 from fleetprof.aggregator.server import Aggregator
 from fleetprof.aggregator.storage import incarnation_key
 from fleetprof.cli import main
-from fleetprof.node_agent.batch import Batch, stacks_table
+from fleetprof.node_agent.batch import Batch
 from fleetprof.node_agent.shipper import Shipper
 from fleetprof.node_agent.spool import Spool
 from fleetprof.proto import schema
 from fleetprof.proto.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from fleetprof.proto.security import AccessScope, ClientSecurity, NodeGrant, ServerSecurity
+from fleetprof.proto.stacks import stacks_table
 from fleetprof.query.filters import SampleFilter
 from fleetprof.query.flame import load_flat
 from fleetprof.query.sandbox import QueryError

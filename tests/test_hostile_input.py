@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 
 from fleetprof.aggregator.server import Aggregator
 from fleetprof.aggregator.validate import validate_batch
-from fleetprof.node_agent.batch import StackRow, stacks_table
 from fleetprof.proto import schema
 from fleetprof.proto.ingest.v1 import ingest_pb2
+from fleetprof.proto.stacks import StackRow, stacks_table
 from tests.test_ingest import batch, samples, send, totals
 
 

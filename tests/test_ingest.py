@@ -12,12 +12,13 @@ import pytest
 
 from fleetprof.aggregator.server import Aggregator
 from fleetprof.aggregator.storage import ProfileStore
-from fleetprof.node_agent.batch import Batch, StackRow, stack_row, stacks_table
+from fleetprof.node_agent.batch import Batch
 from fleetprof.node_agent.shipper import Shipper
 from fleetprof.node_agent.spool import Spool
 from fleetprof.node_agent.symbolize.frame import Frame
 from fleetprof.proto import schema
 from fleetprof.proto.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from fleetprof.proto.stacks import StackRow, stack_row, stacks_table
 
 STACKS = {
     11: StackRow(("main", "compute_alpha"), ("app", "app"), ("native", "native")),

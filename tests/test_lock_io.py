@@ -23,11 +23,11 @@ from fleetprof.aggregator.partitions import Partitions
 from fleetprof.aggregator.server import Aggregator
 from fleetprof.aggregator.storage import ProfileStore
 from fleetprof.cli import main
-from fleetprof.node_agent.batch import StackRow, stacks_table
 from fleetprof.node_agent.samplers.lock import lock_or_wait
 from fleetprof.node_agent.symbolize.frame import Frame
 from fleetprof.proto import lake, schema
 from fleetprof.proto.pprof import profile_pb2
+from fleetprof.proto.stacks import StackRow, stacks_table
 from fleetprof.query.filters import SampleFilter
 from fleetprof.query.flame import load_flame
 from fleetprof.query.flame_tree import FlameNode

@@ -21,8 +21,8 @@ from fleetprof.aggregator.partitions import LakePolicy, Partitions, parse_size
 from fleetprof.aggregator.server import Aggregator
 from fleetprof.aggregator.storage import ProfileStore
 from fleetprof.cli import main
-from fleetprof.node_agent.batch import StackRow, stacks_table
 from fleetprof.proto import lake, schema
+from fleetprof.proto.stacks import StackRow, stacks_table
 from fleetprof.query.sandbox import QueryError
 from fleetprof.query.source import AggregatorSource, DatabaseSource
 from tests.test_faults import small_disk  # noqa: F401 (fixture)

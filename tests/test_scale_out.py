@@ -21,10 +21,11 @@ from fleetprof.aggregator.server import Aggregator
 from fleetprof.aggregator.storage import ProfileStore
 from fleetprof.cli import main
 from fleetprof.node_agent.assignment import assign
-from fleetprof.node_agent.batch import Batch, StackRow, stacks_table
+from fleetprof.node_agent.batch import Batch
 from fleetprof.node_agent.shipper import Shipper
 from fleetprof.node_agent.spool import Spool
 from fleetprof.proto import lake, schema
+from fleetprof.proto.stacks import StackRow, stacks_table
 from fleetprof.query.filters import SampleFilter
 from fleetprof.query.flame import load_flame
 from fleetprof.query.fleet import FleetSource

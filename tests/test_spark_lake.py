@@ -14,9 +14,9 @@ import pytest
 
 from fleetprof.aggregator.partitions import Partitions
 from fleetprof.aggregator.storage import ProfileStore
-from fleetprof.node_agent.batch import StackRow, stacks_table
 from fleetprof.proto import lake, schema
 from fleetprof.proto.schema import EVENT_UNITS
+from fleetprof.proto.stacks import StackRow, stacks_table
 from fleetprof.query.filters import SampleFilter
 from fleetprof.query.flame import load_flame
 from fleetprof.query.fleet import FleetSource

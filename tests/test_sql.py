@@ -11,7 +11,7 @@ import pytest
 from fleetprof.aggregator.server import Aggregator
 from fleetprof.aggregator.storage import ProfileStore
 from fleetprof.cli import main
-from fleetprof.node_agent.batch import stacks_table
+from fleetprof.proto.stacks import stacks_table
 from fleetprof.query.sandbox import QueryError
 from fleetprof.query.source import AggregatorSource, DatabaseSource
 from tests.test_ingest import STACKS, batch, samples, send

@@ -12,8 +12,8 @@ import pytest
 
 from fleetprof.aggregator.server import Aggregator
 from fleetprof.aggregator.storage import ProfileStore
-from fleetprof.node_agent.batch import StackRow, stack_id, stacks_table
 from fleetprof.proto import schema
+from fleetprof.proto.stacks import StackRow, stack_id, stacks_table
 from fleetprof.query.source import AggregatorSource, DatabaseSource
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"

@@ -27,10 +27,10 @@ from playwright.sync_api import expect, sync_playwright
 from fleetprof import workloads
 from fleetprof.aggregator.server import Aggregator
 from fleetprof.aggregator.web import ARROW_STREAM, WebServer
-from fleetprof.node_agent.batch import StackRow, stacks_table
 from fleetprof.proto import schema
 from fleetprof.proto.ingest.v1 import ingest_pb2
 from fleetprof.proto.security import ServerSecurity
+from fleetprof.proto.stacks import StackRow, stacks_table
 from fleetprof.query.flame_tree import build_tree
 from fleetprof.query.render import RenderOptions
 from fleetprof.query.render.base import MIN_FRACTION
