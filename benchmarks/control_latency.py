@@ -22,9 +22,9 @@ import grpc
 
 from fleetprof import workloads
 from fleetprof.aggregator.server import Aggregator
-from fleetprof.commands.flamegraph import write_graph
 from fleetprof.proto.control.v1 import control_pb2, control_pb2_grpc
 from fleetprof.query.filters import SampleFilter
+from fleetprof.query.graph import write_graph
 from fleetprof.query.render import RenderOptions
 from fleetprof.query.source import AggregatorSource
 

@@ -68,12 +68,12 @@ from fleetprof.aggregator.validate import (
     check_time_window,
     check_weights,
 )
-from fleetprof.commands.flamegraph import write_graph
 from fleetprof.proto import schema
 from fleetprof.proto.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from fleetprof.proto.security import ClientSecurity, NodeGrant, ServerSecurity
 from fleetprof.proto.stacks import stack_id, stacks_table
 from fleetprof.query.filters import SampleFilter
+from fleetprof.query.graph import write_graph
 from fleetprof.query.render import RenderOptions
 from fleetprof.query.source import AggregatorSource, DatabaseSource
 

@@ -21,7 +21,6 @@ labels. The first resolver that names a job wins. Resolvers come from a TOML fil
 
 from __future__ import annotations
 
-import argparse
 import re
 import tomllib
 from abc import ABC, abstractmethod
@@ -246,10 +245,6 @@ class JobResolver:
         specs = list(specs)
         return cls([build_resolver(spec, pods) for spec in specs or DEFAULT_RESOLVERS])
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, pods: PodLookup) -> JobResolver:
-        return cls.from_config(specs_from_args(args), pods)
-
     def resolve(self, pid: int, ancestors: int = MAX_ANCESTORS) -> str | None:
         if pid in self._jobs:
             return self._jobs[pid]
@@ -273,49 +268,3 @@ class JobResolver:
     def __len__(self) -> int:
         """Processes whose job is cached."""
         return len(self._jobs)
-
-
-def specs_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """From the flags of add_arguments: the config file's resolvers, then the flags'."""
-    specs = load_config(args.job_config) if args.job_config else []
-    return specs + (args.job_resolvers or [])
-
-
-class _AppendResolver(argparse.Action):
-    """Appends a resolver spec to one shared list, so flags keep their command-line order."""
-
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: Any,
-        option_string: str | None = None,
-    ) -> None:
-        value = values.split(",") if self.const in ("env", "k8s_label") else values
-        specs = [*(getattr(namespace, self.dest) or []), {self.const: value}]
-        setattr(namespace, self.dest, specs)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group(
-        "job attribution",
-        "resolvers tried in order, the first naming a job wins: those of --job-config, then "
-        "the flags below in command-line order; with none, the defaults (FLEETPROF_JOB and "
-        "SPARK_APPLICATION_ID, Spark executor --app-id, pod labels spark-app-selector and "
-        "job-name, Slurm job_N cgroups)",
-    )
-    group.add_argument("--job-config", metavar="FILE", help="TOML file of [[resolver]] tables")
-    for flag, kind, metavar, what in (
-        ("--job-env", "env", "NAME[,NAME]", "environment variables of the process"),
-        ("--job-cmdline", "cmdline", "REGEX", "regex on the command line (job: group 1)"),
-        ("--job-cgroup", "cgroup", "REGEX", "regex on the cgroup path (job: group 1)"),
-        ("--job-k8s-label", "k8s_label", "KEY[,KEY]", "labels of the process's pod"),
-    ):
-        group.add_argument(
-            flag,
-            dest="job_resolvers",
-            action=_AppendResolver,
-            const=kind,
-            metavar=metavar,
-            help=what,
-        )

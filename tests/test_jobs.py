@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from fleetprof.node_agent.jobs import JobResolver, add_arguments, load_config
+from fleetprof.commands.options import add_job_arguments, job_specs
+from fleetprof.node_agent.jobs import JobResolver, load_config
 from fleetprof.node_agent.kubernetes import KubernetesMetadata
 
 if TYPE_CHECKING:  # imported by pytest as the plugin below
@@ -178,17 +179,17 @@ def test_config_file_then_flags_in_order(tmp_path: Path, cgroups: ScratchCgroups
         "template = 'hpc-{1}'\n"
     )
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_job_arguments(parser)
     args = parser.parse_args(
         ["--job-cmdline", r"--app-id (\S+)", "--job-config", str(config), "--job-env", "A,B"]
     )
     assert args.job_resolvers == [{"cmdline": r"--app-id (\S+)"}, {"env": ["A", "B"]}]
-    jobs = JobResolver.from_args(args, NO_CLUSTER)
+    jobs = JobResolver.from_config(job_specs(args), NO_CLUSTER)
     kinds = [type(r).__name__ for r in jobs.resolvers]
     assert kinds == ["EnvResolver", "CgroupResolver", "CmdlineResolver", "EnvResolver"]
     pid = cgroups.spawn(sleeper(*SPARK_EXECUTOR), env=env(B="b"), cgroup="slurm/job_5/step_0")
     assert jobs.resolve(pid) == "hpc-5"
-    defaults = JobResolver.from_args(parser.parse_args([]), NO_CLUSTER)
+    defaults = JobResolver.from_config(job_specs(parser.parse_args([])), NO_CLUSTER)
     kinds = [type(r).__name__ for r in defaults.resolvers]
     assert kinds == ["EnvResolver", "CmdlineResolver", "KubernetesLabelResolver", "CgroupResolver"]
 

@@ -8,11 +8,12 @@ import socket
 from fleetprof.commands.options import (
     DEFAULT_AGGREGATOR,
     add_client_security_arguments,
+    add_job_arguments,
     aggregator_list,
     client_security,
+    job_specs,
     stop_on_signals,
 )
-from fleetprof.node_agent import jobs
 from fleetprof.node_agent.assignment import parse_aggregators
 from fleetprof.proto.schema import (
     EVENT_UNITS,
@@ -82,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="unwind rows prepared from binaries are kept here, by build id",
     )
     add_client_security_arguments(parser, token=False, agent=True)
-    jobs.add_arguments(parser)
+    add_job_arguments(parser)
     parser.add_argument(
         "--kubeconfig", help="pod metadata outside a cluster's pods (in a pod: automatic)"
     )
@@ -114,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         spool_dir=args.spool_dir,
         spool_max_bytes=int(args.spool_max_mb * 1024 * 1024),
         security=client_security(args),
-        job_resolvers=tuple(jobs.specs_from_args(args)),
+        job_resolvers=tuple(job_specs(args)),
         kubeconfig=args.kubeconfig,
         host_sampling=args.host_sampling,
         native_unwind=args.native_unwind,

@@ -8,17 +8,11 @@ request, docs/otlp.md), .parquet and .arrow (every sample row joined with its st
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 from fleetprof.commands.options import add_output_argument, add_source_arguments, open_profiles
 from fleetprof.proto.schema import EVENT_UNITS
 from fleetprof.query.filters import SampleFilter
 from fleetprof.query.selection import SELECTION_KEYS, parse_selection
-
-if TYPE_CHECKING:
-    from fleetprof.query.render import RenderOptions
-    from fleetprof.query.source import ProfileSource
 
 HELP = "write a flame graph (.html, .svg, .folded, .json, .pb.gz, .otlp.pb, .parquet, .arrow)"
 
@@ -96,6 +90,7 @@ def selection_from(args: argparse.Namespace, prefix: str = "") -> SampleFilter:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fleetprof.query.graph import write_graph
     from fleetprof.query.render import RenderOptions
     from fleetprof.query.render.base import format_weight
 
@@ -117,47 +112,3 @@ def run(args: argparse.Namespace) -> int:
         source.close()
     print(f"wrote {args.output} ({format_weight(total, options.unit)})")
     return 0
-
-
-def write_graph(
-    source: ProfileSource,
-    selection: SampleFilter,
-    output: str,
-    options: RenderOptions,
-    sandwich_of: str | None = None,
-) -> int:
-    """Write the selection's graph in the format output's suffix names; returns its total."""
-    from fleetprof.query.flame import load_flame, load_flat
-    from fleetprof.query.render import renderer_for
-    from fleetprof.query.render.base import RowRenderer
-    from fleetprof.query.sandwich import sandwich
-
-    renderer = renderer_for(output)
-    nothing = ValueError(f"nothing to draw: no {selection.describe()}")
-    if isinstance(renderer, RowRenderer):
-        if sandwich_of:
-            raise ValueError(f"--sandwich draws a tree: {output} is a row format")
-        with source.stream(renderer.rows_sql(selection)) as rows, open(output, "wb") as out:
-            total = renderer.render_rows(rows, options, out)
-        if total == 0:
-            Path(output).unlink()
-            raise nothing
-        return total
-    if renderer.min_fraction and not sandwich_of:
-        # a drawn graph needs no frame it cannot draw (the sandwich merges them all)
-        flat = load_flat(source, selection, renderer.min_fraction)
-        if flat.total[0] == 0:
-            raise nothing
-        with open(output, "wb") as out:
-            renderer.render(flat, options, out)
-        return flat.total[0]
-    tree = load_flame(source, selection)
-    if tree.total == 0:
-        raise nothing
-    if sandwich_of:
-        tree = sandwich(tree, sandwich_of)
-        if tree.total == 0:
-            raise ValueError(f"no frame named {sandwich_of!r} in the selection")
-    with open(output, "wb") as out:
-        renderer.render(tree, options, out)
-    return tree.total

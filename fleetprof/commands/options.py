@@ -8,8 +8,9 @@ import os
 import signal
 import socket
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from fleetprof.node_agent import jobs
 from fleetprof.node_agent.assignment import parse_aggregators
 from fleetprof.proto.security import (
     AccessScope,
@@ -230,3 +231,49 @@ def stop_on_signals() -> threading.Event:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     return stop
+
+
+def job_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """From the flags of add_job_arguments: the config file's resolvers, then the flags'."""
+    specs = jobs.load_config(args.job_config) if args.job_config else []
+    return specs + (args.job_resolvers or [])
+
+
+class _AppendResolver(argparse.Action):
+    """Appends a resolver spec to one shared list, so flags keep their command-line order."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        value = values.split(",") if self.const in ("env", "k8s_label") else values
+        specs = [*(getattr(namespace, self.dest) or []), {self.const: value}]
+        setattr(namespace, self.dest, specs)
+
+
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "job attribution",
+        "resolvers tried in order, the first naming a job wins: those of --job-config, then "
+        "the flags below in command-line order; with none, the defaults (FLEETPROF_JOB and "
+        "SPARK_APPLICATION_ID, Spark executor --app-id, pod labels spark-app-selector and "
+        "job-name, Slurm job_N cgroups)",
+    )
+    group.add_argument("--job-config", metavar="FILE", help="TOML file of [[resolver]] tables")
+    for flag, kind, metavar, what in (
+        ("--job-env", "env", "NAME[,NAME]", "environment variables of the process"),
+        ("--job-cmdline", "cmdline", "REGEX", "regex on the command line (job: group 1)"),
+        ("--job-cgroup", "cgroup", "REGEX", "regex on the cgroup path (job: group 1)"),
+        ("--job-k8s-label", "k8s_label", "KEY[,KEY]", "labels of the process's pod"),
+    ):
+        group.add_argument(
+            flag,
+            dest="job_resolvers",
+            action=_AppendResolver,
+            const=kind,
+            metavar=metavar,
+            help=what,
+        )

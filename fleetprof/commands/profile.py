@@ -52,9 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import grpc
 
-    from fleetprof.commands.flamegraph import write_graph
     from fleetprof.proto.control.v1 import control_pb2_grpc
     from fleetprof.query.filters import SampleFilter
+    from fleetprof.query.graph import write_graph
     from fleetprof.query.render import RenderOptions, renderer_for
     from fleetprof.query.render.base import format_weight
     from fleetprof.query.source import AggregatorSource
