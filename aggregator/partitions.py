@@ -15,7 +15,6 @@ Samples files sealed before events were split are rewritten with their events co
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -28,7 +27,8 @@ from pathlib import Path
 
 import duckdb
 
-from fleetprof.aggregator.storage import PARTITIONED, ProfileStore, refresh_views, sealed_scan_sql
+from fleetprof.aggregator.database import PARTITIONED, sealed_scan_sql
+from fleetprof.aggregator.storage import ProfileStore, Transaction
 from fleetprof.proto import lake
 from fleetprof.proto.lake import HOUR
 
@@ -131,35 +131,14 @@ class Partitions:
 
     def _seal_hour(self, hour: datetime) -> None:
         started = time.perf_counter()
-        cur = self.store.reader()
-        cur.execute("BEGIN")
         in_hour = f"ts >= {_timestamp(hour)} AND ts < {_timestamp(hour + HOUR)}"
         written: list[_NewFile] = []
         try:
-            for table in PARTITIONED:  # its live_ view: sample rows with their labels
-                columns = ", ".join(lake.COLUMNS[table])
-                select = f"SELECT {columns} FROM live_{table} WHERE {in_hour}"
-                written += self._write(cur, table, hour, select)
-            if any(f.table == "samples" for f in written):
-                stacks = (
-                    f"SELECT {', '.join(lake.COLUMNS['stacks'])} FROM stack_rows WHERE stack_id "
-                    f"IN (SELECT stack_id FROM sample_rows WHERE {in_hour})"
-                )
-                written += self._write(cur, "stacks", hour, stacks)
-            # Exactly the rows written: the same snapshot, so not those of a later batch.
-            for table, rows in PARTITIONED.items():
-                deleted = cur.execute(f"DELETE FROM {rows} WHERE {in_hour}").fetchone()[0]
-                expected = sum(f.rows for f in written if f.table == table)
-                if deleted != expected:
-                    raise RuntimeError(
-                        f"sealing {rows}: {deleted} rows deleted, {expected} written"
-                    )
-            self._commit(cur, written, [], downsampled=False)
+            with self.store.transaction() as transaction:
+                self._seal_rows(transaction, hour, in_hour, written)
         except BaseException:
-            self._abandon(cur, written)
+            _abandon(written)
             raise
-        finally:
-            cur.close()
         self._settle(written, [])
         self._prune_label_sets()
         summary = ", ".join(f"{f.table} {f.rows:,} rows" for f in written)
@@ -170,6 +149,30 @@ class Partitions:
             summary or "nothing",
             time.perf_counter() - started,
         )
+
+    def _seal_rows(
+        self, transaction: Transaction, hour: datetime, in_hour: str, written: list[_NewFile]
+    ) -> None:
+        """Write the hour's rows to files, delete them from DuckDB and record the files,
+        all from the transaction's snapshot; `written` gets each file as it is made."""
+        cur = transaction.cursor
+        for table in PARTITIONED:  # its live_ view: sample rows with their labels
+            columns = ", ".join(lake.COLUMNS[table])
+            select = f"SELECT {columns} FROM live_{table} WHERE {in_hour}"
+            written += self._write(cur, table, hour, select)
+        if any(f.table == "samples" for f in written):
+            stacks = (
+                f"SELECT {', '.join(lake.COLUMNS['stacks'])} FROM stack_rows WHERE stack_id "
+                f"IN (SELECT stack_id FROM sample_rows WHERE {in_hour})"
+            )
+            written += self._write(cur, "stacks", hour, stacks)
+        # Exactly the rows written: the same snapshot, so not those of a later batch.
+        for table, rows in PARTITIONED.items():
+            deleted = cur.execute(f"DELETE FROM {rows} WHERE {in_hour}").fetchone()[0]
+            expected = sum(f.rows for f in written if f.table == table)
+            if deleted != expected:
+                raise RuntimeError(f"sealing {rows}: {deleted} rows deleted, {expected} written")
+        self._commit(transaction, written, [], downsampled=False)
 
     def _write(
         self, cur: duckdb.DuckDBPyConnection, table: str, hour: datetime, select: str
@@ -223,48 +226,22 @@ class Partitions:
 
     def _each_hour(self, sql: str, before: datetime, action: Callable[[datetime], None]) -> None:
         """`action` on each hour (column `hour`) that `sql` finds, oldest first, until stopped."""
-        hours = self.store.reader().execute(f"{sql} ORDER BY hour", {"before": before}).fetchall()
+        with self.store.cursor() as cur:
+            hours = cur.execute(f"{sql} ORDER BY hour", {"before": before}).fetchall()
         for (hour,) in hours:
             if self._stop.is_set():
                 return
             action(hour.astimezone(UTC))
 
     def _downsample_hour(self, hour: datetime) -> None:
-        cur = self.store.reader()
-        cur.execute("BEGIN")
         written: list[_NewFile] = []
         dropped: list[str] = []
         try:
-            for table, measure in DOWNSAMPLED.items():
-                files = [
-                    path
-                    for (path,) in cur.execute(
-                        "SELECT lake || '/' || path FROM sealed_files "
-                        "WHERE table_name = $table AND hour = $hour",
-                        {"table": table, "hour": hour},
-                    ).fetchall()
-                ]
-                if not files:
-                    continue
-                columns = [
-                    "make_timestamptz(epoch_us(ts) // 60000000 * 60000000) AS ts"
-                    if c == "ts"
-                    else f"sum({c})::BIGINT AS {c}"
-                    if c == measure
-                    else c
-                    for c in lake.COLUMNS[table]
-                ]
-                source = sealed_scan_sql(cur, table, files)  # old events converted
-                select = f"SELECT {', '.join(columns)} FROM ({source}) GROUP BY ALL"
-                written += self._write(cur, table, hour, select)
-                dropped += files
-            rows_before = self._rows(cur, dropped)
-            self._commit(cur, written, dropped, downsampled=True)
+            with self.store.transaction() as transaction:
+                rows_before = self._downsample_rows(transaction, hour, written, dropped)
         except BaseException:
-            self._abandon(cur, written)
+            _abandon(written)
             raise
-        finally:
-            cur.close()
         self._settle(written, dropped)
         log.info(
             "downsampled %s to one row per minute: %s rows -> %s",
@@ -273,35 +250,66 @@ class Partitions:
             f"{sum(f.rows for f in written):,}",
         )
 
+    def _downsample_rows(
+        self, transaction: Transaction, hour: datetime, written: list[_NewFile], dropped: list[str]
+    ) -> int:
+        """Rewrite the hour's sealed files one row per minute, in the transaction; the rows
+        they held."""
+        cur = transaction.cursor
+        for table, measure in DOWNSAMPLED.items():
+            files = [
+                path
+                for (path,) in cur.execute(
+                    "SELECT lake || '/' || path FROM sealed_files "
+                    "WHERE table_name = $table AND hour = $hour",
+                    {"table": table, "hour": hour},
+                ).fetchall()
+            ]
+            if not files:
+                continue
+            columns = [
+                "make_timestamptz(epoch_us(ts) // 60000000 * 60000000) AS ts"
+                if c == "ts"
+                else f"sum({c})::BIGINT AS {c}"
+                if c == measure
+                else c
+                for c in lake.COLUMNS[table]
+            ]
+            source = sealed_scan_sql(cur, table, files)  # old events converted
+            select = f"SELECT {', '.join(columns)} FROM ({source}) GROUP BY ALL"
+            written += self._write(cur, table, hour, select)
+            dropped += files
+        rows_before = self._rows(cur, dropped)
+        self._commit(transaction, written, dropped, downsampled=True)
+        return rows_before
+
     # --- converting old events ----------------------------------------------------------
 
     def convert_old_files(self) -> None:
         """Rewrite each samples file of events from before the split (old_event_files) with
         its events converted, as the store's views read it."""
-        cur = self.store.reader()
-        old = cur.execute(
-            "SELECT o.path, s.hour, s.downsampled FROM old_event_files o "
-            "JOIN sealed_files s ON s.lake || '/' || s.path = o.path ORDER BY s.hour, o.path"
-        ).fetchall()
+        with self.store.cursor() as cur:
+            old = cur.execute(
+                "SELECT o.path, s.hour, s.downsampled FROM old_event_files o "
+                "JOIN sealed_files s ON s.lake || '/' || s.path = o.path ORDER BY s.hour, o.path"
+            ).fetchall()
         for path, hour, downsampled in old:
             if self._stop.is_set():
                 return
             self._convert_file(path, hour.astimezone(UTC), downsampled)
 
     def _convert_file(self, path: str, hour: datetime, downsampled: bool) -> None:
-        cur = self.store.reader()
-        cur.execute("BEGIN")
         written: list[_NewFile] = []
         try:
-            columns = ", ".join(lake.COLUMNS["samples"])
-            select = f"SELECT {columns} FROM ({sealed_scan_sql(cur, 'samples', [path])})"
-            written = self._write(cur, "samples", hour, select)
-            self._commit(cur, written, [path], downsampled)
+            with self.store.transaction() as transaction:
+                cur = transaction.cursor
+                columns = ", ".join(lake.COLUMNS["samples"])
+                select = f"SELECT {columns} FROM ({sealed_scan_sql(cur, 'samples', [path])})"
+                written += self._write(cur, "samples", hour, select)
+                self._commit(transaction, written, [path], downsampled)
         except BaseException:
-            self._abandon(cur, written)
+            _abandon(written)
             raise
-        finally:
-            cur.close()
         self._settle(written, [path])
         log.info("converted the events of %s (sealed before the io/block, lock/wait split)", path)
 
@@ -310,9 +318,8 @@ class Partitions:
     def drop_before(self, cutoff: datetime, reason: str) -> None:
         """Drop every partition of hours before `cutoff`: this aggregator's files of them
         and their rows still in DuckDB."""
-        cur = self.store.reader()
-        cur.execute("BEGIN")
-        try:
+        with self.store.transaction() as transaction:
+            cur = transaction.cursor
             files = cur.execute(
                 "SELECT lake || '/' || path, hour, rows, bytes FROM sealed_files "
                 "WHERE hour < $cutoff ORDER BY hour",
@@ -328,11 +335,8 @@ class Partitions:
                 "DELETE FROM ingested_batches WHERE received_at < $cutoff", {"cutoff": cutoff}
             )
             if not files and not live_rows:
-                cur.execute("ROLLBACK")
-                return
-            self._commit(cur, [], [path for path, *_ in files], downsampled=False)
-        finally:
-            cur.close()
+                return  # rolled back: nothing to drop
+            self._commit(transaction, [], [path for path, *_ in files], downsampled=False)
         self._settle([], [path for path, *_ in files])
         hours = sorted({hour for _, hour, _, _ in files})
         log.warning(
@@ -352,10 +356,10 @@ class Partitions:
     def enforce_disk_budget(self, max_bytes: int) -> None:
         """Evict the oldest hours until the DuckDB file and this aggregator's lake files
         fit in `max_bytes`."""
-        cur = self.store.reader()
-        per_hour = cur.execute(
-            "SELECT hour, sum(bytes) FROM sealed_files GROUP BY hour ORDER BY hour"
-        ).fetchall()
+        with self.store.cursor() as cur:
+            per_hour = cur.execute(
+                "SELECT hour, sum(bytes) FROM sealed_files GROUP BY hour ORDER BY hour"
+            ).fetchall()
         database = self.database_bytes()
         used = database + sum(size for _, size in per_hour)
         if used <= max_bytes:
@@ -386,12 +390,13 @@ class Partitions:
 
     def _prune_stacks(self) -> None:
         """Forget stacks no longer referenced by any row, in DuckDB or in a sealed file."""
-        stack_files = [
-            path
-            for (path,) in self.store.reader()
-            .execute("SELECT lake || '/' || path FROM sealed_files WHERE table_name = 'stacks'")
-            .fetchall()
-        ]
+        with self.store.cursor() as cur:
+            stack_files = [
+                path
+                for (path,) in cur.execute(
+                    "SELECT lake || '/' || path FROM sealed_files WHERE table_name = 'stacks'"
+                ).fetchall()
+            ]
         pruned = self.store.prune_stacks(stack_files)
         if pruned:
             log.info("forgot %s stacks no longer referenced", f"{pruned:,}")
@@ -407,14 +412,15 @@ class Partitions:
 
     def _commit(
         self,
-        cur: duckdb.DuckDBPyConnection,
+        transaction: Transaction,
         written: list[_NewFile],
         dropped: list[str],
         downsampled: bool,
     ) -> None:
-        """Finish cur's transaction: rename the written files into place, record them and
-        forget the dropped ones with the views redefined, and COMMIT. If anything fails
-        before COMMIT, the caller abandons; after it, the caller settles."""
+        """Finish the transaction: rename the written files into place, record them and
+        forget the dropped ones, and commit. If anything fails before the commit, the
+        caller abandons; after it, the caller settles."""
+        cur = transaction.cursor
         for new in written:
             os.replace(new.temporary, new.final)
         for directory in {new.final.parent for new in written}:
@@ -444,14 +450,7 @@ class Partitions:
                 "DELETE FROM old_event_files WHERE list_contains($paths, path)", {"paths": dropped}
             )
             cur.execute("DELETE FROM old_event_stacks WHERE NOT EXISTS (FROM old_event_files)")
-        refresh_views(cur)
-        cur.execute("COMMIT")
-
-    def _abandon(self, cur: duckdb.DuckDBPyConnection, written: list[_NewFile]) -> None:
-        """Undo a pass that failed before its COMMIT: the rows stay where they were."""
-        with contextlib.suppress(duckdb.Error):
-            cur.execute("ROLLBACK")
-        _unlink(p for new in written for p in (new.temporary, new.final))
+        transaction.commit()
 
     def _settle(self, written: list[_NewFile], dropped: list[str]) -> None:
         """After a COMMIT: unlink the dropped files, and nothing is pending any more."""
@@ -460,28 +459,31 @@ class Partitions:
 
     def _pend(self, paths: Iterable[str | Path]) -> None:
         """Note files about to be made, committed before they exist."""
-        self.store.reader().execute(
-            "INSERT INTO lake_pending SELECT unnest($paths)", {"paths": [str(p) for p in paths]}
-        )
+        with self.store.cursor() as cur:
+            cur.execute(
+                "INSERT INTO lake_pending SELECT unnest($paths)",
+                {"paths": [str(p) for p in paths]},
+            )
 
     def _unpend(self, paths: Iterable[str | Path]) -> None:
-        self.store.reader().execute(
-            "DELETE FROM lake_pending WHERE list_contains($paths, path)",
-            {"paths": [str(p) for p in paths]},
-        )
+        with self.store.cursor() as cur:
+            cur.execute(
+                "DELETE FROM lake_pending WHERE list_contains($paths, path)",
+                {"paths": [str(p) for p in paths]},
+            )
 
     def forget_unrecorded(self) -> None:
         """Remove the files a pass that died half-way left behind (pending, not sealed)."""
-        cur = self.store.reader()
-        leftovers = cur.execute(
-            "SELECT DISTINCT path FROM lake_pending "
-            "WHERE path NOT IN (SELECT lake || '/' || path FROM sealed_files)"
-        ).fetchall()
-        existing = [path for (path,) in leftovers if Path(path).exists()]
-        _unlink(existing)
-        if existing:
-            log.warning("removed %d lake files of an interrupted pass", len(existing))
-        cur.execute("DELETE FROM lake_pending")
+        with self.store.cursor() as cur:
+            leftovers = cur.execute(
+                "SELECT DISTINCT path FROM lake_pending "
+                "WHERE path NOT IN (SELECT lake || '/' || path FROM sealed_files)"
+            ).fetchall()
+            existing = [path for (path,) in leftovers if Path(path).exists()]
+            _unlink(existing)
+            if existing:
+                log.warning("removed %d lake files of an interrupted pass", len(existing))
+            cur.execute("DELETE FROM lake_pending")
 
     @staticmethod
     def _rows(cur: duckdb.DuckDBPyConnection, paths: list[str]) -> int:
@@ -490,6 +492,12 @@ class Partitions:
             {"paths": paths},
         ).fetchone()
         return int(result[0] or 0)
+
+
+def _abandon(written: list[_NewFile]) -> None:
+    """After a pass that failed before its commit (rolled back: the rows stay where they
+    were), its files go."""
+    _unlink(p for new in written for p in (new.temporary, new.final))
 
 
 def _unlink(paths: Iterable[str | Path]) -> None:

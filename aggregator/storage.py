@@ -1,4 +1,6 @@
-"""DuckDB storage of profiles: append Arrow batches whole, dedupe stacks by id.
+"""DuckDB storage of profiles, the write path: append Arrow batches whole (group commit),
+dedupe stacks by id; transactions for the hourly partitions. The tables, views, macros and
+migrations are in aggregator/database.py.
 
 One DuckDB database per aggregator. Writes go through one connection under a lock (DuckDB
 has one writer); readers use their own cursors, so queries never block ingest.
@@ -11,6 +13,7 @@ import hashlib
 import re
 import socket
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,264 +22,10 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from fleetprof.aggregator.label_sets import (
-    LABELS,
-    LabelledRows,
-    LabelSet,
-    LabelSets,
-    convert_wide_rows,
-)
-from fleetprof.aggregator.old_events import convert_old_events
+from fleetprof.aggregator.database import PARTITIONED, open_database, refresh_views
+from fleetprof.aggregator.label_sets import LabelledRows, LabelSet, LabelSets
 from fleetprof.proto import lake
 from fleetprof.proto.control.v1 import control_pb2
-from fleetprof.query.filters import saturating
-
-_DDL = """
--- A sample row's labels (those of its process and batch) once per distinct set
--- (aggregator/label_sets.py).
-CREATE TABLE IF NOT EXISTS label_sets (
-    label_set INTEGER NOT NULL,
-    node VARCHAR NOT NULL,
-    agent_id VARCHAR NOT NULL,
-    comm VARCHAR NOT NULL,
-    event VARCHAR NOT NULL,
-    job VARCHAR,
-    session_id VARCHAR,
-    namespace VARCHAR,
-    pod VARCHAR,
-    container VARCHAR
-);
-CREATE TABLE IF NOT EXISTS sample_rows (
-    ts TIMESTAMPTZ NOT NULL,
-    pid INTEGER NOT NULL,
-    tid INTEGER NOT NULL,
-    stack_id BIGINT NOT NULL,
-    weight BIGINT NOT NULL,
-    flame_key BIGINT NOT NULL,  -- lake.DERIVED's
-    label_set INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS stack_rows (
-    stack_id BIGINT NOT NULL,
-    frames VARCHAR[] NOT NULL,
-    modules VARCHAR[] NOT NULL,
-    kinds VARCHAR[] NOT NULL
-);
--- incarnation: incarnation_key() of the batch's, never the secret itself (a reader could
--- otherwise send batches as that agent process).
-CREATE TABLE IF NOT EXISTS ingested_batches (
-    agent_id VARCHAR NOT NULL,
-    incarnation UBIGINT NOT NULL,
-    sequence UBIGINT NOT NULL,
-    node VARCHAR NOT NULL,
-    received_at TIMESTAMPTZ NOT NULL,
-    sample_rows BIGINT NOT NULL,
-    PRIMARY KEY (agent_id, incarnation, sequence)
-);
-CREATE TABLE IF NOT EXISTS process_rows (
-    ts TIMESTAMPTZ NOT NULL,
-    node VARCHAR NOT NULL,
-    agent_id VARCHAR NOT NULL,
-    pid INTEGER NOT NULL,
-    nspid INTEGER NOT NULL,
-    comm VARCHAR NOT NULL,
-    exe VARCHAR NOT NULL,
-    runtime VARCHAR,
-    frame_pointers BOOLEAN,
-    attach VARCHAR,
-    perf_map_entries BIGINT
-);
-CREATE TABLE IF NOT EXISTS io_latency_rows (
-    ts TIMESTAMPTZ NOT NULL,
-    node VARCHAR NOT NULL,
-    agent_id VARCHAR NOT NULL,
-    pid INTEGER NOT NULL,
-    comm VARCHAR NOT NULL,
-    device VARCHAR NOT NULL,
-    op VARCHAR NOT NULL,
-    bucket_le_ns BIGINT NOT NULL,
-    count BIGINT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS session_rows (
-    session_id VARCHAR PRIMARY KEY,
-    job VARCHAR NOT NULL,
-    events VARCHAR[] NOT NULL,
-    frequency INTEGER NOT NULL,
-    started_at TIMESTAMPTZ NOT NULL,
-    deadline TIMESTAMPTZ NOT NULL,
-    state VARCHAR NOT NULL
-);
--- Files sealed into the lake (aggregator/partitions.py), recorded in the transaction that
--- deletes their rows from the tables above; the views below read the tables and these.
-CREATE TABLE IF NOT EXISTS sealed_files (
-    name VARCHAR NOT NULL,  -- the aggregator's, in the file name
-    lake VARCHAR NOT NULL,  -- the lake's root directory
-    path VARCHAR NOT NULL,  -- relative to it (proto/lake.py)
-    table_name VARCHAR NOT NULL,
-    hour TIMESTAMPTZ NOT NULL,
-    rows BIGINT NOT NULL,
-    bytes BIGINT NOT NULL,
-    downsampled BOOLEAN NOT NULL,
-    sealed_at TIMESTAMPTZ NOT NULL
-);
--- Files that may exist on disk and must go unless they are in sealed_files (a seal or
--- drop that crashed half-way): absolute paths, cleared by the next maintenance pass.
-CREATE TABLE IF NOT EXISTS lake_pending (path VARCHAR NOT NULL);
--- The documented, stable SQL surface (docs/sql.md): samples, processes, io_latency and
--- their live_ twins are views made by refresh_views().
-CREATE OR REPLACE VIEW lake_files AS
-    SELECT name, table_name, hour, path, rows, bytes, downsampled FROM sealed_files;
-CREATE OR REPLACE VIEW stacks AS
-    SELECT stack_id, frames, modules, kinds FROM stack_rows;
--- On-demand per-job sessions (fleetprof profile): state is 'running' or 'done'.
-CREATE OR REPLACE VIEW sessions AS
-    SELECT session_id, job, events, frequency, started_at, deadline, state FROM session_rows;
--- One row per frame of a stack: depth 0 is the root (the outermost caller).
-CREATE OR REPLACE VIEW frames AS
-    SELECT stack_id,
-           unnest(range(len(frames)))::INTEGER AS depth,
-           unnest(frames) AS function,
-           unnest(modules) AS module,
-           unnest(kinds) AS kind
-    FROM stack_rows;
-"""
-# Macros over the views (made after them).
-_MACROS = f"""
--- The samples of one event in [since, until) (NULL: unbounded), optionally of one node,
--- pid or process name; the table macros below all select through it. The samples view
--- qualifies its columns: DuckDB would bind unqualified ones to these parameters.
-CREATE OR REPLACE MACRO selected_samples(
-    event, since := NULL, until := NULL, node := NULL, pid := NULL, comm := NULL
-) AS TABLE
-    SELECT s.* FROM samples s
-    WHERE s.event = event
-      AND s.ts >= coalesce(since::TIMESTAMPTZ, '-infinity'::TIMESTAMPTZ)
-      AND s.ts < coalesce(until::TIMESTAMPTZ, 'infinity'::TIMESTAMPTZ)
-      AND s.node = coalesce(node, s.node)
-      AND s.pid = coalesce(pid, s.pid)
-      AND s.comm = coalesce(comm, s.comm);
--- A flame graph as rows: one per distinct (process, stack), heaviest first; `folded` is
--- the flamegraph.pl line (process name as the root frame) without its weight.
-CREATE OR REPLACE MACRO flame(
-    event, since := NULL, until := NULL, node := NULL, pid := NULL, comm := NULL
-) AS TABLE
-    SELECT m.comm, m.stack_id, st.frames, st.kinds,
-           array_to_string(list_prepend(m.comm, st.frames), ';') AS folded, m.weight
-    FROM (
-        SELECT s.comm, s.stack_id, {saturating("sum(s.weight)")} AS weight
-        FROM selected_samples(event, since := since, until := until,
-                              node := node, pid := pid, comm := comm) s
-        GROUP BY ALL
-    ) m
-    JOIN stacks st USING (stack_id)
-    ORDER BY m.weight DESC, folded;
--- Self (leaf) and total (inclusive) weight per function, heaviest self first; a function
--- recurring in a stack counts once in its total. Percentages are of the selection's total.
-CREATE OR REPLACE MACRO top_functions(
-    event, since := NULL, until := NULL, node := NULL, pid := NULL, comm := NULL
-) AS TABLE
-    WITH per_stack AS (
-        SELECT s.stack_id, sum(s.weight) AS weight
-        FROM selected_samples(event, since := since, until := until,
-                              node := node, pid := pid, comm := comm) s
-        GROUP BY s.stack_id
-    )
-    SELECT f AS function,
-           {saturating("coalesce(sum(p.weight) FILTER (WHERE f = st.frames[-1]), 0)")} AS self,
-           {saturating("sum(p.weight)")} AS total,
-           round(100.0 * self / (SELECT sum(weight) FROM per_stack), 2) AS self_percent,
-           round(100.0 * total / (SELECT sum(weight) FROM per_stack), 2) AS total_percent
-    FROM per_stack p JOIN stacks st USING (stack_id), unnest(list_distinct(st.frames)) AS t(f)
-    GROUP BY f
-    ORDER BY self DESC, total DESC, function;
-"""
-# The hour-partitioned views: (lake table, DuckDB table of its rows not sealed yet).
-PARTITIONED = {
-    "samples": "sample_rows",
-    # Block I/O latency histograms (event block): requests per (interval, process, device, op)
-    # whose latency was in (bucket_le_ns / 2, bucket_le_ns].
-    "io_latency": "io_latency_rows",
-    # What agents learned about processes (JVMs), one row each time: latest per (node, pid).
-    "processes": "process_rows",
-}
-
-
-def refresh_views(cur: duckdb.DuckDBPyConnection) -> None:
-    """(Re)define the partitioned views as the rows in DuckDB plus the sealed files that
-    sealed_files lists, in the caller's transaction: a reader sees rows before or after a
-    seal, never both or neither. `live_<view>` is the DuckDB part alone."""
-    sealed = dict(
-        cur.execute(
-            "SELECT table_name, list(lake || '/' || path ORDER BY hour, path) "
-            "FROM sealed_files GROUP BY table_name"
-        ).fetchall()
-    )
-    for view in PARTITIONED:
-        live = _live_sql(view)
-        cur.execute(f"CREATE OR REPLACE VIEW live_{view} AS {live}")
-        files = sealed.get(view)
-        union = f"{live} UNION ALL {sealed_scan_sql(cur, view, files)}" if files else live
-        cur.execute(f"CREATE OR REPLACE VIEW {view} AS {union}")
-
-
-def sealed_scan_sql(cur: duckdb.DuckDBPyConnection, table: str, files: list[str]) -> str:
-    """lake.scan_sql of some of the store's sealed files (non-empty), those of old events
-    (aggregator/old_events.py) with their events converted."""
-    old = {path for (path,) in cur.execute("SELECT path FROM old_event_files").fetchall()}
-    scans = [
-        lake.scan_sql(table, part, new_events)
-        for part, new_events in (
-            ([f for f in files if f not in old], None),
-            ([f for f in files if f in old], "old_event_stacks"),
-        )
-        if part
-    ]
-    return " UNION ALL ".join(scans)
-
-
-def _live_sql(view: str) -> str:
-    """The view's columns from its rows in DuckDB (sample rows joined to their labels:
-    dense integer label sets make that a perfect-hash join, almost free)."""
-    columns = ", ".join(
-        f"l.{c}" if view == "samples" and c in LABELS else f"r.{c}" for c in lake.view_columns(view)
-    )
-    if view == "samples":
-        return f"SELECT {columns} FROM sample_rows r JOIN label_sets l ON l.label_set = r.label_set"
-    return f"SELECT {columns} FROM {PARTITIONED[view]} r"
-
-
-def _set_aside_wide_rows(cur: duckdb.DuckDBPyConnection) -> bool:
-    """Rename sample_rows of an earlier release, which kept each row's labels in its own
-    columns (schema version 1 had no job, session or pod), to wide_sample_rows; whether
-    there were any."""
-    columns = {
-        name
-        for (name,) in cur.execute(
-            "SELECT column_name FROM duckdb_columns() "
-            "WHERE table_name = 'sample_rows' AND database_name = current_database()"
-        ).fetchall()
-    }
-    if "node" not in columns:
-        return False
-    for name in LABELS:
-        cur.execute(f"ALTER TABLE sample_rows ADD COLUMN IF NOT EXISTS {name} VARCHAR")
-    cur.execute("ALTER TABLE sample_rows RENAME TO wide_sample_rows")
-    return True
-
-
-def _set_aside_batches_without_incarnation(cur: duckdb.DuckDBPyConnection) -> bool:
-    """Rename ingested_batches of an earlier release, keyed (agent_id, sequence) without an
-    incarnation, to old_ingested_batches; whether there was one."""
-    columns = {
-        name
-        for (name,) in cur.execute(
-            "SELECT column_name FROM duckdb_columns() "
-            "WHERE table_name = 'ingested_batches' AND database_name = current_database()"
-        ).fetchall()
-    }
-    if not columns or "incarnation" in columns:
-        return False
-    cur.execute("ALTER TABLE ingested_batches RENAME TO old_ingested_batches")
-    return True
 
 
 def incarnation_key(incarnation: str) -> int:
@@ -290,6 +39,22 @@ def incarnation_key(incarnation: str) -> int:
 def default_name() -> str:
     """This host's name, as an aggregator name (characters a file name may not have: `-`)."""
     return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()).strip(".-") or "aggregator"
+
+
+class Transaction:
+    """A transaction of ProfileStore.transaction(): statements run on `cursor`."""
+
+    def __init__(self, cursor: duckdb.DuckDBPyConnection) -> None:
+        self.cursor = cursor
+        self.committed = False
+
+    def commit(self) -> None:
+        """Redefine the partitioned views over the rows and sealed files as this
+        transaction leaves them (so a reader sees rows before or after it, never both or
+        neither), then COMMIT. A failed COMMIT has rolled back."""
+        refresh_views(self.cursor)
+        self.cursor.execute("COMMIT")
+        self.committed = True
 
 
 class StorageUnavailable(RuntimeError):
@@ -317,28 +82,7 @@ class ProfileStore:
         # Where closed hours are sealed (aggregator/partitions.py), as this aggregator's name.
         self.lake = Path(lake_dir or f"{self.path}.lake").resolve()
         self.name = lake.check_name(name or default_name())
-        self._db = duckdb.connect(self.path)
-        # Rows have no order but the one a query asks for. Without this DuckDB appends an
-        # Arrow table on one thread; with it, on all, and a group of batches past a row
-        # group (122,880 rows) goes straight to compressed blocks: twice the append rate.
-        self._db.execute("SET preserve_insertion_order = false")
-        self._db.execute("BEGIN")
-        wide = _set_aside_wide_rows(self._db)
-        old_batches = _set_aside_batches_without_incarnation(self._db)
-        self._db.execute(_DDL)
-        if old_batches:  # incarnation 0: what batches without one get
-            self._db.execute(
-                "INSERT INTO ingested_batches SELECT agent_id, 0, sequence, node, received_at, "
-                "sample_rows FROM old_ingested_batches"
-            )
-            self._db.execute("DROP TABLE old_ingested_batches")
-        if wide:  # converted in the transaction that makes the new tables
-            convert_wide_rows(self._db, "wide_sample_rows")
-            self._db.execute("DROP TABLE wide_sample_rows")
-        convert_old_events(self._db)
-        refresh_views(self._db)
-        self._db.execute("COMMIT")
-        self._db.execute(_MACROS)
+        self._db = open_database(self.path)
         self._label_sets = LabelSets(self._db)
         self._write_lock = threading.Lock()
         # Times prune_stacks deleted stacks: a batch prepared before one stores all its own.
@@ -358,6 +102,30 @@ class ProfileStore:
     def reader(self) -> duckdb.DuckDBPyConnection:
         """A cursor of its own for one reader thread (MVCC snapshot per query)."""
         return self._db.cursor()
+
+    @contextlib.contextmanager
+    def cursor(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A cursor of its own for the block, closed after it; each statement commits alone."""
+        cur = self._db.cursor()
+        try:
+            yield cur
+        finally:
+            cur.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """One transaction from one snapshot, on a cursor of its own and beside ingest (not
+        under the write lock: DuckDB refuses a commit that conflicts). It commits only by
+        Transaction.commit(); a block left otherwise (an exception, or return) rolls it back."""
+        with self.cursor() as cur:
+            cur.execute("BEGIN")
+            transaction = Transaction(cur)
+            try:
+                yield transaction
+            finally:
+                if not transaction.committed:
+                    with contextlib.suppress(duckdb.Error):
+                        cur.execute("ROLLBACK")
 
     def prune_stacks(self, stack_files: list[str]) -> int:
         """Delete the stacks referenced neither by a row in DuckDB nor by `stack_files`

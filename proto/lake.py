@@ -22,20 +22,32 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-# The columns of each table's files, in order: those of the SQL views of the same name.
-# fmt: off
-COLUMNS: dict[str, tuple[str, ...]] = {
-    "samples": ("ts", "node", "pid", "tid", "comm", "event", "stack_id", "weight", "agent_id",
-                "job", "session_id", "namespace", "pod", "container"),
+import pyarrow as pa
+
+from fleetprof.proto import schema
+
+
+def _stored(wire: pa.Schema) -> list[pa.Field]:
+    """A wire table's fields as stored: ts, then who sent it (schema.ORIGIN's node), the
+    wire's other fields, then the agent."""
+    node, agent = schema.ORIGIN
+    return [wire.field("ts"), node, *(f for f in wire if f.name != "ts"), agent]
+
+
+# The fields of each table's files, in order: those of the SQL views of the same name.
+# (Samples of schema version 1 come first, as they did before version 2's labels.)
+FIELDS: dict[str, list[pa.Field]] = {
+    "samples": _stored(schema.SAMPLES_V1)
+    + [f for f in schema.SAMPLES if f.name not in schema.SAMPLES_V1.names],
     # The stacks referenced by the same hour's samples: one stack is in many files, so
     # readers keep one row per stack_id (stack ids are hashes of the frames).
-    "stacks": ("stack_id", "frames", "modules", "kinds"),
-    "io_latency": ("ts", "node", "pid", "comm", "device", "op", "bucket_le_ns", "count",
-                   "agent_id"),
-    "processes": ("ts", "node", "pid", "nspid", "comm", "exe", "runtime", "frame_pointers",
-                  "attach", "perf_map_entries", "agent_id"),
+    "stacks": list(schema.STACKS),
+    "io_latency": _stored(schema.IO_LATENCY),
+    "processes": _stored(schema.PROCESSES),
 }
-# fmt: on
+COLUMNS: dict[str, tuple[str, ...]] = {
+    table: tuple(f.name for f in fields) for table, fields in FIELDS.items()
+}
 TABLES = tuple(COLUMNS)
 # Columns the SQL views add to a table's files, each with the DuckDB expression over a
 # file's columns (as `f`) that makes it. `flame_key` names a (stack_id, comm) pair with one
@@ -46,6 +58,19 @@ COMM_KEY = "(hash(f.comm) >> 1)::BIGINT"
 DERIVED: dict[str, dict[str, str]] = {
     "samples": {"flame_key": f"xor(f.stack_id, {COMM_KEY})"},
 }
+# The DuckDB type of every column of the views (a name has one type in all).
+COLUMN_TYPES: dict[str, str] = {
+    **{f.name: schema.sql_type(f) for fields in FIELDS.values() for f in fields},
+    "flame_key": "BIGINT",
+}
+# The frames view over a table of stacks: one row per frame, depth 0 the root.
+FRAMES_SQL = """
+    SELECT stack_id,
+           unnest(range(len(frames)))::INTEGER AS depth,
+           unnest(frames) AS function,
+           unnest(modules) AS module,
+           unnest(kinds) AS kind
+    FROM {stacks}"""
 # Row order inside a file: groups equal values (compression) and lets readers skip row
 # groups of other events and jobs by their min/max statistics.
 SORT_KEYS: dict[str, tuple[str, ...]] = {

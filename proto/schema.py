@@ -124,6 +124,37 @@ IO_LATENCY = pa.schema(
     metadata={"fleetprof.table": "io_latency", "fleetprof.schema_version": str(SCHEMA_VERSION)},
 )
 
+# Who sent a stored row: the aggregator adds the batch's node and agent to every row of
+# SAMPLES, PROCESSES and IO_LATENCY it stores (proto/lake.py orders the stored columns).
+ORIGIN = pa.schema(
+    [
+        pa.field("node", pa.string(), nullable=False),
+        pa.field("agent_id", pa.string(), nullable=False),
+    ]
+)
+# DuckDB's name of each Arrow type the schemas above use.
+_SQL_TYPES = {
+    pa.timestamp("us", tz="UTC"): "TIMESTAMPTZ",
+    pa.int32(): "INTEGER",
+    pa.int64(): "BIGINT",
+    pa.string(): "VARCHAR",
+    pa.bool_(): "BOOLEAN",
+    pa.list_(pa.string()): "VARCHAR[]",
+}
+
+
+def sql_type(field: pa.Field) -> str:
+    """The DuckDB type of a field of the schemas above."""
+    return _SQL_TYPES[field.type]
+
+
+def sql_columns(fields: list[pa.Field]) -> str:
+    """The column definitions of a DuckDB table holding `fields`, in order."""
+    return ",\n".join(
+        f"    {f.name} {sql_type(f)}{'' if f.nullable else ' NOT NULL'}" for f in fields
+    )
+
+
 # Hostile-input limits, checked before anything is decoded or stored.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MAX_ROWS_PER_BATCH = 5_000_000

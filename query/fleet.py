@@ -43,29 +43,6 @@ from fleetprof.query.source import AggregatorSource, ProfileSource
 # A query racing one seal after another gives up after this many tries.
 SEAL_RETRIES = 5
 
-# The DuckDB type of every column of the lake's tables (a name has one type in all).
-COLUMN_TYPES = {
-    "ts": "TIMESTAMPTZ", "node": "VARCHAR", "pid": "INTEGER", "tid": "INTEGER",
-    "nspid": "INTEGER", "comm": "VARCHAR", "event": "VARCHAR", "stack_id": "BIGINT",
-    "weight": "BIGINT", "agent_id": "VARCHAR", "job": "VARCHAR", "session_id": "VARCHAR",
-    "namespace": "VARCHAR", "pod": "VARCHAR", "container": "VARCHAR",
-    "frames": "VARCHAR[]", "modules": "VARCHAR[]", "kinds": "VARCHAR[]", "exe": "VARCHAR",
-    "runtime": "VARCHAR", "frame_pointers": "BOOLEAN", "attach": "VARCHAR",
-    "perf_map_entries": "BIGINT", "device": "VARCHAR", "op": "VARCHAR",
-    "bucket_le_ns": "BIGINT", "count": "BIGINT", "flame_key": "BIGINT",
-}  # fmt: skip
-
-# As the aggregator defines it (aggregator/storage.py): one row per frame, root at depth 0.
-FRAMES_VIEW = """
-CREATE VIEW frames AS
-    SELECT stack_id,
-           unnest(range(len(frames)))::INTEGER AS depth,
-           unnest(frames) AS function,
-           unnest(modules) AS module,
-           unnest(kinds) AS kind
-    FROM stacks
-"""
-
 T = TypeVar("T")
 
 
@@ -176,7 +153,7 @@ class FleetSource:
             if table == "stacks":  # a stack is in several aggregators' files and tables
                 union = f"SELECT DISTINCT ON (stack_id) * FROM ({union})"
             conn.execute(f"CREATE VIEW {table} AS {union}")
-        conn.execute(FRAMES_VIEW)
+        conn.execute(f"CREATE VIEW frames AS {layout.FRAMES_SQL.format(stacks='stacks')}")
         lock_down(conn, self._memory_limit, [self._lake] if self._lake else [])
         return conn
 
@@ -225,7 +202,7 @@ def _columns(table: str) -> str:
 
 def _empty(table: str) -> str:
     """The table's columns and no row."""
-    typed = ", ".join(f"NULL::{COLUMN_TYPES[c]} AS {c}" for c in layout.view_columns(table))
+    typed = ", ".join(f"NULL::{layout.COLUMN_TYPES[c]} AS {c}" for c in layout.view_columns(table))
     return f"SELECT {typed} WHERE false"
 
 

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 
 from fleetprof.proto import lake as layout
 from fleetprof.query.filters import SampleFilter
-from fleetprof.query.fleet import COLUMN_TYPES
 from fleetprof.query.render.folded import PROCESS_HEADER
 
 if TYPE_CHECKING:
@@ -55,7 +54,7 @@ FROM stacks LATERAL VIEW posexplode(frames) f AS depth, function
 def spark_schema(table: str) -> str:
     """One lake table's columns as a Spark DDL schema string."""
     return ", ".join(
-        f"{column} {_SPARK_TYPES[COLUMN_TYPES[column]]}" for column in layout.COLUMNS[table]
+        f"{column} {_SPARK_TYPES[layout.COLUMN_TYPES[column]]}" for column in layout.COLUMNS[table]
     )
 
 

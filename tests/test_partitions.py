@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fleetprof.aggregator import partitions as partitions_module
+from fleetprof.aggregator import storage as storage_module
 from fleetprof.aggregator.partitions import LakePolicy, Partitions, parse_size
 from fleetprof.aggregator.server import Aggregator
 from fleetprof.aggregator.storage import ProfileStore
@@ -182,7 +182,7 @@ def test_a_failed_seal_keeps_the_rows_and_leaves_no_file(
         raise OSError("disk gone")
 
     with monkeypatch.context() as patched:
-        patched.setattr(partitions_module, "refresh_views", fail)
+        patched.setattr(storage_module, "refresh_views", fail)
         with pytest.raises(OSError):
             Partitions(store).maintain(NOW)
     assert per_hour(store) == before and live_rows(store) == 24
