@@ -1,5 +1,5 @@
 # `make demo` and `make test` do all set-up on a fresh Debian 12 host (as root).
-.PHONY: setup demo test lint bench proto
+.PHONY: setup demo test test-fast lint bench proto
 
 setup:
 	./setup-host.sh
@@ -9,6 +9,10 @@ demo: setup
 
 test: setup
 	.venv/bin/pytest -ra
+
+# The unit tests alone (tests/unit/: no root, no BPF, seconds); tests/integration/ has the rest.
+test-fast: setup
+	.venv/bin/pytest -ra tests/unit
 
 lint: setup
 	.venv/bin/ruff check .

@@ -17,7 +17,7 @@ from fleetprof.aggregator.server import Aggregator
 from fleetprof.cli import build_parser, main
 from fleetprof.query.sandbox import QueryError
 from fleetprof.query.source import AggregatorSource
-from tests.test_faults import free_port
+from tests.conftest import free_port
 from tests.test_sql_views import filled_database
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,17 +21,11 @@ from fleetprof.node_agent.batch import Batch
 from fleetprof.node_agent.shipper import Shipper
 from fleetprof.node_agent.spool import Spool
 from fleetprof.proto import schema
-from tests.conftest import require, require_ebpf
+from tests.conftest import free_port, require_ebpf
 from tests.netns import Host, network_hosts
 from tests.test_ingest import STACKS, batch, samples, send, totals
 
 OUTAGE_S = 30
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start_aggregator(
@@ -161,17 +154,6 @@ def test_damaged_spool_file_is_dropped_not_fatal(tmp_path: Path, aggregator, dam
     weight = aggregator.store.reader().execute("SELECT sum(weight) FROM samples").fetchone()[0]
     assert weight == 4
     shipper.close()
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path):
-    """A 8 MB filesystem of its own: a real ENOSPC without filling the machine's disk."""
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)])
-    require(result.returncode == 0, "cannot mount a tmpfs (needs root)")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_full_disk_refuses_ingest_keeps_queries_and_recovers(small_disk: Path) -> None:

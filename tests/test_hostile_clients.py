@@ -42,7 +42,7 @@ from fleetprof.query.filters import SampleFilter
 from fleetprof.query.flame import load_flat
 from fleetprof.query.sandbox import QueryError
 from fleetprof.query.source import AggregatorSource
-from tests.test_faults import free_port
+from tests.conftest import free_port
 from tests.test_ingest import STACKS, batch, samples, send, totals
 from tests.test_sessions import cpu_seconds
 

@@ -25,7 +25,6 @@ from fleetprof.proto import lake, schema
 from fleetprof.proto.stacks import StackRow, stacks_table
 from fleetprof.query.sandbox import QueryError
 from fleetprof.query.source import AggregatorSource, DatabaseSource
-from tests.test_faults import small_disk  # noqa: F401 (fixture)
 
 STACKS = {
     11: StackRow(("main", "compute_alpha"), ("app", "app"), ("native", "native")),
@@ -354,7 +353,7 @@ def test_storage_flags_refuse_bad_values_in_one_line(
 
 def test_a_full_lake_disk_fails_the_seal_and_loses_nothing(
     tmp_path: Path,
-    small_disk: Path,  # noqa: F811 (the fixture imported above)
+    small_disk: Path,
 ) -> None:
     store = ProfileStore(tmp_path / "p.duckdb", small_disk / "lake", name="agg1")
     fill_hours(store, HOURS[-3:-1])

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from fleetprof import workloads
-from tests.conftest import require_ebpf
-from tests.test_faults import agent_process, free_port, start_aggregator, stored_weight
+from tests.conftest import free_port, require_ebpf
+from tests.test_faults import agent_process, start_aggregator, stored_weight
 from tests.throttle import ThrottledProxy
 
 SLOW_S = 40
