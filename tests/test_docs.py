@@ -25,8 +25,14 @@ def commands() -> list[tuple[str, list[str]]]:
     found = []
     for page in PAGES:
         for block in re.findall(r"```sh\n(.*?)```", page.read_text("utf-8"), re.S):
+            pending = ""
             for line in block.replace("\\\n", " ").splitlines():
-                words = shlex.split(line, comments=True)
+                try:  # a quoted argument (SQL) may span lines
+                    words = shlex.split(pending + line, comments=True)
+                except ValueError:
+                    pending += line + "\n"
+                    continue
+                pending = ""
                 starts = [i for i, word in enumerate(words) if word.endswith("bin/fleetprof")]
                 starts += [i for i, word in enumerate(words) if word == "fleetprof"]
                 if not starts:

@@ -118,7 +118,10 @@ def run(args: argparse.Namespace) -> int:
         source.close()
         aggregator.stop()
     print(f"\nflame graph: {html}\nfolded stacks: {folded}\ndatabase: {db}")
-    print(f'query it: fleetprof query --db {db} "SELECT count(*) FROM samples"')
+    # The venv's command, which is what a reader can type (a clone's is not on the PATH).
+    command = Path(sys.executable).with_name("fleetprof")
+    command_text = str(command) if command.exists() else "fleetprof"
+    print(f'query it: {command_text} query --db {db} "SELECT count(*) FROM samples"')
     return 0
 
 
