@@ -1,9 +1,10 @@
 """Every `fleetprof` command line in README.md and docs/ is one the CLI takes.
 
-The SQL of the same pages runs in tests/test_sql_views.py; here each command of a ```sh
-block is parsed by the CLI's own parser, so an option renamed or dropped fails a test
-instead of a reader. `[--option value]` (optional in prose) is parsed as given, `...` left
-out. Synopses (```text blocks) are not commands.
+The SQL of the same pages' ```sql blocks runs in tests/test_sql_views.py; here each command
+of a ```sh block is parsed by the CLI's own parser, so an option renamed or dropped fails a
+test instead of a reader, and the SQL of each `query` command runs on a database of the
+current schema. `[--option value]` (optional in prose) is parsed as given, `...` left out.
+Synopses (```text blocks) are not commands.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from fleetprof.aggregator.storage import ProfileStore
 from fleetprof.cli import build_parser
+from fleetprof.query.source import DatabaseSource
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -54,3 +57,21 @@ def test_docs_command_parses(where: str, argv: list[str]) -> None:
     except SystemExit:
         pytest.fail(f"{where}: the CLI refuses {shlex.join(argv)}")
     assert not unknown, f"{where}: unknown options {unknown}"
+
+
+def test_docs_query_commands_run(tmp_path: Path) -> None:
+    """The SQL of every `fleetprof query` command runs (on an empty database: the tour's
+    job has no rows here, its columns and functions must still exist)."""
+    ProfileStore(tmp_path / "p.duckdb", name="docs").close()
+    source = DatabaseSource(tmp_path / "p.duckdb")
+    try:
+        queries = []
+        for _, argv in commands():
+            if argv[0] == "query":
+                args = build_parser().parse_args(argv)
+                queries.append(args.sql)
+                with source.stream(args.sql) as reader:
+                    reader.read_all()
+        assert len(queries) >= 3
+    finally:
+        source.close()
