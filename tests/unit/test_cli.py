@@ -18,7 +18,7 @@ from fleetprof.cli import build_parser, main
 from fleetprof.query.sandbox import QueryError
 from fleetprof.query.source import AggregatorSource
 from tests.conftest import free_port
-from tests.test_sql_views import filled_database
+from tests.unit.test_sql_views import filled_database
 
 
 @pytest.fixture(scope="module")

@@ -34,12 +34,12 @@ from fleetprof.query.flame_tree import FlameNode
 from fleetprof.query.fleet import FleetSource
 from fleetprof.query.source import AggregatorSource
 from tests.conftest import require, require_ebpf
-from tests.test_end_to_end import weight_under
-from tests.test_ingest import batch, send
+from tests.integration.test_end_to_end import weight_under
+from tests.unit.test_ingest import batch, send
 
 BIOLATENCY = Path("/usr/sbin/biolatency")
 NS = 1e9
-EVENTS_DOC = Path(__file__).parent.parent / "docs" / "events.md"
+EVENTS_DOC = Path(__file__).parents[2] / "docs" / "events.md"
 # docs/events.md "Lock and I/O queries" (checked to be there, word for word).
 PERCENTILES_PER_DEVICE = """
 WITH buckets AS (

@@ -31,8 +31,8 @@ from fleetprof.cli import main
 from fleetprof.proto import schema
 from fleetprof.proto.security import AccessScope, ClientSecurity, ServerSecurity
 from fleetprof.query.render.folded import PROCESS_HEADER
-from tests.test_security import Pki, pki  # noqa: F401 (the fixture)
-from tests.test_sql_views import fill
+from tests.unit.test_security import Pki, pki  # noqa: F401 (the fixture)
+from tests.unit.test_sql_views import fill
 
 Request = profiles_service_pb2.ExportProfilesServiceRequest
 

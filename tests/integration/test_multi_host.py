@@ -23,8 +23,8 @@ from fleetprof.query.filters import SampleFilter
 from fleetprof.query.flame import load_flame
 from fleetprof.query.source import AggregatorSource
 from tests.conftest import require_ebpf
+from tests.integration.test_faults import agent_process, start_aggregator
 from tests.netns import Host, network_hosts
-from tests.test_faults import agent_process, start_aggregator
 
 JOB = "multi-host-job"
 NODES = 3

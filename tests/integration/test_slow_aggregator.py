@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fleetprof import workloads
 from tests.conftest import free_port, require_ebpf
-from tests.test_faults import agent_process, start_aggregator, stored_weight
+from tests.integration.test_faults import agent_process, start_aggregator, stored_weight
 from tests.throttle import ThrottledProxy
 
 SLOW_S = 40

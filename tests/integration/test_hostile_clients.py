@@ -43,8 +43,8 @@ from fleetprof.query.flame import load_flat
 from fleetprof.query.sandbox import QueryError
 from fleetprof.query.source import AggregatorSource
 from tests.conftest import free_port
-from tests.test_ingest import STACKS, batch, samples, send, totals
-from tests.test_sessions import cpu_seconds
+from tests.integration.test_sessions import cpu_seconds
+from tests.unit.test_ingest import STACKS, batch, samples, send, totals
 
 AGENT_A, AGENT_B, ADMIN, LIMITED = "agent-a", "agent-b", "admin-token", "etl-only"
 

@@ -23,7 +23,7 @@ from fleetprof.node_agent.spool import Spool
 from fleetprof.proto import schema
 from tests.conftest import free_port, require_ebpf
 from tests.netns import Host, network_hosts
-from tests.test_ingest import STACKS, batch, samples, send, totals
+from tests.unit.test_ingest import STACKS, batch, samples, send, totals
 
 OUTAGE_S = 30
 

@@ -48,9 +48,9 @@ from fleetprof.query.flame import load_flame
 from fleetprof.query.flame_tree import FlameNode
 from fleetprof.query.source import AggregatorSource
 from tests.conftest import require, require_ebpf
-from tests.test_end_to_end import flame_for, weight_under
-from tests.test_exports import decode_pprof
-from tests.test_symbolize import _child_running
+from tests.integration.test_end_to_end import flame_for, weight_under
+from tests.integration.test_symbolize import _child_running
+from tests.unit.test_exports import decode_pprof
 
 RECONCILE, AUDIT = "demo.Hotspots.ledgerReconcile", "demo.Hotspots.ledgerAudit"
 
@@ -747,7 +747,7 @@ def test_spark_job_profile_shows_spark_frames(tmp_path: Path) -> None:
     """benchmarks/spark_job.py, shorter: a shuffle-heavy PySpark job's JVM, profiled."""
     require_ebpf()
     pytest.importorskip("pyspark", reason="pyspark is an optional extra")
-    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))  # not a package
+    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))  # not a package
     import spark_job
 
     require(Path(spark_job.JAVA_17).exists(), "Java 17 is not installed")

@@ -16,7 +16,7 @@ from fleetprof.proto import schema
 from fleetprof.proto.stacks import StackRow, stack_id, stacks_table
 from fleetprof.query.source import AggregatorSource, DatabaseSource
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def stack(*frames: str) -> StackRow:

@@ -37,10 +37,10 @@ from fleetprof.query.render.base import MIN_FRACTION
 from fleetprof.query.render.html import HtmlRenderer
 from fleetprof.query.render.svg import SvgRenderer
 from tests.conftest import require
-from tests.test_ingest import send
-from tests.test_sql import REFUSED
+from tests.unit.test_ingest import send
+from tests.unit.test_sql import REFUSED
 
-ARTIFACTS = Path(__file__).parent / "artifacts" / "web_ui"
+ARTIFACTS = Path(__file__).parents[1] / "artifacts" / "web_ui"
 HOSTILE = "<img src=x onerror=alert(1)>"
 BIG_ID = 2**62 + 12345  # beyond JavaScript's exact integers
 STACKS = {

@@ -21,7 +21,7 @@ from fleetprof.node_agent.jobs import JobResolver, load_config
 from fleetprof.node_agent.kubernetes import KubernetesMetadata
 from tests.conftest import require
 
-HELM_DIR = Path(__file__).resolve().parent.parent / "helm"
+HELM_DIR = Path(__file__).resolve().parents[2] / "helm"
 CHART = HELM_DIR / "fleetprof"
 RELEASE, NAMESPACE = "prof", "observability"
 FULLNAME = f"{RELEASE}-fleetprof"

@@ -16,7 +16,7 @@ from fleetprof.aggregator.validate import validate_batch
 from fleetprof.proto import schema
 from fleetprof.proto.ingest.v1 import ingest_pb2
 from fleetprof.proto.stacks import StackRow, stacks_table
-from tests.test_ingest import batch, samples, send, totals
+from tests.unit.test_ingest import batch, samples, send, totals
 
 
 def rejected(aggregator: Aggregator, message: ingest_pb2.IngestBatch) -> grpc.RpcError:

@@ -20,7 +20,7 @@ from fleetprof.query.render import RenderOptions, renderer_for
 from fleetprof.query.render.base import RowRenderer
 from fleetprof.query.render.speedscope import SpeedscopeRenderer
 from fleetprof.query.sandwich import CALLEES, CALLERS, sandwich
-from tests.test_sql_views import STACKS, filled_database
+from tests.unit.test_sql_views import STACKS, filled_database
 
 SVG_NS = "{http://www.w3.org/2000/svg}"
 TOTAL = 10 + 30 + 5 + 40 + 30 + 8 + 6 + 2 + 5 + 50 + 4 + 20

@@ -23,7 +23,7 @@ from fleetprof.proto.ingest.v1 import ingest_pb2_grpc
 from fleetprof.proto.security import ClientSecurity, ServerSecurity, parse_agent_credentials
 from fleetprof.query.sandbox import QueryError
 from fleetprof.query.source import AggregatorSource
-from tests.test_ingest import STACKS, batch, samples
+from tests.unit.test_ingest import STACKS, batch, samples
 
 TOKEN = "s3cret-token"
 

@@ -11,7 +11,7 @@ from fleetprof.aggregator.server import Aggregator
 from fleetprof.aggregator.storage import ProfileStore
 from fleetprof.cli import main
 from fleetprof.proto.pprof import profile_pb2
-from tests.test_sql_views import fill
+from tests.unit.test_sql_views import fill
 
 FOLDED = b"""\
 java;start_thread;Thread.run;Cache.put;HashMap.resize 30

@@ -1,6 +1,6 @@
 """Every `fleetprof` command line in README.md and docs/ is one the CLI takes.
 
-The SQL of the same pages' ```sql blocks runs in tests/test_sql_views.py; here each command
+The SQL of the same pages' ```sql blocks runs in tests/unit/test_sql_views.py; here each command
 of a ```sh block is parsed by the CLI's own parser, so an option renamed or dropped fails a
 test instead of a reader, and the SQL of each `query` command runs on a database of the
 current schema. `[--option value]` (optional in prose) is parsed as given, `...` left out.
@@ -19,7 +19,7 @@ from fleetprof.aggregator.storage import ProfileStore
 from fleetprof.cli import build_parser
 from fleetprof.query.source import DatabaseSource
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 

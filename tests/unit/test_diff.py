@@ -12,8 +12,8 @@ from fleetprof.cli import main
 from fleetprof.query.changes import FEW_SAMPLES, function_changes, function_weights, share_margin
 from fleetprof.query.flame_tree import build_tree
 from fleetprof.query.render.base import diff_color
-from tests.test_exports import frame_rects
-from tests.test_sql_views import filled_database
+from tests.unit.test_exports import frame_rects
+from tests.unit.test_sql_views import filled_database
 
 SVG_NS = "{http://www.w3.org/2000/svg}"
 # node-a's java before (resize 10, hash 30, gc 5) and after (resize 40, hash 30, write 8,

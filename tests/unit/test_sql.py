@@ -14,7 +14,7 @@ from fleetprof.cli import main
 from fleetprof.proto.stacks import stacks_table
 from fleetprof.query.sandbox import QueryError
 from fleetprof.query.source import AggregatorSource, DatabaseSource
-from tests.test_ingest import STACKS, batch, samples, send
+from tests.unit.test_ingest import STACKS, batch, samples, send
 
 REFUSED = [
     "INSERT INTO sample_rows SELECT * FROM sample_rows",
