@@ -1,6 +1,6 @@
 """What Java frames read from the JVM's memory cost the agent, and how soon new code is named.
 
-1. The whole agent (`fleetprof agent`, 99 Hz, 1 s intervals, a process of its own) while a
+1. The whole agent (`fleetprof agent`, 99 Hz, its default 10 s interval, a process of its own) while a
    busy 8-thread JVM started with no flags (demo.Hotspots) runs: its CPU time from
    /proc/PID/stat over the JVM's run, as a share of one core. Target: <= 1% of a core.
 2. The same with an in-process agent, in parts, in thread CPU time (other load on the
@@ -39,7 +39,7 @@ from agent_churn import running_agent
 from agent_overhead import process_cpu_s
 from spark_job import deep_size
 
-PHASES = Path(__file__).parents[1] / "tests" / "test_jvm.py"
+PHASES = Path(__file__).parents[1] / "tests" / "integration" / "test_jvm.py"
 
 
 class Timed:
@@ -77,7 +77,7 @@ def whole_agent(work: Path, classes: Path, seconds: float) -> float:
     aggregator = Aggregator(work / f"whole-{time.monotonic_ns()}.duckdb", "127.0.0.1:0")
     aggregator.start()
     try:
-        with running_agent(aggregator.address, 99, None, settle_s=5, interval_s=1) as agent:
+        with running_agent(aggregator.address, 99, None, settle_s=5) as agent:
             java = subprocess.Popen(
                 ["java", "-cp", str(classes), workloads.JAVA_MAIN, str(seconds), "8"]
             )
