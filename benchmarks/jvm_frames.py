@@ -1,7 +1,7 @@
 """What Java frames read from the JVM's memory cost the agent, and how soon new code is named.
 
-1. The whole agent (`fleetprof agent`, 99 Hz, its default 10 s interval, a process of its own) while a
-   busy 8-thread JVM started with no flags (demo.Hotspots) runs: its CPU time from
+1. The whole agent (`fleetprof agent`, 99 Hz, its default 10 s interval, a process of its
+   own) while a busy 8-thread JVM started with no flags (demo.Hotspots) runs: its CPU time from
    /proc/PID/stat over the JVM's run, as a share of one core. Target: <= 1% of a core.
 2. The same with an in-process agent, in parts, in thread CPU time (other load on the
    machine does not count): naming Java frames from memory (Symbolizer.hotspot.frames) and
