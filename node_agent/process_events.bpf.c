@@ -6,25 +6,34 @@
 
 // Threads inside an mmap(PROT_EXEC) call: reported when the call returns, once mapped.
 BPF_HASH(exec_mmap_calls, u32, u8, 16384);
+// Processes whose new code matters: those sampled since their exec (user space adds each at
+// its first sample). Every process start maps a few libraries: the others' are not sent.
+BPF_HASH(watched_pids, u32, u8, 65536);
 
 TRACEPOINT_PROBE(sched, sched_process_exec)
 {
-    emit_process_event(bpf_get_current_pid_tgid() >> 32, EVENT_EXEC, BPF_RB_NO_WAKEUP);
+    u32 pid = bpf_get_current_pid_tgid() >> 32;
+    watched_pids.delete(&pid);
+    emit_process_event(pid, EVENT_EXEC, BPF_RB_NO_WAKEUP);
     return 0;
 }
 
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 pid = pid_tgid >> 32;
     // Only the whole process leaving matters, not each of its threads.
-    if ((u32)pid_tgid == pid_tgid >> 32)
-        emit_process_event(pid_tgid >> 32, EVENT_EXIT, BPF_RB_NO_WAKEUP);
+    if ((u32)pid_tgid == pid) {
+        watched_pids.delete(&pid);
+        emit_process_event(pid, EVENT_EXIT, BPF_RB_NO_WAKEUP);
+    }
     return 0;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_mmap)
 {
-    if (args->prot & PROT_EXEC) {
+    u32 pid = bpf_get_current_pid_tgid() >> 32;
+    if ((args->prot & PROT_EXEC) && watched_pids.lookup(&pid)) {
         u32 tid = (u32)bpf_get_current_pid_tgid();
         u8 one = 1;
         exec_mmap_calls.update(&tid, &one);

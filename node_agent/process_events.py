@@ -1,7 +1,8 @@
 """Process events from the kernel, dispatched to the agent's components.
 
 The kernel reports (samplers/new_pids.bpf.h, process_events.bpf.c) each process's first
-sample since it started or exec'd, and every exec, executable mmap and exit. Components
+sample since it started or exec'd, every exec and exit, and the executable mmaps of the
+processes sampled (the others' libraries, mapped at every start, are not sent). Components
 subscribe to what they need:
 
 - on_first_sample(pid): samples hit this process image for the first time. Per-process
@@ -12,11 +13,12 @@ subscribe to what they need:
 - on_exit(pid): any process exited.
 
 Exec, mmap and exit events wait for the next poll (no wake-up per event), so a node that
-starts hundreds of processes a second costs a set lookup per event.
+starts hundreds of processes a second costs two events per process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 from collections.abc import Callable, Iterable
@@ -65,6 +67,7 @@ class ProcessEvents:
         # One manager over every ring: one wait wakes for all. The samplers' rings come
         # first: consuming in that order, an exec is never read after a first sample it
         # preceded (see poll).
+        self._watched = self._bpf[b"watched_pids"]
         self._callback = _RINGBUF_CB_TYPE(self._collect)
         fds = [*rings, self._bpf[b"process_events"].map_fd]
         self._manager = lib.bpf_new_ringbuf(fds[0], self._callback, None)
@@ -114,6 +117,8 @@ class ProcessEvents:
             if pid in self.sampled:
                 return  # another sampler's, or an evicted entry's, report
             self.sampled.add(pid)
+            with contextlib.suppress(Exception):  # BCC: a bare Exception when full
+                self._watched[self._watched.Key(pid)] = self._watched.Leaf(1)
         elif kind == EVENT_EXEC_MMAP:
             if pid not in self.sampled:
                 return  # its first sample will read its maps, new code included

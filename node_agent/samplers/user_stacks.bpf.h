@@ -82,6 +82,7 @@ struct unwind_t {
     u64 pc;
     u64 first;  // the file's first row
     s64 step;  // what the last step did (row_step)
+    u64 methods;  // a hash of the words row_step put in the stack itself (Method*s)
     u64 rows;  // whether the process has rows loaded
     struct user_stack_t stack;
 };
@@ -254,21 +255,22 @@ static __always_inline void row_step(struct unwind_t *unwind, u32 pid, u64 call)
         // frame_x86.hpp: the Method* at rbp - 3 words, the caller's sp at rbp - 1 (the
         // interpreter may have extended the caller's frame), the caller's rbp at rbp, the
         // return address above. The Method* goes in the stack as a word of its own after the
-        // interpreter's pc: user space names the frame from it.
-        u64 frame[5], depth = unwind->stack.depth;
-        if (bpf_probe_read_user(frame, sizeof(frame), (void *)(unwind->fp - 24))) {
+        // interpreter's pc: user space names the frame from it. (Read into map memory, and
+        // without branches, for the verifier: this runs in every step of the walk.)
+        u64 depth = unwind->stack.depth;
+        if (bpf_probe_read_user(unwind->words, 5 * sizeof(u64), (void *)(unwind->fp - 24))) {
             count_unwind(STAT_BAD_READ);
             return;
         }
-        if (depth < USER_FRAMES - 1) {
-            unwind->stack.ips[BOUNDED(depth, USER_FRAMES)] = frame[0];
-            unwind->stack.depth = depth + 1;
-        }
-        unwind->ip = frame[4];
-        unwind->sp = frame[2] > unwind->fp ? frame[2] : unwind->fp + 16;
-        unwind->fp = frame[3];
+        // A full stack (depth USER_FRAMES) has its last word replaced: the walk stops there.
+        u64 full = depth / USER_FRAMES;
+        unwind->stack.ips[BOUNDED(depth - full, USER_FRAMES)] = unwind->words[0];
+        unwind->stack.depth = depth + 1 - full;
+        unwind->methods = HASH_STEP(unwind->methods, unwind->words[0]);
+        unwind->ip = unwind->words[4];
+        unwind->sp = unwind->words[2];
+        unwind->fp = unwind->words[3];
         unwind->step = 1;
-        count_unwind(STAT_TABLE_FRAMES);
         return;
     }
     unwind->step = -1;
@@ -334,6 +336,7 @@ static __always_inline u64 record_user_stack(u32 at)
     unwind->stack.depth = 1;
     unwind->step = 0;
     unwind->rows = 0;
+    unwind->methods = 0;
 #if NATIVE_UNWIND
     u64 *sampled = unwind_pids_UNWIND_ID.lookup(&pid);
     if (sampled) {
@@ -367,6 +370,12 @@ static __always_inline u64 record_user_stack(u32 at)
         }
         // Without callers found: the plain frame-pointer walk from rbp.
     }
+    // Hashed here, not in the walk: the walk's many exits would each be verified with it.
+#pragma unroll
+    for (int i = 0; i <= LEAF_CALLERS; i++) {
+        if (i < unwind->stack.depth)
+            hash = HASH_STEP(hash, unwind->stack.ips[i]);
+    }
     for (int i = 0; i < USER_FRAMES; i++) {
         u64 depth = unwind->stack.depth;
         if (unwind->step < 0)
@@ -383,6 +392,7 @@ static __always_inline u64 record_user_stack(u32 at)
         }
         unwind->stack.ips[BOUNDED(depth, USER_FRAMES)] = unwind->ip;
         unwind->stack.depth = depth + 1;
+        hash = HASH_STEP(hash, unwind->ip);
         unwind->step = 0;
 #if NATIVE_UNWIND
         if (unwind->rows)
@@ -392,12 +402,7 @@ static __always_inline u64 record_user_stack(u32 at)
         if (unwind->step == 0 && !unwind->fp)
             break;
     }
-    // Hashed after the walk, not in it: the walk's many exits would each be verified with it.
-    for (int i = 0; i < USER_FRAMES; i++) {
-        if (i >= unwind->stack.depth)
-            break;
-        hash = HASH_STEP(hash, unwind->stack.ips[i]);
-    }
+    hash ^= unwind->methods;
     hash |= 2;  // never USER_STACK_NONE or USER_STACK_LOST
     // BCC resolves map names at compile time, so each generation is spelled out.
     if (at & 1) {
