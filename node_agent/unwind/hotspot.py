@@ -182,7 +182,6 @@ class CodeCaches:
         self._set_rows = set_rows
         self._forget_rows = forget_rows
         self._jvms: dict[int, CodeCacheRows] = {}
-        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="code-cache-rows", daemon=True)
         self.stats = {"updates": 0, "unreadable": 0}
@@ -195,12 +194,15 @@ class CodeCaches:
 
     def _run(self) -> None:
         while not self._stop.wait(self.PERIOD_S):
-            self.update()
+            try:
+                self.update()
+            except Exception:  # a bug here must not end Java unwinding for good
+                log.exception("code cache rows: update failed")
 
     def update(self) -> None:
         """Read each JVM's code cache again; hand over the rows of those that changed."""
         self._hotspot.retry_waiting()
-        with self._lock, self._hotspot.lock:
+        with self._hotspot.lock:
             processes = self._hotspot.processes()
             for pid, process in processes.items():
                 jvm = self._jvms.get(pid)
