@@ -128,12 +128,12 @@ def _event(dictionary: _Dictionary, profile: profiles_pb2.Profile) -> str | None
         dictionary.string(sample_type.type_strindex, "sample_type"),
         dictionary.string(sample_type.unit_strindex, "sample_type"),
     )
-    event = otlp.SAMPLE_TYPES.get(pair)
-    if event == "cpu":  # counts of samples taken at a CPU period (or no stated period)
+    periods = otlp.PERIOD_TYPES.get(pair)
+    if periods is not None:
         period = dictionary.string(profile.period_type.type_strindex, "period_type")
-        if period not in ("", otlp.CPU_PERIOD_TYPE[0]):
+        if period not in periods:
             return None
-    return event
+    return otlp.SAMPLE_TYPES.get(pair)
 
 
 def _observations(sample: profiles_pb2.Sample, default_second: int) -> Iterable[tuple[int, int]]:

@@ -11,6 +11,7 @@ limited to some jobs or namespaces may export only samples of those.
 from __future__ import annotations
 
 import logging
+import threading
 import zlib
 from collections.abc import Sequence
 from concurrent import futures
@@ -33,6 +34,12 @@ log = logging.getLogger(__name__)
 WORKERS = 8
 # The dropped-data summary of a response names at most this many kinds of data.
 MOST_REPORTED = 10
+# Each kind of data not stored (a sample type, an attribute key) is logged the first time
+# an export carries it: exporters send the same ones in every request. Past this many
+# kinds (keys are the sender's to choose) the rest go unlogged, still in each response.
+MOST_LOGGED = 1000
+_logged: set[str] = set()
+_logged_lock = threading.Lock()
 
 
 class OutOfScope(PermissionError):
@@ -58,7 +65,18 @@ def export(
     valid = [validate_batch(batch) for batch in decoded.batches]
     for batch in valid:
         store_valid(store, batch)
+    _log_first_dropped(decoded)
     return _response(decoded)
+
+
+def _log_first_dropped(decoded: Decoded) -> None:
+    """Tell the aggregator's operator, once per kind, what OTLP senders send that no
+    column holds (the senders are told in every response)."""
+    with _logged_lock:
+        new = sorted(decoded.dropped.keys() - _logged)[: MOST_LOGGED - len(_logged)]
+        _logged.update(new)
+    if new:
+        log.warning("OTLP data not stored, no fleetprof column for: %s", ", ".join(new))
 
 
 def _response(decoded: Decoded) -> profiles_service_pb2.ExportProfilesServiceResponse:

@@ -5,9 +5,11 @@ fleetprof's samples back out; hostile requests are refused whole."""
 from __future__ import annotations
 
 import gzip
+import logging
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,12 +25,14 @@ from opentelemetry.proto.collector.profiles.v1development import (
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.profiles.v1development import profiles_pb2
 
+from fleetprof.aggregator import otlp_receiver
 from fleetprof.aggregator.otlp_decode import decode_request
 from fleetprof.aggregator.server import Aggregator
 from fleetprof.aggregator.storage import ProfileStore
 from fleetprof.aggregator.validate import validate_batch
 from fleetprof.cli import main
-from fleetprof.proto import schema
+from fleetprof.proto import otlp, schema
+from fleetprof.proto.schema import EVENT_UNITS
 from fleetprof.proto.security import AccessScope, ClientSecurity, ServerSecurity
 from fleetprof.query.render.folded import PROCESS_HEADER
 from tests.unit.test_security import Pki, pki  # noqa: F401 (the fixture)
@@ -119,8 +123,8 @@ FRAMES = ["main", "compute", "memcpy", "do_syscall_64"]
 
 def otel_request(resource: dict[str, str] | None = None) -> Request:
     """What the OpenTelemetry eBPF profiler sends: samples/count at a CPU period, process
-    and thread attributes on samples, a kernel frame, and an off-CPU profile; plus a heap
-    profile fleetprof has no event for."""
+    and thread attributes on samples, a kernel frame, and an off-CPU profile (events in
+    nanoseconds, no period); plus a heap profile fleetprof has no event for."""
     b = Builder()
     kernel = b.location(["do_syscall_64"], "[kernel.kallsyms]", "kernel")
     inlined = b.location(["memcpy", "compute"], "/usr/bin/app", "native")
@@ -139,7 +143,7 @@ def otel_request(resource: dict[str, str] | None = None) -> Request:
         attribute_indices=process,
         timestamps_unix_nano=[start + 10**9, start + 2 * 10**9, start + 2 * 10**9 + 5],
     )
-    off_cpu = b.profile(resource or RESOURCE, ("off_cpu", "nanoseconds"))
+    off_cpu = b.profile(resource or RESOURCE, ("events", "nanoseconds"))
     off_cpu.samples.add(stack_index=stack, attribute_indices=process, values=[1_500_000])
     heap = b.profile(resource or RESOURCE, ("alloc_space", "bytes"))
     heap.samples.add(stack_index=stack, attribute_indices=process, values=[4096])
@@ -224,7 +228,7 @@ def test_a_real_otlp_client_export_becomes_samples_once(
     assert stack == (
         FRAMES,
         ["app", "app", "app", "[kernel.kallsyms]"],
-        ["native", "native", "native", "kernel"],
+        ["native", "native", "inlined", "kernel"],
     )
     # the timestamped sample's observations are filed under their seconds
     seconds = sql(receiving, "SELECT count(DISTINCT ts) FROM samples WHERE event = 'cpu'")
@@ -242,6 +246,37 @@ def test_a_real_otlp_client_export_becomes_samples_once(
     args = ["flamegraph", "--aggregator", address, "--event", "offcpu", "-o", str(off)]
     assert main(args) == 0
     assert off.read_text() == f"{PROCESS_HEADER}\napp;" + ";".join(FRAMES) + " 1500000\n"
+
+
+def test_data_without_a_column_is_logged_once(
+    receiving: Aggregator, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a key of this test's own: each kind is logged once per process, whichever test sent it
+    key = f"test.unlogged.{uuid.uuid4().hex}"
+    caplog.set_level(logging.WARNING, logger=otlp_receiver.__name__)
+    for node in ("first", "second"):
+        export(receiving, otel_request({**RESOURCE, "host.name": node, key: "x"}))
+    logged = [record.getMessage() for record in caplog.records if key in record.getMessage()]
+    assert len(logged) == 1 and "not stored" in logged[0], logged
+
+
+@pytest.mark.parametrize("event", sorted(EVENT_UNITS))
+def test_every_event_goes_out_and_comes_back_as_itself(tmp_path: Path, event: str) -> None:
+    b = Builder()
+    stack = b.stack([b.location(["work"], "/usr/bin/app", "native")])
+    profile = b.profile(RESOURCE, otlp.EVENT_SAMPLE_TYPES[event])
+    profile.samples.add(stack_index=stack, values=[3])
+    db = tmp_path / "p.duckdb"
+    store = ProfileStore(db)
+    try:
+        otlp_receiver.export(store, b.request.SerializeToString(), scope=None)
+    finally:
+        store.close()
+    out = tmp_path / "out.otlp.pb"
+    assert main(["flamegraph", "--db", str(db), "--event", event, "-o", str(out)]) == 0
+    (batch,) = decode_request(out.read_bytes()).batches
+    samples = schema.decode_samples(batch.samples, batch.schema_version).to_pylist()
+    assert [(row["event"], row["weight"]) for row in samples] == [(event, 3)]
 
 
 def post(
@@ -351,11 +386,23 @@ def test_otlp_round_trip_keeps_inlined_frames(receiving: Aggregator, tmp_path: P
     assert folded_of(request) == Counter({"app;" + ";".join(FRAMES): 10})
     d = request.dictionary
     (profile,) = request.resource_profiles[0].scope_profiles[0].profiles
-    frame_types = [
-        d.attribute_table[d.location_table[i].attribute_indices[0]].value.string_value
-        for i in d.stack_table[profile.samples[0].stack_index].location_indices
+    locations = [
+        d.location_table[i] for i in d.stack_table[profile.samples[0].stack_index].location_indices
     ]
-    assert frame_types == ["kernel", "native", "native", "native"]
+    # leaf first, as sent: memcpy is still a line of compute's location, not a caller
+    lines = [
+        [d.string_table[d.function_table[line.function_index].name_strindex] for line in at.lines]
+        for at in locations
+    ]
+    assert lines == [["do_syscall_64"], ["memcpy", "compute"], ["main"]]
+    frame_types = [
+        d.attribute_table[at.attribute_indices[0]].value.string_value for at in locations
+    ]
+    assert frame_types == ["kernel", "native", "native"]
+    mappings = [
+        d.string_table[d.mapping_table[at.mapping_index].filename_strindex] for at in locations
+    ]
+    assert mappings == ["[kernel.kallsyms]", "app", "app"]
 
 
 def test_tokens_and_their_scopes_hold_for_otlp(tmp_path: Path) -> None:
