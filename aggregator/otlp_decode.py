@@ -61,8 +61,6 @@ class Decoded:
     # "attribute container.id" / "sample type alloc_space/bytes" -> samples it was on
     dropped: Counter[str] = field(default_factory=Counter)
     rejected_profiles: int = 0
-    # (job, namespace) of the rows, for token scopes
-    owners: set[tuple[str | None, str | None]] = field(default_factory=set)
 
 
 def decode_request(data: bytes, received: datetime | None = None) -> Decoded:
@@ -116,7 +114,6 @@ def decode_request(data: bytes, received: datetime | None = None) -> Decoded:
                     counts = rows[(labels, event)]
                     for second, weight in _observations(sample, default_second):
                         counts[(second, stack)] += weight
-                    decoded.owners.add((labels[4], labels[5]))
     decoded.batches.extend(_batches(data, rows, dictionary.stacks_by_id, decoded))
     return decoded
 
