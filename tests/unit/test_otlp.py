@@ -461,6 +461,21 @@ def test_otlp_senders_prove_their_nodes_as_agents_do(tmp_path: Path) -> None:
         server.stop(grace_s=0)
 
 
+def test_otlp_http_is_closed_where_grpc_demands_certificates(tmp_path: Path) -> None:
+    """The web server asks for no client certificate: under a client CA without any token
+    credential, OTLP/HTTP refuses everyone rather than take what gRPC would refuse."""
+    store = ProfileStore(tmp_path / "p.duckdb")
+    try:
+        security = ServerSecurity(client_ca=str(tmp_path / "ca.pem"))
+        status, body = otlp_receiver.http_export(store, security, [], VALID, "")
+        assert status == 401
+        problem = profiles_service_pb2.ExportProfilesPartialSuccess.FromString(body)
+        assert "client certificates" in problem.error_message
+        assert sql_store(store, "SELECT count(*) FROM samples") == [(0,)]
+    finally:
+        store.close()
+
+
 def test_export_over_mutual_tls_with_a_token(
     tmp_path: Path,
     pki: Pki,  # noqa: F811
