@@ -61,8 +61,6 @@ class Decoded:
     # "attribute container.id" / "sample type alloc_space/bytes" -> samples it was on
     dropped: Counter[str] = field(default_factory=Counter)
     rejected_profiles: int = 0
-    # (job, namespace) of the rows, for token scopes
-    owners: set[tuple[str | None, str | None]] = field(default_factory=set)
 
 
 def decode_request(data: bytes, received: datetime | None = None) -> Decoded:
@@ -116,7 +114,6 @@ def decode_request(data: bytes, received: datetime | None = None) -> Decoded:
                     counts = rows[(labels, event)]
                     for second, weight in _observations(sample, default_second):
                         counts[(second, stack)] += weight
-                    decoded.owners.add((labels[4], labels[5]))
     decoded.batches.extend(_batches(data, rows, dictionary.stacks_by_id, decoded))
     return decoded
 
@@ -128,12 +125,12 @@ def _event(dictionary: _Dictionary, profile: profiles_pb2.Profile) -> str | None
         dictionary.string(sample_type.type_strindex, "sample_type"),
         dictionary.string(sample_type.unit_strindex, "sample_type"),
     )
-    event = otlp.SAMPLE_TYPES.get(pair)
-    if event == "cpu":  # counts of samples taken at a CPU period (or no stated period)
+    periods = otlp.PERIOD_TYPES.get(pair)
+    if periods is not None:
         period = dictionary.string(profile.period_type.type_strindex, "period_type")
-        if period not in ("", otlp.CPU_PERIOD_TYPE[0]):
+        if period not in periods:
             return None
-    return event
+    return otlp.SAMPLE_TYPES.get(pair)
 
 
 def _observations(sample: profiles_pb2.Sample, default_second: int) -> Iterable[tuple[int, int]]:

@@ -3,14 +3,16 @@ and OTLP/HTTP (binary protobuf) at /v1development/profiles of the web server (`-
 
 Each request is decoded whole (aggregator/otlp_decode.py), every batch of it validated by
 validate_batch, then stored like an agent's: a bad request gets INVALID_ARGUMENT with the
-reason and stores nothing. The port has the aggregator's transport security: its TLS, its
-client CA (mutual TLS), and, with --token-file, a bearer token on every request; a token
-limited to some jobs or namespaces may export only samples of those.
+reason and stores nothing. The port has the aggregator's transport security (its TLS and
+client CA), and a sender proves which nodes it may write as an agent does
+(ServerSecurity.ingest_grant: agent credentials); a request with another node's samples is
+refused whole.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import zlib
 from collections.abc import Sequence
 from concurrent import futures
@@ -25,7 +27,7 @@ from fleetprof.aggregator.otlp_decode import Decoded, decode_request
 from fleetprof.aggregator.storage import ProfileStore, StorageUnavailable
 from fleetprof.aggregator.validate import validate_batch
 from fleetprof.proto import otlp, schema
-from fleetprof.proto.security import AccessScope, ServerSecurity, bearer_token
+from fleetprof.proto.security import ANYONE, IngestDenied, NodeGrant, ServerSecurity
 
 log = logging.getLogger(__name__)
 
@@ -33,32 +35,44 @@ log = logging.getLogger(__name__)
 WORKERS = 8
 # The dropped-data summary of a response names at most this many kinds of data.
 MOST_REPORTED = 10
-
-
-class OutOfScope(PermissionError):
-    """Samples of jobs or namespaces the request's token may not write."""
+# Each kind of data not stored (a sample type, an attribute key) is logged the first time
+# an export carries it: exporters send the same ones in every request. Past this many
+# kinds (keys are the sender's to choose) the rest go unlogged, still in each response.
+MOST_LOGGED = 1000
+_logged: set[str] = set()
+_logged_lock = threading.Lock()
 
 
 def export(
-    store: ProfileStore, data: bytes, scope: AccessScope | None
+    store: ProfileStore, data: bytes, grant: NodeGrant
 ) -> profiles_service_pb2.ExportProfilesServiceResponse:
-    """Decode, check and store one serialized ExportProfilesServiceRequest. Raises
-    schema.SchemaError (bad request), OutOfScope or StorageUnavailable; nothing of the
-    request is stored then, except after a StorageUnavailable between its nodes' batches
-    (a retry stores the rest: the stored ones are duplicates)."""
+    """Decode, check and store one serialized ExportProfilesServiceRequest from a caller
+    that may write `grant`'s nodes (ServerSecurity.ingest_grant, as for agents). Raises
+    schema.SchemaError (bad request), IngestDenied (a node the grant does not name) or
+    StorageUnavailable; nothing of the request is stored then, except after a
+    StorageUnavailable between its nodes' batches (a retry stores the rest: the stored
+    ones are duplicates)."""
     decoded = decode_request(data)
-    if scope is not None:
-        outside = sorted(
-            f"job {job!r} namespace {namespace!r}"
-            for job, namespace in decoded.owners
-            if job not in scope.jobs and namespace not in scope.namespaces
-        )
-        if outside:
-            raise OutOfScope(f"this token may not write samples of {outside[0]}")
+    for batch in decoded.batches:
+        if not grant.allows(batch.node):
+            raise IngestDenied(
+                grpc.StatusCode.PERMISSION_DENIED, f"{grant.name} may not write node {batch.node!r}"
+            )
     valid = [validate_batch(batch) for batch in decoded.batches]
     for batch in valid:
         store_valid(store, batch)
+    _log_first_dropped(decoded)
     return _response(decoded)
+
+
+def _log_first_dropped(decoded: Decoded) -> None:
+    """Tell the aggregator's operator, once per kind, what OTLP senders send that no
+    column holds (the senders are told in every response)."""
+    with _logged_lock:
+        new = sorted(decoded.dropped.keys() - _logged)[: MOST_LOGGED - len(_logged)]
+        _logged.update(new)
+    if new:
+        log.warning("OTLP data not stored, no fleetprof column for: %s", ", ".join(new))
 
 
 def _response(decoded: Decoded) -> profiles_service_pb2.ExportProfilesServiceResponse:
@@ -76,21 +90,47 @@ def _response(decoded: Decoded) -> profiles_service_pb2.ExportProfilesServiceRes
 
 
 def http_export(
-    store: ProfileStore, body: bytes, encoding: str, scope: AccessScope | None
+    store: ProfileStore,
+    security: ServerSecurity,
+    headers: Sequence[tuple[str, str]],
+    body: bytes,
+    encoding: str,
 ) -> tuple[HTTPStatus, bytes]:
     """An OTLP/HTTP answer to a body in a Content-Encoding: the response, or an error
     status with a google.rpc.Status."""
     try:
-        return HTTPStatus.OK, export(store, _inflate(body, encoding), scope).SerializeToString()
+        grant = _http_grant(security, headers)
+        data = _inflate(body, encoding)
+        return HTTPStatus.OK, export(store, data, grant).SerializeToString()
     except schema.SchemaError as exc:
         log.warning("rejected OTLP/HTTP export: %s", exc)
         return HTTPStatus.BAD_REQUEST, _status(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-    except OutOfScope as exc:
-        return HTTPStatus.FORBIDDEN, _status(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+    except IngestDenied as exc:
+        log.warning("refused OTLP/HTTP export: %s", exc)
+        status = _HTTP_STATUS.get(exc.code, HTTPStatus.FORBIDDEN)
+        return status, _status(exc.code, str(exc))
     except StorageUnavailable as exc:  # 503: the client retries
         log.error("cannot store OTLP/HTTP export: %s", exc)
         message = f"storage unavailable: {exc}"
         return HTTPStatus.SERVICE_UNAVAILABLE, _status(grpc.StatusCode.UNAVAILABLE, message)
+
+
+_HTTP_STATUS = {grpc.StatusCode.UNAUTHENTICATED: HTTPStatus.UNAUTHORIZED}
+
+
+def _http_grant(security: ServerSecurity, headers: Sequence[tuple[str, str]]) -> NodeGrant:
+    """The nodes an OTLP/HTTP caller may write. The web server asks for no client
+    certificate, so only a bearer token (an agent token, a query token that sees
+    everything) names the caller; where gRPC demands certificates (a client CA) and no
+    token could name one, OTLP/HTTP is closed rather than open to anyone."""
+    grant = security.ingest_grant(headers, {})
+    if grant is ANYONE and security.client_ca:
+        raise IngestDenied(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "OTLP/HTTP cannot check client certificates: give the aggregator agent "
+            "credentials or tokens, or use OTLP/gRPC",
+        )
+    return grant
 
 
 def _inflate(body: bytes, encoding: str) -> bytes:
@@ -161,14 +201,17 @@ class OtlpReceiver:
     def _export(
         self, data: bytes, context: grpc.ServicerContext
     ) -> profiles_service_pb2.ExportProfilesServiceResponse:
-        scope = self._security.scope(bearer_token(context.invocation_metadata()))
         try:
-            return export(self._store, data, scope)
+            grant = self._security.ingest_grant(
+                context.invocation_metadata(), context.auth_context()
+            )
+            return export(self._store, data, grant)
         except schema.SchemaError as exc:
             log.warning("rejected OTLP export from %s: %s", context.peer(), exc)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except OutOfScope as exc:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        except IngestDenied as exc:
+            log.warning("refused OTLP export from %s: %s", context.peer(), exc)
+            context.abort(exc.code, str(exc))
         except StorageUnavailable as exc:
             log.error("cannot store OTLP export from %s: %s", context.peer(), exc)
             context.abort(grpc.StatusCode.UNAVAILABLE, f"storage unavailable: {exc}")

@@ -291,15 +291,19 @@ class _Handler(BaseHTTPRequestHandler):
         self.scope: AccessScope | None = None
         tokens = self.server.security.tokens
         path = urlsplit(self.path).path
-        if not tokens or not (path.startswith("/api/") or path == otlp.HTTP_PATH):
+        # OTLP/HTTP authenticates as ingest does (agent credentials), in its handler
+        if not tokens or not path.startswith("/api/"):
             return
         cookie = SimpleCookie(self.headers.get("Cookie", "")).get(TOKEN_COOKIE)
-        header = [(name.lower(), value) for name, value in self.headers.items()]
-        for token in (bearer_token(header), cookie and cookie.value):
+        for token in (bearer_token(self._header_items()), cookie and cookie.value):
             if token in tokens:
                 self.scope = tokens[token]
                 return
         raise Unauthorized("a valid bearer token is required (a browser: open /?token=TOKEN)")
+
+    def _header_items(self) -> list[tuple[str, str]]:
+        """The request's headers as gRPC metadata has them (lower-case names)."""
+        return [(name.lower(), value) for name, value in self.headers.items()]
 
     def _log_in(self, token: str) -> None:
         """`/?token=T`: keep the token in an HttpOnly cookie and drop it from the address."""
@@ -379,7 +383,9 @@ class _Handler(BaseHTTPRequestHandler):
             raise BadRequest(f"a Content-Length up to {schema.MAX_MESSAGE_BYTES} is required")
         body = self.rfile.read(int(length))
         encoding = self.headers.get("Content-Encoding", "").strip().lower()
-        status, body = http_export(self.server.store, body, encoding, self.scope)
+        status, body = http_export(
+            self.server.store, self.server.security, self._header_items(), body, encoding
+        )
         self._send(status, body, "application/x-protobuf")
 
     def _send_arrow(self, source: ConnectionSource, sql: str) -> None:

@@ -162,8 +162,8 @@ def one_run(args: argparse.Namespace, work: Path, run: int) -> dict[str, float]:
             if name == "otlp":
                 rows, took = otlp_ingest(otlp_address, otlp_clients)
             else:  # the first pass sends each stack once per stream, the second none
-                stacks = encoded_stacks if name == "arrow" else None
-                rows, took, _ = ingest(address, arrow_clients, stacks, 1)
+                warm = name == "arrow sustained"
+                rows, took, _ = ingest(address, arrow_clients, encoded_stacks, warm, 1)
             cpu = cpu_seconds(server.pid) - cpu
             rates[name], rates[f"{name} per CPU s"] = rows / took, rows / cpu
             print(

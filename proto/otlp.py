@@ -7,6 +7,8 @@ docs/otlp.md lists the mapping for users.
 
 from __future__ import annotations
 
+from fleetprof.proto.schema import EVENT_UNITS
+
 PROTO_RELEASE = "v1.10.0"
 EXPORT_METHOD = "/opentelemetry.proto.collector.profiles.v1development.ProfilesService/Export"
 HTTP_PATH = "/v1development/profiles"
@@ -27,13 +29,20 @@ LABELS = {
 FRAME_TYPE = "profile.frame.type"  # a location's: its frames' kind
 
 # (sample type, unit) -> fleetprof event. OTLP's "samples/count" (the OpenTelemetry eBPF
-# profiler's, at a CPU period) counts on-CPU samples; the time types weigh in nanoseconds.
+# profiler's, at a CPU period) counts on-CPU samples; the time types weigh in nanoseconds:
+# each time event under its own name, and "events/nanoseconds", the OpenTelemetry eBPF
+# profiler's off-CPU profile (its reporter's only other sample type).
 SAMPLE_TYPES = {
     ("samples", "count"): "cpu",
     ("off_cpu", "nanoseconds"): "offcpu",
-    ("offcpu", "nanoseconds"): "offcpu",
-    ("lock", "nanoseconds"): "lock",
-    ("io", "nanoseconds"): "io",
+    **{(event, "nanoseconds"): event for event, unit in EVENT_UNITS.items() if unit == "ns"},
+    ("events", "nanoseconds"): "offcpu",
+}
+# The period types ("" for none) a sample type means its event with; with another period
+# type it is another profile's, not stored. Sample types not listed take any period type.
+PERIOD_TYPES = {
+    ("samples", "count"): ("", "cpu"),
+    ("events", "nanoseconds"): ("",),  # the eBPF profiler states no period for off-CPU
 }
 # What the exporter writes for each event (the first of SAMPLE_TYPES naming it).
 EVENT_SAMPLE_TYPES = {event: pair for pair, event in reversed(SAMPLE_TYPES.items())}

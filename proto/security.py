@@ -21,11 +21,15 @@ from typing import Any
 
 import grpc
 
+from fleetprof.proto import otlp
+
 AUTHORIZATION = "authorization"
 # Agents' calls: they authenticate with ingest_grant (an agent credential), not query tokens.
+# OpenTelemetry agents' OTLP exports are ingest too.
 AGENT_METHODS = (
     "/fleetprof.ingest.v1.IngestService/Ingest",
     "/fleetprof.control.v1.ControlService/Connect",
+    otlp.EXPORT_METHOD,
 )
 
 

@@ -133,12 +133,15 @@ def location_frames(
     names: list[str], module: str, address: int, kind: str | None = None
 ) -> list[tuple[str, str, str]]:
     """The leaf-first (name, module, kind) frames of one pprof or OTLP location: one per
-    line, inlined callees first; a location without names is `[module+0xADDRESS]`. Without
-    a `kind`, the module tells it (kernel, or native code when there is a module)."""
+    line, inlined callees first; a location without names is `[module+0xADDRESS]`. The
+    last line is the code that runs there, of `kind` or, without one, the module's (kernel,
+    or native code when there is a module); the lines before it were inlined into it, of
+    kind "inlined", as the agents store the JIT's inlining (renderers join them again)."""
     if kind is None:
         kind = _MODULE_KINDS.get(module, "native" if module else "unknown")
     fallback = f"[{module or 'unknown'}+0x{address:x}]"
-    return [(name or fallback, module, kind) for name in names] or [(fallback, module, kind)]
+    *inlined, caller = [name or fallback for name in names] or [fallback]
+    return [*((name, module, "inlined") for name in inlined), (caller, module, kind)]
 
 
 def fit_stack(frames: list[tuple[str, str, str]]) -> StackRow:

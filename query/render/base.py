@@ -108,6 +108,26 @@ def renderer_for(path: str | Path) -> Renderer | RowRenderer:
     raise ValueError(f"cannot tell the flame-graph format of {name!r}; use one of: {supported}")
 
 
+Frame = tuple[str, str, str]  # (name, module, kind)
+
+
+def inlined_locations(
+    frames: list[str], modules: list[str], kinds: list[str]
+) -> list[tuple[Frame, ...]]:
+    """A root-first stack as pprof and OTLP locations, leaf first: each location's frames
+    innermost first, a frame of kind "inlined" joined to the frame below it (the code it
+    was compiled into), whose module and kind are the location's."""
+    locations: list[tuple[Frame, ...]] = []
+    inlined: list[Frame] = []
+    for frame in zip(reversed(frames), reversed(modules), reversed(kinds), strict=True):
+        inlined.append(frame)
+        if frame[2] != "inlined":
+            locations.append(tuple(inlined))
+            inlined = []
+    locations.extend((frame,) for frame in inlined)  # none if well formed
+    return locations
+
+
 def format_weight(value: float, unit: Unit) -> str:
     """`1,234 samples`, or a duration in the largest unit that keeps it >= 1 once rounded
     (999,999 ns is "1.00 ms", not "1,000.00 µs")."""

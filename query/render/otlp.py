@@ -6,7 +6,8 @@ One ResourceProfiles per (node, job, namespace, pod, container) with host.name,
 service.name and k8s.* resource attributes, each with one profile of the event's sample
 type; one sample per (thread, stack) with process.pid, thread.id and process.executable.name
 attributes. All of them share the request's dictionary: each string, function, mapping,
-location, attribute and stack once. Kernel and native frames carry profile.frame.type.
+location, attribute and stack once. Kernel and native frames carry profile.frame.type;
+inlined frames are lines of the location of the code they were compiled into.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from opentelemetry.proto.profiles.v1development import profiles_pb2
 
 from fleetprof.proto import otlp
 from fleetprof.query.filters import SampleFilter
-from fleetprof.query.render.base import RenderOptions
+from fleetprof.query.render.base import Frame, RenderOptions, inlined_locations
 from fleetprof.query.render.pprof import NANOS_PER_SECOND, StringTable
 
 SCOPE = "fleetprof"
@@ -62,19 +63,23 @@ class _Dictionary:
         )
         return self._attributes((key, value), key_strindex=self.string(key), value=any_value)
 
-    def location(self, name: str, module: str, kind: str) -> int:
-        key = (name, module, kind)
+    def location(self, lines: tuple[Frame, ...]) -> int:
+        """The location of frames, innermost first: one line each, the last the code they
+        run in, whose module is the location's mapping and whose kind its frame type."""
+        _, module, kind = lines[-1]
         mapping = self._mappings(module, filename_strindex=self.string(module)) if module else 0
-        name_index = self.string(name)
-        function = self._functions(name, name_strindex=name_index, system_name_strindex=name_index)
         frame_type = otlp.KIND_FRAME_TYPES.get(kind)
         attributes = [self.attribute(otlp.FRAME_TYPE, frame_type)] if frame_type else []
         return self._locations(
-            key,
+            lines,
             mapping_index=mapping,
-            lines=[profiles_pb2.Line(function_index=function)],
+            lines=[profiles_pb2.Line(function_index=self._function(name)) for name, _, _ in lines],
             attribute_indices=attributes,
         )
+
+    def _function(self, name: str) -> int:
+        name_index = self.string(name)
+        return self._functions(name, name_strindex=name_index, system_name_strindex=name_index)
 
 
 def _resource_attributes(labels: dict[str, Any]) -> Iterable[common_pb2.KeyValue]:
@@ -137,14 +142,10 @@ class OtlpRenderer:
                     spans[resource] = [row["first"], row["last"]]
                 span = spans[resource]
                 span[0], span[1] = min(span[0], row["first"]), max(span[1], row["last"])
-                # OTLP lists the leaf first
-                frames = zip(
-                    reversed(row["frames"]),
-                    reversed(row["modules"]),
-                    reversed(row["kinds"]),
-                    strict=True,
+                locations = tuple(
+                    dictionary.location(lines)
+                    for lines in inlined_locations(row["frames"], row["modules"], row["kinds"])
                 )
-                locations = tuple(dictionary.location(*frame) for frame in frames)
                 stack = dictionary.stack(locations, location_indices=locations)
                 attributes = [
                     dictionary.attribute(otlp.PROCESS_PID, row["pid"]),

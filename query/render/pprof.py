@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from fleetprof.proto.pprof import profile_pb2
 from fleetprof.query.filters import SampleFilter, saturating
-from fleetprof.query.render.base import RenderOptions
+from fleetprof.query.render.base import Frame, RenderOptions, inlined_locations
 
 NANOS_PER_SECOND = 1_000_000_000
 
@@ -85,9 +85,9 @@ class PprofRenderer:
         label_keys = (string("node"), string("comm"), string("pid"))
         mappings: dict[str, int] = {}
         functions: dict[tuple[str, str], int] = {}
-        locations: dict[tuple[tuple[str, str, str], ...], int] = {}
+        locations: dict[tuple[Frame, ...], int] = {}
 
-        def function(line: tuple[str, str, str]) -> tuple[int, int]:
+        def function(line: Frame) -> tuple[int, int]:
             """(function id, line number) of a (name, module, kind) frame; a Python frame's
             module is file:line, a source location rather than a binary."""
             name, module, kind = line
@@ -106,7 +106,7 @@ class PprofRenderer:
                 )
             return function_id, number
 
-        def location(lines: tuple[tuple[str, str, str], ...]) -> int:
+        def location(lines: tuple[Frame, ...]) -> int:
             """The location of (name, module, kind) lines, innermost first; the last is
             the frame the code runs in, whose module is the location's mapping."""
             found = locations.get(lines)
@@ -124,18 +124,6 @@ class PprofRenderer:
                 added.line.add(function_id=function_id, line=number)
             return location_id
 
-        def location_ids(frames: list[str], modules: list[str], kinds: list[str]) -> list[int]:
-            """Leaf first, as pprof lists them: inlined frames joined to the frame below."""
-            ids: list[int] = []
-            inlined: list[tuple[str, str, str]] = []
-            for frame in zip(reversed(frames), reversed(modules), reversed(kinds), strict=True):
-                inlined.append(frame)
-                if frame[2] != "inlined":
-                    ids.append(location(tuple(inlined)))
-                    inlined = []
-            ids.extend(location((line,)) for line in inlined)  # none if well formed
-            return ids
-
         total = 0
         first = last = None
         for batch in rows:
@@ -148,7 +136,10 @@ class PprofRenderer:
                 if len(types) == 2:
                     values.append(round(weight * period_ns))
                 sample = profile.sample.add(
-                    location_id=location_ids(row["frames"], row["modules"], row["kinds"]),
+                    location_id=[
+                        location(lines)
+                        for lines in inlined_locations(row["frames"], row["modules"], row["kinds"])
+                    ],
                     value=values,
                 )
                 sample.label.add(key=label_keys[0], str=string(row["node"]))

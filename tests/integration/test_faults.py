@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import duckdb
@@ -34,11 +34,12 @@ def start_aggregator(
     address: str = "127.0.0.1",
     host: Host | None = None,
     log: Path | None = None,
+    options: Sequence[str] = (),
 ) -> subprocess.Popen[str]:
     """An aggregator process listening on address:port (plaintext, --insecure off loopback),
-    in `host`'s network namespace if given; its log to `log` if given."""
+    in `host`'s network namespace if given; its log to `log` if given; more `options`."""
     command = [sys.executable, "-m", "fleetprof", "aggregator", "--db", str(db)]
-    command += ["--listen", f"{address}:{port}"]
+    command += ["--listen", f"{address}:{port}", *options]
     if address != "127.0.0.1":
         command.append("--insecure")
     process = subprocess.Popen(

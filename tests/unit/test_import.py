@@ -102,7 +102,7 @@ def test_pprof_of_another_tool_uses_the_count_sample_type(tmp_path: Path) -> Non
     assert main(["import", str(source), "--db", str(db)]) == 0
     assert rows(db, "SELECT comm, weight FROM samples") == [("server", 7)]
     assert rows(db, "SELECT frames, modules, kinds FROM stacks") == [
-        (["main.main", "main.work"], ["server", "server"], ["native", "native"])
+        (["main.main", "main.work"], ["server", "server"], ["native", "inlined"])
     ]
 
 
