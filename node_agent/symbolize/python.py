@@ -35,10 +35,10 @@ from fleetprof.node_agent.samplers.python_stacks import TARGETS, PythonTargets
 from fleetprof.node_agent.samplers.stack_maps import TRUNCATED, PythonFrame
 from fleetprof.node_agent.symbolize.frame import Frame, LruCache
 from fleetprof.node_agent.symbolize.process import Mapping, ProcessSnapshot
+from fleetprof.proto.python_frames import KIND, frame_module, frame_name
 
 log = logging.getLogger(__name__)
 
-KIND = "python"
 # The interpreter's evaluation function: one C frame per group of Python frames it runs
 # (GCC's out-of-line part is `.cold`).
 EVAL_FUNCTION = "_PyEval_EvalFrameDefault"
@@ -296,30 +296,6 @@ class CodeInfo(NamedTuple):
 # A code object that could not be read (cached too: its process is gone, or the address
 # holds other code now).
 _UNREADABLE = CodeInfo("", "", 0, b"")
-# Where an import path starts in a file name: inside a zip archive (zipimport), or under a
-# site-packages folder.
-_IMPORT_ROOT = re.compile(r"\.(?:zip|egg|pyz|whl)/|/(?:site|dist)-packages/")
-
-
-def module_name(filename: str) -> str:
-    """A dotted module name from a code object's file: the path inside a zip archive
-    (zipimport: PySpark's workers import pyspark from pyspark.zip), under site-packages or
-    the standard library, else the file's stem (`<frozen importlib._bootstrap>` keeps its
-    module)."""
-    if filename.startswith("<frozen ") and filename.endswith(">"):
-        return filename[8:-1]
-    path = filename.removesuffix(".py")
-    # The last archive or site folder: what follows is the import path.
-    inside = [found.end() for found in _IMPORT_ROOT.finditer(path)]
-    if inside:
-        path = path[inside[-1] :]
-    else:
-        stdlib = re.search(r"/lib/python3\.\d+/", path)
-        # Elsewhere, the file (a package: its folder) without what it is imported as.
-        path = path[stdlib.end() :] if stdlib else "/".join(path.split("/")[-2:])
-        if not stdlib and not path.endswith("/__init__"):
-            path = path.rsplit("/", 1)[-1]
-    return path.removesuffix("/__init__").replace("/", ".") or filename
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -497,7 +473,7 @@ class PythonProcesses:
                 frame = Frame(f"[python code 0x{code:x}]", "", KIND)
             else:
                 line = line_of(process.layout.minor, info, instr & ~_PY_ENTRY)
-                frame = Frame(info.name, f"{info.filename}:{line}", KIND)
+                frame = Frame(info.name, frame_module(info.filename, line), KIND)
             named.append((frame, entry))
         self.stats["frames"] += len(named)
         return named
@@ -623,7 +599,7 @@ def _read_code(pid: int, process: _Process, code: int, tag: int) -> CodeInfo | N
     firstlineno = int.from_bytes(
         header[layout.code_firstlineno : layout.code_firstlineno + 4], "little"
     )
-    return CodeInfo(f"{module_name(filename)}.{qualname}", filename, firstlineno, linetable)
+    return CodeInfo(frame_name(qualname, filename), filename, firstlineno, linetable)
 
 
 def _is_eval(name: str) -> bool:

@@ -19,6 +19,7 @@ from typing import BinaryIO
 
 import pyarrow as pa
 
+from fleetprof.proto import python_frames
 from fleetprof.proto.pprof import profile_pb2
 from fleetprof.query.filters import SampleFilter, saturating
 from fleetprof.query.render.base import Frame, RenderOptions, inlined_locations
@@ -92,9 +93,8 @@ class PprofRenderer:
             module is file:line, a source location rather than a binary."""
             name, module, kind = line
             number = 0
-            if kind == "python":
-                module, _, digits = module.rpartition(":")
-                number = int(digits) if digits.isdigit() else 0
+            if kind == python_frames.KIND:
+                _, module, number = python_frames.source(name, module)
             function_id = functions.get((name, module))
             if function_id is None:
                 function_id = functions[(name, module)] = len(functions) + 1
@@ -102,7 +102,7 @@ class PprofRenderer:
                     id=function_id,
                     name=string(name),
                     system_name=string(name),
-                    filename=string(module) if kind == "python" else 0,
+                    filename=string(module) if kind == python_frames.KIND else 0,
                 )
             return function_id, number
 
@@ -112,7 +112,7 @@ class PprofRenderer:
             found = locations.get(lines)
             if found is not None:
                 return found
-            module = lines[-1][1] if lines[-1][2] != "python" else ""
+            module = lines[-1][1] if lines[-1][2] != python_frames.KIND else ""
             mapping_id = mappings.get(module)
             if mapping_id is None and module:
                 mapping_id = mappings[module] = len(mappings) + 1

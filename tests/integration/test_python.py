@@ -24,8 +24,8 @@ from fleetprof.node_agent.symbolize.python import (
     code_tag,
     layout_from_debug_offsets,
     line_of,
-    module_name,
 )
+from fleetprof.proto.python_frames import module_name
 from tests.conftest import require, require_ebpf
 
 PYENV = Path("/root/.pyenv/versions")
