@@ -26,7 +26,7 @@ from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.profiles.v1development import profiles_pb2
 
 from fleetprof.aggregator.validate import MAX_ID_CHARS
-from fleetprof.proto import otlp, schema
+from fleetprof.proto import otlp, python_frames, schema
 from fleetprof.proto.ingest.v1 import ingest_pb2
 from fleetprof.proto.stacks import (
     LOST_FRAME,
@@ -260,6 +260,17 @@ class _Dictionary:
         self.stacks_by_id[key] = row
         return key
 
+    @staticmethod
+    def _kind(attributes: dict[str, AttributeValue]) -> str | None:
+        """A location's frame kind: its profile.frame.type's, else the one fleetprof wrote
+        for a kind OTLP has no type for, else None (location_frames goes by the module)."""
+        frame_type = attributes.get(otlp.FRAME_TYPE)
+        kind = otlp.FRAME_KINDS.get(frame_type) if isinstance(frame_type, str) else None
+        written = attributes.get(otlp.FRAME_KIND)
+        if kind is None and written in otlp.FRAME_KIND_VALUES:
+            return str(written)
+        return kind
+
     def _location(self, index: int) -> tuple[list[tuple[str, str, str]], bytes]:
         """Root-first (name, module, kind) frames of a location, one per line (inlined
         callees last), and their frame_keys."""
@@ -275,20 +286,38 @@ class _Dictionary:
         self.check(location.mapping_index, len(self._d.mapping_table), "mapping_table")
         mapping = self._d.mapping_table[location.mapping_index] if location.mapping_index else None
         module = module_name(self.string(mapping.filename_strindex, "mapping")) if mapping else ""
-        names = []
+        # (function name, its file name, line number) of each line, innermost first
+        sources = []
         for line in location.lines:
             self.check(line.function_index, len(self._d.function_table), "function_table")
             if line.function_index:
                 function = self._d.function_table[line.function_index]
-                names.append(
-                    self.string(function.name_strindex, "function")
-                    or self.string(function.system_name_strindex, "function")
+                sources.append(
+                    (
+                        self.string(function.name_strindex, "function")
+                        or self.string(function.system_name_strindex, "function"),
+                        self.string(function.filename_strindex, "function"),
+                        line.line,
+                    )
                 )
             else:
-                names.append("")
-        frame_type = self.attributes(location.attribute_indices).get(otlp.FRAME_TYPE)
-        kind = otlp.FRAME_KINDS.get(frame_type) if isinstance(frame_type, str) else None
+                sources.append(("", "", 0))
+        kind = self._kind(self.attributes(location.attribute_indices))
+        names = [name for name, _, _ in sources]
         leaf_first = location_frames(names, module, location.address, kind)
+        if kind == python_frames.KIND and sources:
+            # As the agent stores CPython frames: module.qualname at file:line (a line
+            # without a function keeps location_frames' name for it)
+            leaf_first = [
+                (
+                    python_frames.frame_name(name, filename) if name else unnamed,
+                    python_frames.frame_module(filename, number),
+                    frame_kind,
+                )
+                for (unnamed, _, frame_kind), (name, filename, number) in zip(
+                    leaf_first, sources, strict=True
+                )
+            ]
         frames = [fit_frame(frame) for frame in reversed(leaf_first)]
         known = self._locations[index] = (frames, b"".join(frame_key(*f) for f in frames))
         return known

@@ -7,6 +7,7 @@ docs/otlp.md lists the mapping for users.
 
 from __future__ import annotations
 
+from fleetprof.proto import python_frames
 from fleetprof.proto.schema import EVENT_UNITS
 
 PROTO_RELEASE = "v1.10.0"
@@ -48,14 +49,19 @@ PERIOD_TYPES = {
 EVENT_SAMPLE_TYPES = {event: pair for pair, event in reversed(SAMPLE_TYPES.items())}
 CPU_PERIOD_TYPE = ("cpu", "nanoseconds")
 
-# profile.frame.type values -> schema.FRAME_KINDS. The managed runtimes both interpret and
-# JIT-compile, and OTLP does not say which a frame is: "jit" (drawn like "interpreted").
+# profile.frame.type values -> schema.FRAME_KINDS: the semantic conventions' values, and
+# the OpenTelemetry eBPF profiler's own (libpf/interpretertype.go: "luajit", "unknown" and
+# "abort-marker", where its unwinder gave up and the rest of the stack is lost). CPython
+# frames are read as the agent stores them (proto/python_frames.py): their function name
+# is the qualname, their function's file name and their line's number the source line.
+# The other managed runtimes both interpret and JIT-compile, and OTLP does not say which a
+# frame is: "jit" (drawn like "interpreted").
 FRAME_KINDS = {
     "kernel": "kernel",
     "native": "native",
     "go": "native",
     "rust": "native",
-    "cpython": "interpreted",
+    "cpython": python_frames.KIND,
     "php": "interpreted",
     "perl": "interpreted",
     "ruby": "interpreted",
@@ -63,6 +69,15 @@ FRAME_KINDS = {
     "dotnet": "jit",
     "v8js": "jit",
     "beam": "jit",
+    "luajit": "jit",
+    "unknown": "unknown",
+    "abort-marker": "lost",
 }
-# The kinds the exporter can name exactly; other frames go without a frame type.
-KIND_FRAME_TYPES = {"kernel": "kernel", "native": "native"}
+# The kinds the exporter names with a profile.frame.type of the semantic conventions.
+KIND_FRAME_TYPES = {"kernel": "kernel", "native": "native", python_frames.KIND: "cpython"}
+# fleetprof's other kinds do not say a runtime (a "jit" frame from a perf map may be the
+# JVM's, V8's, .NET's...): naming one would be a guess. They go out with this attribute
+# instead, which OTLP receivers ignore and fleetprof's reads back, so that a round trip
+# through OTLP keeps every kind. ("inlined" needs none: it is a line of a location.)
+FRAME_KIND = "fleetprof.frame.kind"
+FRAME_KIND_VALUES = ("jit", "interpreted", "unknown", "lost")

@@ -6,8 +6,10 @@ One ResourceProfiles per (node, job, namespace, pod, container) with host.name,
 service.name and k8s.* resource attributes, each with one profile of the event's sample
 type; one sample per (thread, stack) with process.pid, thread.id and process.executable.name
 attributes. All of them share the request's dictionary: each string, function, mapping,
-location, attribute and stack once. Kernel and native frames carry profile.frame.type;
-inlined frames are lines of the location of the code they were compiled into.
+location, attribute and stack once. Kernel, native and Python frames carry
+profile.frame.type (Python frames also their file and line), the other kinds fleetprof's
+own frame kind attribute; inlined frames are lines of the location of the code they were
+compiled into.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from opentelemetry.proto.collector.profiles.v1development import profiles_servic
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.profiles.v1development import profiles_pb2
 
-from fleetprof.proto import otlp
+from fleetprof.proto import otlp, python_frames
 from fleetprof.query.filters import SampleFilter
 from fleetprof.query.render.base import Frame, RenderOptions, inlined_locations
 from fleetprof.query.render.pprof import NANOS_PER_SECOND, StringTable
@@ -65,21 +67,41 @@ class _Dictionary:
 
     def location(self, lines: tuple[Frame, ...]) -> int:
         """The location of frames, innermost first: one line each, the last the code they
-        run in, whose module is the location's mapping and whose kind its frame type."""
+        run in, whose kind is the location's frame type and whose module its mapping (a
+        CPython frame's module is its source, file:line, which goes into its line)."""
         _, module, kind = lines[-1]
-        mapping = self._mappings(module, filename_strindex=self.string(module)) if module else 0
+        python = kind == python_frames.KIND
+        binary = module and not python
+        mapping = self._mappings(module, filename_strindex=self.string(module)) if binary else 0
         frame_type = otlp.KIND_FRAME_TYPES.get(kind)
-        attributes = [self.attribute(otlp.FRAME_TYPE, frame_type)] if frame_type else []
+        if frame_type:
+            attributes = [self.attribute(otlp.FRAME_TYPE, frame_type)]
+        elif kind in otlp.FRAME_KIND_VALUES:
+            attributes = [self.attribute(otlp.FRAME_KIND, kind)]
+        else:
+            attributes = []
         return self._locations(
             lines,
             mapping_index=mapping,
-            lines=[profiles_pb2.Line(function_index=self._function(name)) for name, _, _ in lines],
+            lines=[self._line(name, line_module, python) for name, line_module, _ in lines],
             attribute_indices=attributes,
         )
 
-    def _function(self, name: str) -> int:
+    def _line(self, name: str, module: str, python: bool) -> profiles_pb2.Line:
+        if not python:
+            return profiles_pb2.Line(function_index=self._function(name, ""))
+        # as the OpenTelemetry eBPF profiler sends CPython frames: the qualname, its file
+        qualname, filename, number = python_frames.source(name, module)
+        return profiles_pb2.Line(function_index=self._function(qualname, filename), line=number)
+
+    def _function(self, name: str, filename: str) -> int:
         name_index = self.string(name)
-        return self._functions(name, name_strindex=name_index, system_name_strindex=name_index)
+        return self._functions(
+            (name, filename),
+            name_strindex=name_index,
+            system_name_strindex=name_index,
+            filename_strindex=self.string(filename),
+        )
 
 
 def _resource_attributes(labels: dict[str, Any]) -> Iterable[common_pb2.KeyValue]:

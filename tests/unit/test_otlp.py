@@ -12,9 +12,11 @@ import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
+import pyarrow as pa
 import pytest
 from opentelemetry.proto.collector.profiles.v1development import (
     profiles_service_pb2,
@@ -37,6 +39,7 @@ from fleetprof.proto.security import (
     NodeGrant,
     ServerSecurity,
 )
+from fleetprof.proto.stacks import LOST_FRAME, StackRow, stack_id, stacks_table
 from fleetprof.query.render.folded import PROCESS_HEADER
 from tests.unit.test_security import Pki, pki  # noqa: F401 (the fixture)
 from tests.unit.test_sql_views import fill
@@ -412,6 +415,140 @@ def test_otlp_round_trip_keeps_inlined_frames(receiving: Aggregator, tmp_path: P
         d.string_table[d.mapping_table[at.mapping_index].filename_strindex] for at in locations
     ]
     assert mappings == ["[kernel.kallsyms]", "app", "app"]
+
+
+# The OpenTelemetry eBPF profiler's CPython frames (interpreter/python/python.go): the
+# function's name is the code object's qualname, its file name co_filename, the line's
+# number the line being run; no mapping, frame type cpython. Leaf first.
+PY_FRAMES = [
+    ("Reader.decode", "/usr/lib/python3.11/json/decoder.py", 353),
+    ("transform", "/srv/etl/jobs/clean.py", 42),
+    ("<module>", "/srv/etl/run.py", 7),
+]
+# What fleetprof's agent stores for them (docs/python.md), root first
+PY_STORED = [
+    ("Py_RunMain", "python3.11", "native"),
+    ("run.<module>", "/srv/etl/run.py:7", "python"),
+    ("clean.transform", "/srv/etl/jobs/clean.py:42", "python"),
+    ("json.decoder.Reader.decode", "/usr/lib/python3.11/json/decoder.py:353", "python"),
+]
+
+
+def python_request() -> Request:
+    b = Builder()
+    locations = []
+    for qualname, filename, line in PY_FRAMES:
+        b.d.function_table.add(
+            name_strindex=b.string(qualname), filename_strindex=b.string(filename)
+        )
+        b.d.location_table.add(
+            lines=[profiles_pb2.Line(function_index=len(b.d.function_table) - 1, line=line)],
+            attribute_indices=[b.attribute("profile.frame.type", "cpython")],
+        )
+        locations.append(len(b.d.location_table) - 1)
+    main_ = b.location(["Py_RunMain"], "/usr/bin/python3.11", "native")
+    stack = b.stack([*locations, main_])
+    process = [b.attribute("process.pid", 77), b.attribute("process.executable.name", "python3")]
+    cpu = b.profile({"host.name": "py-node"}, ("samples", "count"), period=True)
+    cpu.samples.add(stack_index=stack, attribute_indices=process, values=[5])
+    return b.request
+
+
+def leaf_locations(request: Request) -> list[tuple[str, str, str, int, str]]:
+    """(frame type, function name, file name, line, mapping) of the first sample's stack's
+    locations' last lines, leaf first."""
+    d = request.dictionary
+    strings = d.string_table
+    (profile,) = request.resource_profiles[0].scope_profiles[0].profiles
+    found = []
+    for index in d.stack_table[profile.samples[0].stack_index].location_indices:
+        location = d.location_table[index]
+        attributes = {
+            strings[d.attribute_table[i].key_strindex]: d.attribute_table[i].value.string_value
+            for i in location.attribute_indices
+        }
+        line = location.lines[-1]
+        function = d.function_table[line.function_index]
+        found.append(
+            (
+                attributes.get("profile.frame.type", ""),
+                strings[function.name_strindex],
+                strings[function.filename_strindex],
+                line.line,
+                strings[d.mapping_table[location.mapping_index].filename_strindex],
+            )
+        )
+    return found
+
+
+def test_otel_cpython_frames_are_python_frames(receiving: Aggregator, tmp_path: Path) -> None:
+    response = export(receiving, python_request())
+    assert response.partial_success.rejected_profiles == 0
+    (stack,) = sql(receiving, "SELECT frames, modules, kinds FROM stacks")
+    assert list(zip(*stack, strict=True)) == PY_STORED
+    # found by SQL as the agent's Python frames are (docs/python.md)
+    by_function = sql(
+        receiving,
+        """SELECT f.function, f.module, sum(s.weight)::BIGINT
+           FROM samples s JOIN frames f USING (stack_id)
+           WHERE f.kind = 'python' AND f.module LIKE '/srv/%' GROUP BY ALL ORDER BY 1""",
+    )
+    assert by_function == [
+        ("clean.transform", "/srv/etl/jobs/clean.py:42", 5),
+        ("run.<module>", "/srv/etl/run.py:7", 5),
+    ]
+
+    # and out again as the profiler sent them: OTLP -> fleetprof -> OTLP
+    out = tmp_path / "py.otlp.pb"
+    assert main(["flamegraph", "--aggregator", receiving.address, "-o", str(out)]) == 0
+    assert leaf_locations(Request.FromString(out.read_bytes())) == [
+        *(("cpython", qualname, filename, line, "") for qualname, filename, line in PY_FRAMES),
+        ("native", "Py_RunMain", "", 0, "python3.11"),
+    ]
+
+
+def test_every_frame_kind_survives_an_otlp_round_trip(
+    receiving: Aggregator, tmp_path: Path
+) -> None:
+    """fleetprof -> OTLP -> fleetprof: each kind comes back as itself. Those OTLP has a
+    frame type for go out with it; the others (their runtime unknown) with fleetprof's."""
+    root_first = [
+        LOST_FRAME,
+        ("[libfoo.so]", "libfoo.so", "unknown"),
+        ("start_thread", "libc.so.6", "native"),
+        ("Interpreter", "Interpreter", "interpreted"),
+        ("com.acme.Server.handle", "void com.acme.Server.handle()", "jit"),
+        # an inlined line leaves with its location's module, and comes back with it
+        ("com.acme.Cache.get", "void com.acme.Server.handle()", "inlined"),
+        ("app.<module>", "/srv/app.py:3", "python"),
+        ("app.Job.run", "/srv/app.py:10", "python"),
+        ("[python code 0x7f00]", "", "python"),
+        ("ksys_read", "[kernel.kallsyms]", "kernel"),
+    ]
+    row = StackRow(*(tuple(column) for column in zip(*root_first, strict=True)))
+    db = tmp_path / "kinds.duckdb"
+    store = ProfileStore(db)
+    sample = {"ts": datetime.now(UTC), "pid": 9, "tid": 9, "comm": "app", "event": "cpu",
+              "stack_id": stack_id(row), "weight": 3}  # fmt: skip
+    samples = pa.Table.from_pylist([sample], schema=schema.SAMPLES)
+    store.append("agent-n", 1, "n", samples, stacks_table({stack_id(row): row}))
+    store.close()
+    out = tmp_path / "kinds.otlp.pb"
+    assert main(["flamegraph", "--db", str(db), "-o", str(out)]) == 0
+    request = Request.FromString(out.read_bytes())
+    assert leaf_locations(request) == [
+        ("kernel", "ksys_read", "", 0, "[kernel.kallsyms]"),
+        ("cpython", "[python code 0x7f00]", "", 0, ""),
+        ("cpython", "Job.run", "/srv/app.py", 10, ""),
+        ("cpython", "<module>", "/srv/app.py", 3, ""),
+        ("", "com.acme.Server.handle", "", 0, "void com.acme.Server.handle()"),
+        ("", "Interpreter", "", 0, "Interpreter"),
+        ("native", "start_thread", "", 0, "libc.so.6"),
+        ("", "[libfoo.so]", "", 0, "libfoo.so"),
+        ("", "[lost stack]", "", 0, ""),
+    ]
+    assert export(receiving, request).partial_success.rejected_profiles == 0
+    assert sql(receiving, "SELECT frames, modules, kinds FROM stacks") == [tuple(map(list, row))]
 
 
 def test_otlp_senders_prove_their_nodes_as_agents_do(tmp_path: Path) -> None:
