@@ -757,6 +757,8 @@ class HotSpotSymbolizer:
         # Held to attach and forget, and by a thread other than the drain's reading a
         # process's memory (unwind/hotspot.py): a forgotten process's fd is closed.
         self.lock = threading.RLock()
+        # Set when a JVM is first seen: what the code cache thread sleeps on while none is.
+        self.jvm_seen = threading.Event()
         self.stats = dict.fromkeys(("jvms", "layout_errors", "unreadable", "named"), 0)
 
     def process_of(self, pid: int) -> HotSpotProcess | None:
@@ -769,6 +771,10 @@ class HotSpotSymbolizer:
     def processes(self) -> dict[int, HotSpotProcess]:
         """The JVMs read from memory, by pid."""
         return dict(self._processes)
+
+    def has_jvms(self) -> bool:
+        """Whether any JVM is read from memory or waits to be."""
+        return bool(self._processes or self._waiting)
 
     def process(self, snapshot: ProcessSnapshot) -> HotSpotProcess | None:
         pid = snapshot.pid
@@ -801,6 +807,7 @@ class HotSpotSymbolizer:
             return None
         except OSError:
             process = None  # exited (then forgotten), or not set up
+        self.jvm_seen.set()
         if process is None:
             self._waiting[pid] = snapshot
             return None

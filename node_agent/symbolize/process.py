@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import time
 from bisect import bisect_right
 from dataclasses import dataclass, field
@@ -48,15 +49,13 @@ class ProcessSnapshot:
     checked_at: float = field(default_factory=time.monotonic)
     ppid: int = 0  # its parent when taken (0: unknown)
     _starts: list[int] = field(init=False, repr=False)
+    # A HotSpot JVM: its libjvm.so is mapped (OpenJ9's is libj9vm*, GraalVM native images
+    # have none). Asked for every stack: found once.
+    hotspot: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self._starts = [m.start for m in self.mappings]
-
-    @property
-    def hotspot(self) -> bool:
-        """A HotSpot JVM: its libjvm.so is mapped (OpenJ9's is libj9vm*, GraalVM native
-        images have none)."""
-        return any(m.module == "libjvm.so" for m in self.mappings)
+        self.hotspot = any(m.module == "libjvm.so" for m in self.mappings)
 
     def mapping(self, addr: int) -> Mapping | None:
         i = bisect_right(self._starts, addr) - 1
@@ -75,20 +74,13 @@ def take_snapshot(pid: int, elf_cache: ElfCache) -> ProcessSnapshot | None:
         comm, start_time = read_stat(pid)
         with open(f"/proc/{pid}/status", encoding="utf-8", errors="replace") as f:
             status = f.read()
-        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
-            maps = f.read()
+        found = executable_mappings(pid)
     except OSError:
         return None
     mappings = []
-    for line in maps.split("\n"):
-        parts = line.split(None, 5)
-        if len(parts) < 5 or parts[1][2:3] != "x":
-            continue
-        bounds, _, offset, dev, inode = parts[:5]
-        path = parts[5] if len(parts) > 5 else ""
-        start, end = (int(bound, 16) for bound in bounds.split("-"))
+    for start, end, offset, dev, inode, path in found:
         module = os.path.basename(path.removesuffix(_DELETED))
-        mapping = Mapping(start, end, int(offset, 16), path, dev, int(inode), module, None)
+        mapping = Mapping(start, end, offset, path, dev, inode, module, None)
         if path == _VDSO:
             mapping = mapping._replace(symbols=vdso_symbols())
         elif not mapping.anonymous and path != _VSYSCALL:
@@ -103,6 +95,23 @@ def take_snapshot(pid: int, elf_cache: ElfCache) -> ProcessSnapshot | None:
     return ProcessSnapshot(
         pid, _nspid(status, pid), comm, start_time, exe, mappings, ppid=_ppid(status)
     )
+
+
+# A line of /proc/PID/maps for executable memory: start-end perms offset dev inode [path].
+_EXECUTABLE_LINE = re.compile(
+    r"^([0-9a-f]+)-([0-9a-f]+) ..x. ([0-9a-f]+) ([0-9a-f]+:[0-9a-f]+) (\d+) *(.*)$", re.M
+)
+
+
+def executable_mappings(pid: int) -> list[tuple[int, int, int, str, int, str]]:
+    """(start, end, file offset, device, inode, path) of pid's executable mappings, as
+    /proc/PID/maps gives them; raises OSError if the process is gone."""
+    with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
+        maps = f.read()
+    return [
+        (int(start, 16), int(end, 16), int(offset, 16), dev, int(inode), path)
+        for start, end, offset, dev, inode, path in _EXECUTABLE_LINE.findall(maps)
+    ]
 
 
 def read_stat(pid: int) -> tuple[str, int]:

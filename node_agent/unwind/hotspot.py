@@ -189,11 +189,19 @@ class CodeCaches:
 
     def close(self) -> None:
         self._stop.set()
+        self._hotspot.jvm_seen.set()  # wakes the thread if it sleeps for want of JVMs
         if self._thread.is_alive():
             self._thread.join()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.PERIOD_S):
+        while not self._stop.is_set():
+            if not self._jvms and not self._hotspot.has_jvms():
+                # No JVM on the node: no wake-ups until one is sampled.
+                self._hotspot.jvm_seen.wait()
+                self._hotspot.jvm_seen.clear()
+                continue
+            if self._stop.wait(self.PERIOD_S):
+                return
             try:
                 self.update()
             except Exception:  # a bug here must not end Java unwinding for good

@@ -2,11 +2,12 @@
 and each mapped build's unwind rows once (samplers/unwind_tables.bpf.h).
 
 Work is done only for processes that samples hit: a sample of a process without tables
-puts its pid in `unwind_pending`, and a loader thread (woken every ~100 ms) loads it with
-the files already parsed; parser threads add the others when parsed (libjvm.so: ~0.5 s on
-a quiet machine, then cached on disk). Until then its frames are walked by frame pointer,
-so its stacks are complete from the next interval on. Rows live in one array, each build's
-at its own range, referenced by the processes mapping it and freed with the last of them.
+puts its pid in `unwind_pending`, and a loader thread (woken every ~100 ms) loads it once
+it has lived LOAD_AFTER_S since, with the files already parsed; parser threads add the
+others when parsed (libjvm.so: ~0.5 s on a quiet machine, then cached on disk). Until then
+its frames are walked by frame pointer, so its stacks are complete from the next interval
+on. Rows live in one array, each build's at its own range, referenced by the processes
+mapping it and freed with the last of them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from bcc import BPF
 
 from fleetprof.node_agent.samplers import SamplerOptions
 from fleetprof.node_agent.samplers.bpf_sampler import BCC_LOCK, release_compiler_memory
+from fleetprof.node_agent.symbolize.process import executable_mappings
 from fleetprof.node_agent.unwind.tables import FileIdentity, FileRows, UnwindTables
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,10 @@ STAT_NAMES = (
 )
 # When rows run out, processes not sampled for this long make room.
 IDLE_S = 30.0
+# A sampled process is loaded once it has outlived its first sample by this long: most
+# processes of a busy node are sampled once or twice and gone, and a load and its removal
+# cost a millisecond. Until then its stacks are walked by frame pointer.
+LOAD_AFTER_S = 0.25
 # Files at least this large are parsed by a thread of their own.
 LARGE_FILE = 16 << 20
 _DELETED = " (deleted)"
@@ -104,6 +110,8 @@ class NativeUnwinder:
         self._free: list[tuple[int, int]] = [(0, options.max_unwind_rows)]  # (start, count)
         self._processes: dict[int, _Process] = {}
         self._waiting: dict[FileIdentity, _Wait] = {}
+        # When the loader first saw each pending pid.
+        self._pending_since: dict[int, float] = {}
         self._code: dict[int, _Code] = {}
         self.counts = {
             "processes_loaded": 0,
@@ -114,16 +122,19 @@ class NativeUnwinder:
         }
         # The worker threads and the agent's event thread (forget, refresh) share the state.
         self._lock = threading.Lock()
+        # Notified when files wait to be parsed: the parser threads sleep until then.
+        self._files_waiting = threading.Condition(self._lock)
         self._stop = threading.Event()
         # Processes load at once; files are parsed smallest first, large ones (seconds
         # each) in a thread of their own, so a small binary never waits behind them.
         self._threads = [
-            threading.Thread(target=self._every, args=(work,), name=name, daemon=True)
-            for name, work in (
-                ("unwind-loader", self.poll),
-                ("unwind-parser", lambda: self.parse(large=False)),
-                ("unwind-large-parser", lambda: self.parse(large=True)),
-            )
+            threading.Thread(
+                target=self._every, args=(self.poll,), name="unwind-loader", daemon=True
+            ),
+            *(
+                threading.Thread(target=self.parse, args=(large,), name=name, daemon=True)
+                for name, large in (("unwind-parser", False), ("unwind-large-parser", True))
+            ),
         ]
         for thread in self._threads:
             thread.start()
@@ -135,15 +146,18 @@ class NativeUnwinder:
             work()
 
     def poll(self) -> None:
-        """Load the processes sampled since the last poll: a millisecond each, with the
-        files already parsed (the others are added when they are)."""
+        """Load the processes sampled at least LOAD_AFTER_S ago: a millisecond each, with
+        the files already parsed (the others are added when they are)."""
+        now = time.monotonic()
         for key in list(self._pending):
-            self.load(key.value)
-            self._pending.pop(key, None)
+            if now - self._pending_since.setdefault(key.value, now) >= LOAD_AFTER_S:
+                self.load(key.value)
+                self._pending.pop(key, None)
+                del self._pending_since[key.value]
 
     def parse(self, large: bool) -> None:
         """Parse the files loaded processes wait for, smallest first (of those at least
-        LARGE_FILE bytes if `large`, else of those below), until none is left."""
+        LARGE_FILE bytes if `large`, else of those below), until close()."""
         while not self._stop.is_set():
             with self._lock:
                 candidates = [
@@ -152,7 +166,8 @@ class NativeUnwinder:
                     if not wait.parsing and (wait.size >= LARGE_FILE) == large
                 ]
                 if not candidates:
-                    return
+                    self._files_waiting.wait()
+                    continue
                 identity = min(candidates)[1]
                 wait = self._waiting[identity]
                 wait.parsing = True
@@ -185,6 +200,7 @@ class NativeUnwinder:
                 else:
                     wait = self._waiting.setdefault(identity, _Wait(identity[2], paths, []))
                     wait.mappings.append((process, start, end, offset))
+                    self._files_waiting.notify_all()
             code = self._code.get(pid)
             if code is not None:
                 self._put_code(pid, code)
@@ -257,6 +273,8 @@ class NativeUnwinder:
 
     def close(self) -> None:
         self._stop.set()
+        with self._lock:
+            self._files_waiting.notify_all()
         for thread in self._threads:
             thread.join()
         self._rows.close()
@@ -407,19 +425,14 @@ def _file_mappings(pid: int) -> list[tuple[int, int, int, str]]:
     """(start, end, file offset, path) of pid's executable file mappings; [] if it is gone.
     Anonymous (JIT) code and [vsyscall] have no rows: frame pointers."""
     try:
-        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
-            maps = f.read()
+        found = executable_mappings(pid)
     except OSError:
         return []
-    found = []
-    for line in maps.split("\n"):
-        parts = line.split(None, 5)
-        if len(parts) == 6 and parts[1][2:3] == "x" and parts[5][:1] in "/[":
-            if parts[5].startswith("[") and parts[5] != _VDSO:
-                continue
-            start, end = (int(bound, 16) for bound in parts[0].split("-"))
-            found.append((start, end, int(parts[2], 16), parts[5]))
-    return found
+    return [
+        (start, end, offset, path)
+        for start, end, offset, _, _, path in found
+        if path.startswith("/") or path == _VDSO
+    ]
 
 
 def _prefixes(start: int, end: int) -> list[tuple[int, int]]:
