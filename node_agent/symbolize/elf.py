@@ -35,14 +35,12 @@ _STT_GNU_IFUNC = 10
 _STB_LOCAL = 0
 _STB_GLOBAL = 1
 _MAX_ADDRESS = (1 << 64) - 1
-# Offsets whose names one table remembers (then forgets all and starts again).
-_RESOLVED_MAX = 4096
 
 
 class ElfSymbols:
     """The function symbols of one ELF file, sorted for bisection."""
 
-    __slots__ = ("_ends", "_names", "_resolved", "_segments", "_starts", "variables")
+    __slots__ = ("_ends", "_names", "_segments", "_starts", "variables")
 
     def __init__(
         self,
@@ -59,7 +57,6 @@ class ElfSymbols:
         # Arrays, not numpy's: bisect on them is several times faster for one address.
         self._starts = array("Q", starts.tobytes())
         self._ends = array("Q", ends.tobytes())
-        self._resolved: dict[int, str | None] = {}
 
     @classmethod
     def load(cls, path: str) -> ElfSymbols:
@@ -116,16 +113,13 @@ class ElfSymbols:
 
     def resolve_file_offset(self, offset: int) -> str | None:
         """The function containing the code at this offset of the file, if any."""
-        # Remembered: every drain names the same hot callers again, in each stack.
-        if offset in self._resolved:
-            return self._resolved[offset]
-        if len(self._resolved) >= _RESOLVED_MAX:
-            self._resolved.clear()
         vaddr = self.vaddr(offset)
-        i = bisect_right(self._starts, vaddr) - 1 if vaddr is not None else -1
-        name = self._names[i] if i >= 0 and vaddr < self._ends[i] else None
-        self._resolved[offset] = name
-        return name
+        if vaddr is None:
+            return None
+        i = bisect_right(self._starts, vaddr) - 1
+        if i < 0 or vaddr >= self._ends[i]:
+            return None
+        return self._names[i]
 
 
 class NameBlob:

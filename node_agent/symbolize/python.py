@@ -406,6 +406,9 @@ class PythonProcesses:
         self._refused: set[tuple[int, int, str]] = set()
         self._images: LruCache[tuple[int, int, int, int], _Image | None] = LruCache(64)
         self._codes: LruCache[tuple[int, int, int, int], CodeInfo] = LruCache(max_code_objects)
+        # /proc/PID/mem of each Python process, open until it is forgotten: opening it
+        # (a ptrace access check) costs more than the reads of a code object.
+        self._memory: dict[int, int] = {}
         self.stats = dict.fromkeys(
             ("processes", "unsupported", "code_reads", "code_from_parent", "code_unreadable",
              "frames", "merged", "cut_native"), 0,
@@ -456,6 +459,9 @@ class PythonProcesses:
 
     def forget(self, pid: int) -> None:
         self._processes.pop(pid, None)
+        memory = self._memory.pop(pid, None)
+        if memory is not None:
+            os.close(memory)
         self._targets.remove(pid)
         self._refused = {refused for refused in self._refused if refused[0] != pid}
 
@@ -538,7 +544,7 @@ class PythonProcesses:
         if info is None:
             self.stats["code_reads"] += 1
             try:
-                info = _read_code(pid, process, code, tag)
+                info = _read_code(self._memory_of(pid), process, code, tag)
             except ProcessLookupError:
                 # Gone: if it was forked, its parent holds the code it did not make itself.
                 info = self._read_from_parent(process, code, tag)
@@ -552,50 +558,64 @@ class PythonProcesses:
         if not process.parent:
             return None
         try:
-            info = _read_code(process.parent, process, code, tag)
+            memory = _open_memory(process.parent)
         except ProcessLookupError:
             return None
+        try:
+            info = _read_code(memory, process, code, tag)
+        except ProcessLookupError:
+            return None
+        finally:
+            os.close(memory)
         self.stats["code_from_parent"] += info is not None
         return info
 
+    def _memory_of(self, pid: int) -> int:
+        """pid's memory, opened once until forget(pid)."""
+        memory = self._memory.get(pid)
+        if memory is None:
+            memory = self._memory[pid] = _open_memory(pid)
+        return memory
 
-def _read_code(pid: int, process: _Process, code: int, tag: int) -> CodeInfo | None:
-    """The code object sampled at `code` of pid's memory, laid out as `process`'s; None if
-    it is not there any more. Raises ProcessLookupError if pid's memory has nothing at
-    `code`: the process exited (its memory reads as empty), or freed that memory."""
+
+def _open_memory(pid: int) -> int:
     try:
-        fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        return os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise ProcessLookupError(pid) from exc
+
+
+def _read_code(memory: int, process: _Process, code: int, tag: int) -> CodeInfo | None:
+    """The code object sampled at `code` of a process's memory (an open /proc/PID/mem),
+    laid out as `process`'s; None if it is not there any more. Raises ProcessLookupError if
+    the memory has nothing at `code`: the process exited (its memory reads as empty), or
+    freed that memory."""
     try:
-        try:
-            header = _pread(fd, _CODE_HEADER_BYTES, code)
-        except ValueError:
-            return None  # no user-space address: not a code object
-        except OSError:
-            header = b""
-        if len(header) < _CODE_HEADER_BYTES:
-            raise ProcessLookupError(pid)
-        layout = process.layout
-        if code_tag(layout, header) != tag or (
-            process.code_type and int.from_bytes(header[8:16], "little") != process.code_type
-        ):
-            return None  # not the code object sampled
+        header = _pread(memory, _CODE_HEADER_BYTES, code)
+    except ValueError:
+        return None  # no user-space address: not a code object
+    except OSError:
+        header = b""
+    if len(header) < _CODE_HEADER_BYTES:
+        raise ProcessLookupError(code)
+    layout = process.layout
+    if code_tag(layout, header) != tag or (
+        process.code_type and int.from_bytes(header[8:16], "little") != process.code_type
+    ):
+        return None  # not the code object sampled
 
-        def pointer(offset: int) -> int:
-            return int.from_bytes(header[offset : offset + 8], "little")
+    def pointer(offset: int) -> int:
+        return int.from_bytes(header[offset : offset + 8], "little")
 
-        try:
-            filename = _read_str(fd, layout, pointer(layout.code_filename))
-            qualname_at = layout.code_qualname
-            if qualname_at == _PY_NO_FIELD:
-                qualname_at = layout.code_name
-            qualname = _read_str(fd, layout, pointer(qualname_at))
-            linetable = _read_bytes(fd, pointer(layout.code_linetable))
-        except (OSError, ValueError, UnicodeDecodeError):
-            return None
-    finally:
-        os.close(fd)
+    try:
+        filename = _read_str(memory, layout, pointer(layout.code_filename))
+        qualname_at = layout.code_qualname
+        if qualname_at == _PY_NO_FIELD:
+            qualname_at = layout.code_name
+        qualname = _read_str(memory, layout, pointer(qualname_at))
+        linetable = _read_bytes(memory, pointer(layout.code_linetable))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
     firstlineno = int.from_bytes(
         header[layout.code_firstlineno : layout.code_firstlineno + 4], "little"
     )

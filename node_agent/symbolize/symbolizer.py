@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 
 from fleetprof.node_agent.samplers.stack_maps import PythonFrame
-from fleetprof.node_agent.symbolize.elf import ElfCache
+from fleetprof.node_agent.symbolize.elf import ElfCache, ElfSymbols
 from fleetprof.node_agent.symbolize.frame import Frame, LruCache
 from fleetprof.node_agent.symbolize.hotspot import HotSpotSymbolizer
 from fleetprof.node_agent.symbolize.kernel import KernelSymbols
@@ -22,6 +22,9 @@ from fleetprof.node_agent.symbolize.process import (
 from fleetprof.node_agent.symbolize.python import PythonProcesses
 
 UNKNOWN = Frame("[unknown]", "", "unknown")
+# Native frames remembered by file offset (then all forgotten, and remembered anew).
+NATIVE_FRAMES_REMEMBERED = 65_536
+_NOT_NAMED = Frame("", "", "")
 
 
 def _callsite(addrs: Sequence[int]) -> Iterable[int]:
@@ -73,6 +76,8 @@ class Symbolizer:
         # Per pid since take_jit_activity(): frames looked up in JIT code, and those missed.
         self._jit_lookups: Counter[int] = Counter()
         self._jit_misses: Counter[int] = Counter()
+        # (symbol table, file offset, module) -> frame, or None where no symbol covers it.
+        self._native_frames: dict[tuple[ElfSymbols | None, int, str], Frame | None] = {}
 
     def remember(self, pid: int) -> None:
         """Snapshot pid, new or changed (exec, new executable mapping), until forget(pid).
@@ -177,9 +182,9 @@ class Symbolizer:
         self, snapshot: ProcessSnapshot, mapping: Mapping | None, addr: int, site: int
     ) -> Frame:
         if mapping is not None and mapping.symbols is not None:
-            name = mapping.symbols.resolve_file_offset(site - mapping.start + mapping.offset)
-            if name is not None:
-                return Frame(native_name(name), mapping.module, "native")
+            frame = self._native_frame(mapping, site - mapping.start + mapping.offset)
+            if frame is not None:
+                return frame
         elif mapping is None or mapping.anonymous:
             perf_map = self._perf_maps.get(snapshot.pid, snapshot.nspid)
             entry = perf_map.resolve(site) if perf_map is not None else None
@@ -197,6 +202,21 @@ class Symbolizer:
         if mapping is not None and mapping.module:
             return Frame(f"[{mapping.module}]", mapping.module, "unknown")
         return UNKNOWN
+
+    def _native_frame(self, mapping: Mapping, offset: int) -> Frame | None:
+        """The named frame of the code at `offset` of a mapped ELF file, remembered per
+        table: every drain names the same hot code again, in each of its stacks."""
+        key = (mapping.symbols, offset, mapping.module)
+        frame = self._native_frames.get(key, _NOT_NAMED)
+        if frame is not _NOT_NAMED:
+            return frame
+        if len(self._native_frames) >= NATIVE_FRAMES_REMEMBERED:
+            self._native_frames.clear()  # and with it the tables it kept alive
+        assert mapping.symbols is not None
+        name = mapping.symbols.resolve_file_offset(offset)
+        frame = Frame(native_name(name), mapping.module, "native") if name is not None else None
+        self._native_frames[key] = frame
+        return frame
 
     def _take(self, pid: int) -> ProcessSnapshot | None:
         snapshot = take_snapshot(pid, self._elf_cache)

@@ -47,7 +47,7 @@ IDLE_S = 30.0
 # A sampled process is loaded once it has outlived its first sample by this long: most
 # processes of a busy node are sampled once or twice and gone, and a load and its removal
 # cost a millisecond. Until then its stacks are walked by frame pointer.
-LOAD_AFTER_S = 0.25
+LOAD_AFTER_S = 0.1
 # Files at least this large are parsed by a thread of their own.
 LARGE_FILE = 16 << 20
 _DELETED = " (deleted)"
