@@ -38,6 +38,10 @@ from fleetprof.proto.security import ClientSecurity
 log = logging.getLogger(__name__)
 
 EVENT_POLL_MS = 100
+# A process that maps new code (dlopen) is read again this long after, once for all it
+# maps meanwhile: an interpreter importing extension modules maps dozens in a few seconds,
+# and each reading costs a snapshot and a reload of its unwind ranges.
+NEW_CODE_SETTLE_S = 0.5
 SAMPLING = control_pb2.SessionState.SESSION_STATE_SAMPLING
 FINISHED = control_pb2.SessionState.SESSION_STATE_FINISHED
 FAILED = control_pb2.SessionState.SESSION_STATE_FAILED
@@ -86,6 +90,8 @@ class Agent:
         self._exited: set[int] = set()
         # Sampled processes to read (maps, symbols, job) after this poll's events.
         self._new_code: set[int] = set()
+        # Processes that mapped new code, read again when due (see NEW_CODE_SETTLE_S).
+        self._new_code_due: dict[int, float] = {}
         check_events(config.events)
         self.unwinder = (
             NativeUnwinder(config.sampling, config.unwind_cache_dir)
@@ -116,17 +122,13 @@ class Agent:
         )
         self._events.subscribe(
             on_first_sample=self._new_code.add,
-            on_new_code=self._new_code.add,
+            on_new_code=self._on_new_code,
             on_exec=self._on_exec,
             on_exit=self._on_exit,
         )
         if self.unwinder:
             # It loads sampled processes by itself; a new image or new code is loaded again.
-            self._events.subscribe(
-                on_exec=self.unwinder.refresh,
-                on_new_code=self.unwinder.refresh,
-                on_exit=self.unwinder.forget,
-            )
+            self._events.subscribe(on_exec=self.unwinder.refresh, on_exit=self.unwinder.forget)
         self._builder = BatchBuilder(self.symbolizer, self.owners)
         self.host_sampling = HostSampling(
             config.host_sampling, random.Random(config.host_sampling_seed)
@@ -165,12 +167,22 @@ class Agent:
         for session in self._sessions.values():
             session.consider(pid)
 
+    def _on_new_code(self, pid: int) -> None:
+        self._new_code_due.setdefault(pid, time.monotonic() + NEW_CODE_SETTLE_S)
+
     def _on_exit(self, pid: int) -> None:
         self._remember_new_code()
+        self._new_code_due.pop(pid, None)
         self.jvms.exited(pid)
         self._exited.add(pid)
 
     def _remember_new_code(self) -> None:
+        now = time.monotonic()
+        for pid in [pid for pid, due in self._new_code_due.items() if due <= now]:
+            del self._new_code_due[pid]
+            self._new_code.add(pid)
+            if self.unwinder:
+                self.unwinder.refresh(pid)
         while self._new_code:
             pid = self._new_code.pop()
             self.symbolizer.remember(pid)
