@@ -281,7 +281,6 @@ def without_checks() -> None:
     schema.check_decoded_size = nothing
     validate.StreamStacks.check = nothing  # type: ignore[method-assign]
     IngestGuard.admit = nothing  # type: ignore[method-assign]
-    IngestGuard.stored = nothing  # type: ignore[method-assign]
 
 
 def run_aggregator(
