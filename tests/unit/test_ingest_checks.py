@@ -10,10 +10,10 @@ import pytest
 from fleetprof.aggregator import agent_history
 from fleetprof.aggregator.id_set import IdSet
 from fleetprof.aggregator.storage import ProfileStore
-from fleetprof.aggregator.validate import StreamStacks, check_text
+from fleetprof.aggregator.validate import StreamStacks, check_text, validate_batch
 from fleetprof.proto import schema
 from fleetprof.proto.stacks import stacks_table
-from tests.unit.test_ingest import STACKS, samples
+from tests.unit.test_ingest import STACKS, batch, samples
 
 EDGES = np.array([0, 1, -1, 2**63 - 1, -(2**63)], np.int64)
 
@@ -47,6 +47,13 @@ def test_stream_stacks_known_from_this_batch_or_an_earlier_one() -> None:
     stream.check(samples({11: 1, 12: 1}), stacks_table({12: STACKS[12]}))
     with pytest.raises(schema.SchemaError, match="stack 0 was never sent"):
         stream.check(samples({11: 1, 0: 1}), stacks_table({}))
+
+
+def test_nulls_in_columns_that_may_not_have_them_are_refused() -> None:
+    rows = samples({11: 1, 12: 1})
+    rows = rows.set_column(5, schema.SAMPLES.field("stack_id"), pa.array([11, None], pa.int64()))
+    with pytest.raises(schema.SchemaError, match="stack_id has nulls"):
+        validate_batch(batch(1, samples=schema.encode(rows)))
 
 
 @pytest.mark.parametrize(
