@@ -3,10 +3,10 @@ were stored for, and the last sequence stored of each of its incarnations.
 
 IngestGuard asks it for every batch. Read from the table, each agent's first batch after a
 start cost a query (1.4 ms with a few hundred batches stored, more as the table grows), and
-a fleet's agents all send a first batch when the aggregator starts. The whole table is read once at
-open instead and every commit adds to it, so an agent not held has stored nothing: no query.
-Past MAX_HELD incarnations the least recently used are dropped, and those not held are read
-from the table again.
+a fleet's agents all send a first batch when the aggregator starts. The table is read once
+at open instead and every commit adds to it, so an agent not held has stored nothing: no
+query. Past MAX_HELD incarnations the least recently used are dropped, and those not held
+are read from the table again.
 """
 
 from __future__ import annotations

@@ -147,15 +147,17 @@ class StreamStacks:
     def check(self, samples: pa.Table, stacks: pa.Table) -> None:
         """Refuse samples whose stacks were not sent; then count `stacks` as sent. Call
         it only for a batch that will be stored or acknowledged as a duplicate."""
-        new = stacks["stack_id"].to_numpy()
+        # Most batches carry no stacks: nothing of them to convert or to look in.
+        new = stacks["stack_id"].to_numpy() if stacks.num_rows else None
         used = samples["stack_id"].to_numpy()
         unsent = used[~self._sent.contains(used)]
-        unsent = unsent[~np.isin(unsent, new)]
+        if len(unsent) and new is not None:
+            unsent = unsent[~np.isin(unsent, new)]
         if len(unsent):
             raise schema.SchemaError(
                 f"samples: stack {int(unsent[0])} was never sent on this stream"
             )
-        if len(new):
+        if new is not None:
             self._sent.add(new)
 
 
