@@ -11,9 +11,6 @@ the agent's future. docs/security.md has the threat model.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-
 import grpc
 
 from fleetprof.aggregator.storage import ProfileStore
@@ -23,19 +20,14 @@ from fleetprof.proto.security import IngestDenied, NodeGrant
 # agent's batches at the default 10 s interval, spooled while the aggregator was away.
 # Past it the agent starts a new incarnation (node_agent/shipper.py).
 MAX_SEQUENCE_JUMP = 10_000
-# Agents and incarnations remembered; others are read back from ingested_batches.
-CACHED_AGENTS = 100_000
 
 
 class IngestGuard:
-    """Checks every batch's sender against the history of its agent id; thread-safe."""
+    """Checks every batch's sender against the history of its agent id (ProfileStore's
+    agent_history, in memory); thread-safe."""
 
     def __init__(self, store: ProfileStore) -> None:
         self._store = store
-        self._lock = threading.Lock()
-        # agent_id -> node; (agent_id, incarnation) -> last stored sequence
-        self._nodes: OrderedDict[str, str] = OrderedDict()
-        self._last: OrderedDict[tuple[str, str], int] = OrderedDict()
 
     def admit(
         self, grant: NodeGrant, agent_id: str, node: str, incarnation: str, sequence: int
@@ -45,7 +37,7 @@ class IngestGuard:
             raise IngestDenied(
                 grpc.StatusCode.PERMISSION_DENIED, f"{grant.name} may not write node {node!r}"
             )
-        bound, last = self._history(agent_id, incarnation)
+        bound, last = self._store.agent_history(agent_id, incarnation)
         if bound is not None and bound != node:
             raise IngestDenied(
                 grpc.StatusCode.PERMISSION_DENIED,
@@ -57,28 +49,3 @@ class IngestGuard:
                 f"sequence {sequence} is more than {MAX_SEQUENCE_JUMP} past the last stored "
                 f"({last}) of this agent incarnation: start a new incarnation",
             )
-
-    def stored(self, agent_id: str, node: str, incarnation: str, sequence: int) -> None:
-        """Record a batch that was committed (or acknowledged as already stored)."""
-        with self._lock:
-            self._remember(self._nodes, agent_id, node)
-            key = (agent_id, incarnation)
-            self._remember(self._last, key, max(sequence, self._last.get(key, 0)))
-
-    def _history(self, agent_id: str, incarnation: str) -> tuple[str | None, int]:
-        with self._lock:
-            node = self._nodes.get(agent_id)
-            last = self._last.get((agent_id, incarnation))
-        if node is not None and last is not None:
-            return node, last
-        node, last = self._store.agent_history(agent_id, incarnation)
-        if node is not None:
-            self.stored(agent_id, node, incarnation, last)
-        return node, last
-
-    @staticmethod
-    def _remember(cache: OrderedDict, key: object, value: object) -> None:
-        cache[key] = value
-        cache.move_to_end(key)
-        if len(cache) > CACHED_AGENTS:
-            cache.popitem(last=False)

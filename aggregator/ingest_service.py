@@ -84,5 +84,4 @@ class IngestService(ingest_pb2_grpc.IngestServiceServicer):
                 # Typically a full disk: nothing of this batch was committed; the agent retries.
                 log.error("cannot store batch %s/%d: %s", batch.agent_id, batch.sequence, exc)
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"storage unavailable: {exc}")
-            self._guard.stored(valid.agent_id, valid.node, valid.incarnation, valid.sequence)
             yield ack

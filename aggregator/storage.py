@@ -22,6 +22,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from fleetprof.aggregator.agent_history import AgentHistory
 from fleetprof.aggregator.database import PARTITIONED, open_database, refresh_views
 from fleetprof.aggregator.label_sets import LabelledRows, LabelSet, LabelSets
 from fleetprof.proto import lake
@@ -84,6 +85,7 @@ class ProfileStore:
         self.name = lake.check_name(name or default_name())
         self._db = open_database(self.path)
         self._label_sets = LabelSets(self._db)
+        self._agents = AgentHistory(self._db)
         self._write_lock = threading.Lock()
         # Times prune_stacks deleted stacks: a batch prepared before one stores all its own.
         self._stack_prunes = 0
@@ -181,17 +183,7 @@ class ProfileStore:
     def agent_history(self, agent_id: str, incarnation: str) -> tuple[str | None, int]:
         """The node an agent's batches were stored for (None: none stored), and the last
         sequence stored of one incarnation (0: none)."""
-        cur = self.reader()
-        try:
-            node, last = cur.execute(
-                "SELECT any_value(node), coalesce(max(sequence) FILTER "
-                "(WHERE incarnation = $incarnation), 0) FROM ingested_batches "
-                "WHERE agent_id = $agent",
-                {"agent": agent_id, "incarnation": incarnation_key(incarnation)},
-            ).fetchone()
-            return node, int(last)
-        finally:
-            cur.close()
+        return self._agents.lookup(agent_id, incarnation_key(incarnation))
 
     def delete(
         self,
@@ -326,6 +318,8 @@ class ProfileStore:
             )
             cur.execute("COMMIT")
             self._label_sets.committed(new_label_sets)
+            for batch in fresh:
+                self._agents.record(batch.agent_id, batch.node, batch.incarnation, batch.sequence)
             stored_now = set(fresh)
             for p in group:
                 stored = p.batch in stored_now

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from fleetprof.aggregator.id_set import IdSet
 from fleetprof.aggregator.label_sets import ROW_LABELS
 from fleetprof.proto import schema
 from fleetprof.proto.ingest.v1 import ingest_pb2
@@ -96,6 +97,8 @@ def _has_control(strings: pa.Array) -> bool:
         return False
     bounds = np.frombuffer(offsets, np.int32)[[strings.offset, strings.offset + len(strings)]]
     text = np.frombuffer(data, np.uint8)[bounds[0] : bounds[1]]
+    if not len(text) or (text.min() >= 0x20 and text.max() < 0x7F):
+        return False  # printable ASCII, as names nearly always are: two passes, no copies
     if ((text < 0x20) | (text == 0x7F)).any():
         return True
     lead = np.flatnonzero(text[:-1] == 0xC2)
@@ -139,25 +142,23 @@ class StreamStacks:
     samples to stacks, would disagree."""
 
     def __init__(self) -> None:
-        self._sent = np.zeros(0, np.int64)  # sorted: 8 bytes a stack, not a set's ~60
+        self._sent = IdSet()
 
     def check(self, samples: pa.Table, stacks: pa.Table) -> None:
         """Refuse samples whose stacks were not sent; then count `stacks` as sent. Call
         it only for a batch that will be stored or acknowledged as a duplicate."""
-        new = stacks["stack_id"].to_numpy()
-        used = pc.unique(samples["stack_id"]).to_numpy()
-        if len(new):
-            used = used[~np.isin(used, new)]
-        known = np.zeros(len(used), bool)
-        if len(self._sent):
-            at = np.minimum(np.searchsorted(self._sent, used), len(self._sent) - 1)
-            known = self._sent[at] == used
-        if not known.all():
+        # Most batches carry no stacks: nothing of them to convert or to look in.
+        new = stacks["stack_id"].to_numpy() if stacks.num_rows else None
+        used = samples["stack_id"].to_numpy()
+        unsent = used[~self._sent.contains(used)]
+        if len(unsent) and new is not None:
+            unsent = unsent[~np.isin(unsent, new)]
+        if len(unsent):
             raise schema.SchemaError(
-                f"samples: stack {int(used[~known][0])} was never sent on this stream"
+                f"samples: stack {int(unsent[0])} was never sent on this stream"
             )
-        if len(new):
-            self._sent = np.union1d(self._sent, new)
+        if new is not None:
+            self._sent.add(new)
 
 
 def _check_known(name: str, table: pa.Table, column: str, known: Iterable[str]) -> None:

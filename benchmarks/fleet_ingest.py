@@ -21,7 +21,9 @@ Printed, on this machine's load (`uptime` is printed too), latency being batch s
    checks and authentication (agent tokens checked on every stream, each agent bound to its
    node); `--runs` interleaved runs (each visits all three, every other run in reverse):
    median rows/s and spread of each, the per-run ratios to `none` (median and spread;
-   target: auth+checks >= 95%), and the load average before and after.
+   target: auth+checks >= 95%); the same for rows per second of the aggregator's CPU (its
+   process's, from /proc: other sessions' load moves it far less than rows/s); and the load
+   average before and after.
    2c. the cost of the hostile-input checks every batch goes through (IPC size from
    metadata, control characters, weight bounds, time window, stacks of the stream) timed
    alone over the same batches, as a share of the sustained time per row.
@@ -38,6 +40,7 @@ Run: .venv/bin/python benchmarks/fleet_ingest.py [--quick] [--rows 100M] [--skip
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing as mp
 import os
 import queue
@@ -78,6 +81,7 @@ from fleetprof.query.render import RenderOptions
 from fleetprof.query.source import AggregatorSource, DatabaseSource
 
 sys.path.insert(0, str(Path(__file__).parent))
+from agent_overhead import process_cpu_s
 from flame_query import best_of, synthetic_stacks
 
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", schema.MAX_MESSAGE_BYTES)]
@@ -281,7 +285,6 @@ def without_checks() -> None:
     schema.check_decoded_size = nothing
     validate.StreamStacks.check = nothing  # type: ignore[method-assign]
     IngestGuard.admit = nothing  # type: ignore[method-assign]
-    IngestGuard.stored = nothing  # type: ignore[method-assign]
 
 
 def run_aggregator(
@@ -306,8 +309,11 @@ def ingest(
     warm: bool,
     rounds: int,
     token: str | None = None,
-) -> tuple[int, float, list[float]]:
-    """Run the clients once; (rows acked, seconds, latencies in seconds)."""
+    server_pid: int | None = None,
+) -> tuple[int, float, list[float], float]:
+    """Run the clients once; (rows acked, seconds, latencies in seconds, CPU seconds of
+    process `server_pid` meanwhile: nan without one). Seconds count from the clients'
+    start together (after their warm-up batches) to the last ack."""
     ctx = mp.get_context("spawn")
     ready = ctx.Barrier(len(per_client) + 1)
     results = ctx.Queue()
@@ -322,15 +328,17 @@ def ingest(
         client.start()
     ready.wait()
     started = time.time()
+    cpu_before = process_cpu_s(server_pid) if server_pid else math.nan
     rows, timings = 0, []
     for _ in clients:
         acked, times = results.get()
         rows += acked
         timings += times
+    cpu_s = process_cpu_s(server_pid) - cpu_before if server_pid else math.nan
     for client in clients:
         client.join()
     took = max(acked for _, acked in timings) - started
-    return rows, took, sorted(acked - sent for sent, acked in timings)
+    return rows, took, sorted(acked - sent for sent, acked in timings), cpu_s
 
 
 def bare_append(db: Path, tables: list[pa.Table], rounds: int) -> tuple[int, float]:
@@ -376,45 +384,55 @@ def auth_on_and_off(
 ) -> float:
     """Sustained ingest into three aggregators (nothing of issue 18, its checks, its checks
     and authentication), interleaved: each run visits all three, every other run in
-    reverse order, so that a change of the machine's load falls on all of them. Returns
-    the median rate without them."""
+    reverse order, so that a change of the machine's load falls on all of them. Each
+    ingest's rate is measured twice: rows per second, and rows per second of the
+    aggregator process's CPU (/proc), which other processes on the machine change far
+    less. Returns the median rate without them."""
     settings = (BASELINE, CHECKS, ALL_ON)
     servers = {
         setting: start_aggregator(work / f"{SETTING_NAMES[setting]}.duckdb", *setting)
         for setting in settings
     }
     rates: dict[tuple[bool, bool], list[float]] = {setting: [] for setting in settings}
+    cpu_rates: dict[tuple[bool, bool], list[float]] = {setting: [] for setting in settings}
     load_before = os.getloadavg()
     for run in range(runs):
         for setting in settings if run % 2 == 0 else settings[::-1]:
             token = AGENT_TOKEN if setting[0] else None
-            rows, took, _ = ingest(servers[setting][2], per_client, stacks, True, rounds, token)
+            server, _, address = servers[setting]
+            rows, took, _, cpu_s = ingest(
+                address, per_client, stacks, True, rounds, token, server.pid
+            )
             rates[setting].append(rows / took)
+            cpu_rates[setting].append(rows / cpu_s)
     load_after = os.getloadavg()
     for server, stop, _ in servers.values():
         stop.set()
         server.join()
 
-    def rate(setting: tuple[bool, bool]) -> str:
-        values = rates[setting]
+    def rate(measured: dict[tuple[bool, bool], list[float]], setting: tuple[bool, bool]) -> str:
+        values = measured[setting]
         return (
-            f"{SETTING_NAMES[setting]} {statistics.median(values) / 1e6:.2f}M rows/s "
+            f"{SETTING_NAMES[setting]} {statistics.median(values) / 1e6:.2f}M "
             f"({min(values) / 1e6:.2f}-{max(values) / 1e6:.2f}M)"
         )
 
-    def ratio(setting: tuple[bool, bool]) -> str:
+    def ratio(measured: dict[tuple[bool, bool], list[float]], setting: tuple[bool, bool]) -> str:
         # per run: the two rates of one run were taken minutes apart at most
-        values = [on / off for on, off in zip(rates[setting], rates[BASELINE], strict=True)]
+        values = [on / off for on, off in zip(measured[setting], measured[BASELINE], strict=True)]
         return (
             f"{SETTING_NAMES[setting]}/none {statistics.median(values):.1%} "
             f"({min(values):.1%}-{max(values):.1%})"
         )
 
+    for label, measured in (("rows/s", rates), ("rows per aggregator CPU-second", cpu_rates)):
+        print(
+            f"2b. sustained, {runs} interleaved runs each, {label} (median (min-max)): "
+            f"{', '.join(rate(measured, setting) for setting in settings)}; per-run ratios "
+            f"{ratio(measured, ALL_ON)} (target >= 95%), {ratio(measured, CHECKS)}"
+        )
     print(
-        f"2b. sustained, {runs} interleaved runs each (median (min-max)): "
-        f"{', '.join(rate(setting) for setting in settings)}; per-run ratios "
-        f"{ratio(ALL_ON)} (target >= 95%), {ratio(CHECKS)}; load average (1/5/15 min) "
-        f"{' '.join(f'{v:.1f}' for v in load_before)} before, "
+        f"2b. load average (1/5/15 min) {' '.join(f'{v:.1f}' for v in load_before)} before, "
         f"{' '.join(f'{v:.1f}' for v in load_after)} after"
     )
     return statistics.median(rates[BASELINE])
@@ -556,7 +574,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
         )
         return
     server, stop, address = start_aggregator(work / "agg.duckdb", auth=False)
-    rows, took, latencies = ingest(address, per_client, stacks, False, args.rounds)
+    rows, took, latencies, _ = ingest(address, per_client, stacks, False, args.rounds)
     print(
         f"1. first pass, every stack new to the aggregator ({args.stacks:,} stacks, "
         f"{len(stacks) / 1e6:.0f} MB of Arrow IPC, each sent once per stream): "
@@ -564,7 +582,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
         f"latency p50 {percentile(latencies, 50) * 1000:.0f} ms, "
         f"p99 {percentile(latencies, 99) * 1000:.0f} ms"
     )
-    rows, took, latencies = ingest(address, per_client, stacks, True, args.rounds)
+    rows, took, latencies, _ = ingest(address, per_client, stacks, True, args.rounds)
     bare_rows, bare_s = bare_append(work / "bare.duckdb", tables, args.rounds)
     rate, bare_rate = rows / took, bare_rows / bare_s
     print(
@@ -582,7 +600,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
         target=flame_loop, args=(address, work / "live.html", stop_flames, flame_times)
     )
     flames.start()
-    rows, took, latencies = ingest(address, per_client, stacks, True, args.rounds)
+    rows, took, latencies, _ = ingest(address, per_client, stacks, True, args.rounds)
     stop_flames.set()
     flames.join()
     print(

@@ -214,6 +214,10 @@ def decode(payload: bytes, expected: pa.Schema) -> pa.Table:
         )
     if table.num_rows > MAX_ROWS_PER_BATCH:
         raise SchemaError(f"{name}: {table.num_rows} rows exceeds {MAX_ROWS_PER_BATCH}")
+    # IPC does not enforce a field's nullable=False; the checks after this count on it.
+    for field in expected:
+        if not field.nullable and table[field.name].null_count:
+            raise SchemaError(f"{name}: {field.name} has nulls")
     return table
 
 

@@ -1,0 +1,103 @@
+"""The structures that keep issue 18's per-batch checks cheap answer as the slow ones did:
+IdSet as a Python set, the control-character scan's fast path, AgentHistory as the table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from fleetprof.aggregator import agent_history
+from fleetprof.aggregator.id_set import IdSet
+from fleetprof.aggregator.storage import ProfileStore
+from fleetprof.aggregator.validate import StreamStacks, check_text, validate_batch
+from fleetprof.proto import schema
+from fleetprof.proto.stacks import stacks_table
+from tests.unit.test_ingest import STACKS, batch, samples
+
+EDGES = np.array([0, 1, -1, 2**63 - 1, -(2**63)], np.int64)
+
+
+def test_id_set_answers_as_a_python_set() -> None:
+    rng = np.random.default_rng(18)
+    ids, expected = IdSet(), set()
+    for step in range(40):  # grows from 1024 slots past 100k ids
+        new = rng.integers(-(2**63), 2**63 - 1, int(rng.integers(0, 6000)), np.int64)
+        if step % 7 == 0:
+            new = np.concatenate([new, EDGES[: step % 5], new[:10]])  # repeats too
+        ids.add(new)
+        expected.update(new.tolist())
+        asked = np.concatenate([new, rng.integers(-(2**63), 2**63 - 1, 3000, np.int64), EDGES])
+        assert ids.contains(asked).tolist() == [i in expected for i in asked.tolist()]
+        assert len(ids) == len(expected)
+
+
+def test_id_set_of_clustered_ids() -> None:
+    """Consecutive ids, and ids equal but for their top bits, are found as any others."""
+    ids = IdSet()
+    clustered = np.concatenate([np.arange(50_000), np.arange(1, 4096) << 52]).astype(np.int64)
+    ids.add(clustered)
+    assert ids.contains(clustered).all()
+    assert not ids.contains(clustered + (1 << 40)).any()
+
+
+def test_stream_stacks_known_from_this_batch_or_an_earlier_one() -> None:
+    stream = StreamStacks()
+    stream.check(samples({11: 1}), stacks_table({11: STACKS[11]}))
+    stream.check(samples({11: 1, 12: 1}), stacks_table({12: STACKS[12]}))
+    with pytest.raises(schema.SchemaError, match="stack 0 was never sent"):
+        stream.check(samples({11: 1, 0: 1}), stacks_table({}))
+
+
+def test_nulls_in_columns_that_may_not_have_them_are_refused() -> None:
+    rows = samples({11: 1, 12: 1})
+    rows = rows.set_column(5, schema.SAMPLES.field("stack_id"), pa.array([11, None], pa.int64()))
+    with pytest.raises(schema.SchemaError, match="stack_id has nulls"):
+        validate_batch(batch(1, samples=schema.encode(rows)))
+
+
+@pytest.mark.parametrize(
+    ("comm", "refused"),
+    [("java", False), ("café 日本", False), ("a\x7fb", True), ("a\u0085b", True), ("\x00", True)],
+)
+def test_control_characters_beyond_printable_ascii(comm: str, refused: bool) -> None:
+    rows = samples({11: 1, 12: 1})
+    rows = rows.set_column(3, schema.SAMPLES.field("comm"), pa.array(["ok", comm]))
+    if refused:
+        with pytest.raises(schema.SchemaError, match="comm has control characters"):
+            check_text("samples", rows, ("comm",))
+    else:
+        check_text("samples", rows, ("comm",))
+
+
+def _store_batch(store: ProfileStore, agent_id: str, node: str, sequence: int) -> None:
+    store.append(
+        agent_id, sequence, node, samples({11: 1}), stacks_table({11: STACKS[11]}), None, None, "i"
+    )
+
+
+def test_agent_history_is_read_at_open_and_kept_at_commit(tmp_path) -> None:
+    store = ProfileStore(tmp_path / "a.duckdb")
+    _store_batch(store, "agent-1", "node-a", 7)
+    assert store.agent_history("agent-1", "i") == ("node-a", 7)
+    assert store.agent_history("agent-1", "other") == ("node-a", 0)
+    assert store.agent_history("agent-2", "i") == (None, 0)
+    store.close()
+    reopened = ProfileStore(tmp_path / "a.duckdb")
+    assert reopened.agent_history("agent-1", "i") == ("node-a", 7)
+    assert reopened.agent_history("agent-2", "i") == (None, 0)
+    reopened.close()
+
+
+def test_agent_history_past_its_size_reads_the_table(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(agent_history, "MAX_HELD", 2)
+    store = ProfileStore(tmp_path / "a.duckdb")
+    for n in range(4):  # agent-0 and agent-1 are dropped from memory
+        _store_batch(store, f"agent-{n}", f"node-{n}", n + 1)
+    assert store.agent_history("agent-0", "i") == ("node-0", 1)
+    assert store.agent_history("agent-9", "i") == (None, 0)
+    store.close()
+    reopened = ProfileStore(tmp_path / "a.duckdb")  # more stored than it holds
+    assert reopened.agent_history("agent-1", "i") == ("node-1", 2)
+    assert reopened.agent_history("agent-3", "i") == ("node-3", 4)
+    reopened.close()
