@@ -454,7 +454,8 @@ class PythonProcesses:
             )
             self._targets.set(snapshot.pid, proc_info(layout, bias + runtime))
             self.stats["processes"] += 1
-            log.info("pid %d (%s): Python 3.%d, frames walked", snapshot.pid, snapshot.comm, minor)
+            # Debug: a node of Python workers starts hundreds a minute (the stop line counts them).
+            log.debug("pid %d (%s): Python 3.%d, frames walked", snapshot.pid, snapshot.comm, minor)
             return
 
     def forget(self, pid: int) -> None:
