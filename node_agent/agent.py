@@ -37,7 +37,8 @@ from fleetprof.proto.security import ClientSecurity
 
 log = logging.getLogger(__name__)
 
-EVENT_POLL_MS = 100
+# Exec, exit and new-code events wait this long at most (first samples wake the agent).
+EVENT_POLL_MS = 250
 # A process that maps new code (dlopen) is read again this long after, once for all it
 # maps meanwhile: an interpreter importing extension modules maps dozens in a few seconds,
 # and each reading costs a snapshot and a reload of its unwind ranges.
@@ -128,7 +129,11 @@ class Agent:
         )
         if self.unwinder:
             # It loads sampled processes by itself; a new image or new code is loaded again.
-            self._events.subscribe(on_exec=self.unwinder.refresh, on_exit=self.unwinder.forget)
+            self._events.subscribe(
+                on_first_sample=lambda _: self.unwinder.sampled(),
+                on_exec=self.unwinder.refresh,
+                on_exit=self.unwinder.forget,
+            )
         self._builder = BatchBuilder(self.symbolizer, self.owners)
         self.host_sampling = HostSampling(
             config.host_sampling, random.Random(config.host_sampling_seed)

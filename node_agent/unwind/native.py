@@ -2,8 +2,9 @@
 and each mapped build's unwind rows once (samplers/unwind_tables.bpf.h).
 
 Work is done only for processes that samples hit: a sample of a process without tables
-puts its pid in `unwind_pending`, and a loader thread (woken every ~100 ms) loads it once
-it has lived LOAD_AFTER_S since, with the files already parsed; parser threads add the
+puts its pid in `unwind_pending`, and a loader thread (woken by the agent at a process's
+first sample, else every LOADER_PERIOD_S) loads it once it has lived LOAD_AFTER_S since,
+with the files already parsed; parser threads add the
 others when parsed (libjvm.so: ~0.5 s on a quiet machine, then cached on disk). Until then
 its frames are walked by frame pointer, so its stacks are complete from the next interval
 on. Rows live in one array, each build's at its own range, referenced by the processes
@@ -19,7 +20,6 @@ import threading
 import time
 import uuid
 from array import array
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -48,6 +48,9 @@ IDLE_S = 30.0
 # processes of a busy node are sampled once or twice and gone, and a load and its removal
 # cost a millisecond. Until then its stacks are walked by frame pointer.
 LOAD_AFTER_S = 0.1
+# The loader looks at `unwind_pending` this often when not woken: what first-sample events
+# do not announce (sessions' samplers, processes evicted and sampled again) waits this long.
+LOADER_PERIOD_S = 1.0
 # Files at least this large are parsed by a thread of their own.
 LARGE_FILE = 16 << 20
 _DELETED = " (deleted)"
@@ -125,12 +128,11 @@ class NativeUnwinder:
         # Notified when files wait to be parsed: the parser threads sleep until then.
         self._files_waiting = threading.Condition(self._lock)
         self._stop = threading.Event()
+        self._sampled = threading.Event()  # see sampled()
         # Processes load at once; files are parsed smallest first, large ones (seconds
         # each) in a thread of their own, so a small binary never waits behind them.
         self._threads = [
-            threading.Thread(
-                target=self._every, args=(self.poll,), name="unwind-loader", daemon=True
-            ),
+            threading.Thread(target=self._load_sampled, name="unwind-loader", daemon=True),
             *(
                 threading.Thread(target=self.parse, args=(large,), name=name, daemon=True)
                 for name, large in (("unwind-parser", False), ("unwind-large-parser", True))
@@ -141,19 +143,32 @@ class NativeUnwinder:
 
     # Process lifecycle.
 
-    def _every(self, work: Callable[[], None], period_s: float = 0.1) -> None:
-        while not self._stop.wait(period_s):
-            work()
+    def sampled(self) -> None:
+        """A process was sampled for the first time: wake the loader (an idle node's
+        loader sleeps, rather than looking at the kernel's table ten times a second)."""
+        self._sampled.set()
 
-    def poll(self) -> None:
+    def _load_sampled(self) -> None:
+        timeout = LOADER_PERIOD_S
+        while not self._stop.is_set():
+            self._sampled.wait(timeout)
+            self._sampled.clear()
+            timeout = LOAD_AFTER_S if self.poll() else LOADER_PERIOD_S
+
+    def poll(self) -> bool:
         """Load the processes sampled at least LOAD_AFTER_S ago: a millisecond each, with
-        the files already parsed (the others are added when they are)."""
+        the files already parsed (the others are added when they are). Whether some
+        sampled processes are left to load later."""
         now = time.monotonic()
+        left = False
         for key in list(self._pending):
             if now - self._pending_since.setdefault(key.value, now) >= LOAD_AFTER_S:
                 self.load(key.value)
                 self._pending.pop(key, None)
                 del self._pending_since[key.value]
+            else:
+                left = True
+        return left
 
     def parse(self, large: bool) -> None:
         """Parse the files loaded processes wait for, smallest first (of those at least
@@ -232,6 +247,7 @@ class NativeUnwinder:
         with self._lock:
             if self._forget(pid):
                 self._pending[self._pending.Key(pid)] = self._pending.Leaf(1)
+                self._sampled.set()
 
     def forget(self, pid: int) -> None:
         """pid exited: drop its ranges and its files' references."""
@@ -273,6 +289,7 @@ class NativeUnwinder:
 
     def close(self) -> None:
         self._stop.set()
+        self._sampled.set()
         with self._lock:
             self._files_waiting.notify_all()
         for thread in self._threads:
