@@ -13,6 +13,9 @@ from fleetprof.proto import schema
 
 # The one frame of a stack the kernel could not record (a map collision or overflow).
 LOST_FRAME = ("[lost stack]", "", "lost")
+# The root of a stack whose outermost callers were left out (deeper than the agent walks,
+# or than schema.MAX_FRAMES_PER_STACK).
+TRUNCATED_FRAME = ("[truncated]", "", "lost")
 
 
 class StackRow(NamedTuple):
@@ -24,12 +27,22 @@ class StackRow(NamedTuple):
 
 
 def stack_row(frames: Sequence[tuple[str, str, str]]) -> StackRow:
-    """The row of (name, module, kind) frames, root first, names cut to the contract."""
+    """The row of (name, module, kind) frames, root first, cut to the contract: names, and
+    depth (the outermost callers give way to TRUNCATED_FRAME)."""
+    frames = fit_depth(frames)
     return StackRow(
         tuple(fit(name) for name, _, _ in frames),
         tuple(fit(module) for _, module, _ in frames),
         tuple(kind for _, _, kind in frames),
     )
+
+
+def fit_depth(frames: Sequence[tuple[str, str, str]]) -> Sequence[tuple[str, str, str]]:
+    """Root-first frames, at most MAX_FRAMES_PER_STACK: a deeper stack keeps the frames
+    nearest its leaf below a TRUNCATED_FRAME root (a batch with a deeper stack is refused)."""
+    if len(frames) <= schema.MAX_FRAMES_PER_STACK:
+        return frames
+    return [TRUNCATED_FRAME, *frames[len(frames) - schema.MAX_FRAMES_PER_STACK + 1 :]]
 
 
 def fit(name: str) -> str:

@@ -24,7 +24,7 @@ from fleetprof.proto import schema
 from fleetprof.proto.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from fleetprof.proto.pprof import profile_pb2
 from fleetprof.proto.security import ClientSecurity
-from fleetprof.proto.stacks import StackRow, stack_id, stacks_table
+from fleetprof.proto.stacks import StackRow, fit_depth, stack_id, stacks_table
 from fleetprof.query.render.folded import PROCESS_HEADER
 
 STACKS_PER_BATCH = 20_000
@@ -37,7 +37,6 @@ _MODULE_KINDS = {
     "[jit]": "jit",
 }
 _FOLDED_LINE = re.compile(rb"^(.*\S)\s+(\d+)\s*$")
-_TRUNCATED = ("[truncated]", "", "lost")
 
 
 @dataclass(frozen=True)
@@ -147,8 +146,7 @@ def location_frames(
 def fit_stack(frames: list[tuple[str, str, str]]) -> StackRow:
     """Root-first frames fitted to the wire limits: at most MAX_FRAMES_PER_STACK (the
     outermost callers give way to a "[truncated]" frame), names of MAX_STRING_BYTES."""
-    if len(frames) > schema.MAX_FRAMES_PER_STACK:
-        frames = [_TRUNCATED, *frames[len(frames) - schema.MAX_FRAMES_PER_STACK + 1 :]]
+    frames = list(fit_depth(frames))
     if not frames:
         return StackRow((), (), ())
     names, modules, kinds = zip(*map(fit_frame, frames), strict=True)

@@ -11,9 +11,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import ClassVar
 
-from bcc import BPF
-
 from fleetprof.node_agent.samplers import Drain, SamplerOptions, python_stacks
+from fleetprof.node_agent.samplers.bpf_loop import LoopBPF
 from fleetprof.node_agent.samplers.stack_maps import GenerationalStackMaps
 from fleetprof.node_agent.symbolize.frame import Frame
 
@@ -50,7 +49,7 @@ class BpfSampler:
         # The native unwinder's shared tables are named after it (unwind_tables.bpf.h).
         text = text.replace(b"UNWIND_ID", options.native_unwind.encode())
         with BCC_LOCK:
-            self._bpf = BPF(
+            self._bpf = LoopBPF(
                 text=text, cflags=[*options.cflags(), *python_stacks.cflags(), *self.cflags()]
             )
             release_compiler_memory()

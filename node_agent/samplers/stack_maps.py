@@ -27,6 +27,11 @@ _FLIP_SETTLE_S = 0.002
 # sample_key_t.user_stack values that are not hashes (user_stacks.bpf.h).
 _USER_STACK_NONE = 0
 _USER_STACK_LOST = 1
+# user_stacks.bpf.h: frames per stored value, the flag of user_stack_t.depth saying deeper
+# frames were left out, and the last address of a user stack so cut (its "[truncated]" root).
+_USER_FRAMES = 128
+_USER_TRUNCATED = 1 << 63
+USER_TRUNCATED = 0
 # python_stacks.bpf.h: sample_key_t.python_stack values that are not hashes, and the flag
 # of py_stack_t.depth saying deeper frames were left out.
 _PYTHON_STACK_NONE = 0
@@ -52,7 +57,8 @@ class StackSample(NamedTuple):
     comm: str
     # Instruction addresses, leaf first; empty when that part does not exist (user stack
     # of a kernel thread, kernel stack of a sample taken in user mode); None when the
-    # kernel could not record it (stack map full or hash collision).
+    # kernel could not record it (stack map full or hash collision). A user stack cut short
+    # (deeper than BPF keeps) ends with USER_TRUNCATED.
     kernel_stack: tuple[int, ...] | None
     user_stack: tuple[int, ...] | None
     weight: int
@@ -129,16 +135,15 @@ class GenerationalStackMaps:
         """Read and clear one generation's counts and stacks."""
         stacks = self._bpf[f"stacks_{generation}".encode()]
         user_keys, user_values = self._drains[f"user_stacks_{generation}"].take()
-        users: dict[int, tuple[int, ...] | None] = {
-            key: tuple(ips[:depth])
-            for key, depth, ips in zip(
-                user_keys.tolist(),
-                user_values["depth"].tolist(),
-                user_values["ips"].tolist(),
-                strict=True,
+        users = _UserStacks(
+            dict(
+                zip(
+                    user_keys.tolist(),
+                    zip(user_values["depth"].tolist(), user_values["ips"].tolist(), strict=True),
+                    strict=True,
+                )
             )
-        }
-        users[_USER_STACK_NONE] = ()
+        )
         python_keys, python_values = self._drains[f"python_stacks_{generation}"].take()
         pythons: dict[int, tuple[PythonFrame, ...] | None] = {
             key: _python_frames(depth, frames)
@@ -214,6 +219,43 @@ def _read_stack(stacks: Any, stack_id: int) -> tuple[int, ...] | None:
         return tuple(stacks.walk(stack_id))
     except KeyError:
         return None
+
+
+class _UserStacks:
+    """A drain's user stacks by key, from user_stacks_<g>'s values: a stack deeper than one
+    value is put together from its chunks (user_stacks.bpf.h), when a count names it."""
+
+    def __init__(self, values: dict[int, tuple[int, list[int]]]) -> None:
+        self._values = values
+        self._stacks: dict[int, tuple[int, ...] | None] = {_USER_STACK_NONE: ()}
+
+    def get(self, key: int) -> tuple[int, ...] | None:
+        if key not in self._stacks:
+            self._stacks[key] = self._assemble(key)
+        return self._stacks[key]
+
+    def _assemble(self, key: int) -> tuple[int, ...] | None:
+        value = self._values.get(key)
+        if value is None:
+            return None
+        depth, ips = value
+        frames = depth & ~_USER_TRUNCATED
+        if frames > _USER_FRAMES:
+            ips = list(ips)
+            for k in range(1, (frames + _USER_FRAMES - 1) // _USER_FRAMES):
+                chunk = self._values.get(chunk_key(key, k))
+                if chunk is None:  # not stored: the stack is cut there
+                    frames, depth = len(ips), depth | _USER_TRUNCATED
+                    break
+                ips.extend(chunk[1])
+        kept = tuple(ips[:frames])
+        return (*kept, USER_TRUNCATED) if depth & _USER_TRUNCATED else kept
+
+
+def chunk_key(key: int, k: int) -> int:
+    """The key of chunk k of the user stack stored under `key` (user_stacks.bpf.h's
+    CHUNK_KEY)."""
+    return ((key ^ k) * 0x100000001B3) & 0xFFFF_FFFF_FFFF_FFFF | 2
 
 
 def _python_frames(depth: int, frames: list[tuple[int, int, int]]) -> tuple[PythonFrame, ...]:

@@ -15,10 +15,22 @@
 // so a stale value on the stack is not taken for a caller; a chain that cannot be joined to
 // a frame pointer is dropped and the plain frame-pointer walk is kept.
 //
-// Stacks are stored once per generation in user_stacks_<g>, keyed by a 64-bit hash.
+// The walk runs in bpf_loop (walk_user_frame below: one frame per call), so its depth costs
+// the verifier nothing: it sees one step, not DEEP_FRAMES of them. Its state lives in the
+// per-CPU scratch map. bpf_sampler.py's loader makes BCC's programs able to call it.
+//
+// Stacks are stored once per generation in user_stacks_<g>, keyed by a 64-bit hash, in
+// values of USER_FRAMES frames: a deeper stack takes one more value per USER_FRAMES frames
+// (chunk k under chunk_key(hash, k)), so the map's memory stays bounded by MAX_STACKS values
+// whatever the depth, and a shallow stack costs what it did. Deeper than DEEP_FRAMES, the
+// frames nearest the leaf are kept and the depth says USER_TRUNCATED: user space puts a
+// "[truncated]" root above them.
 #include <linux/ptrace.h>
 
-#define USER_FRAMES 128      // deepest stack kept (bpf_get_stackid's is 127); a power of two
+#define USER_FRAMES 128      // frames per stored value (bpf_get_stackid's stack: 127); a power of two
+#define DEEP_FRAMES 1024     // deepest stack kept: a power of two, a multiple of USER_FRAMES
+#define USER_CHUNKS (DEEP_FRAMES / USER_FRAMES)
+#define USER_TRUNCATED (1ULL << 63)  // user_stack_t.depth: deeper frames were left out
 #define SCAN_WORDS 48        // how far above sp to look for callers of frameless functions
 #define LEAF_CALLERS 4       // at most this many frameless functions in a row
 #define STACK_REACH 65536    // a frame pointer saved on the stack points at most this far up
@@ -45,10 +57,16 @@
 #define USER_STACK_NONE 0    // no user stack (a kernel thread): nothing lost
 #define USER_STACK_LOST 1    // the stack map was full
 
+// One stored value: a whole stack of up to USER_FRAMES frames, or the first chunk of a deeper
+// one (depth is the whole stack's, | USER_TRUNCATED), or a later chunk (depth is unused: it
+// overlays the previous chunk's last frame).
 struct user_stack_t {
     u64 depth;
     u64 ips[USER_FRAMES];  // leaf first
 };
+
+// The key of chunk k (k >= 1) of the stack stored under `hash` (stack_maps.py has the same).
+#define CHUNK_KEY(hash, k) (HASH_STEP(hash, k) | 2)
 
 // A frame as the walk steps it: where it runs, and its rsp and rbp.
 struct frame_state_t {
@@ -84,7 +102,12 @@ struct unwind_t {
     s64 step;  // what the last step did (row_step)
     u64 methods;  // a hash of the words row_step put in the stack itself (Method*s)
     u64 rows;  // whether the process has rows loaded
-    struct user_stack_t stack;
+    u64 pid;
+    u64 hash;  // of the frames so far
+    struct {
+        u64 depth;
+        u64 ips[DEEP_FRAMES];  // leaf first
+    } stack;  // user_stack_t's layout, deeper
 };
 BPF_PERCPU_ARRAY(unwind_scratch, struct unwind_t, 1);
 
@@ -262,9 +285,9 @@ static __always_inline void row_step(struct unwind_t *unwind, u32 pid, u64 call)
             count_unwind(STAT_BAD_READ);
             return;
         }
-        // A full stack (depth USER_FRAMES) has its last word replaced: the walk stops there.
-        u64 full = depth / USER_FRAMES;
-        unwind->stack.ips[BOUNDED(depth - full, USER_FRAMES)] = unwind->words[0];
+        // A full stack (depth DEEP_FRAMES) has its last word replaced: the walk stops there.
+        u64 full = depth / DEEP_FRAMES;
+        unwind->stack.ips[BOUNDED(depth - full, DEEP_FRAMES)] = unwind->words[0];
         unwind->stack.depth = depth + 1 - full;
         unwind->methods = HASH_STEP(unwind->methods, unwind->words[0]);
         unwind->ip = unwind->words[4];
@@ -316,6 +339,80 @@ static __always_inline int pointer_step(struct unwind_t *unwind)
     return 1;
 }
 
+// One step of the walk, as bpf_loop's callback: the frame in unwind->{ip, sp, fp} (stepped
+// to by the previous call, or found at the start) is recorded, then stepped to its caller.
+// Returns 1 when the stack ends. Not static: BCC compiles it as a function of its own, which
+// bpf_loop.py appends to each program that calls it (BCC cannot link callbacks itself).
+long walk_user_frame(u64 index)
+{
+    u32 zero = 0;
+    struct unwind_t *unwind = unwind_scratch.lookup(&zero);
+    u64 depth;
+
+    if (!unwind || unwind->step < 0)
+        return 1;
+    if (unwind->step == 0 && !pointer_step(unwind))
+        return 1;
+    if (unwind->ip < 4096 || unwind->ip >= USER_TOP)
+        return 1;
+    depth = unwind->stack.depth;
+    if (depth >= DEEP_FRAMES) {
+        // The frames nearest the leaf are kept; the hash tells the stack from one that ends
+        // there.
+        unwind->stack.depth = DEEP_FRAMES | USER_TRUNCATED;
+        unwind->hash = HASH_STEP(unwind->hash, USER_TRUNCATED);
+#if NATIVE_UNWIND
+        count_unwind(STAT_TRUNCATED);
+#endif
+        return 1;
+    }
+    unwind->stack.ips[BOUNDED(depth, DEEP_FRAMES)] = unwind->ip;
+    unwind->stack.depth = depth + 1;
+    unwind->hash = HASH_STEP(unwind->hash, unwind->ip);
+    unwind->step = 0;
+#if NATIVE_UNWIND
+    if (unwind->rows)
+        row_step(unwind, unwind->pid, 1);
+#endif
+    // Neither a row nor a frame pointer to follow: the stack ends here.
+    return unwind->step == 0 && !unwind->fp;
+}
+
+// Store the walked stack under `hash` in user_stacks_<at & 1>: the chunks after the first
+// (if any), then the first, which names the depth. A chunk the map has no room for cuts
+// the stack there (USER_TRUNCATED). Returns whether the stack is stored.
+static __always_inline bool store_user_stack(struct unwind_t *unwind, u32 at, u64 hash)
+{
+    u64 depth = unwind->stack.depth;
+    u32 frames = depth & ~USER_TRUNCATED;
+
+    // BCC resolves map names at compile time, so each generation is spelled out.
+    if (at & 1 ? user_stacks_1.lookup(&hash) != 0 : user_stacks_0.lookup(&hash) != 0)
+        return true;
+#pragma unroll
+    for (u32 k = 1; k < USER_CHUNKS; k++) {
+        u64 key = CHUNK_KEY(hash, k);
+        // Chunk k's frames, after the word before them (unused).
+        struct user_stack_t *chunk = (void *)&unwind->stack.ips[k * USER_FRAMES - 1];
+        if (frames <= k * USER_FRAMES)
+            break;
+        if (at & 1 ? user_stacks_1.update(&key, chunk) : user_stacks_0.update(&key, chunk)) {
+            depth = k * USER_FRAMES | USER_TRUNCATED;
+#if NATIVE_UNWIND
+            count_unwind(STAT_TRUNCATED);
+#endif
+            break;
+        }
+    }
+    unwind->stack.depth = depth;
+    if (at & 1) {
+        user_stacks_1.insert(&hash, (struct user_stack_t *)&unwind->stack);
+        return user_stacks_1.lookup(&hash) != 0;
+    }
+    user_stacks_0.insert(&hash, (struct user_stack_t *)&unwind->stack);
+    return user_stacks_0.lookup(&hash) != 0;
+}
+
 // Walk the current thread's user stack into user_stacks_<at & 1>; returns its hash, or
 // USER_STACK_NONE / USER_STACK_LOST.
 static __always_inline u64 record_user_stack(u32 at)
@@ -337,6 +434,7 @@ static __always_inline u64 record_user_stack(u32 at)
     unwind->step = 0;
     unwind->rows = 0;
     unwind->methods = 0;
+    unwind->pid = pid;
 #if NATIVE_UNWIND
     u64 *sampled = unwind_pids_UNWIND_ID.lookup(&pid);
     if (sampled) {
@@ -376,45 +474,9 @@ static __always_inline u64 record_user_stack(u32 at)
         if (i < unwind->stack.depth)
             hash = HASH_STEP(hash, unwind->stack.ips[i]);
     }
-    for (int i = 0; i < USER_FRAMES; i++) {
-        u64 depth = unwind->stack.depth;
-        if (unwind->step < 0)
-            break;
-        if (unwind->step == 0 && !pointer_step(unwind))
-            break;
-        if (unwind->ip < 4096 || unwind->ip >= USER_TOP)
-            break;
-        if (depth >= USER_FRAMES) {
-#if NATIVE_UNWIND
-            count_unwind(STAT_TRUNCATED);
-#endif
-            break;
-        }
-        unwind->stack.ips[BOUNDED(depth, USER_FRAMES)] = unwind->ip;
-        unwind->stack.depth = depth + 1;
-        hash = HASH_STEP(hash, unwind->ip);
-        unwind->step = 0;
-#if NATIVE_UNWIND
-        if (unwind->rows)
-            row_step(unwind, pid, 1);
-#endif
-        // Neither a row nor a frame pointer to follow: the stack ends here.
-        if (unwind->step == 0 && !unwind->fp)
-            break;
-    }
-    hash ^= unwind->methods;
+    unwind->hash = hash;
+    bpf_loop(DEEP_FRAMES, (void *)walk_user_frame, 0, 0);
+    hash = unwind->hash ^ unwind->methods;
     hash |= 2;  // never USER_STACK_NONE or USER_STACK_LOST
-    // BCC resolves map names at compile time, so each generation is spelled out.
-    if (at & 1) {
-        if (!user_stacks_1.lookup(&hash))
-            user_stacks_1.insert(&hash, &unwind->stack);
-        if (!user_stacks_1.lookup(&hash))
-            return USER_STACK_LOST;
-    } else {
-        if (!user_stacks_0.lookup(&hash))
-            user_stacks_0.insert(&hash, &unwind->stack);
-        if (!user_stacks_0.lookup(&hash))
-            return USER_STACK_LOST;
-    }
-    return hash;
+    return store_user_stack(unwind, at, hash) ? hash : USER_STACK_LOST;
 }

@@ -6,7 +6,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 
-from fleetprof.node_agent.samplers.stack_maps import PythonFrame
+from fleetprof.node_agent.samplers.stack_maps import USER_TRUNCATED, PythonFrame
 from fleetprof.node_agent.symbolize.elf import ElfCache, ElfSymbols
 from fleetprof.node_agent.symbolize.frame import Frame, LruCache
 from fleetprof.node_agent.symbolize.hotspot import HotSpotSymbolizer
@@ -20,8 +20,11 @@ from fleetprof.node_agent.symbolize.process import (
     take_snapshot,
 )
 from fleetprof.node_agent.symbolize.python import PythonProcesses
+from fleetprof.proto.stacks import TRUNCATED_FRAME
 
 UNKNOWN = Frame("[unknown]", "", "unknown")
+# The root of a user stack deeper than BPF keeps (stack_maps.USER_TRUNCATED).
+TRUNCATED = Frame(*TRUNCATED_FRAME)
 # Native frames remembered by file offset (then all forgotten, and remembered anew).
 NATIVE_FRAMES_REMEMBERED = 65_536
 _NOT_NAMED = Frame("", "", "")
@@ -138,7 +141,10 @@ class Symbolizer:
         return snapshot.comm if snapshot is not None else None
 
     def symbolize_user(self, pid: int, addrs: Sequence[int]) -> list[Frame]:
-        """Frames for a user stack, in the order given (leaf first, as BPF gives them)."""
+        """Frames for a user stack, in the order given (leaf first, as BPF gives them); one
+        cut short ends with TRUNCATED."""
+        if addrs and addrs[-1] == USER_TRUNCATED:
+            return [*self.symbolize_user(pid, addrs[:-1]), TRUNCATED]
         if not addrs:
             return []
         snapshot = self._snapshots.get(pid) or self._take(pid)
