@@ -4,9 +4,15 @@ user stack maps' memory, for stacks of several depths, beside another revision.
 A program built -O2 (no frame pointers) recurses to a given depth and spins at the leaf,
 one copy per CPU, under a cpu sampler at 99 Hz unwinding from .eh_frame (a NativeUnwinder
 and a CpuSampler in a worker process, as the agent builds them). Per depth: BPF ns per
-sample (kernel.bpf_stats_enabled: run_time_ns / run_cnt of the perf-event program, from
-its fdinfo), the depth of the stacks stored, and the kernel memory of user_stacks_<g> and
-the per-CPU walk scratch (their fdinfo memlock) after a drain interval of those stacks.
+sample of the workload (kernel.bpf_stats_enabled: run_time_ns and run_cnt of the
+perf-event program, from its fdinfo), the depth of the stacks stored, and the kernel
+memory of user_stacks_<g> and the per-CPU walk scratch (their fdinfo memlock) after a
+drain interval of those stacks.
+
+The sampler is a session's (only the workload's pids are walked): on a machine shared with
+other work, every other process's samples would otherwise be in the average. What the
+others' samples cost (a filtered-out run) is measured in a window before the workload
+starts and taken out: ns/sample = (run time - other runs x their cost) / workload samples.
 `--baseline ROOT` runs the same in a worker importing fleetprof from ROOT (see
 docs/agent-cost.md for making one), interleaved repeat by repeat.
 
@@ -26,34 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from fleetprof import workloads
+
 BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
-PROGRAM = r"""
-#include <stdlib.h>
-#include <time.h>
-volatile double sink;
-__attribute__((noinline)) double spin(double x)
-{
-    for (int i = 0; i < 20000; i++)
-        x = x * 1.0000001 + 0.5 / (x + 1.0);
-    return x;
-}
-__attribute__((noinline)) double recurse(int level, double x)
-{
-    volatile int here = level;  // a frame per call: no tail call
-    double r = here ? recurse(here - 1, x) : spin(x);
-    sink = r;
-    return r + here;
-}
-int main(int argc, char **argv)
-{
-    int depth = atoi(argv[2]);
-    time_t end = time(0) + atoi(argv[1]);
-    double acc = 0;
-    while (time(0) < end)
-        acc += recurse(depth, acc > 1e6 ? 1 : acc);
-    return acc == 42;
-}
-"""
 
 
 def fdinfo(pid: int) -> list[dict[str, str]]:
@@ -63,7 +44,12 @@ def fdinfo(pid: int) -> list[dict[str, str]]:
             text = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
         except OSError:
             continue
-        found.append({k: v.strip() for k, v in (line.split(":", 1) for line in text.splitlines() if ":" in line)})
+        found.append(
+            {
+                k: v.strip()
+                for k, v in (line.split(":", 1) for line in text.splitlines() if ":" in line)
+            }
+        )
     return found
 
 
@@ -88,21 +74,36 @@ def map_bytes(sampler: object, names: tuple[str, ...]) -> int:
     return total
 
 
+def complete(unwinder: object, pid: int) -> bool:
+    """NativeUnwinder.complete, for revisions without it."""
+    with unwinder._lock:  # type: ignore[attr-defined]
+        return pid in unwinder._processes and not any(  # type: ignore[attr-defined]
+            process.pid == pid
+            for wait in unwinder._waiting.values()  # type: ignore[attr-defined]
+            for process, *_ in wait.mappings
+        )
+
+
 def worker(binary: str, depths: list[int], seconds: float) -> None:
     """One revision's figures, as JSON lines on stdout."""
     from fleetprof.node_agent.samplers import SamplerOptions
     from fleetprof.node_agent.samplers.cpu import CpuSampler
     from fleetprof.node_agent.unwind.native import NativeUnwinder
 
-    unwinder = NativeUnwinder(SamplerOptions(frequency=99), cache_dir=None)
+    unwinder = NativeUnwinder(SamplerOptions(frequency=99, session_filter=True), cache_dir=None)
     sampler = CpuSampler(unwinder.options)
     cpus = os.cpu_count() or 1
     for depth in depths:
+        before = program_ns()
+        time.sleep(2)
+        after = program_ns()
+        filtered = (after[0] - before[0]) / max(after[1] - before[1], 1)
         children = [
             subprocess.Popen([binary, str(int(seconds) + 8), str(depth)]) for _ in range(cpus)
         ]
-        deadline = time.monotonic() + 30
-        while not all(unwinder.loaded(child.pid) for child in children):
+        sampler.add_pids(child.pid for child in children)
+        deadline = time.monotonic() + 120
+        while not all(complete(unwinder, child.pid) for child in children):
             assert time.monotonic() < deadline, "tables never loaded"
             time.sleep(0.02)
         time.sleep(1)
@@ -120,11 +121,13 @@ def worker(binary: str, depths: list[int], seconds: float) -> None:
             child.kill()
             child.wait()
         runs = after[1] - before[1]
+        others = runs - sum(weights)
         print(
             json.dumps(
                 {
                     "depth": depth,
-                    "ns": (after[0] - before[0]) / max(runs, 1),
+                    "ns": (after[0] - before[0] - others * filtered) / max(sum(weights), 1),
+                    "filtered_ns": filtered,
                     "runs": runs,
                     "samples": sum(weights),
                     "stored_depth": depth_seen[len(depth_seen) // 2] if depth_seen else 0,
@@ -161,8 +164,7 @@ def main() -> None:
         worker(args.worker, depths, args.seconds)
         return
     work = Path(tempfile.mkdtemp(prefix="fleetprof-deep-"))
-    (work / "deep.c").write_text(PROGRAM)
-    subprocess.run(["gcc", "-O2", "-o", str(work / "deep"), str(work / "deep.c")], check=True)
+    binary = workloads.build_native(work, workloads.RECURSION_SOURCE, frame_pointers=False)
     stats_were = Path(BPF_STATS).read_text().strip()
     Path(BPF_STATS).write_text("1")
     revisions = {"this": None, **({"baseline": args.baseline} if args.baseline else {})}
@@ -171,7 +173,7 @@ def main() -> None:
         for repeat in range(args.repeats):
             order = list(revisions.items())
             for name, root in order[repeat % len(order) :] + order[: repeat % len(order)]:
-                rows = run(root, work / "deep", depths, args.seconds)
+                rows = run(root, binary, depths, args.seconds)
                 results[name].extend(rows)
                 load = " ".join(f"{x:.1f}" for x in os.getloadavg())
                 for row in rows:

@@ -15,6 +15,8 @@ JAVA_MAIN = "demo.Hotspots"
 WAITS_SOURCE = "waits.c"
 CONTENTION_SOURCE = "Contention.java"
 CONTENTION_MAIN = "demo.Contention"
+# A deep recursion spinning at its leaf (deep user stacks): recursion.c's header.
+RECURSION_SOURCE = "recursion.c"
 # Hot functions and the share of the workload's CPU each should get.
 NATIVE_SHARES = {"compute_alpha": 0.75, "compute_beta": 0.25}
 JAVA_SHARES = {"ledgerReconcile": 2 / 3, "ledgerAudit": 1 / 3}

@@ -276,6 +276,16 @@ class NativeUnwinder:
     def loaded(self, pid: int) -> bool:
         return pid in self._processes
 
+    def complete(self, pid: int) -> bool:
+        """Whether pid is loaded with the rows of every file it maps (none waits to be
+        parsed): its stacks are unwound whole from now on."""
+        with self._lock:
+            return pid in self._processes and not any(
+                process.pid == pid
+                for wait in self._waiting.values()
+                for process, *_ in wait.mappings
+            )
+
     def stats(self) -> dict[str, int]:
         kernel = {name: int(self._stats.sum(i).value) for i, name in enumerate(STAT_NAMES)}
         used = sum(slot.count for slot in self._files.values())

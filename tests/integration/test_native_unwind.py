@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from fleetprof import workloads
 from fleetprof.aggregator.server import Aggregator
 from fleetprof.query.filters import SampleFilter
 from fleetprof.query.flame import load_flame
@@ -150,10 +151,12 @@ def stored_stacks(
         source.close()
 
 
-def perf_stacks(pid: int, seconds: float, output: Path) -> Counter[tuple[str, ...]]:
+def perf_stacks(
+    pid: int, seconds: float, output: Path, call_graph: str = "dwarf"
+) -> Counter[tuple[str, ...]]:
     """What `perf record --call-graph dwarf` sees of pid (root first), over `seconds`."""
     subprocess.run(
-        ["perf", "record", "-q", "-F", "99", "--call-graph", "dwarf", "-p", str(pid),
+        ["perf", "record", "-q", "-F", "99", "--call-graph", call_graph, "-p", str(pid),
          "-o", str(output), "--", "sleep", str(seconds)],
         check=True, capture_output=True,
     )  # fmt: skip
@@ -186,14 +189,22 @@ def finish(process: subprocess.Popen[bytes]) -> None:
 
 
 def start_unwound(
-    running_agent: Callable[..., object], binary: Path, seconds: int, **agent: object
+    running_agent: Callable[..., object], binary: Path, seconds: int, *args: str, **agent: object
 ) -> tuple[subprocess.Popen[bytes], datetime]:
-    """Start binary under a running agent; returns it and when its tables were loaded
-    (samples taken before are frame-pointer walks, by design)."""
-    started = running_agent(frequency=99, interval_s=1.0, **agent)
-    process = subprocess.Popen([str(binary), str(seconds)])
-    deadline = time.monotonic() + 20
-    while not started.unwinder.loaded(process.pid):  # type: ignore[attr-defined]
+    """Start binary (seconds, args) under a running agent; returns it and when its tables
+    were loaded (samples taken before are frame-pointer walks, by design)."""
+    return start_under(running_agent(frequency=99, interval_s=1.0, **agent), binary, seconds, *args)
+
+
+def start_under(
+    agent: object, binary: Path, seconds: int, *args: str, complete: bool = False
+) -> tuple[subprocess.Popen[bytes], datetime]:
+    """start_unwound's, under an agent already started; `complete`: once every file the
+    process maps has its rows (a busy machine parses a cold cache's files for seconds)."""
+    process = subprocess.Popen([str(binary), str(seconds), *args])
+    deadline = time.monotonic() + (60 if complete else 20)
+    unwinder = agent.unwinder  # type: ignore[attr-defined]
+    while not (unwinder.complete if complete else unwinder.loaded)(process.pid):
         assert time.monotonic() < deadline, "the process's unwind tables were never loaded"
         assert process.poll() is None
         time.sleep(0.05)
@@ -483,3 +494,75 @@ def test_a_binary_replaced_on_disk_while_running_keeps_its_own_tables(
         # 3 standard errors of a 75% share: ±7 points at 350 samples.
         margin = max(0.05, 3 * math.sqrt(0.75 * 0.25 / total))
         assert main >= 0.95 and abs(big - 0.75) <= margin, (process.args, total, main, big)
+
+
+# perf keeps this many frames (kernel.perf_event_max_stack's default).
+PERF_FRAMES = 127
+
+
+def leaf_stacks(
+    stacks: Counter[tuple[str, ...]], leaf: str
+) -> tuple[dict[tuple[str, ...], int], int]:
+    """The stacks (root first) whose leaf is `leaf`, and their samples."""
+    found = {path: n for path, n in stacks.items() if path and path[-1] == leaf}
+    return found, sum(found.values())
+
+
+def start_recursion(
+    running_agent: Callable[..., object], folder: Path, depth: int
+) -> tuple[object, subprocess.Popen[bytes], datetime]:
+    """An agent, and the recursion `depth` deep under it from when all its rows are loaded
+    (it runs until terminated); when that was."""
+    binary = workloads.build_native(folder, workloads.RECURSION_SOURCE, frame_pointers=False)
+    agent = running_agent(frequency=99, interval_s=1.0)
+    return agent, *start_under(agent, binary, 120, str(depth), complete=True)
+
+
+def test_a_recursion_400_deep_keeps_its_root_where_perf_keeps_127_frames(
+    aggregator, running_agent, tmp_path
+) -> None:
+    _, process, since = start_recursion(running_agent, tmp_path, 400)
+    time.sleep(1.5)
+    reference = perf_stacks(process.pid, 6, tmp_path / "perf.data", "dwarf,65528")
+    time.sleep(2)
+    process.terminate()
+    finish(process)
+    ours = stored_stacks(aggregator, process.pid, since)
+
+    leaf, total = leaf_stacks(ours, "leaf_spin")
+    assert total >= 200, f"too few samples: {total}: {ours.most_common(2)}"
+    # recurse(400) .. recurse(0): 401 frames.
+    whole = sum(
+        n for path, n in leaf.items() if "main" in path and abs(path.count("recurse") - 401) <= 3
+    )
+    assert whole / total >= 0.95, (
+        f"{whole}/{total} reach main through 401 recurse frames: "
+        f"{[(p.count('recurse'), p[:3], n) for p, n in leaf.items()][:5]}"
+    )
+    # perf keeps the leaf's 127 frames: the same as ours there, never the root.
+    perf_leaf, perf_total = leaf_stacks(reference, "leaf_spin")
+    assert perf_total >= 50, f"perf saw too few: {reference.most_common(2)}"
+    perf_top, _ = max(perf_leaf.items(), key=lambda item: item[1])
+    ours_top, _ = max(leaf.items(), key=lambda item: item[1])
+    assert len(perf_top) <= PERF_FRAMES and "main" not in perf_top
+    assert len(ours_top) > PERF_FRAMES
+    assert ours_top[-len(perf_top) :] == perf_top
+
+
+def test_a_recursion_deeper_than_kept_has_a_truncated_root_and_is_counted(
+    aggregator, running_agent, tmp_path
+) -> None:
+    agent, process, since = start_recursion(running_agent, tmp_path, 1500)
+    before = agent.unwinder.stats()["truncated_stacks"]  # type: ignore[attr-defined]
+    time.sleep(6)
+    process.terminate()
+    finish(process)
+    truncated = agent.unwinder.stats()["truncated_stacks"] - before  # type: ignore[attr-defined]
+    ours = stored_stacks(aggregator, process.pid, since)
+    leaf, total = leaf_stacks(ours, "leaf_spin")
+    assert total >= 100, f"too few samples: {total}"
+    cut = {path: n for path, n in leaf.items() if path[0] == "[truncated]"}
+    assert sum(cut.values()) / total >= 0.95, [(p[:2], len(p), n) for p, n in leaf.items()][:5]
+    # The frames nearest the leaf: 1024 walked, the wire's 1024 with the root.
+    assert all(path.count("recurse") >= 1000 and "main" not in path for path in cut)
+    assert truncated >= sum(cut.values()) * 0.9, (truncated, sum(cut.values()))

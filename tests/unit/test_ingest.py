@@ -151,6 +151,21 @@ def test_agent_batches_with_huge_demangled_names_are_accepted(aggregator: Aggreg
     assert stored == row.frames[1]
 
 
+def test_agent_stacks_deeper_than_the_contract_keep_their_leaf_side(
+    aggregator: Aggregator,
+) -> None:
+    """A native stack of 1024 frames under kernel frames is deeper than a batch may carry:
+    the agent keeps the frames nearest the leaf under a "[truncated]" root rather than have
+    the whole batch refused."""
+    frames = [Frame(f"f{i}", "app", "native") for i in range(1100)]
+    row = stack_row(frames)
+    assert len(row.frames) == schema.MAX_FRAMES_PER_STACK
+    assert row.frames[0] == "[truncated]" and row.kinds[0] == "lost"
+    assert row.frames[1:] == tuple(f"f{i}" for i in range(1100 - 1023, 1100))
+    message = batch(1, stacks=schema.encode(stacks_table({11: row, 12: STACKS[12]})))
+    assert send(aggregator, message)[0].rows_stored == 2
+
+
 def test_concurrent_batches_commit_together_each_once(tmp_path) -> None:
     """Group commit: 16 agents append at once, each batch twice; every batch is stored once
     and every caller learns whether its batch was new or a duplicate."""
