@@ -7,8 +7,8 @@
 2. The unwinder with the tables of every process on this machine loaded (plus a JVM):
    files, rows, time, and this process's RSS; then the agent's CPU and RSS, steady.
 3. Preparing the rows of libjvm.so and libc.so.6: cold (parsed) and cached (disk).
-4. How long after a new process's first sample its tables are loaded (its stacks are
-   complete from then on).
+4. How long after a new process's first sample its tables are complete (every file it
+   maps parsed: its stacks are whole from then on).
 Run as root: .venv/bin/python benchmarks/native_unwind.py [--rounds N] [--repeats N]
 """
 
@@ -161,7 +161,7 @@ def first_sample_to_tables(binary: Path, repeats: int) -> None:
     for _ in range(repeats):
         process = workloads.start_native(binary, 3, 1)
         started = time.monotonic()
-        while not unwinder.loaded(process.pid) and process.poll() is None:
+        while not unwinder.complete(process.pid) and process.poll() is None:
             time.sleep(0.002)
         latencies.append(time.monotonic() - started)
         process.wait()
@@ -169,7 +169,7 @@ def first_sample_to_tables(binary: Path, repeats: int) -> None:
     sampler.close()
     unwinder.close()
     print(
-        f"4. a new process's tables loaded {spread(latencies)} s after it started "
+        f"4. a new process's tables complete {spread(latencies)} s after it started "
         "(target: by the next interval, 10 s by default)"
     )
 

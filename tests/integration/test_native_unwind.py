@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import subprocess
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -185,18 +186,29 @@ def finish(process: subprocess.Popen[bytes]) -> None:
     time.sleep(2.5)
 
 
+# A process's tables are complete milliseconds to seconds after its first sample (files
+# parsed cold, on a busy machine): workloads get this long on top of what a test measures.
+LOAD_ALLOWANCE_S = 30
+
+
 def start_unwound(
-    running_agent: Callable[..., object], binary: Path, seconds: int, **agent: object
+    running_agent: Callable[..., object], command: list[str], seconds: int, **agent: object
 ) -> tuple[subprocess.Popen[bytes], datetime]:
-    """Start binary under a running agent; returns it and when its tables were loaded
-    (samples taken before are frame-pointer walks, by design)."""
+    """Start command (its last argument: for how long it runs) under a running agent and
+    stop it (SIGTERM) `seconds` after its tables are complete; returns it and from when
+    its samples are whole (samples taken before are frame-pointer walks, by design)."""
     started = running_agent(frequency=99, interval_s=1.0, **agent)
-    process = subprocess.Popen([str(binary), str(seconds)])
-    deadline = time.monotonic() + 20
-    while not started.unwinder.loaded(process.pid):  # type: ignore[attr-defined]
-        assert time.monotonic() < deadline, "the process's unwind tables were never loaded"
+    process = subprocess.Popen(
+        [*command, str(seconds + LOAD_ALLOWANCE_S)], stdout=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + LOAD_ALLOWANCE_S
+    while not started.unwinder.complete(process.pid):  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, "the process's unwind tables were never complete"
         assert process.poll() is None
         time.sleep(0.05)
+    stop = threading.Timer(seconds, process.terminate)
+    stop.daemon = True
+    stop.start()
     # Samples are stored with their drain's time: the next full interval is all unwound.
     return process, datetime.now(UTC) + timedelta(seconds=1.5)
 
@@ -206,7 +218,7 @@ def test_callers_of_a_frameless_leaf_match_perf_dwarf(
     aggregator, running_agent, tmp_path, flags
 ) -> None:
     binary = build(tmp_path, "callers", CALLERS, *flags)
-    process, since = start_unwound(running_agent, binary, 14)
+    process, since = start_unwound(running_agent, [str(binary)], 14)
     time.sleep(1.5)
     reference = perf_stacks(process.pid, 8, tmp_path / "perf.data")
     finish(process)
@@ -229,7 +241,7 @@ def test_callers_of_a_frameless_leaf_match_perf_dwarf(
 
 def test_qsort_comparator_keeps_its_callers(aggregator, running_agent, tmp_path) -> None:
     binary = build(tmp_path, "sorter", QSORT)
-    process, since = start_unwound(running_agent, binary, 8)
+    process, since = start_unwound(running_agent, [str(binary)], 8)
     finish(process)
     ours = stored_stacks(aggregator, process.pid, since)
     comparator = {path: n for path, n in ours.items() if path and path[-1] == "compare_keys"}
@@ -241,7 +253,7 @@ def test_qsort_comparator_keeps_its_callers(aggregator, running_agent, tmp_path)
 
 def test_a_wait_in_pthread_join_reaches_main(aggregator, running_agent, tmp_path) -> None:
     binary = build(tmp_path, "joiner", JOIN)
-    process, since = start_unwound(running_agent, binary, 4, events=("cpu", "offcpu"))
+    process, since = start_unwound(running_agent, [str(binary)], 4, events=("cpu", "offcpu"))
     finish(process)
     ours = stored_stacks(aggregator, process.pid, since - timedelta(seconds=3), "offcpu")
     joined = {path: n for path, n in ours.items() if "wait_for_worker" in path}
@@ -278,16 +290,9 @@ def test_jit_frames_into_libjvm_and_libc_stay_joined(aggregator, running_agent, 
     require(bool(subprocess.run(["which", "javac"], capture_output=True).stdout), "no JDK")
     (tmp_path / "Yielder.java").write_text(YIELDER)
     subprocess.run(["javac", "-d", str(tmp_path), str(tmp_path / "Yielder.java")], check=True)
-    agent = running_agent(frequency=99, interval_s=1.0)
-    process = subprocess.Popen(
-        ["java", "-XX:+PreserveFramePointer", "-cp", str(tmp_path), "Yielder", "10"],
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 20
-    while not agent.unwinder.loaded(process.pid):  # type: ignore[attr-defined]
-        assert time.monotonic() < deadline and process.poll() is None
-        time.sleep(0.05)
-    since = datetime.now(UTC) + timedelta(seconds=3)  # libjvm.so parsed, JIT warmed up
+    java = ["java", "-XX:+PreserveFramePointer", "-cp", str(tmp_path), "Yielder"]
+    process, since = start_unwound(running_agent, java, 8)
+    since += timedelta(seconds=1.5)  # the JIT warmed up
     finish(process)
     ours = stored_stacks(aggregator, process.pid, since)
     in_vm = {path: n for path, n in ours.items() if "JVM_Yield" in path}
@@ -347,7 +352,7 @@ def test_a_stripped_binary_is_named_from_its_debug_file(
     placed.parent.mkdir(parents=True, exist_ok=True)
     placed.write_bytes(debug.read_bytes())
     try:
-        process, since = start_unwound(running_agent, binary, 5)
+        process, since = start_unwound(running_agent, [str(binary)], 5)
         finish(process)
     finally:
         placed.unlink()
