@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -97,7 +98,9 @@ def running_agent(
         interval_s: float = 1.0,
         node: str = "test-node",
         events: tuple[str, ...] = ("cpu",),
+        **options: Any,
     ) -> Agent:
+        """`options`: more of AgentConfig's fields."""
         config = AgentConfig(
             aggregator.address,
             node,
@@ -106,6 +109,7 @@ def running_agent(
             spool_dir=str(tmp_path / f"spool-{node}"),
             sampling=SamplerOptions(frequency=frequency),
             unwind_cache_dir=str(unwind_cache),
+            **options,
         )
         agent = Agent(config)
         stop = threading.Event()

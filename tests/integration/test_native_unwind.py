@@ -126,6 +126,12 @@ def build(folder: Path, name: str, source: str, *flags: str) -> Path:
     return binary
 
 
+def build_id(binary: Path) -> str:
+    """The file's GNU build id, in hex, as readelf prints it."""
+    notes = subprocess.run(["readelf", "-n", str(binary)], capture_output=True, text=True)
+    return notes.stdout.split("Build ID: ")[1].split()[0]
+
+
 def paths(tree: FlameNode) -> Counter[tuple[str, ...]]:
     """Every path from below the process's node to a frame, with its self weight."""
     found: Counter[tuple[str, ...]] = Counter()
@@ -336,14 +342,8 @@ def test_a_stripped_binary_is_named_from_its_debug_file(
     subprocess.run(["strip", "--strip-all", str(binary)], check=True)
     assert len(ElfSymbols.load(str(binary))) == 0, "strip left function symbols"
     if where == "build-id":
-        build_id = (
-            subprocess.run(
-                ["readelf", "-n", str(binary)], capture_output=True, text=True, check=True
-            )
-            .stdout.split("Build ID: ")[1]
-            .split()[0]
-        )
-        placed = Path(f"{DEBUG_ROOT}/.build-id/{build_id[:2]}/{build_id[2:]}.debug")
+        hexid = build_id(binary)
+        placed = Path(f"{DEBUG_ROOT}/.build-id/{hexid[:2]}/{hexid[2:]}.debug")
     else:
         subprocess.run(
             ["objcopy", f"--add-gnu-debuglink={debug}", str(binary)], check=True, cwd=tmp_path
