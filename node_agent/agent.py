@@ -319,24 +319,13 @@ class Agent:
     def _log_unwinding(self, stats: dict[str, int]) -> None:
         """Say when stacks fell back to frame pointers for want of rows (counters grew)."""
         fallbacks = ("no_row_frames", "bad_reads", "rows_full", "ranges_full", "no_cfi_files")
-        grown = {k: stats[k] - self.unwind_stats.get(k, 0) for k in fallbacks}
-        if any(grown.values()):
-            log.info(
-                "native unwinding fell back to frame pointers: %s (totals: %s)",
-                ", ".join(f"{k} +{v}" for k, v in grown.items() if v),
-                stats,
-            )
+        what = "native unwinding fell back to frame pointers"
+        _log_growth(what, stats, self.unwind_stats, fallbacks)
         self.unwind_stats = stats
 
     def _log_debuginfod(self, stats: dict[str, int]) -> None:
         """Say what the debuginfod client did since the last drain, when it did anything."""
-        grown = {k: v - self.debuginfod_stats.get(k, 0) for k, v in stats.items()}
-        if any(grown.values()):
-            log.info(
-                "debuginfod: %s (totals: %s)",
-                ", ".join(f"{k} +{v}" for k, v in grown.items() if v),
-                stats,
-            )
+        _log_growth("debuginfod", stats, self.debuginfod_stats, tuple(stats))
         self.debuginfod_stats = stats
 
     def close(self) -> None:
@@ -362,3 +351,13 @@ class Agent:
         self.jvms.close()
         self.owners.close()
         self.shipper.close()
+
+
+def _log_growth(
+    what: str, stats: dict[str, int], before: dict[str, int], keys: tuple[str, ...]
+) -> None:
+    """Log the counters of `keys` that grew since `before`, and every total, if any grew."""
+    grown = {k: stats[k] - before.get(k, 0) for k in keys}
+    if any(grown.values()):
+        growth = ", ".join(f"{k} +{v}" for k, v in grown.items() if v)
+        log.info("%s: %s (totals: %s)", what, growth, stats)

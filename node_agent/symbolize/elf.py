@@ -15,7 +15,8 @@ import stat
 import struct
 from array import array
 from bisect import bisect_right
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from itertools import accumulate
 from typing import NamedTuple, Protocol
 
@@ -62,15 +63,10 @@ class ElfSymbols:
     def load(cls, path: str) -> ElfSymbols:
         """Read path's symbols; an unreadable, non-ELF or corrupt file gives an empty table."""
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            with opened(path) as found:
+                return cls._from_fd(*found, path) if found else cls()
         except OSError:
             return cls()
-        try:
-            return cls._from_fd(fd, os.fstat(fd), path)
-        except OSError:
-            return cls()
-        finally:
-            os.close(fd)
 
     @classmethod
     def from_bytes(cls, image: bytes) -> ElfSymbols:
@@ -332,18 +328,14 @@ class ElfCache:
         if table is not None:
             return table
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            with opened(path) as found:
+                if found is None:
+                    return None
+                table = ElfSymbols._from_fd(*found, debug_path or path, self.remote)
+                self._tables.put(_identity(found[1]), table)
+                return table
         except OSError:
             return None
-        try:
-            st = os.fstat(fd)
-            table = ElfSymbols._from_fd(fd, st, debug_path or path, self.remote)
-            self._tables.put(_identity(st), table)
-            return table
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -376,6 +368,21 @@ class ElfLayout(NamedTuple):
     def section(self, read: Reader, name: str) -> bytes | None:
         found = self.sections.get(name)
         return read(found[1], found[2]) if found else None
+
+
+@contextmanager
+def opened(path: str) -> Iterator[tuple[int, os.stat_result] | None]:
+    """(fd, its stat) of the file at path opened read-only, closed after; None if it cannot
+    be opened (its stat raises OSError, as a file gone meanwhile)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        yield None
+        return
+    try:
+        yield fd, os.fstat(fd)
+    finally:
+        os.close(fd)
 
 
 def file_reader(fd: int) -> Reader:
@@ -476,21 +483,16 @@ def debug_file_symbols(path: str, build_id: bytes) -> SymbolColumns | None:
     """Function symbols of the debug file at `path`; None if it cannot be read, is not ELF,
     or is of another build than `build_id` (it would name every address wrongly)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return None
-        debug = read_layout(file_reader(fd), st.st_size)
-        if build_id and debug.build_id and debug.build_id != build_id:
-            return None
-        return layout_symbols(file_reader(fd), debug)
+        with opened(path) as found:
+            if found is None or not stat.S_ISREG(found[1].st_mode):
+                return None
+            read = file_reader(found[0])
+            debug = read_layout(read, found[1].st_size)
+            if build_id and debug.build_id and debug.build_id != build_id:
+                return None
+            return layout_symbols(read, debug)
     except (OSError, ValueError):
         return None
-    finally:
-        os.close(fd)
 
 
 def mini_debug_symbols(read: Reader, layout: ElfLayout) -> SymbolColumns:
