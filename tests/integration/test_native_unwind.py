@@ -128,7 +128,9 @@ def build(folder: Path, name: str, source: str, *flags: str) -> Path:
 
 def build_id(binary: Path) -> str:
     """The file's GNU build id, in hex, as readelf prints it."""
-    notes = subprocess.run(["readelf", "-n", str(binary)], capture_output=True, text=True)
+    notes = subprocess.run(
+        ["readelf", "-n", str(binary)], capture_output=True, text=True, check=True
+    )
     return notes.stdout.split("Build ID: ")[1].split()[0]
 
 
