@@ -3,13 +3,15 @@ a real agent, and what the agent does when the server is silent or absent."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from pathlib import Path
@@ -21,6 +23,7 @@ from tests.conftest import free_port, require
 from tests.integration.test_native_unwind import STRIPPED, build, build_id, stored_stacks
 
 INTERVAL_S = 1.0
+TIMEOUT_S = 8.0
 
 
 def stripped_binary(folder: Path, name: str, debug_dir: Path | None) -> Path:
@@ -83,11 +86,24 @@ def debuginfod_server(tmp_path: Path) -> Iterator[tuple[Server, Path]]:
     server.stop()
 
 
+def timed(call: Callable[..., object], spans: list[tuple[float, float]]) -> Callable[..., object]:
+    """`call`, recording each call's (start, end) in spans."""
+
+    def timed_call(*args: object) -> object:
+        start = time.monotonic()
+        try:
+            return call(*args)
+        finally:
+            spans.append((start, time.monotonic()))
+
+    return timed_call
+
+
 def share(stacks: dict[tuple[str, ...], int], leaf: str) -> tuple[int, float]:
-    """(samples, share of them whose leaf is `leaf` under main)."""
+    """(samples, share of them whose leaf is `leaf`). Whether stacks reach main is
+    test_native_unwind.py's business: a busy machine can delay a process's tables."""
     total = sum(stacks.values())
-    named = sum(n for path, n in stacks.items() if path[-1:] == (leaf,) and "main" in path)
-    return total, named / max(total, 1)
+    return total, sum(n for path, n in stacks.items() if path[-1:] == (leaf,)) / max(total, 1)
 
 
 def test_a_stripped_binary_is_named_from_a_debuginfod_server_and_a_404_is_asked_once(
@@ -116,8 +132,10 @@ def test_a_stripped_binary_is_named_from_a_debuginfod_server_and_a_404_is_asked_
         subprocess.run([str(program), "2"], check=True)
     process.wait()
     time.sleep(2.5 * INTERVAL_S)  # its last samples drained and stored
-    total, named = share(stored_stacks(aggregator, process.pid, named_since), "hidden_work")
-    assert total >= 50 and named >= 0.9, stored_stacks(aggregator, process.pid, named_since)
+    stacks = stored_stacks(aggregator, process.pid, named_since)
+    total, named = share(stacks, "hidden_work")
+    assert total >= 30 and named >= 0.9, stacks
+    assert any("main" in path for path in stacks), stacks  # named from the fetched file too
     assert (cache / fetched_id / "debuginfo").stat().st_size > 0
     stats = agent.debuginfod.stats  # type: ignore[attr-defined]
     assert stats["fetched"] == 1 and stats["not_found"] >= 1, stats
@@ -131,37 +149,53 @@ def test_a_stripped_binary_is_named_from_a_debuginfod_server_and_a_404_is_asked_
 def test_a_silent_or_absent_server_never_delays_a_drain(
     aggregator, running_agent, tmp_path, server
 ) -> None:
-    """A server that accepts and never answers (the client's timeout, 3 s, runs out) or
-    refuses: drains keep their interval, the frames keep their fallback name."""
+    """A server that accepts and never answers (the client waits its whole timeout) or
+    refuses: whole drains run while the client waits, its calls from the drain thread
+    return at once, and the frames keep their fallback name."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
+    accepted: list[tuple[socket.socket, float]] = []
     if server == "silent":
-        listener.listen(16)  # connections complete in the backlog; nothing is ever read
+        listener.listen(16)  # accepted, and nothing ever read or answered
+        threading.Thread(target=accept, args=(listener, accepted), daemon=True).start()
     url = f"http://127.0.0.1:{listener.getsockname()[1]}"
     binary = stripped_binary(tmp_path, "unserved", None)
-    options = DebuginfodOptions((url,), str(tmp_path / "cache"), timeout_s=3.0)
+    options = DebuginfodOptions((url,), str(tmp_path / "cache"), timeout_s=TIMEOUT_S)
     try:
         agent = running_agent(frequency=99, interval_s=INTERVAL_S, debuginfod=options)
-        drains: list[float] = []
-        drain_once = agent.drain_once  # type: ignore[attr-defined]
-
-        def timed_drain() -> None:
-            drain_once()
-            drains.append(time.monotonic())
-
-        agent.drain_once = timed_drain  # type: ignore[attr-defined]
-        started = datetime.now(UTC)
-        process = subprocess.Popen([str(binary), "7"])
-        process.wait()
+        drains: list[tuple[float, float]] = []  # (start, end)
+        calls: list[tuple[float, float]] = []  # the drain thread's calls to the client
+        agent.drain_once = timed(agent.drain_once, drains)  # type: ignore[attr-defined]
+        client = agent.debuginfod  # type: ignore[attr-defined]
+        client.request, client.deliver = timed(client.request, calls), timed(client.deliver, calls)
+        started, start_s = datetime.now(UTC), time.monotonic()
+        process = subprocess.Popen([str(binary), str(int(TIMEOUT_S) + 3)])
+        failed_at = None  # when the first request failed: a silent server's, TIMEOUT_S on
+        while process.poll() is None or failed_at is None:
+            if failed_at is None and client.stats["failed"]:
+                failed_at = time.monotonic()
+            assert time.monotonic() < start_s + 3 * TIMEOUT_S, "no request failed"
+            time.sleep(0.05)
         time.sleep(2.5 * INTERVAL_S)
     finally:
         listener.close()
-    stats = agent.debuginfod.stats  # type: ignore[attr-defined]
-    assert stats["failed"] >= 1 and stats["fetched"] == 0, stats
-    gaps = [later - earlier for earlier, later in pairwise(drains)]
-    assert len(gaps) >= 6 and max(gaps) < INTERVAL_S + 1.5, gaps
+        for connection, _ in accepted:
+            connection.close()
+    assert client.stats["fetched"] == 0 and len(drains) >= 4, (client.stats, drains)
+    assert calls and max(end - start for start, end in calls) < 0.5, calls
+    gaps = [later[0] - earlier[0] for earlier, later in pairwise(drains)]
+    assert max(gaps) < TIMEOUT_S, drains  # a drain that waited would leave more
+    if server == "silent":
+        waiting_since = accepted[0][1]
+        during = [(a, b) for a, b in drains if waiting_since < a and b < failed_at]
+        assert during, (waiting_since, failed_at, drains)
     # Named as without a debuginfod client: after its file ("[unserved]"), everywhere.
-    stacks = stored_stacks(aggregator, process.pid, started)
-    total = sum(stacks.values())
-    fallback = sum(n for path, n in stacks.items() if path[-1:] == ("[unserved]",))
-    assert total >= 50 and fallback / total >= 0.9, stacks.most_common(3)
+    total, fallback = share(stored_stacks(aggregator, process.pid, started), "[unserved]")
+    assert total >= 30 and fallback >= 0.9, stored_stacks(aggregator, process.pid, started)
+
+
+def accept(listener: socket.socket, accepted: list[tuple[socket.socket, float]]) -> None:
+    """Accept connections (and when) until the listener closes."""
+    with contextlib.suppress(OSError):
+        while True:
+            accepted.append((listener.accept()[0], time.monotonic()))
