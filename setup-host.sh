@@ -11,6 +11,8 @@ dpkg -s libbpf-tools >/dev/null 2>&1 || need_packages+=(libbpf-tools)
 command -v javac >/dev/null 2>&1 || need_packages+=(openjdk-17-jdk-headless)
 command -v gcc >/dev/null 2>&1 || need_packages+=(gcc)
 command -v perf >/dev/null 2>&1 || need_packages+=(linux-perf)
+# A real debuginfod server, which the symbolizer's debuginfod client is tested against.
+command -v debuginfod >/dev/null 2>&1 || need_packages+=(debuginfod)
 # Browser tests of the web UI drive Debian's Chromium with Playwright.
 command -v chromium >/dev/null 2>&1 || need_packages+=(chromium)
 if ((${#need_packages[@]})); then

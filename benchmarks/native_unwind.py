@@ -4,12 +4,14 @@
    one thread per CPU, fixed work): alone, under the agent walking frame pointers only
    (--no-native-unwind), under the agent unwinding from .eh_frame, and under
    `perf record -F 99 -a --call-graph dwarf`. Modes are interleaved round by round.
-2. The unwinder with the tables of every process on this machine loaded (plus a JVM):
-   files, rows, time, and this process's RSS; then the agent's CPU and RSS, steady.
+2. The whole agent at its default 19 Hz beside a busy JVM and this machine's processes:
+   CPU once started, RSS and BPF map memory. Then the unwinder alone with the tables of
+   every process on this machine loaded (plus a JVM): files, rows, time, and RSS.
 3. Preparing the rows of libjvm.so and libc.so.6: cold (parsed) and cached (disk).
-4. How long after a new process's first sample its tables are loaded (its stacks are
-   complete from then on).
+4. How long after a new process's first sample its tables are complete (every file it
+   maps parsed: its stacks are whole from then on).
 Run as root: .venv/bin/python benchmarks/native_unwind.py [--rounds N] [--repeats N]
+    [--steady-seconds S]
 """
 
 from __future__ import annotations
@@ -45,9 +47,12 @@ def spread(values: list[float]) -> str:
     return f"median {statistics.median(values):.3f} (min {min(values):.3f}, max {max(values):.3f})"
 
 
-def start_agent(address: str, work: Path, native: bool) -> subprocess.Popen[str]:
+def start_agent(
+    address: str, work: Path, native: bool, frequency: int = 99
+) -> subprocess.Popen[str]:
     command = [str(VENV_BIN / "fleetprof"), "agent", "--aggregator", address]
-    command += ["--frequency", "99", "--interval", "10", "--spool-dir", str(work / "spool")]
+    command += ["--frequency", str(frequency), "--interval", "10"]
+    command += ["--spool-dir", str(work / "spool")]
     command += ["--unwind-cache-dir", str(work / "unwind-cache")]
     if not native:
         command.append("--no-native-unwind")
@@ -129,7 +134,7 @@ def every_process_loaded(java_classes: Path) -> None:
         time.sleep(0.05)
     took = time.monotonic() - started
     stats = unwinder.stats()
-    print(f"2. every process on this machine ({len(pids)} pids, a JVM among them) loaded:")
+    print(f"2b. the unwinder alone, every process here ({len(pids)} pids, a JVM among them):")
     print(
         f"   {stats['files']} files, {stats['rows']:,} rows ({stats['rows'] * 8 / 2**20:.0f} MiB "
         f"of kernel map), {took:.1f} s cold; this process's RSS {rss_before:.0f} -> "
@@ -137,6 +142,43 @@ def every_process_loaded(java_classes: Path) -> None:
         f"rows full {stats['rows_full']}, no CFI {stats['no_cfi_files']}"
     )
     unwinder.close()
+    jvm.kill()
+    jvm.wait()
+
+
+def bpf_map_mib(pid: int) -> float:
+    """Kernel memory of the BPF maps pid holds (memlock of each map fd): not in its RSS."""
+    total = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd) != "anon_inode:bpf-map":
+                continue
+            info = Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text()
+        except OSError:
+            continue
+        total += sum(
+            int(line.split()[1]) for line in info.splitlines() if line.startswith("memlock:")
+        )
+    return total / 2**20
+
+
+def agent_steady(address: str, work: Path, java_classes: Path, seconds: float) -> None:
+    """The whole agent at its default rate beside a busy JVM and this machine's processes,
+    every sampled one's tables loaded: CPU once past start-up, and memory."""
+    jvm = workloads.start_java(java_classes, seconds=seconds + 90, threads=1)
+    agent = start_agent(address, work, native=True, frequency=19)
+    time.sleep(30)  # past start-up: the JVM's libjvm.so parsed, its code cache read
+    before, wall = process_cpu_s(agent.pid), time.monotonic()
+    time.sleep(seconds)
+    share = 100 * (process_cpu_s(agent.pid) - before) / (time.monotonic() - wall)
+    anon, file = rss_mb(agent.pid, "RssAnon"), rss_mb(agent.pid, "RssFile")
+    print(
+        f"2. the agent at 19 Hz beside a busy JVM, {seconds:.0f} s once started: "
+        f"{share:.2f}% of a core; RSS {rss_mb(agent.pid, 'VmRSS'):.0f} MB "
+        f"({anon:.0f} anonymous, {file:.0f} file pages), peak {rss_mb(agent.pid, 'VmHWM'):.0f} MB; "
+        f"BPF maps {bpf_map_mib(agent.pid):.0f} MiB of kernel memory (targets: <= 1%, <= 250 MB)"
+    )
+    stop(agent)  # type: ignore[arg-type]
     jvm.kill()
     jvm.wait()
 
@@ -161,7 +203,7 @@ def first_sample_to_tables(binary: Path, repeats: int) -> None:
     for _ in range(repeats):
         process = workloads.start_native(binary, 3, 1)
         started = time.monotonic()
-        while not unwinder.loaded(process.pid) and process.poll() is None:
+        while not unwinder.complete(process.pid) and process.poll() is None:
             time.sleep(0.002)
         latencies.append(time.monotonic() - started)
         process.wait()
@@ -169,7 +211,7 @@ def first_sample_to_tables(binary: Path, repeats: int) -> None:
     sampler.close()
     unwinder.close()
     print(
-        f"4. a new process's tables loaded {spread(latencies)} s after it started "
+        f"4. a new process's tables complete {spread(latencies)} s after it started "
         "(target: by the next interval, 10 s by default)"
     )
 
@@ -178,6 +220,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=1000, help="work per thread")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steady-seconds", type=float, default=60.0)
     args = parser.parse_args()
     print(f"load average before: {os.getloadavg()}")
     work = Path(tempfile.mkdtemp(prefix="fleetprof-unwind-"))
@@ -196,11 +239,13 @@ def main() -> None:
         text=True,
     )
     address = aggregator.stdout.readline().split("listening on ")[1].split(",")[0]  # type: ignore[union-attr]
+    java_classes = workloads.build_java(work / "java")
     try:
         slowdown(binary, work, address, args.rounds, args.repeats)
+        agent_steady(address, work, java_classes, args.steady_seconds)
     finally:
         stop(aggregator)
-    every_process_loaded(workloads.build_java(work / "java"))
+    every_process_loaded(java_classes)
     preparing(work)
     first_sample_to_tables(binary, args.repeats)
     print(f"load average after: {os.getloadavg()}")

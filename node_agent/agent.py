@@ -28,6 +28,7 @@ from fleetprof.node_agent.samplers.stack_maps import StackSample
 from fleetprof.node_agent.sessions import PreparedSamplers, SessionRun
 from fleetprof.node_agent.shipper import Shipper
 from fleetprof.node_agent.spool import Spool
+from fleetprof.node_agent.symbolize.debuginfod import DebuginfodClient, DebuginfodOptions
 from fleetprof.node_agent.symbolize.symbolizer import Symbolizer
 from fleetprof.node_agent.unwind.hotspot import CodeCaches
 from fleetprof.node_agent.unwind.native import NativeUnwinder
@@ -73,12 +74,16 @@ class AgentConfig:
     # rows prepared from each file are kept here, by build id.
     native_unwind: bool = True
     unwind_cache_dir: str | None = "/var/cache/fleetprof/unwind"
+    # Debug files of stripped binaries from debuginfod servers (none: no client); the CLI
+    # reads DEBUGINFOD_URLS and the rest of elfutils' variables.
+    debuginfod: DebuginfodOptions = field(default_factory=DebuginfodOptions)
 
 
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self.symbolizer = Symbolizer()
+        self.debuginfod = DebuginfodClient(config.debuginfod) if config.debuginfod.urls else None
+        self.symbolizer = Symbolizer(debuginfod=self.debuginfod)
         # JVMs are found in the snapshots; their perf maps refreshed at most once an interval.
         self.jvms = Jvms(
             self.symbolizer.reload_perf_map,
@@ -154,8 +159,9 @@ class Agent:
         self.stats = {"drains": 0, "skipped": 0, "samples": 0, "drained": 0}
         self.python_walks: dict[str, int] = {}  # set at close
         self._dropped = [0] * len(self._samplers)
-        # The native unwinder's counters (NativeUnwinder.stats) at the last drain.
+        # The native unwinder's and the debuginfod client's counters at the last drain.
         self.unwind_stats: dict[str, int] = {}
+        self.debuginfod_stats: dict[str, int] = {}
         log.info(
             "agent %s sampling %s (cpu at %d Hz), shipping every %g s (p = %g) to %s",
             agent_id,
@@ -266,6 +272,8 @@ class Agent:
     def drain_once(self) -> None:
         # Processes that exited before the flip have all their samples in this drain.
         exited, self._exited = self._exited, set()
+        # Debug files fetched since the last drain name this drain's frames.
+        self.symbolizer.take_debug_info()
         now = datetime.now(UTC)
         profiled = self.host_sampling.profile_this_interval()
         self.stats["skipped"] += not profiled
@@ -302,6 +310,8 @@ class Agent:
             self.owners.forget(pid)
         if self.unwinder:
             self._log_unwinding(self.unwinder.stats())
+        if self.debuginfod:
+            self._log_debuginfod(dict(self.debuginfod.stats))
         # Symbol tables of new processes leave parse garbage behind: hand it back.
         release_free_memory()
         self.stats["drains"] += 1
@@ -309,16 +319,18 @@ class Agent:
     def _log_unwinding(self, stats: dict[str, int]) -> None:
         """Say when stacks fell back to frame pointers for want of rows (counters grew)."""
         fallbacks = ("no_row_frames", "bad_reads", "rows_full", "ranges_full", "no_cfi_files")
-        grown = {k: stats[k] - self.unwind_stats.get(k, 0) for k in fallbacks}
-        if any(grown.values()):
-            log.info(
-                "native unwinding fell back to frame pointers: %s (totals: %s)",
-                ", ".join(f"{k} +{v}" for k, v in grown.items() if v),
-                stats,
-            )
+        what = "native unwinding fell back to frame pointers"
+        _log_growth(what, stats, self.unwind_stats, fallbacks)
         self.unwind_stats = stats
 
+    def _log_debuginfod(self, stats: dict[str, int]) -> None:
+        """Say what the debuginfod client did since the last drain, when it did anything."""
+        _log_growth("debuginfod", stats, self.debuginfod_stats, tuple(stats))
+        self.debuginfod_stats = stats
+
     def close(self) -> None:
+        if self.debuginfod:
+            self.debuginfod.close()
         self._control.close()
         for session in self._sessions.values():
             session.close()
@@ -339,3 +351,13 @@ class Agent:
         self.jvms.close()
         self.owners.close()
         self.shipper.close()
+
+
+def _log_growth(
+    what: str, stats: dict[str, int], before: dict[str, int], keys: tuple[str, ...]
+) -> None:
+    """Log the counters of `keys` that grew since `before`, and every total, if any grew."""
+    grown = {k: stats[k] - before.get(k, 0) for k in keys}
+    if any(grown.values()):
+        growth = ", ".join(f"{k} +{v}" for k, v in grown.items() if v)
+        log.info("%s: %s (totals: %s)", what, growth, stats)

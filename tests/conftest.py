@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -73,8 +74,18 @@ def java_classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return workloads.build_java(tmp_path_factory.mktemp("java"))
 
 
+@pytest.fixture(scope="session")
+def unwind_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One unwind-row cache for every test's agent, as a node's agent keeps one across
+    restarts: each agent would otherwise parse the CFI of every library of the machine's
+    processes (libLLVM's included) again, seconds of CPU per test."""
+    return tmp_path_factory.mktemp("unwind-cache")
+
+
 @pytest.fixture
-def running_agent(aggregator: Aggregator, tmp_path: Path) -> Iterator[Callable[..., object]]:
+def running_agent(
+    aggregator: Aggregator, tmp_path: Path, unwind_cache: Path
+) -> Iterator[Callable[..., object]]:
     """Start a real agent (BCC) shipping to the test aggregator; stopped at teardown."""
     require_ebpf()
     from fleetprof.node_agent.agent import Agent, AgentConfig
@@ -87,7 +98,9 @@ def running_agent(aggregator: Aggregator, tmp_path: Path) -> Iterator[Callable[.
         interval_s: float = 1.0,
         node: str = "test-node",
         events: tuple[str, ...] = ("cpu",),
+        **options: Any,
     ) -> Agent:
+        """`options`: more of AgentConfig's fields."""
         config = AgentConfig(
             aggregator.address,
             node,
@@ -95,7 +108,8 @@ def running_agent(aggregator: Aggregator, tmp_path: Path) -> Iterator[Callable[.
             events,
             spool_dir=str(tmp_path / f"spool-{node}"),
             sampling=SamplerOptions(frequency=frequency),
-            unwind_cache_dir=str(tmp_path / "unwind-cache"),
+            unwind_cache_dir=str(unwind_cache),
+            **options,
         )
         agent = Agent(config)
         stop = threading.Event()

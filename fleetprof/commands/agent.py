@@ -15,6 +15,7 @@ from fleetprof.commands.options import (
     stop_on_signals,
 )
 from fleetprof.node_agent.assignment import parse_aggregators
+from fleetprof.node_agent.symbolize.debuginfod import DEFAULT_CACHE_DIR, DebuginfodOptions
 from fleetprof.proto.schema import (
     EVENT_UNITS,
     MAX_FREQUENCY_HZ,
@@ -82,6 +83,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="/var/cache/fleetprof/unwind",
         help="unwind rows prepared from binaries are kept here, by build id",
     )
+    parser.add_argument(
+        "--debuginfod-cache-dir",
+        help="debug files fetched from DEBUGINFOD_URLS are kept here (default: "
+        f"$DEBUGINFOD_CACHE_PATH, else {DEFAULT_CACHE_DIR})",
+    )
     add_client_security_arguments(parser, token=False, agent=True)
     add_job_arguments(parser)
     parser.add_argument(
@@ -120,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         host_sampling=args.host_sampling,
         native_unwind=args.native_unwind,
         unwind_cache_dir=args.unwind_cache_dir,
+        debuginfod=DebuginfodOptions.from_environment(cache_dir=args.debuginfod_cache_dir),
         sampling=SamplerOptions(
             frequency=args.frequency,
             include_idle=args.include_idle,

@@ -42,8 +42,9 @@ _PY_TRUNCATED = 1 << 63
 # PY_ENTRY flag, tag); see python_stacks.bpf.h. A (0, 0, 0) root: deeper frames were left out.
 PythonFrame = tuple[int, int, int]
 TRUNCATED = (0, 0, 0)
-# Entries read per BPF_MAP_LOOKUP_AND_DELETE_BATCH call.
-_BATCH = 4096
+# Bytes of entries read per BPF_MAP_LOOKUP_AND_DELETE_BATCH call: 256 KiB is 4096 counts
+# or 240 user stacks, the buffers of every sampler's maps a few MB in all.
+_BATCH_BYTES = 256 << 10
 # Kernel stacks are deleted by the ids the counts name; the few a flip leaves unnamed (a
 # sample whose count went to the next generation) are swept out every this many drains.
 _SWEEP_EVERY = 32
@@ -74,15 +75,16 @@ class StackSample(NamedTuple):
 
 class HashDrain:
     """Reads and deletes every entry of a BPF hash map with BPF_MAP_LOOKUP_AND_DELETE_BATCH,
-    a syscall per few thousand entries into buffers kept between drains, decoded by numpy:
+    a syscall per few hundred KiB of entries into buffers kept between drains, decoded by numpy:
     BCC's items() and clear() cost three syscalls per entry, each through Python, which
     made most of a busy node's drain."""
 
     def __init__(self, table: Any) -> None:
         self._fd = table.map_fd
-        count = min(_BATCH, table.max_entries)
-        self._keys = np.zeros(count, np.dtype(table.Key))
-        self._values = np.zeros(count, np.dtype(table.Leaf))
+        key, value = np.dtype(table.Key), np.dtype(table.Leaf)
+        count = min(max(1, _BATCH_BYTES // (key.itemsize + value.itemsize)), table.max_entries)
+        self._keys = np.zeros(count, key)
+        self._values = np.zeros(count, value)
 
     def take(self) -> tuple[np.ndarray, np.ndarray]:
         """(keys, values) of every entry, now deleted."""

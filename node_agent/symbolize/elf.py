@@ -15,9 +15,10 @@ import stat
 import struct
 from array import array
 from bisect import bisect_right
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from itertools import accumulate
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -40,7 +41,7 @@ _MAX_ADDRESS = (1 << 64) - 1
 class ElfSymbols:
     """The function symbols of one ELF file, sorted for bisection."""
 
-    __slots__ = ("_ends", "_names", "_segments", "_starts", "variables")
+    __slots__ = ("__weakref__", "_ends", "_names", "_segments", "_starts", "variables")
 
     def __init__(
         self,
@@ -62,15 +63,10 @@ class ElfSymbols:
     def load(cls, path: str) -> ElfSymbols:
         """Read path's symbols; an unreadable, non-ELF or corrupt file gives an empty table."""
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            with opened(path) as found:
+                return cls._from_fd(*found, path) if found else cls()
         except OSError:
             return cls()
-        try:
-            return cls._from_fd(fd, os.fstat(fd), path)
-        except OSError:
-            return cls()
-        finally:
-            os.close(fd)
 
     @classmethod
     def from_bytes(cls, image: bytes) -> ElfSymbols:
@@ -78,15 +74,21 @@ class ElfSymbols:
         return cls._parse(lambda offset, size: image[offset : offset + size], len(image))
 
     @classmethod
-    def _from_fd(cls, fd: int, st: os.stat_result, path: str = "") -> ElfSymbols:
+    def _from_fd(
+        cls, fd: int, st: os.stat_result, path: str = "", remote: RemoteDebugInfo | None = None
+    ) -> ElfSymbols:
         # Mappings can name devices or FIFOs; only regular files are worth (and safe) reading.
         if not stat.S_ISREG(st.st_mode):
             return cls()
-        return cls._parse(file_reader(fd), st.st_size, path)
+        return cls._parse(file_reader(fd), st.st_size, path, remote)
 
     @classmethod
     def _parse(
-        cls, read: Callable[[int, int], bytes], file_size: int, path: str = ""
+        cls,
+        read: Callable[[int, int], bytes],
+        file_size: int,
+        path: str = "",
+        remote: RemoteDebugInfo | None = None,
     ) -> ElfSymbols:
         variables: dict[str, int] = {}
         try:
@@ -96,10 +98,16 @@ class ElfSymbols:
             return cls()
         if not layout.segments:
             return cls()
-        if ".symtab" not in layout.sections:
-            # Stripped: the full symbol table may be in a separate debug file.
-            symbols = SymbolColumns.join([symbols, debug_symbols(read, layout, path)])
-        return cls(layout.segments, symbols, variables)
+        if ".symtab" in layout.sections:
+            return cls(layout.segments, symbols, variables)
+        # Stripped: the full symbol table may be in a separate debug file, here or remote.
+        cached = remote.cached(layout.build_id) if remote and len(layout.build_id) > 1 else None
+        separate = separate_debug_symbols(read, layout, path, [cached] if cached else [])
+        extra = separate if separate is not None else mini_debug_symbols(read, layout)
+        table = cls(layout.segments, SymbolColumns.join([symbols, extra]), variables)
+        if separate is None and remote is not None and len(layout.build_id) > 1:
+            remote.request(layout.build_id, table)  # named from it once it arrives
+        return table
 
     def __len__(self) -> int:
         return len(self._starts)
@@ -110,6 +118,11 @@ class ElfSymbols:
             if start <= offset < end:
                 return offset + delta
         return None
+
+    def take_names(self, other: ElfSymbols) -> None:
+        """Name addresses as `other` does from now on (its symbols were found later: a
+        debug file fetched in the background). Call it from the thread that resolves."""
+        self._starts, self._ends, self._names = other._starts, other._ends, other._names
 
     def resolve_file_offset(self, offset: int) -> str | None:
         """The function containing the code at this offset of the file, if any."""
@@ -276,15 +289,29 @@ def _read_functions(table: bytes, strings: bytes, variables: dict[str, int]) -> 
     )
 
 
+class RemoteDebugInfo(Protocol):
+    """Where debug files not on this host come from (symbolize/debuginfod.py)."""
+
+    def cached(self, build_id: bytes) -> str | None:
+        """The path of a debug file already fetched for this build id, if any."""
+        ...
+
+    def request(self, build_id: bytes, table: ElfSymbols) -> None:
+        """Fetch this build id's debug file without waiting; `table` takes its names."""
+        ...
+
+
 class ElfCache:
     """ElfSymbols per file, shared by every process mapping it.
 
     Keyed by the opened file's (st_dev, st_ino, size, mtime), so a replaced binary is re-read
     while a library mapped by a thousand processes is read once. Bounded by the total number
-    of symbols held, which is what the memory follows.
+    of symbols held, which is what the memory follows. `remote`, if given, is asked for the
+    debug files of stripped files that have none here.
     """
 
-    def __init__(self, max_symbols: int = 1_000_000) -> None:
+    def __init__(self, max_symbols: int = 1_000_000, remote: RemoteDebugInfo | None = None) -> None:
+        self.remote = remote
         self._tables: LruCache[tuple[int, int, int, int], ElfSymbols] = LruCache(
             max_symbols, lambda table: max(1, len(table))
         )
@@ -301,18 +328,14 @@ class ElfCache:
         if table is not None:
             return table
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            with opened(path) as found:
+                if found is None:
+                    return None
+                table = ElfSymbols._from_fd(*found, debug_path or path, self.remote)
+                self._tables.put(_identity(found[1]), table)
+                return table
         except OSError:
             return None
-        try:
-            st = os.fstat(fd)
-            table = ElfSymbols._from_fd(fd, st, debug_path or path)
-            self._tables.put(_identity(st), table)
-            return table
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -345,6 +368,21 @@ class ElfLayout(NamedTuple):
     def section(self, read: Reader, name: str) -> bytes | None:
         found = self.sections.get(name)
         return read(found[1], found[2]) if found else None
+
+
+@contextmanager
+def opened(path: str) -> Iterator[tuple[int, os.stat_result] | None]:
+    """(fd, its stat) of the file at path opened read-only, closed after; None if it cannot
+    be opened (its stat raises OSError, as a file gone meanwhile)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        yield None
+        return
+    try:
+        yield fd, os.fstat(fd)
+    finally:
+        os.close(fd)
 
 
 def file_reader(fd: int) -> Reader:
@@ -429,27 +467,36 @@ DEBUG_ROOT = "/usr/lib/debug"
 _MAX_DEBUGDATA = 64 << 20
 
 
-def debug_symbols(read: Reader, layout: ElfLayout, path: str = "") -> SymbolColumns:
+def separate_debug_symbols(
+    read: Reader, layout: ElfLayout, path: str = "", more: Sequence[str] = ()
+) -> SymbolColumns | None:
     """Function symbols of a stripped file from its separate debug file (by build id, then
-    .gnu_debuglink next to `path` or under DEBUG_ROOT), else from its MiniDebugInfo."""
-    for candidate in _debug_files(read, layout, path):
-        try:
-            fd = os.open(candidate, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                continue
-            debug = read_layout(file_reader(fd), st.st_size)
-            # A debug file of another build would name every address wrongly.
-            if layout.build_id and debug.build_id and debug.build_id != layout.build_id:
-                continue
-            return layout_symbols(file_reader(fd), debug)
-        except ValueError:
-            continue
-        finally:
-            os.close(fd)
+    .gnu_debuglink next to `path` or under DEBUG_ROOT, then `more`); None if none is found."""
+    for candidate in [*_debug_files(read, layout, path), *more]:
+        symbols = debug_file_symbols(candidate, layout.build_id)
+        if symbols is not None:
+            return symbols
+    return None
+
+
+def debug_file_symbols(path: str, build_id: bytes) -> SymbolColumns | None:
+    """Function symbols of the debug file at `path`; None if it cannot be read, is not ELF,
+    or is of another build than `build_id` (it would name every address wrongly)."""
+    try:
+        with opened(path) as found:
+            if found is None or not stat.S_ISREG(found[1].st_mode):
+                return None
+            read = file_reader(found[0])
+            debug = read_layout(read, found[1].st_size)
+            if build_id and debug.build_id and debug.build_id != build_id:
+                return None
+            return layout_symbols(read, debug)
+    except (OSError, ValueError):
+        return None
+
+
+def mini_debug_symbols(read: Reader, layout: ElfLayout) -> SymbolColumns:
+    """Function symbols of a file's MiniDebugInfo (.gnu_debugdata, xz), if it has one."""
     packed = layout.section(read, ".gnu_debugdata")
     if packed:
         try:

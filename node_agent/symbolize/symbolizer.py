@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 
 from fleetprof.node_agent.samplers.stack_maps import USER_TRUNCATED, PythonFrame
+from fleetprof.node_agent.symbolize.debuginfod import DebuginfodClient
 from fleetprof.node_agent.symbolize.elf import ElfCache, ElfSymbols
 from fleetprof.node_agent.symbolize.frame import Frame, LruCache
 from fleetprof.node_agent.symbolize.hotspot import HotSpotSymbolizer
@@ -53,6 +54,9 @@ class Symbolizer:
     A frame named from a perf map has the entry as its module (the full Java signature,
     say) and a readable name (names.runtime_frame); C++ symbols are demangled. on_snapshot,
     if set, sees every snapshot taken (the agent finds its JVMs there).
+
+    With a debuginfod client, stripped files with no debug file here get theirs fetched in
+    the background; take_debug_info() names their frames from those that arrived.
     """
 
     def __init__(
@@ -63,13 +67,15 @@ class Symbolizer:
         elf_cache: ElfCache | None = None,
         perf_maps: PerfMapCache | None = None,
         kernel: KernelSymbols | None = None,
+        debuginfod: DebuginfodClient | None = None,
     ) -> None:
         self.resnapshot_interval = resnapshot_interval
+        self.debuginfod = debuginfod
         self.stats = dict.fromkeys(
             ("user_frames", "kernel_frames", "unknown", "jit_unresolved", "snapshots"), 0
         )
         self._snapshots: LruCache[int, ProcessSnapshot] = LruCache(max_processes)
-        self._elf_cache = elf_cache or ElfCache()
+        self._elf_cache = elf_cache or ElfCache(remote=debuginfod)
         self._perf_maps = perf_maps or PerfMapCache()
         self._kernel = kernel
         self.hotspot = HotSpotSymbolizer()
@@ -93,6 +99,14 @@ class Symbolizer:
             self._perf_maps.get(pid, snapshot.nspid)
             if snapshot.hotspot:  # and a JVM's layout, for the same reason
                 self.hotspot.process(snapshot)
+
+    def take_debug_info(self) -> int:
+        """Name frames from the debug files fetched since the last call (debuginfod) from
+        now on; how many symbol tables got names."""
+        given = self.debuginfod.deliver() if self.debuginfod is not None else 0
+        if given:
+            self._native_frames.clear()  # frames found unnamed, or named from .dynsym
+        return given
 
     def forget(self, pid: int) -> None:
         """Drop what is known of pid, once its last samples were symbolized."""

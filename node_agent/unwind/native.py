@@ -103,8 +103,7 @@ class NativeUnwinder:
         with BCC_LOCK:
             self._bpf = BPF(text=text, cflags=[*self.options.cflags(), "-DUNWIND_OWNER=1"])
             release_compiler_memory()
-        rows = self._bpf[f"unwind_rows_{self.id}".encode()]
-        self._rows = mmap.mmap(rows.map_fd, options.max_unwind_rows * 8)
+        self._rows_fd = self._bpf[f"unwind_rows_{self.id}".encode()].map_fd
         self._ranges = self._bpf[f"unwind_ranges_{self.id}".encode()]
         self._pids = self._bpf[f"unwind_pids_{self.id}".encode()]
         self._pending = self._bpf[f"unwind_pending_{self.id}".encode()]
@@ -171,19 +170,21 @@ class NativeUnwinder:
         return left
 
     def parse(self, large: bool) -> None:
-        """Parse the files loaded processes wait for, smallest first (of those at least
-        LARGE_FILE bytes if `large`, else of those below), until close()."""
+        """Parse the files loaded processes wait for (of those at least LARGE_FILE bytes if
+        `large`, else of those below), until close(), in the order that has processes
+        wait least in all: by size over the number of mappings waiting for it (a small
+        binary before libc, libc before a library as large that one process maps)."""
         while not self._stop.is_set():
             with self._lock:
                 candidates = [
-                    (wait.size, identity)
+                    (wait.size / len(wait.mappings), wait.size, identity)
                     for identity, wait in self._waiting.items()
                     if not wait.parsing and (wait.size >= LARGE_FILE) == large
                 ]
                 if not candidates:
                     self._files_waiting.wait()
                     continue
-                identity = min(candidates)[1]
+                identity = min(candidates)[2]
                 wait = self._waiting[identity]
                 wait.parsing = True
             found = self._tables.get(wait.paths)  # not under the lock: seconds, for some
@@ -273,17 +274,14 @@ class NativeUnwinder:
                 self._release(slot.start, slot.count)
         return True
 
-    def loaded(self, pid: int) -> bool:
-        return pid in self._processes
-
     def complete(self, pid: int) -> bool:
-        """Whether pid is loaded with the rows of every file it maps (none waits to be
-        parsed): its stacks are unwound whole from now on."""
+        """pid is loaded and every file it maps is parsed: its stacks are whole from now."""
         with self._lock:
-            return pid in self._processes and not any(
-                process.pid == pid
+            process = self._processes.get(pid)
+            return process is not None and not any(
+                waiting is process
                 for wait in self._waiting.values()
-                for process, *_ in wait.mappings
+                for waiting, *_ in wait.mappings
             )
 
     def stats(self) -> dict[str, int]:
@@ -304,7 +302,6 @@ class NativeUnwinder:
             self._files_waiting.notify_all()
         for thread in self._threads:
             thread.join()
-        self._rows.close()
         with BCC_LOCK:
             self._bpf.cleanup()
 
@@ -331,7 +328,7 @@ class NativeUnwinder:
                     "unwind rows full: %d rows of a file left to frame pointers", len(rows.rows)
                 )
                 return None
-            self._write_rows(start, rows)
+            self._write_rows(start, rows.rows)
             slot = self._files[identity] = _FileSlot(start, len(rows.rows), 0)
         if identity not in process.files:
             slot.users += 1
@@ -353,8 +350,13 @@ class NativeUnwinder:
         self.counts["evicted"] += 1
         return True
 
-    def _write_rows(self, start: int, rows: FileRows) -> None:
-        self._rows[start * 8 : (start + len(rows.rows)) * 8] = rows.rows.tobytes()
+    def _write_rows(self, start: int, rows: array) -> None:
+        """Write rows at index start of the kernel's array, through a mapping of just their
+        pages: the whole array (64 MiB) mapped into the agent would count in its RSS."""
+        first = start * 8 // mmap.PAGESIZE * mmap.PAGESIZE
+        end = (start + len(rows)) * 8
+        with mmap.mmap(self._rows_fd, end - first, offset=first) as window:
+            window[start * 8 - first : end - first] = rows.tobytes()
 
     def _allocate(self, count: int) -> int | None:
         for i, (start, free) in enumerate(self._free):
@@ -407,7 +409,7 @@ class NativeUnwinder:
         if start is None:
             self.counts["rows_full"] += bool(code.rows)
             return
-        self._rows[start * 8 : (start + len(code.rows)) * 8] = code.rows.tobytes()
+        self._write_rows(start, code.rows)
         code.slot = (start, len(code.rows))
         value = self._ranges.Leaf(code.low, start, len(code.rows))
         self._insert_range(pid, code.low, code.high, value, code.keys)

@@ -49,7 +49,7 @@ VDSO_IDENTITY = (0, 0, 0, 0)
 class UnwindTables:
     """FileRows for files opened by path, cached in memory and in `cache_dir`."""
 
-    def __init__(self, cache_dir: str | None, max_rows_in_memory: int = 8_000_000) -> None:
+    def __init__(self, cache_dir: str | None, max_rows_in_memory: int = 1 << 20) -> None:
         self._dir = Path(cache_dir) if cache_dir else None
         self._memory: LruCache[FileIdentity, FileRows] = LruCache(
             max_rows_in_memory, lambda rows: max(1, len(rows.rows))

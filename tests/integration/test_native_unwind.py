@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import subprocess
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -126,6 +127,14 @@ def build(folder: Path, name: str, source: str, *flags: str) -> Path:
     return binary
 
 
+def build_id(binary: Path) -> str:
+    """The file's GNU build id, in hex, as readelf prints it."""
+    notes = subprocess.run(
+        ["readelf", "-n", str(binary)], capture_output=True, text=True, check=True
+    )
+    return notes.stdout.split("Build ID: ")[1].split()[0]
+
+
 def paths(tree: FlameNode) -> Counter[tuple[str, ...]]:
     """Every path from below the process's node to a frame, with its self weight."""
     found: Counter[tuple[str, ...]] = Counter()
@@ -188,26 +197,40 @@ def finish(process: subprocess.Popen[bytes]) -> None:
     time.sleep(2.5)
 
 
+# A process's tables are complete milliseconds to seconds after its first sample (files
+# parsed cold, on a busy machine): workloads get this long on top of what a test measures.
+LOAD_ALLOWANCE_S = 30
+
+
 def start_unwound(
-    running_agent: Callable[..., object], binary: Path, seconds: int, *args: str, **agent: object
+    running_agent: Callable[..., object],
+    command: list[str],
+    seconds: int,
+    after: tuple[str, ...] = (),
+    **agent: object,
 ) -> tuple[subprocess.Popen[bytes], datetime]:
-    """Start binary (seconds, args) under a running agent; returns it and when its tables
-    were loaded (samples taken before are frame-pointer walks, by design)."""
-    return start_under(running_agent(frequency=99, interval_s=1.0, **agent), binary, seconds, *args)
+    """Start command (then for how long it runs, then `after`) under a running agent and
+    stop it (SIGTERM) `seconds` after its tables are complete; returns it and from when
+    its samples are whole (samples taken before are frame-pointer walks, by design)."""
+    started = running_agent(frequency=99, interval_s=1.0, **agent)
+    return start_under(started, command, seconds, after)
 
 
 def start_under(
-    agent: object, binary: Path, seconds: int, *args: str, complete: bool = False
+    agent: object, command: list[str], seconds: int, after: tuple[str, ...] = ()
 ) -> tuple[subprocess.Popen[bytes], datetime]:
-    """start_unwound's, under an agent already started; `complete`: once every file the
-    process maps has its rows (a busy machine parses a cold cache's files for seconds)."""
-    process = subprocess.Popen([str(binary), str(seconds), *args])
-    deadline = time.monotonic() + (60 if complete else 20)
-    unwinder = agent.unwinder  # type: ignore[attr-defined]
-    while not (unwinder.complete if complete else unwinder.loaded)(process.pid):
-        assert time.monotonic() < deadline, "the process's unwind tables were never loaded"
+    """start_unwound's, under an agent already started."""
+    process = subprocess.Popen(
+        [*command, str(seconds + LOAD_ALLOWANCE_S), *after], stdout=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + LOAD_ALLOWANCE_S
+    while not agent.unwinder.complete(process.pid):  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, "the process's unwind tables were never complete"
         assert process.poll() is None
         time.sleep(0.05)
+    stop = threading.Timer(seconds, process.terminate)
+    stop.daemon = True
+    stop.start()
     # Samples are stored with their drain's time: the next full interval is all unwound.
     return process, datetime.now(UTC) + timedelta(seconds=1.5)
 
@@ -217,7 +240,7 @@ def test_callers_of_a_frameless_leaf_match_perf_dwarf(
     aggregator, running_agent, tmp_path, flags
 ) -> None:
     binary = build(tmp_path, "callers", CALLERS, *flags)
-    process, since = start_unwound(running_agent, binary, 14)
+    process, since = start_unwound(running_agent, [str(binary)], 14)
     time.sleep(1.5)
     reference = perf_stacks(process.pid, 8, tmp_path / "perf.data")
     finish(process)
@@ -240,7 +263,7 @@ def test_callers_of_a_frameless_leaf_match_perf_dwarf(
 
 def test_qsort_comparator_keeps_its_callers(aggregator, running_agent, tmp_path) -> None:
     binary = build(tmp_path, "sorter", QSORT)
-    process, since = start_unwound(running_agent, binary, 8)
+    process, since = start_unwound(running_agent, [str(binary)], 8)
     finish(process)
     ours = stored_stacks(aggregator, process.pid, since)
     comparator = {path: n for path, n in ours.items() if path and path[-1] == "compare_keys"}
@@ -252,7 +275,7 @@ def test_qsort_comparator_keeps_its_callers(aggregator, running_agent, tmp_path)
 
 def test_a_wait_in_pthread_join_reaches_main(aggregator, running_agent, tmp_path) -> None:
     binary = build(tmp_path, "joiner", JOIN)
-    process, since = start_unwound(running_agent, binary, 4, events=("cpu", "offcpu"))
+    process, since = start_unwound(running_agent, [str(binary)], 4, events=("cpu", "offcpu"))
     finish(process)
     ours = stored_stacks(aggregator, process.pid, since - timedelta(seconds=3), "offcpu")
     joined = {path: n for path, n in ours.items() if "wait_for_worker" in path}
@@ -289,16 +312,9 @@ def test_jit_frames_into_libjvm_and_libc_stay_joined(aggregator, running_agent, 
     require(bool(subprocess.run(["which", "javac"], capture_output=True).stdout), "no JDK")
     (tmp_path / "Yielder.java").write_text(YIELDER)
     subprocess.run(["javac", "-d", str(tmp_path), str(tmp_path / "Yielder.java")], check=True)
-    agent = running_agent(frequency=99, interval_s=1.0)
-    process = subprocess.Popen(
-        ["java", "-XX:+PreserveFramePointer", "-cp", str(tmp_path), "Yielder", "10"],
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 20
-    while not agent.unwinder.loaded(process.pid):  # type: ignore[attr-defined]
-        assert time.monotonic() < deadline and process.poll() is None
-        time.sleep(0.05)
-    since = datetime.now(UTC) + timedelta(seconds=3)  # libjvm.so parsed, JIT warmed up
+    java = ["java", "-XX:+PreserveFramePointer", "-cp", str(tmp_path), "Yielder"]
+    process, since = start_unwound(running_agent, java, 8)
+    since += timedelta(seconds=1.5)  # the JIT warmed up
     finish(process)
     ours = stored_stacks(aggregator, process.pid, since)
     in_vm = {path: n for path, n in ours.items() if "JVM_Yield" in path}
@@ -342,14 +358,8 @@ def test_a_stripped_binary_is_named_from_its_debug_file(
     subprocess.run(["strip", "--strip-all", str(binary)], check=True)
     assert len(ElfSymbols.load(str(binary))) == 0, "strip left function symbols"
     if where == "build-id":
-        build_id = (
-            subprocess.run(
-                ["readelf", "-n", str(binary)], capture_output=True, text=True, check=True
-            )
-            .stdout.split("Build ID: ")[1]
-            .split()[0]
-        )
-        placed = Path(f"{DEBUG_ROOT}/.build-id/{build_id[:2]}/{build_id[2:]}.debug")
+        hexid = build_id(binary)
+        placed = Path(f"{DEBUG_ROOT}/.build-id/{hexid[:2]}/{hexid[2:]}.debug")
     else:
         subprocess.run(
             ["objcopy", f"--add-gnu-debuglink={debug}", str(binary)], check=True, cwd=tmp_path
@@ -358,7 +368,7 @@ def test_a_stripped_binary_is_named_from_its_debug_file(
     placed.parent.mkdir(parents=True, exist_ok=True)
     placed.write_bytes(debug.read_bytes())
     try:
-        process, since = start_unwound(running_agent, binary, 5)
+        process, since = start_unwound(running_agent, [str(binary)], 5)
         finish(process)
     finally:
         placed.unlink()
@@ -515,7 +525,7 @@ def start_recursion(
     (it runs until terminated); when that was."""
     binary = workloads.build_native(folder, workloads.RECURSION_SOURCE, frame_pointers=False)
     agent = running_agent(frequency=99, interval_s=1.0)
-    return agent, *start_under(agent, binary, 120, str(depth), complete=True)
+    return agent, *start_under(agent, [str(binary)], 120, (str(depth),))
 
 
 def test_a_recursion_400_deep_keeps_its_root_where_perf_keeps_127_frames(
