@@ -138,15 +138,14 @@ def build_id(binary: Path) -> str:
 def paths(tree: FlameNode) -> Counter[tuple[str, ...]]:
     """Every path from below the process's node to a frame, with its self weight."""
     found: Counter[tuple[str, ...]] = Counter()
-
-    def visit(node: FlameNode, path: tuple[str, ...]) -> None:
+    pending: list[tuple[FlameNode, tuple[str, ...]]] = [
+        (process, ()) for process in tree.children.values()
+    ]
+    while pending:  # not recursive: stacks are deeper than Python's recursion limit
+        node, path = pending.pop()
         if node.self_weight:
             found[path] += node.self_weight
-        for child in node.children.values():
-            visit(child, (*path, child.name))
-
-    for process in tree.children.values():
-        visit(process, ())
+        pending.extend((child, (*path, child.name)) for child in node.children.values())
     return found
 
 
