@@ -11,6 +11,8 @@ the agent's future. docs/security.md has the threat model.
 
 from __future__ import annotations
 
+import functools
+
 import grpc
 
 from fleetprof.aggregator.storage import ProfileStore
@@ -20,6 +22,12 @@ from fleetprof.proto.security import IngestDenied, NodeGrant
 # agent's batches at the default 10 s interval, spooled while the aggregator was away.
 # Past it the agent starts a new incarnation (node_agent/shipper.py).
 MAX_SEQUENCE_JUMP = 10_000
+
+
+@functools.lru_cache(maxsize=4096)
+def _allows(grant: NodeGrant, node: str) -> bool:
+    """grant.allows(node), an fnmatch per pattern, once per credential and node."""
+    return grant.allows(node)
 
 
 class IngestGuard:
@@ -33,7 +41,7 @@ class IngestGuard:
         self, grant: NodeGrant, agent_id: str, node: str, incarnation: str, sequence: int
     ) -> None:
         """Raise IngestDenied unless `grant` may write this batch."""
-        if not grant.allows(node):
+        if not _allows(grant, node):
             raise IngestDenied(
                 grpc.StatusCode.PERMISSION_DENIED, f"{grant.name} may not write node {node!r}"
             )

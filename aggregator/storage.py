@@ -9,6 +9,7 @@ has one writer); readers use their own cursors, so queries never block ingest.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import re
 import socket
@@ -29,6 +30,7 @@ from fleetprof.proto import lake
 from fleetprof.proto.control.v1 import control_pb2
 
 
+@functools.lru_cache(maxsize=4096)  # every batch of an agent asks for the same one
 def incarnation_key(incarnation: str) -> int:
     """How an agent incarnation is stored: 0 for none (agents before incarnations), else a
     64-bit hash that does not give the incarnation away."""

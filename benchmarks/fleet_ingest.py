@@ -16,14 +16,17 @@ Printed, on this machine's load (`uptime` is printed too), latency being batch s
    rows/s end to end (first batch sent → last ack) and its ratio to a bare DuckDB append of
    the same Arrow batches (one INSERT each, same columns, same process count: one); latency.
    Targets: >= 1M rows/s, >= 50% of the bare append.
-   2b. sustained ingest into three aggregators: none of issue 18's checks (its per-batch
-   checks taken out in that aggregator's process: ingest as before it), its checks, its
-   checks and authentication (agent tokens checked on every stream, each agent bound to its
-   node); `--runs` interleaved runs (each visits all three, every other run in reverse):
-   median rows/s and spread of each, the per-run ratios to `none` (median and spread;
-   target: auth+checks >= 95%); the same for rows per second of the aggregator's CPU (its
-   process's, from /proc: other sessions' load moves it far less than rows/s); and the load
-   average before and after.
+   2b. sustained ingest into two aggregators, one with none of issue 18's checks (its
+   per-batch checks taken out in that aggregator's process: ingest as before it), one
+   with its checks and authentication (agent tokens checked on every stream, each agent
+   bound to its node); `--checks-only` adds a third with its checks alone. A/B: `--runs`
+   pairs, each runs them one right after the other (the first of a pair alternating), from
+   the same kept client processes: per pair the rates and their ratio (target:
+   auth+checks >= 95% of none), in rows/s and in rows per second of the aggregator's CPU
+   (its process's, from /proc), with the cores other processes kept busy meanwhile
+   (/proc/stat less this benchmark's processes) and the load average; then the ratios'
+   median (min-max), middle half and a 95% interval of the median, the same over the
+   quiet pairs alone (others under 0.25 cores), and the load average before and after.
    2c. the cost of the hostile-input checks every batch goes through (IPC size from
    metadata, control characters, weight bounds, time window, stacks of the stream) timed
    alone over the same batches, as a share of the sustained time per row.
@@ -34,7 +37,7 @@ Printed, on this machine's load (`uptime` is printed too), latency being batch s
    same rows; bytes per stored row. Target: < 2 s.
 
 Run: .venv/bin/python benchmarks/fleet_ingest.py [--quick] [--rows 100M] [--skip-flame]
-     [--runs 3] [--only-auth]   (--only-auth: the fleet, then 2b and 2c only)
+     [--runs 3] [--only-auth] [--checks-only]   (--only-auth: the fleet, then 2b, 2c only)
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ from fleetprof.query.render import RenderOptions
 from fleetprof.query.source import AggregatorSource, DatabaseSource
 
 sys.path.insert(0, str(Path(__file__).parent))
-from agent_overhead import process_cpu_s
+from agent_overhead import CLOCK_TICKS, process_cpu_s
 from flame_query import best_of, synthetic_stacks
 
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", schema.MAX_MESSAGE_BYTES)]
@@ -170,25 +173,62 @@ def run_client(
     (rows acked, [(sent, acked)] per batch) on `results`. `warm`: streams past their first
     batches, which sent their stacks then (as long-lived agent streams do): each stream
     sends the stacks its batches use before the clock starts."""
+    messages = _client_messages(streams, stacks, warm, rounds)
+    results.put(_send(address, messages, warm, token, ready))
+
+
+def serve_client(
+    streams: list[list[tuple[str, bytes]]],
+    stacks: bytes,
+    rounds: int,
+    commands: mp.Queue,
+    ready: mp.Barrier,
+    results: mp.Queue,
+) -> None:
+    """A client kept for many warm runs (ClientPool): its messages are made once; each
+    command (address, token, incarnation) sends them all under that incarnation (a new
+    one per run: an aggregator would take the same one's batches again for duplicates)."""
+    messages = _client_messages(streams, stacks, True, rounds)
+    while (command := commands.get()) is not None:
+        address, token, incarnation = command
+        for stream in messages:
+            for message in stream:
+                message.incarnation = incarnation
+        results.put(_send(address, messages, True, token, ready))
+
+
+def _client_messages(
+    streams: list[list[tuple[str, bytes]]], stacks: bytes, warm: bool, rounds: int
+) -> list[list[ingest_pb2.IngestBatch]]:
+    # Every message is made before the start: the clients share the aggregator's CPUs.
+    all_stacks = schema.decode(stacks, schema.STACKS)
+    return [
+        _messages(f"bench-{os.getpid()}-{i}", batches, rounds, all_stacks, warm)
+        for i, batches in enumerate(streams)
+    ]
+
+
+def _send(
+    address: str,
+    messages: list[list[ingest_pb2.IngestBatch]],
+    warm: bool,
+    token: str | None,
+    ready: mp.Barrier,
+) -> tuple[int, list[tuple[float, float]]]:
+    """One stream per list of messages (`warm`: its first is sent before `ready`)."""
     import grpc
 
     channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
     stub = ingest_pb2_grpc.IngestServiceStub(channel)
-    all_stacks = schema.decode(stacks, schema.STACKS)
-    # Every message is made before the start: the clients share the aggregator's CPUs.
-    messages = [
-        _messages(f"bench-{os.getpid()}-{i}", batches, rounds, all_stacks, warm)
-        for i, batches in enumerate(streams)
-    ]
     metadata = ClientSecurity(token=token).metadata()
     opened = []
     for stream in messages:
         requests: queue.Queue[ingest_pb2.IngestBatch | None] = queue.Queue()
         acks = stub.Ingest(iter(requests.get, None), metadata=metadata)
         if warm:
-            requests.put(stream.pop(0))
+            requests.put(stream[0])
             next(acks)
-        opened.append((requests, acks, stream))
+        opened.append((requests, acks, stream[1:] if warm else stream))
     ready.wait()
     timings: list[tuple[float, float]] = []
     acked = [0]
@@ -214,7 +254,7 @@ def run_client(
     for thread in threads:
         thread.join()
     channel.close()
-    results.put((acked[0], timings))
+    return acked[0], timings
 
 
 def _messages(
@@ -326,19 +366,94 @@ def ingest(
     ]
     for client in clients:
         client.start()
+    measured = _measure(ready, results, len(clients), server_pid)
+    for client in clients:
+        client.join()
+    return measured.rows, measured.seconds, measured.latencies, measured.server_cpu_s
+
+
+@dataclass(frozen=True)
+class Measured:
+    rows: int
+    seconds: float  # the clients' start together to the last ack
+    latencies: list[float]  # batch sent -> acked, sorted
+    server_cpu_s: float  # the aggregator process's CPU meanwhile (nan: not asked)
+    machine_cpu_s: float  # every CPU's busy time meanwhile (/proc/stat)
+    own_cpu_s: float  # the aggregator's and the clients' share of machine_cpu_s
+
+    @property
+    def others_cores(self) -> float:
+        """Cores other processes (other sessions' tests...) kept busy meanwhile."""
+        return max(0.0, self.machine_cpu_s - self.own_cpu_s) / self.seconds
+
+
+def _measure(
+    ready: mp.Barrier, results: mp.Queue, clients: int, server_pid: int | None, pids: tuple = ()
+) -> Measured:
+    """Start the clients waiting on `ready` together; collect their results. `pids`: the
+    clients' processes (kept ones), counted as this benchmark's CPU with the server."""
+    ours = (server_pid, *pids) if server_pid else pids
     ready.wait()
     started = time.time()
-    cpu_before = process_cpu_s(server_pid) if server_pid else math.nan
+    machine_before = machine_busy_s()
+    own_before = [process_cpu_s(pid) for pid in ours]
     rows, timings = 0, []
-    for _ in clients:
+    for _ in range(clients):
         acked, times = results.get()
         rows += acked
         timings += times
-    cpu_s = process_cpu_s(server_pid) - cpu_before if server_pid else math.nan
-    for client in clients:
-        client.join()
+    own = [process_cpu_s(pid) - before for pid, before in zip(ours, own_before, strict=True)]
+    machine = machine_busy_s() - machine_before
     took = max(acked for _, acked in timings) - started
-    return rows, took, sorted(acked - sent for sent, acked in timings), cpu_s
+    return Measured(
+        rows,
+        took,
+        sorted(acked - sent for sent, acked in timings),
+        own[0] if server_pid else math.nan,
+        machine,
+        sum(own),
+    )
+
+
+def machine_busy_s() -> float:
+    """CPU seconds every CPU of the machine has been busy since boot (/proc/stat)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / CLOCK_TICKS
+
+
+class ClientPool:
+    """`per_client` client processes kept for many warm runs (2b): a run costs no process
+    start, and each run's clients are the same processes with the same messages."""
+
+    def __init__(self, per_client: list, stacks: bytes, rounds: int) -> None:
+        ctx = mp.get_context("spawn")
+        self._ready = ctx.Barrier(len(per_client) + 1)
+        self._results = ctx.Queue()
+        self._commands = [ctx.Queue() for _ in per_client]
+        self._clients = [
+            ctx.Process(
+                target=serve_client,
+                args=(streams, stacks, rounds, commands, self._ready, self._results),
+            )
+            for streams, commands in zip(per_client, self._commands, strict=True)
+        ]
+        for client in self._clients:
+            client.start()
+        self._runs = 0
+
+    def run(self, address: str, token: str | None, server_pid: int) -> Measured:
+        self._runs += 1
+        for commands in self._commands:
+            commands.put((address, token, f"bench-{self._runs}"))
+        pids = tuple(client.pid for client in self._clients)
+        return _measure(self._ready, self._results, len(self._clients), server_pid, pids)
+
+    def close(self) -> None:
+        for commands in self._commands:
+            commands.put(None)
+        for client in self._clients:
+            client.join()
 
 
 def bare_append(db: Path, tables: list[pa.Table], rounds: int) -> tuple[int, float]:
@@ -380,62 +495,132 @@ def start_aggregator(db: Path, auth: bool, checks: bool = True) -> tuple[mp.Proc
 
 
 def auth_on_and_off(
-    work: Path, per_client: list, stacks: bytes, rounds: int, runs: int = 3
+    work: Path,
+    per_client: list,
+    stacks: bytes,
+    rounds: int,
+    pairs: int = 3,
+    settings: tuple[tuple[bool, bool], ...] = (BASELINE, ALL_ON),
 ) -> float:
-    """Sustained ingest into three aggregators (nothing of issue 18, its checks, its checks
-    and authentication), interleaved: each run visits all three, every other run in
-    reverse order, so that a change of the machine's load falls on all of them. Each
-    ingest's rate is measured twice: rows per second, and rows per second of the
-    aggregator process's CPU (/proc), which other processes on the machine change far
-    less. Returns the median rate without them."""
-    settings = (BASELINE, CHECKS, ALL_ON)
+    """Sustained ingest into an aggregator with none of issue 18's checks and one with its
+    checks and authentication (`settings`: and others), A/B: each pair runs them one right
+    after the other, the first of a pair alternating, the same kept client processes
+    sending the same messages, so that the machine's load falls on both alike; each pair's
+    ratio to `none` is one measurement. Rates are rows per second and rows per second of
+    the aggregator process's CPU (/proc). Returns the median rate without them."""
     servers = {
         setting: start_aggregator(work / f"{SETTING_NAMES[setting]}.duckdb", *setting)
         for setting in settings
     }
-    rates: dict[tuple[bool, bool], list[float]] = {setting: [] for setting in settings}
-    cpu_rates: dict[tuple[bool, bool], list[float]] = {setting: [] for setting in settings}
+    clients = ClientPool(per_client, stacks, rounds)
+    runs: list[dict[tuple[bool, bool], Measured]] = []
     load_before = os.getloadavg()
-    for run in range(runs):
-        for setting in settings if run % 2 == 0 else settings[::-1]:
-            token = AGENT_TOKEN if setting[0] else None
+    names = [SETTING_NAMES[setting] for setting in settings]
+    print(
+        f"2b. {pairs} pairs of sustained runs ({', '.join(names)}), each the same "
+        f"{len(per_client)} client processes' messages; per pair, rows/s and ratio to none, "
+        "the same per aggregator CPU-second, cores other processes kept busy, load (1 min):"
+    )
+    for pair in range(pairs):
+        order = settings if pair % 2 == 0 else settings[::-1]
+        load = os.getloadavg()[0]
+        measured = {}
+        for setting in order:
             server, _, address = servers[setting]
-            rows, took, _, cpu_s = ingest(
-                address, per_client, stacks, True, rounds, token, server.pid
+            token = AGENT_TOKEN if setting[0] else None
+            measured[setting] = clients.run(address, token, server.pid)
+        runs.append(measured)
+        print(
+            f"    {pair + 1:2d} ({SETTING_NAMES[order[0]]} first): "
+            + "; ".join(
+                f"{SETTING_NAMES[s]} {measured[s].rows / measured[s].seconds / 1e6:.2f}M"
+                + (
+                    ""
+                    if s == BASELINE
+                    else f" {_rate(measured[s]) / _rate(measured[BASELINE]):.1%}"
+                    f" (CPU {_cpu_rate(measured[s]) / _cpu_rate(measured[BASELINE]):.1%})"
+                )
+                for s in settings
             )
-            rates[setting].append(rows / took)
-            cpu_rates[setting].append(rows / cpu_s)
+            + f"; others {statistics.mean(m.others_cores for m in measured.values()):.2f} "
+            f"cores; load {load:.1f}",
+            flush=True,
+        )
     load_after = os.getloadavg()
+    clients.close()
     for server, stop, _ in servers.values():
         stop.set()
         server.join()
 
-    def rate(measured: dict[tuple[bool, bool], list[float]], setting: tuple[bool, bool]) -> str:
-        values = measured[setting]
-        return (
-            f"{SETTING_NAMES[setting]} {statistics.median(values) / 1e6:.2f}M "
-            f"({min(values) / 1e6:.2f}-{max(values) / 1e6:.2f}M)"
-        )
-
-    def ratio(measured: dict[tuple[bool, bool], list[float]], setting: tuple[bool, bool]) -> str:
-        # per run: the two rates of one run were taken minutes apart at most
-        values = [on / off for on, off in zip(measured[setting], measured[BASELINE], strict=True)]
-        return (
-            f"{SETTING_NAMES[setting]}/none {statistics.median(values):.1%} "
-            f"({min(values):.1%}-{max(values):.1%})"
-        )
-
-    for label, measured in (("rows/s", rates), ("rows per aggregator CPU-second", cpu_rates)):
-        print(
-            f"2b. sustained, {runs} interleaved runs each, {label} (median (min-max)): "
-            f"{', '.join(rate(measured, setting) for setting in settings)}; per-run ratios "
-            f"{ratio(measured, ALL_ON)} (target >= 95%), {ratio(measured, CHECKS)}"
-        )
+    others = [statistics.mean(m.others_cores for m in run.values()) for run in runs]
+    for setting in settings[1:]:
+        name = SETTING_NAMES[setting]
+        for label, rate in (("rows/s", _rate), ("rows per aggregator CPU-second", _cpu_rate)):
+            ratios = [rate(run[setting]) / rate(run[BASELINE]) for run in runs]
+            quiet = [r for r, busy in zip(ratios, others, strict=True) if busy < QUIET_CORES]
+            print(
+                f"2b. {name}/none, {label}, {pairs} pairs: {_spread(ratios)}"
+                + (
+                    f"; the {len(quiet)} pairs with other processes under {QUIET_CORES} "
+                    f"cores: {_spread(quiet)}"
+                    if quiet and len(quiet) < len(ratios)
+                    else ""
+                )
+                + (" (target >= 95%)" if setting == ALL_ON and label == "rows/s" else "")
+            )
     print(
-        f"2b. load average (1/5/15 min) {' '.join(f'{v:.1f}' for v in load_before)} before, "
+        "2b. rows/s, median (min-max): "
+        + ", ".join(
+            f"{SETTING_NAMES[s]} {statistics.median(_rate(r[s]) for r in runs) / 1e6:.2f}M "
+            f"({min(_rate(r[s]) for r in runs) / 1e6:.2f}-"
+            f"{max(_rate(r[s]) for r in runs) / 1e6:.2f}M)"
+            for s in settings
+        )
+        + f"; other processes kept {statistics.median(others):.2f} cores busy "
+        f"({min(others):.2f}-{max(others):.2f}); load average (1/5/15 min) "
+        f"{' '.join(f'{v:.1f}' for v in load_before)} before, "
         f"{' '.join(f'{v:.1f}' for v in load_after)} after"
     )
-    return statistics.median(rates[BASELINE])
+    return statistics.median(_rate(run[BASELINE]) for run in runs)
+
+
+# A pair is "quiet" when other processes kept fewer cores than this busy during it.
+QUIET_CORES = 0.25
+
+
+def _rate(measured: Measured) -> float:
+    return measured.rows / measured.seconds
+
+
+def _cpu_rate(measured: Measured) -> float:
+    return measured.rows / measured.server_cpu_s
+
+
+def _spread(ratios: list[float]) -> str:
+    """Median (min-max), the middle half, and a 95% interval of the median (order
+    statistics: distribution-free) when there are 6 values or more."""
+    values = sorted(ratios)
+    n = len(values)
+    text = f"median {statistics.median(values):.1%} ({values[0]:.1%}-{values[-1]:.1%})"
+    if n >= 4:
+        q1, _, q3 = statistics.quantiles(values, n=4)
+        text += f", middle half {q1:.1%}-{q3:.1%}"
+    low = median_interval_rank(n)
+    if low is not None:
+        text += f", 95% interval of the median {values[low]:.1%}-{values[n - 1 - low]:.1%}"
+    return text
+
+
+def median_interval_rank(n: int) -> int | None:
+    """The largest k (0-based) with P(Binomial(n, 1/2) <= k) <= 2.5%: the values of sorted
+    ranks k and n-1-k bound the median with >= 95% confidence; None below 6 values."""
+    below, k = 0.0, None
+    for j in range(n):
+        below += math.comb(n, j) / 2**n
+        if below > 0.025:
+            break
+        k = j
+    return k
 
 
 def check_costs(per_client: list, stacks: pa.Table, rate: float) -> None:
@@ -521,6 +706,10 @@ def flame_over_stored(work: Path, fleet: Fleet, rows: int, batch_rows: int = 1_0
     )
 
 
+def arms(args: argparse.Namespace) -> tuple[tuple[bool, bool], ...]:
+    return (BASELINE, CHECKS, ALL_ON) if args.checks_only else (BASELINE, ALL_ON)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few minutes: smaller everything")
@@ -534,7 +723,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="times each batch is sent")
     parser.add_argument("--rows", type=parse_count, default=100_000_000, help="for the flame graph")
     parser.add_argument("--skip-flame", action="store_true")
-    parser.add_argument("--runs", type=int, default=3, help="interleaved runs of 2b")
+    parser.add_argument("--runs", type=int, default=3, help="A/B pairs of 2b")
+    parser.add_argument(
+        "--checks-only", action="store_true", help="2b: a third aggregator, checks without auth"
+    )
     parser.add_argument("--only-auth", action="store_true", help="only 2b and 2c (issue 18's cost)")
     args = parser.parse_args()
     if args.quick:
@@ -570,7 +762,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
         check_costs(
             per_client,
             fleet.stacks,
-            auth_on_and_off(work, per_client, stacks, args.rounds, args.runs),
+            auth_on_and_off(work, per_client, stacks, args.rounds, args.runs, arms(args)),
         )
         return
     server, stop, address = start_aggregator(work / "agg.duckdb", auth=False)
@@ -611,7 +803,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
     )
     stop.set()
     server.join()
-    baseline = auth_on_and_off(work, per_client, stacks, args.rounds, args.runs)
+    baseline = auth_on_and_off(work, per_client, stacks, args.rounds, args.runs, arms(args))
     check_costs(per_client, fleet.stacks, baseline)
     if not args.skip_flame:
         flame_over_stored(work, fleet, args.rows)

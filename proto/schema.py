@@ -238,7 +238,7 @@ def check_decoded_size(name: str, payload: bytes) -> None:
                 raise pa.ArrowInvalid("buffer outside the message body")
             if compressed and buffer_length >= 8:
                 # A compressed buffer starts with its decompressed length (-1: stored as is).
-                (decoded,) = struct.unpack("<q", body[offset : offset + 8].to_pybytes())
+                (decoded,) = struct.unpack_from("<q", body, offset)
                 size += buffer_length if decoded < 0 else decoded
             else:
                 size += buffer_length
@@ -266,7 +266,7 @@ def _record_batch_header(message: ipc.Message) -> tuple[int, list[tuple[int, int
         batch = meta.table(batch, 1)
     # RecordBatch: length, nodes, buffers (structs of two int64), compression
     buffers = meta.vector(batch, 2, 16)
-    pairs = [struct.unpack_from("<qq", meta.data, at) for at in buffers]
+    pairs = list(struct.iter_unpack("<qq", meta.data[buffers.start : buffers.stop]))
     return meta.scalar(batch, 0, "<q"), pairs, meta.offset(batch, 3) != 0
 
 

@@ -3,6 +3,8 @@ IdSet as a Python set, the control-character scan's fast path, AgentHistory as t
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -10,7 +12,14 @@ import pytest
 from fleetprof.aggregator import agent_history
 from fleetprof.aggregator.id_set import IdSet
 from fleetprof.aggregator.storage import ProfileStore
-from fleetprof.aggregator.validate import StreamStacks, check_text, validate_batch
+from fleetprof.aggregator.validate import (
+    MAX_CLOCK_SKEW,
+    MAX_SAMPLE_AGE,
+    StreamStacks,
+    check_text,
+    check_time_window,
+    validate_batch,
+)
 from fleetprof.proto import schema
 from fleetprof.proto.stacks import stacks_table
 from tests.unit.test_ingest import STACKS, batch, samples
@@ -101,3 +110,32 @@ def test_agent_history_past_its_size_reads_the_table(tmp_path, monkeypatch) -> N
     assert reopened.agent_history("agent-1", "i") == ("node-1", 2)
     assert reopened.agent_history("agent-3", "i") == ("node-3", 4)
     reopened.close()
+
+
+def test_id_set_contains_all_answers_as_contains() -> None:
+    rng = np.random.default_rng(81)
+    ids = IdSet()
+    held = rng.integers(-(2**63), 2**63 - 1, 120_000, np.int64)
+    ids.add(held)
+    others = rng.integers(-(2**63), 2**63 - 1, 2000, np.int64)
+    for asked in (held[:10_000], held[::7], np.concatenate([held[:5000], others[:1]]), others):
+        assert ids.contains_all(asked) == bool(ids.contains(asked).all())
+    assert ids.contains_all(held) and ids.contains_all(held[:0])
+    assert not ids.contains_all(np.concatenate([held[:10], EDGES[:1]]))  # 0 not added
+    ids.add(EDGES[:1])
+    assert ids.contains_all(np.concatenate([held[:10], EDGES[:1]]))
+
+
+def test_time_window_bounds_to_the_microsecond() -> None:
+    now = datetime(2030, 5, 1, 12, 0, tzinfo=UTC)
+    tick = timedelta(microseconds=1)
+
+    def rows(ts: datetime) -> pa.Table:
+        return pa.table({"ts": pa.array([now, ts], pa.timestamp("us", tz="UTC"))})
+
+    check_time_window("samples", rows(now + MAX_CLOCK_SKEW), now)
+    check_time_window("samples", rows(now - MAX_SAMPLE_AGE), now)
+    with pytest.raises(schema.SchemaError, match="in the future"):
+        check_time_window("samples", rows(now + MAX_CLOCK_SKEW + tick), now)
+    with pytest.raises(schema.SchemaError, match="older than 7 days"):
+        check_time_window("samples", rows(now - MAX_SAMPLE_AGE - tick), now)
