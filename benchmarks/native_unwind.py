@@ -172,10 +172,17 @@ def agent_steady(address: str, work: Path, java_classes: Path, seconds: float) -
     time.sleep(seconds)
     share = 100 * (process_cpu_s(agent.pid) - before) / (time.monotonic() - wall)
     anon, file = rss_mb(agent.pid, "RssAnon"), rss_mb(agent.pid, "RssFile")
+    # Pss: pages shared with other processes (BCC's LLVM, mapped by this one too) halved.
+    pss = next(
+        int(line.split()[1]) / 1024
+        for line in Path(f"/proc/{agent.pid}/smaps_rollup").read_text().splitlines()
+        if line.startswith("Pss:")
+    )
     print(
         f"2. the agent at 19 Hz beside a busy JVM, {seconds:.0f} s once started: "
         f"{share:.2f}% of a core; RSS {rss_mb(agent.pid, 'VmRSS'):.0f} MB "
-        f"({anon:.0f} anonymous, {file:.0f} file pages), peak {rss_mb(agent.pid, 'VmHWM'):.0f} MB; "
+        f"({anon:.0f} anonymous, {file:.0f} file pages; PSS {pss:.0f} MB), "
+        f"peak {rss_mb(agent.pid, 'VmHWM'):.0f} MB; "
         f"BPF maps {bpf_map_mib(agent.pid):.0f} MiB of kernel memory (targets: <= 1%, <= 250 MB)"
     )
     stop(agent)  # type: ignore[arg-type]
