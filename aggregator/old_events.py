@@ -26,8 +26,8 @@ from __future__ import annotations
 import duckdb
 
 from fleetprof.aggregator.label_sets import LABELS
-from fleetprof.node_agent.samplers.lock import LOCKING_PATTERN, WAITING_PATTERN
 from fleetprof.proto import lake
+from fleetprof.proto.wait_frames import LOCKING_PATTERN, WAITING_PATTERN
 
 _MARKER = "regexp_full_match(ltrim(f, '_'), $locking) OR regexp_full_match(ltrim(f, '_'), $waiting)"
 # new event: (old event, condition on the row's stack `st`)

@@ -31,9 +31,6 @@ from pathlib import Path
 from agent_overhead import process_cpu_s, rss_mb, run_workload, wait_for_line
 
 from fleetprof import workloads
-from fleetprof.node_agent.samplers import SamplerOptions
-from fleetprof.node_agent.samplers.cpu import CpuSampler
-from fleetprof.node_agent.unwind.native import NativeUnwinder
 from fleetprof.node_agent.unwind.tables import UnwindTables
 
 VENV_BIN = Path(sys.executable).parent
@@ -122,6 +119,10 @@ def slowdown(binary: Path, work: Path, address: str, rounds: int, repeats: int) 
 def every_process_loaded(java_classes: Path) -> None:
     jvm = workloads.start_java(java_classes, seconds=60, options=())
     time.sleep(5)
+    # Imported here, after agent_steady: they import BCC.
+    from fleetprof.node_agent.samplers import SamplerOptions
+    from fleetprof.node_agent.unwind.native import NativeUnwinder
+
     unwinder = NativeUnwinder(SamplerOptions(), cache_dir=None)
     rss_before = rss_mb(os.getpid(), "VmRSS")
     started = time.monotonic()
@@ -164,7 +165,12 @@ def bpf_map_mib(pid: int) -> float:
 
 def agent_steady(address: str, work: Path, java_classes: Path, seconds: float) -> None:
     """The whole agent at its default rate beside a busy JVM and this machine's processes,
-    every sampled one's tables loaded: CPU once past start-up, and memory."""
+    every sampled one's tables loaded: CPU once past start-up, and memory.
+
+    Measured before this process imports BCC: BCC maps LLVM, and the pages of
+    LLVM the agent drops after compiling (release_compiler_memory) would stay resident in
+    the agent too while another process maps them."""
+    assert "bcc" not in sys.modules, "BCC imported before the agent's memory was measured"
     jvm = workloads.start_java(java_classes, seconds=seconds + 90, threads=1)
     agent = start_agent(address, work, native=True, frequency=19)
     time.sleep(30)  # past start-up: the JVM's libjvm.so parsed, its code cache read
@@ -183,7 +189,8 @@ def agent_steady(address: str, work: Path, java_classes: Path, seconds: float) -
         f"{share:.2f}% of a core; RSS {rss_mb(agent.pid, 'VmRSS'):.0f} MB "
         f"({anon:.0f} anonymous, {file:.0f} file pages; PSS {pss:.0f} MB), "
         f"peak {rss_mb(agent.pid, 'VmHWM'):.0f} MB; "
-        f"BPF maps {bpf_map_mib(agent.pid):.0f} MiB of kernel memory (targets: <= 1%, <= 250 MB)"
+        f"BPF map capacity {bpf_map_mib(agent.pid):.0f} MiB (memlock; hash maps allocate "
+        "as they fill) (targets: <= 1%, <= 250 MB)"
     )
     stop(agent)  # type: ignore[arg-type]
     jvm.kill()
@@ -204,6 +211,10 @@ def preparing(work: Path) -> None:
 
 
 def first_sample_to_tables(binary: Path, repeats: int) -> None:
+    from fleetprof.node_agent.samplers import SamplerOptions  # see every_process_loaded
+    from fleetprof.node_agent.samplers.cpu import CpuSampler
+    from fleetprof.node_agent.unwind.native import NativeUnwinder
+
     unwinder = NativeUnwinder(SamplerOptions(frequency=99), cache_dir=None)
     sampler = CpuSampler(unwinder.options)
     latencies = []
