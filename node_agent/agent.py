@@ -135,7 +135,7 @@ class Agent:
         if self.unwinder:
             # It loads sampled processes by itself; a new image or new code is loaded again.
             self._events.subscribe(
-                on_first_sample=lambda _: self.unwinder.sampled(),
+                on_first_sample=self.unwinder.sampled,
                 on_exec=self.unwinder.refresh,
                 on_exit=self.unwinder.forget,
             )
@@ -182,7 +182,8 @@ class Agent:
         self._new_code_due.setdefault(pid, time.monotonic() + NEW_CODE_SETTLE_S)
 
     def _on_exit(self, pid: int) -> None:
-        self._remember_new_code()
+        # Gone: nothing left to read (its maps went before the exit event).
+        self._new_code.discard(pid)
         self._new_code_due.pop(pid, None)
         self.jvms.exited(pid)
         self._exited.add(pid)
@@ -196,9 +197,10 @@ class Agent:
                 self.unwinder.refresh(pid)
         while self._new_code:
             pid = self._new_code.pop()
-            self.symbolizer.remember(pid)
+            identity = self._events.identity(pid)
+            self.symbolizer.remember(pid, identity)
             # Its owner now, while /proc/PID is there to answer (cached until it exits).
-            self.owners.owner(pid)
+            self.owners.owner(pid, identity.ppid if identity else None)
 
     def run(self, stop: threading.Event) -> None:
         """Sample until `stop` is set, then drain the last interval and detach."""

@@ -245,7 +245,10 @@ class JobResolver:
         specs = list(specs)
         return cls([build_resolver(spec, pods) for spec in specs or DEFAULT_RESOLVERS])
 
-    def resolve(self, pid: int, ancestors: int = MAX_ANCESTORS) -> str | None:
+    def resolve(
+        self, pid: int, ancestors: int = MAX_ANCESTORS, parent: int | None = None
+    ) -> str | None:
+        """pid's job; `parent`, pid's parent if known, spares reading it."""
         if pid in self._jobs:
             return self._jobs[pid]
         settled = True
@@ -255,7 +258,10 @@ class JobResolver:
                 self._jobs[pid] = job
                 return job
             settled = settled and resolver.settled(pid)
-        parent = _parent(pid) if ancestors else None
+        if not ancestors:
+            parent = None
+        elif parent is None:
+            parent = _parent(pid)
         # pid 1 (init) and 2 (kthreadd) lead no job: not worth their /proc reads.
         job = self.resolve(parent, ancestors - 1) if parent is not None and parent > 2 else None
         if job is not None or settled:

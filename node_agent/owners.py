@@ -25,10 +25,11 @@ class ProcessOwners:
         self.jobs = jobs
         self.pods = pods
 
-    def owner(self, pid: int) -> Owner:
+    def owner(self, pid: int, ppid: int | None = None) -> Owner:
+        """pid's owner; `ppid`, its parent if known, spares reading it."""
         pod = self.pods.lookup(pid)
         return Owner(
-            self.jobs.resolve(pid),
+            self.jobs.resolve(pid, parent=ppid),
             pod.namespace if pod else None,
             pod.pod if pod else None,
             pod.container if pod else None,

@@ -7,7 +7,8 @@ subscribe to what they need:
 
 - on_first_sample(pid): samples hit this process image for the first time. Per-process
   work (maps, symbol tables, job) belongs here, not at exec: most processes of a busy
-  node are never sampled. It comes within milliseconds: the event wakes the agent.
+  node are never sampled. It comes within milliseconds: the event wakes the agent, and
+  with it the process's identity (identity(pid)), so that only its maps are left to read.
 - on_exec(pid): any process exec'd (new program, environment, command line).
 - on_new_code(pid): a sampled process mapped new executable code (dlopen).
 - on_exit(pid): any process exited.
@@ -28,6 +29,7 @@ from bcc import BPF
 from bcc.libbcc import _RINGBUF_CB_TYPE, lib
 
 from fleetprof.node_agent.samplers.bpf_sampler import BCC_LOCK, release_compiler_memory
+from fleetprof.node_agent.symbolize.process import ProcessIdentity
 
 HERE = Path(__file__).parent
 BPF_FILES = (HERE / "samplers" / "new_pids.bpf.h", HERE / "process_events.bpf.c")
@@ -39,7 +41,15 @@ Callback = Callable[[int], None]
 
 
 class _ProcessEvent(ctypes.Structure):
-    _fields_ = (("ts", ctypes.c_uint64), ("pid", ctypes.c_uint32), ("kind", ctypes.c_uint32))
+    _fields_ = (
+        ("ts", ctypes.c_uint64),
+        ("pid", ctypes.c_uint32),
+        ("kind", ctypes.c_uint32),
+        ("start_ticks", ctypes.c_uint64),
+        ("ppid", ctypes.c_uint32),
+        ("nspid", ctypes.c_uint32),
+        ("comm", ctypes.c_char * 16),
+    )
 
 
 class ProcessEvents:
@@ -57,7 +67,9 @@ class ProcessEvents:
         # Pids whose current image was sampled: first samples of several samplers are
         # reported once, new code only for them. Bounded by live processes (exits leave).
         self.sampled: set[int] = set()
-        self._pending: list[tuple[int, int, int]] = []
+        # Of sampled pids, their identity as the kernel read it at the first sample.
+        self._identities: dict[int, ProcessIdentity] = {}
+        self._pending: list[tuple[int, int, int, ProcessIdentity | None]] = []
         with BCC_LOCK:
             self._bpf = BPF(
                 text=b"".join(path.read_bytes() for path in BPF_FILES),
@@ -97,9 +109,18 @@ class ProcessEvents:
 
     def _collect(self, _ctx: int, data: int, _size: int) -> int:
         event = ctypes.cast(data, ctypes.POINTER(_ProcessEvent)).contents
-        if event.pid != self._agent_pid:
-            self._pending.append((event.ts, event.kind, event.pid))
+        if event.pid == self._agent_pid:
+            return 0
+        identity = None
+        if event.kind == EVENT_FIRST_SAMPLE and event.nspid:
+            comm = event.comm.decode("utf-8", "replace")
+            identity = ProcessIdentity(comm, event.start_ticks, event.ppid, event.nspid)
+        self._pending.append((event.ts, event.kind, event.pid, identity))
         return 0
+
+    def identity(self, pid: int) -> ProcessIdentity | None:
+        """pid's identity as its first sample gave it; None if the kernel could not tell."""
+        return self._identities.get(pid)
 
     def poll(self, timeout_ms: int) -> None:
         """Wait up to timeout_ms for a first sample, then deliver every pending event."""
@@ -108,15 +129,17 @@ class ProcessEvents:
         # exec, if any, read too; sorting puts the exec first.
         lib.bpf_consume_ringbuf(self._manager)
         pending, self._pending = self._pending, []
-        pending.sort()
-        for _, kind, pid in pending:
-            self._dispatch(kind, pid)
+        pending.sort(key=lambda event: event[:3])
+        for _, kind, pid, identity in pending:
+            self._dispatch(kind, pid, identity)
 
-    def _dispatch(self, kind: int, pid: int) -> None:
+    def _dispatch(self, kind: int, pid: int, identity: ProcessIdentity | None) -> None:
         if kind == EVENT_FIRST_SAMPLE:
             if pid in self.sampled:
                 return  # another sampler's, or an evicted entry's, report
             self.sampled.add(pid)
+            if identity is not None:
+                self._identities[pid] = identity
             with contextlib.suppress(Exception):  # BCC: a bare Exception when full
                 self._watched[self._watched.Key(pid)] = self._watched.Leaf(1)
         elif kind == EVENT_EXEC_MMAP:
@@ -124,6 +147,7 @@ class ProcessEvents:
                 return  # its first sample will read its maps, new code included
         elif kind in (EVENT_EXEC, EVENT_EXIT):
             self.sampled.discard(pid)
+            self._identities.pop(pid, None)
         for callback in self._subscribers[kind]:
             callback(pid)
 

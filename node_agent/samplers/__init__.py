@@ -64,6 +64,8 @@ class SamplerOptions:
             # children): no first-sample events (new_pids.bpf.h) from them.
             f"-DNOTE_SAMPLED_PIDS={int(not self.session_filter)}",
             f"-DPROCESS_EVENT_PAGES={PROCESS_EVENT_PAGES}",
+            # /proc/PID/stat's clock ticks, which first-sample events give start times in.
+            f"-DNS_PER_CLOCK_TICK={10**9 // os.sysconf('SC_CLK_TCK')}ULL",
             f"-DPYTHON_FRAMES={int(self.python_frames)}",
         ]
 

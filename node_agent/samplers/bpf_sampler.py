@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import ClassVar
 
-from fleetprof.node_agent.samplers import Drain, SamplerOptions, python_stacks
+from fleetprof.node_agent.samplers import Drain, SamplerOptions, kernel_layout, python_stacks
 from fleetprof.node_agent.samplers.bpf_loop import LoopBPF
 from fleetprof.node_agent.samplers.stack_maps import GenerationalStackMaps
 from fleetprof.node_agent.symbolize.frame import Frame
@@ -50,7 +50,7 @@ class BpfSampler:
         text = text.replace(b"UNWIND_ID", options.native_unwind.encode())
         with BCC_LOCK:
             self._bpf = LoopBPF(
-                text=text, cflags=[*options.cflags(), *python_stacks.cflags(), *self.cflags()]
+                text=text, cflags=[*options.cflags(), *kernel_layout.cflags(), *self.cflags()]
             )
             release_compiler_memory()
         self._session_filter = options.session_filter

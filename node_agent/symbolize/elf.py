@@ -13,6 +13,7 @@ import lzma
 import os
 import stat
 import struct
+import time
 from array import array
 from bisect import bisect_right
 from collections.abc import Callable, Iterator, Sequence
@@ -289,6 +290,14 @@ def _read_functions(table: bytes, strings: bytes, variables: dict[str, int]) -> 
     )
 
 
+# A file as a stat finds it: (st_dev, st_ino, size, mtime); a replaced binary is another.
+FileIdentity = tuple[int, int, int, int]
+# How long a mapped file's identity is trusted without a stat (ElfCache.get_mapped): a
+# library rewritten in place (same inode) is named from its old symbols for at most this.
+MAPPED_RECHECK_S = 1.0
+MAX_MAPPED_FILES = 65_536
+
+
 class RemoteDebugInfo(Protocol):
     """Where debug files not on this host come from (symbolize/debuginfod.py)."""
 
@@ -312,33 +321,64 @@ class ElfCache:
 
     def __init__(self, max_symbols: int = 1_000_000, remote: RemoteDebugInfo | None = None) -> None:
         self.remote = remote
-        self._tables: LruCache[tuple[int, int, int, int], ElfSymbols] = LruCache(
+        self._tables: LruCache[FileIdentity, ElfSymbols] = LruCache(
             max_symbols, lambda table: max(1, len(table))
         )
+        # A mapped file's (device, inode) as /proc/PID/maps gives them -> its identity, and
+        # when a stat last found it so (see get_mapped).
+        self._mapped: dict[tuple[str, int], tuple[FileIdentity, float]] = {}
 
     def get(self, path: str, debug_path: str = "") -> ElfSymbols | None:
         """The symbols of the file at path; None when it cannot be opened. `debug_path`
         is where to look for its debug file by .gnu_debuglink when path cannot say (a
         /proc/PID/map_files link)."""
+        found = self._get(path, debug_path)
+        return found[1] if found is not None else None
+
+    def get_mapped(
+        self, device: str, inode: int, paths: Sequence[str], debug_path: str
+    ) -> ElfSymbols | None:
+        """get() of the first of `paths` that opens, for a file mapped as (device, inode)
+        in /proc/PID/maps: one stat'ed less than MAPPED_RECHECK_S ago is not stat'ed again.
+        Every new process maps the node's common libraries (libc, ld.so): a stat of each,
+        through /proc/PID/map_files, was most of what reading a new process cost."""
+        now = time.monotonic()
+        known = self._mapped.get((device, inode))
+        if known is not None and now - known[1] < MAPPED_RECHECK_S:
+            table = self._tables.get(known[0])
+            if table is not None:
+                return table
+        for path in paths:
+            found = self._get(path, debug_path)
+            if found is not None:
+                if len(self._mapped) >= MAX_MAPPED_FILES:
+                    self._mapped.clear()
+                self._mapped[device, inode] = (found[0], now)
+                return found[1]
+        return None
+
+    def _get(self, path: str, debug_path: str) -> tuple[FileIdentity, ElfSymbols] | None:
         # A file already read costs a stat: a new process's libraries are all known.
         try:
-            table = self._tables.get(_identity(os.stat(path)))
+            identity = _identity(os.stat(path))
         except OSError:
             return None
+        table = self._tables.get(identity)
         if table is not None:
-            return table
+            return identity, table
         try:
             with opened(path) as found:
                 if found is None:
                     return None
                 table = ElfSymbols._from_fd(*found, debug_path or path, self.remote)
-                self._tables.put(_identity(found[1]), table)
-                return table
+                identity = _identity(found[1])
+                self._tables.put(identity, table)
+                return identity, table
         except OSError:
             return None
 
 
-def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+def _identity(st: os.stat_result) -> FileIdentity:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 

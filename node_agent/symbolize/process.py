@@ -37,6 +37,16 @@ class Mapping(NamedTuple):
         return not self.path or self.path.startswith(("[", "/memfd:"))
 
 
+class ProcessIdentity(NamedTuple):
+    """What /proc/PID/stat and status say of a process, as the kernel gave it at the
+    process's first sample (samplers/new_pids.bpf.h): then only its maps are left to read."""
+
+    comm: str
+    start_time: int  # clock ticks after boot
+    ppid: int
+    nspid: int
+
+
 @dataclass
 class ProcessSnapshot:
     pid: int
@@ -64,17 +74,22 @@ class ProcessSnapshot:
         return None
 
 
-def take_snapshot(pid: int, elf_cache: ElfCache) -> ProcessSnapshot | None:
-    """Snapshot pid, loading the symbols of its executable mappings (shared via elf_cache).
+def take_snapshot(
+    pid: int, elf_cache: ElfCache, identity: ProcessIdentity | None = None
+) -> ProcessSnapshot | None:
+    """Snapshot pid, loading the symbols of its executable mappings (shared via elf_cache);
+    its identity read from /proc unless given.
 
     None if the process is gone, is a zombie or kernel thread (no mappings), or is not ours to
     read: races with exit are normal here and never raise.
     """
     try:
-        comm, start_time = read_stat(pid)
-        with open(f"/proc/{pid}/status", encoding="utf-8", errors="replace") as f:
-            status = f.read()
         found = executable_mappings(pid)
+        if identity is None:
+            comm, start_time = read_stat(pid)
+            with open(f"/proc/{pid}/status", encoding="utf-8", errors="replace") as f:
+                status = f.read()
+            identity = ProcessIdentity(comm, start_time, _ppid(status), _nspid(status, pid))
     except OSError:
         return None
     mappings = []
@@ -93,7 +108,7 @@ def take_snapshot(pid: int, elf_cache: ElfCache) -> ProcessSnapshot | None:
     except OSError:
         exe = ""
     return ProcessSnapshot(
-        pid, _nspid(status, pid), comm, start_time, exe, mappings, ppid=_ppid(status)
+        pid, identity.nspid, identity.comm, identity.start_time, exe, mappings, ppid=identity.ppid
     )
 
 
@@ -150,9 +165,8 @@ def _load(pid: int, mapping: Mapping, elf_cache: ElfCache) -> ElfSymbols:
     process's mount namespace; it needs CAP_SYS_ADMIN. Else the path, under the process's root.
     """
     path = f"/proc/{pid}/root{mapping.path.removesuffix(_DELETED)}"
-    symbols = elf_cache.get(f"/proc/{pid}/map_files/{mapping.start:x}-{mapping.end:x}", path)
-    if symbols is None:
-        symbols = elf_cache.get(path)
+    map_file = f"/proc/{pid}/map_files/{mapping.start:x}-{mapping.end:x}"
+    symbols = elf_cache.get_mapped(mapping.dev, mapping.inode, (map_file, path), path)
     return symbols if symbols is not None else ElfSymbols()
 
 

@@ -16,6 +16,7 @@ from fleetprof.node_agent.symbolize.names import native_name, runtime_frame
 from fleetprof.node_agent.symbolize.perfmap import PerfMapCache
 from fleetprof.node_agent.symbolize.process import (
     Mapping,
+    ProcessIdentity,
     ProcessSnapshot,
     read_stat,
     take_snapshot,
@@ -88,12 +89,13 @@ class Symbolizer:
         # (symbol table, file offset, module) -> frame, or None where no symbol covers it.
         self._native_frames: dict[tuple[ElfSymbols | None, int, str], Frame | None] = {}
 
-    def remember(self, pid: int) -> None:
-        """Snapshot pid, new or changed (exec, new executable mapping), until forget(pid).
+    def remember(self, pid: int, identity: ProcessIdentity | None = None) -> None:
+        """Snapshot pid, new or changed (exec, new executable mapping), until forget(pid);
+        `identity`, if the kernel gave it, spares reading it from /proc.
 
         A failed snapshot (the process already exited) keeps the previous one.
         """
-        snapshot = self._take(pid)
+        snapshot = self._take(pid, identity)
         if snapshot is not None:
             # Read its perf map now: the process may be gone by the time its samples drain.
             self._perf_maps.get(pid, snapshot.nspid)
@@ -238,8 +240,8 @@ class Symbolizer:
         self._native_frames[key] = frame
         return frame
 
-    def _take(self, pid: int) -> ProcessSnapshot | None:
-        snapshot = take_snapshot(pid, self._elf_cache)
+    def _take(self, pid: int, identity: ProcessIdentity | None = None) -> ProcessSnapshot | None:
+        snapshot = take_snapshot(pid, self._elf_cache, identity)
         if snapshot is not None:
             self._store(snapshot)
         return snapshot

@@ -1,10 +1,12 @@
 """The native unwinder's kernel tables: every sampled process's executable file mappings,
 and each mapped build's unwind rows once (samplers/unwind_tables.bpf.h).
 
-Work is done only for processes that samples hit: a sample of a process without tables
-puts its pid in `unwind_pending`, and a loader thread (woken by the agent at a process's
-first sample, else every LOADER_PERIOD_S) loads it once it has lived LOAD_AFTER_S since,
-with the files already parsed; parser threads add the
+Work is done only for processes that samples hit: the agent announces each process's first
+sample (sampled(pid)), and a sample of a process without tables puts its pid in
+`unwind_pending` (what no announcement covers: sessions' samplers, evicted processes). A
+loader thread loads an announced process once it has lived LOAD_AFTER_S since, and looks
+through `unwind_pending` every LOADER_PERIOD_S, with the files already parsed; parser
+threads add the
 others when parsed (libjvm.so: ~0.5 s on a quiet machine, then cached on disk). Until then
 its frames are walked by frame pointer, so its stacks are complete from the next interval
 on. Rows live in one array, each build's at its own range, referenced by the processes
@@ -114,6 +116,11 @@ class NativeUnwinder:
         self._waiting: dict[FileIdentity, _Wait] = {}
         # When the loader first saw each pending pid.
         self._pending_since: dict[int, float] = {}
+        # Pids announced (first samples, refresh) -> when: loaded without a look through
+        # `unwind_pending`, a syscall per entry. Shared with the agent's event thread.
+        self._announced: dict[int, float] = {}
+        self._announced_lock = threading.Lock()
+        self._next_scan = 0.0
         self._code: dict[int, _Code] = {}
         self.counts = {
             "processes_loaded": 0,
@@ -142,9 +149,11 @@ class NativeUnwinder:
 
     # Process lifecycle.
 
-    def sampled(self) -> None:
-        """A process was sampled for the first time: wake the loader (an idle node's
-        loader sleeps, rather than looking at the kernel's table ten times a second)."""
+    def sampled(self, pid: int) -> None:
+        """pid was sampled for the first time: wake the loader (an idle node's loader
+        sleeps, rather than looking at the kernel's table ten times a second)."""
+        with self._announced_lock:
+            self._announced.setdefault(pid, time.monotonic())
         self._sampled.set()
 
     def _load_sampled(self) -> None:
@@ -159,7 +168,18 @@ class NativeUnwinder:
         the files already parsed (the others are added when they are). Whether some
         sampled processes are left to load later."""
         now = time.monotonic()
-        left = False
+        with self._announced_lock:
+            due = [pid for pid, since in self._announced.items() if now - since >= LOAD_AFTER_S]
+            for pid in due:
+                del self._announced[pid]
+            left = bool(self._announced)
+        for pid in due:
+            self.load(pid)
+            self._pending.pop(self._pending.Key(pid), None)  # its samples' own report
+            self._pending_since.pop(pid, None)
+        if now < self._next_scan:
+            return left
+        self._next_scan = now + LOADER_PERIOD_S
         for key in list(self._pending):
             if now - self._pending_since.setdefault(key.value, now) >= LOAD_AFTER_S:
                 self.load(key.value)
@@ -167,6 +187,7 @@ class NativeUnwinder:
                 del self._pending_since[key.value]
             else:
                 left = True
+                self._next_scan = now + LOAD_AFTER_S
         return left
 
     def parse(self, large: bool) -> None:
@@ -246,9 +267,11 @@ class NativeUnwinder:
     def refresh(self, pid: int) -> None:
         """pid mapped new code (dlopen) or exec'd: have it loaded again at its next sample."""
         with self._lock:
-            if self._forget(pid):
-                self._pending[self._pending.Key(pid)] = self._pending.Leaf(1)
-                self._sampled.set()
+            forgotten = self._forget(pid)
+        if forgotten:
+            with self._announced_lock:
+                self._announced[pid] = time.monotonic()
+            self._sampled.set()
 
     def forget(self, pid: int) -> None:
         """pid exited: drop its ranges and its files' references."""

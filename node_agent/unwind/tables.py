@@ -20,7 +20,13 @@ from array import array
 from pathlib import Path
 from typing import NamedTuple
 
-from fleetprof.node_agent.symbolize.elf import ElfLayout, Reader, file_reader, read_layout
+from fleetprof.node_agent.symbolize.elf import (
+    ElfLayout,
+    FileIdentity,
+    Reader,
+    file_reader,
+    read_layout,
+)
 from fleetprof.node_agent.symbolize.frame import LruCache
 from fleetprof.node_agent.symbolize.process import vdso_image
 from fleetprof.node_agent.unwind import cfi
@@ -41,7 +47,6 @@ class FileRows(NamedTuple):
     error: str  # why rows is empty, if it is
 
 
-FileIdentity = tuple[int, int, int, int]
 # The vDSO has no file: it is known by this identity (no device or inode is 0).
 VDSO_IDENTITY = (0, 0, 0, 0)
 

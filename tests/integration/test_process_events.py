@@ -3,6 +3,7 @@ every process, and a session's filter taking in children from their fork."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -68,6 +69,57 @@ def test_first_sample_once_per_image_exec_and_exit_of_every_process(cpu_sampler)
         ["exec", "first", "exit"],
     )
     assert busy.pid not in events.sampled  # exited: forgotten
+
+
+def test_first_sample_gives_the_identity_proc_gives(cpu_sampler) -> None:
+    """What the kernel reads at a first sample spares the agent /proc/PID/stat and status:
+    it must be what they say (comm, start time in clock ticks, parent, pid as seen inside
+    its PID namespace), for a process whose sampled thread is not its main one."""
+    from fleetprof.node_agent.process_events import ProcessEvents
+    from fleetprof.node_agent.symbolize.process import ProcessIdentity, read_stat
+
+    events = ProcessEvents([cpu_sampler.process_events_fd()])
+    identities: dict[int, ProcessIdentity | None] = {}
+    events.subscribe(on_first_sample=lambda pid: identities.__setitem__(pid, events.identity(pid)))
+    burner = (
+        "import sys, threading, time\n"
+        "def burn():\n"
+        "    end = time.process_time() + 1.5\n"
+        "    while time.process_time() < end: pass\n"
+        "worker = threading.Thread(target=burn, name='burner'); worker.start(); worker.join()\n"
+        "sys.stdin.readline()\n"
+    )
+    # In a PID namespace of its own when unshare can (root): its pid inside is 1.
+    unshare = ["unshare", "--pid", "--fork", "--kill-child"] if os.geteuid() == 0 else []
+    program = subprocess.Popen(
+        [*unshare, sys.executable, "-c", burner], stdin=subprocess.PIPE, text=True
+    )
+    try:
+        pid = program.pid
+        if unshare:  # the python under unshare's fork
+            poll_until(events, lambda: _children(program.pid) != [], timeout_s=10)
+            pid = _children(program.pid)[0]
+        poll_until(events, lambda: pid in identities)
+        comm, start_time = read_stat(pid)
+        with open(f"/proc/{pid}/status", encoding="utf-8") as f:
+            status = dict(line.split(":\t", 1) for line in f.read().splitlines())
+        expected = ProcessIdentity(
+            comm, start_time, int(status["PPid"]), int(status["NSpid"].split()[-1])
+        )
+        assert identities[pid] == expected
+        if unshare:
+            assert expected.nspid == 1
+    finally:
+        program.communicate("\n", timeout=30)
+        events.close()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="utf-8") as f:
+            return [int(child) for child in f.read().split()]
+    except OSError:
+        return []
 
 
 def test_session_filter_counts_children_from_their_fork() -> None:

@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from fleetprof.node_agent.samplers.python_stacks import TARGETS, PythonTargets, task_offsets
+from fleetprof.node_agent.samplers.kernel_layout import kernel_offsets
+from fleetprof.node_agent.samplers.python_stacks import TARGETS, PythonTargets
 from fleetprof.node_agent.symbolize.frame import Frame
 from fleetprof.node_agent.symbolize.python import (
     LAYOUTS,
@@ -108,7 +109,7 @@ def sampler() -> Iterator[Any]:
     from fleetprof.node_agent.samplers import SamplerOptions
     from fleetprof.node_agent.samplers.cpu import CpuSampler
 
-    require(task_offsets() is not None, "the kernel has no BTF for task_struct")
+    require(kernel_offsets() is not None, "the kernel has no BTF for task_struct")
     cpu = CpuSampler(SamplerOptions(frequency=99))
     yield cpu
     cpu.close()
