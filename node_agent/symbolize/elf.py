@@ -292,10 +292,31 @@ def _read_functions(table: bytes, strings: bytes, variables: dict[str, int]) -> 
 
 # A file as a stat finds it: (st_dev, st_ino, size, mtime); a replaced binary is another.
 FileIdentity = tuple[int, int, int, int]
-# How long a mapped file's identity is trusted without a stat (ElfCache.get_mapped): a
-# library rewritten in place (same inode) is named from its old symbols for at most this.
+# How long a mapped file's identity is trusted without a stat (MappedFiles): a library
+# rewritten in place (same inode) is read as its old self for at most this.
 MAPPED_RECHECK_S = 1.0
 MAX_MAPPED_FILES = 65_536
+
+
+class MappedFiles:
+    """Files mapped by processes, by the (device, inode) /proc/PID/maps gives: the identity a
+    stat last found, trusted for MAPPED_RECHECK_S. Every new process maps the node's common
+    libraries (libc, ld.so, the interpreter): a stat of each, through /proc/PID/map_files,
+    was much of what reading a new process cost."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[str, int], tuple[FileIdentity, float]] = {}
+
+    def recent(self, device: str, inode: int) -> FileIdentity | None:
+        known = self._known.get((device, inode))
+        if known is not None and time.monotonic() - known[1] < MAPPED_RECHECK_S:
+            return known[0]
+        return None
+
+    def seen(self, device: str, inode: int, identity: FileIdentity) -> None:
+        if len(self._known) >= MAX_MAPPED_FILES:
+            self._known.clear()
+        self._known[device, inode] = (identity, time.monotonic())
 
 
 class RemoteDebugInfo(Protocol):
@@ -324,9 +345,7 @@ class ElfCache:
         self._tables: LruCache[FileIdentity, ElfSymbols] = LruCache(
             max_symbols, lambda table: max(1, len(table))
         )
-        # A mapped file's (device, inode) as /proc/PID/maps gives them -> its identity, and
-        # when a stat last found it so (see get_mapped).
-        self._mapped: dict[tuple[str, int], tuple[FileIdentity, float]] = {}
+        self._mapped = MappedFiles()
 
     def get(self, path: str, debug_path: str = "") -> ElfSymbols | None:
         """The symbols of the file at path; None when it cannot be opened. `debug_path`
@@ -339,21 +358,15 @@ class ElfCache:
         self, device: str, inode: int, paths: Sequence[str], debug_path: str
     ) -> ElfSymbols | None:
         """get() of the first of `paths` that opens, for a file mapped as (device, inode)
-        in /proc/PID/maps: one stat'ed less than MAPPED_RECHECK_S ago is not stat'ed again.
-        Every new process maps the node's common libraries (libc, ld.so): a stat of each,
-        through /proc/PID/map_files, was most of what reading a new process cost."""
-        now = time.monotonic()
-        known = self._mapped.get((device, inode))
-        if known is not None and now - known[1] < MAPPED_RECHECK_S:
-            table = self._tables.get(known[0])
-            if table is not None:
-                return table
+        in /proc/PID/maps: one stat'ed recently is not stat'ed again (MappedFiles)."""
+        identity = self._mapped.recent(device, inode)
+        table = self._tables.get(identity) if identity is not None else None
+        if table is not None:
+            return table
         for path in paths:
             found = self._get(path, debug_path)
             if found is not None:
-                if len(self._mapped) >= MAX_MAPPED_FILES:
-                    self._mapped.clear()
-                self._mapped[device, inode] = (found[0], now)
+                self._mapped.seen(device, inode, found[0])
                 return found[1]
         return None
 

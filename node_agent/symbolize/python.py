@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 from fleetprof.node_agent.samplers.python_stacks import TARGETS, PythonTargets
 from fleetprof.node_agent.samplers.stack_maps import TRUNCATED, PythonFrame
+from fleetprof.node_agent.symbolize.elf import FileIdentity, MappedFiles
 from fleetprof.node_agent.symbolize.frame import Frame, LruCache
 from fleetprof.node_agent.symbolize.process import Mapping, ProcessSnapshot
 from fleetprof.proto.python_frames import KIND, frame_module, frame_name
@@ -404,7 +405,8 @@ class PythonProcesses:
         self._targets = targets
         self._processes: dict[int, _Process] = {}
         self._refused: set[tuple[int, int, str]] = set()
-        self._images: LruCache[tuple[int, int, int, int], _Image | None] = LruCache(64)
+        self._images: LruCache[FileIdentity, _Image | None] = LruCache(64)
+        self._mapped = MappedFiles()
         self._codes: LruCache[tuple[int, int, int, int], CodeInfo] = LruCache(max_code_objects)
         # /proc/PID/mem of each Python process, open until it is forgotten: opening it
         # (a ptrace access check) costs more than the reads of a code object.
@@ -523,6 +525,10 @@ class PythonProcesses:
         return merged[:last] + rest + merged[last:]
 
     def _image(self, pid: int, mapping: Mapping) -> _Image | None:
+        identity = self._mapped.recent(mapping.dev, mapping.inode)
+        image = self._images.get(identity) if identity is not None else None
+        if image is not None:
+            return image
         for path in (
             f"/proc/{pid}/map_files/{mapping.start:x}-{mapping.end:x}",
             f"/proc/{pid}/root{mapping.path.removesuffix(' (deleted)')}",
@@ -531,11 +537,12 @@ class PythonProcesses:
                 st = os.stat(path)
             except OSError:
                 continue
-            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-            image = self._images.get(key)
+            identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            self._mapped.seen(mapping.dev, mapping.inode, identity)
+            image = self._images.get(identity)
             if image is None:
                 image = _read_image(path)
-                self._images.put(key, image)
+                self._images.put(identity, image)
             return image
         return None
 

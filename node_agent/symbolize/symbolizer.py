@@ -97,8 +97,11 @@ class Symbolizer:
         """
         snapshot = self._take(pid, identity)
         if snapshot is not None:
-            # Read its perf map now: the process may be gone by the time its samples drain.
-            self._perf_maps.get(pid, snapshot.nspid)
+            # Read its perf map now, if it has code outside files (a JIT's): the process
+            # may be gone by the time its samples drain. (JIT code mapped later is new
+            # code: remembered again.)
+            if any(mapping.anonymous for mapping in snapshot.mappings):
+                self._perf_maps.get(pid, snapshot.nspid)
             if snapshot.hotspot:  # and a JVM's layout, for the same reason
                 self.hotspot.process(snapshot)
 
