@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import socket
 import threading
@@ -94,6 +95,7 @@ class Agent:
         )
         self.symbolizer.on_snapshot = self.jvms.observe
         self._exited: set[int] = set()
+        self._every_process_reported = False  # see _run_sessions
         # Sampled processes to read (maps, symbols, job) after this poll's events.
         self._new_code: set[int] = set()
         # Processes that mapped new code, read again when due (see NEW_CODE_SETTLE_S).
@@ -241,6 +243,18 @@ class Agent:
 
     def _run_sessions(self) -> None:
         """Start what the aggregator ordered; finish what reached its deadline."""
+        # Sessions consider every exec: reported from before a session's start (its scan of
+        # the running processes), until none is left.
+        self._report_every_process(not self._control.orders.empty() or bool(self._sessions))
+        self._order_sessions()
+        self._report_every_process(bool(self._sessions))
+
+    def _report_every_process(self, every: bool) -> None:
+        if every != self._every_process_reported:
+            self._every_process_reported = every
+            self._events.report_every_process(every)
+
+    def _order_sessions(self) -> None:
         while not self._control.orders.empty():
             order = self._control.orders.get()
             if order.session_id in self._sessions:
@@ -274,6 +288,8 @@ class Agent:
     def drain_once(self) -> None:
         # Processes that exited before the flip have all their samples in this drain.
         exited, self._exited = self._exited, set()
+        unreported = self._unreported_exits(exited)
+        exited |= unreported
         # Debug files fetched since the last drain name this drain's frames.
         self.symbolizer.take_debug_info()
         now = datetime.now(UTC)
@@ -310,6 +326,10 @@ class Agent:
             self.symbolizer.forget(pid)
             self.jvms.forget(pid)
             self.owners.forget(pid)
+        self._events.forget(unreported)
+        if self.unwinder:
+            for pid in unreported:
+                self.unwinder.forget(pid)
         if self.unwinder:
             self._log_unwinding(self.unwinder.stats())
         if self.debuginfod:
@@ -317,6 +337,17 @@ class Agent:
         # Symbol tables of new processes leave parse garbage behind: hand it back.
         release_free_memory()
         self.stats["drains"] += 1
+
+    def _unreported_exits(self, reported: set[int]) -> set[int]:
+        """Processes the agent keeps state of that exited unreported: the kernel reports the
+        exit of a process once user space has read its first sample, and it may be gone
+        before (or have been counted by a session since ended, or be a job's ancestor)."""
+        gone = self.symbolizer.exited_pids()  # by start time: a reused pid is caught too
+        kept = self.owners.pids() | self._events.sampled
+        if self.unwinder:
+            kept |= self.unwinder.pids()
+        gone |= {pid for pid in kept - reported - gone if not os.path.exists(f"/proc/{pid}")}
+        return gone - reported
 
     def _log_unwinding(self, stats: dict[str, int]) -> None:
         """Say when stacks fell back to frame pointers for want of rows (counters grew)."""

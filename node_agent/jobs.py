@@ -271,6 +271,9 @@ class JobResolver:
     def forget(self, pid: int) -> None:
         self._jobs.pop(pid, None)
 
+    def pids(self) -> set[int]:
+        return set(self._jobs)
+
     def __len__(self) -> int:
         """Processes whose job is cached."""
         return len(self._jobs)

@@ -207,6 +207,9 @@ class KubernetesMetadata:
         self._refs.pop(pid, None)
         self._known.pop(pid, None)
 
+    def pids(self) -> set[int]:
+        return set(self._refs) | set(self._known)
+
     def _ref(self, pid: int) -> ContainerRef | None:
         if not self.enabled:
             return None

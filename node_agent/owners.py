@@ -43,5 +43,9 @@ class ProcessOwners:
         self.jobs.forget(pid)
         self.pods.forget(pid)
 
+    def pids(self) -> set[int]:
+        """The processes whose answers are cached (their ancestors' too)."""
+        return self.jobs.pids() | self.pods.pids()
+
     def close(self) -> None:
         self.pods.stop()

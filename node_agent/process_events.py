@@ -9,12 +9,16 @@ subscribe to what they need:
   work (maps, symbol tables, job) belongs here, not at exec: most processes of a busy
   node are never sampled. It comes within milliseconds: the event wakes the agent, and
   with it the process's identity (identity(pid)), so that only its maps are left to read.
-- on_exec(pid): any process exec'd (new program, environment, command line).
+- on_exec(pid): a process sampled since it started exec'd (new program, environment,
+  command line); while on-demand sessions run (report_every_process), any process.
 - on_new_code(pid): a sampled process mapped new executable code (dlopen).
-- on_exit(pid): any process exited.
+- on_exit(pid): a process sampled since it started exited; while sessions run, any.
 
-Exec, mmap and exit events wait for the next poll (no wake-up per event), so a node that
-starts hundreds of processes a second costs two events per process.
+Exec, mmap and exit events wait for the next poll (no wake-up per event), and the kernel
+sends them only for the processes the agent keeps state of: a node that starts hundreds of
+processes a second costs events only for those its samples hit. State a component keeps
+of a process whose exit went unreported (it exited before its first sample was read) is
+let go by the agent's sweep at the next drain.
 """
 
 from __future__ import annotations
@@ -80,6 +84,8 @@ class ProcessEvents:
         # first: consuming in that order, an exec is never read after a first sample it
         # preceded (see poll).
         self._watched = self._bpf[b"watched_pids"]
+        self._tracked = self._bpf[b"tracked_pids"]
+        self._every = self._bpf[b"report_every_process"]
         self._callback = _RINGBUF_CB_TYPE(self._collect)
         fds = [*rings, self._bpf[b"process_events"].map_fd]
         self._manager = lib.bpf_new_ringbuf(fds[0], self._callback, None)
@@ -142,6 +148,7 @@ class ProcessEvents:
                 self._identities[pid] = identity
             with contextlib.suppress(Exception):  # BCC: a bare Exception when full
                 self._watched[self._watched.Key(pid)] = self._watched.Leaf(1)
+                self._tracked[self._tracked.Key(pid)] = self._tracked.Leaf(1)
         elif kind == EVENT_EXEC_MMAP:
             if pid not in self.sampled:
                 return  # its first sample will read its maps, new code included
@@ -150,6 +157,17 @@ class ProcessEvents:
             self._identities.pop(pid, None)
         for callback in self._subscribers[kind]:
             callback(pid)
+
+    def report_every_process(self, every: bool) -> None:
+        """Report every process's exec and exit (on-demand sessions consider each), or only
+        those of the processes sampled since they started."""
+        self._every[self._every.Key(0)] = self._every.Leaf(every)
+
+    def forget(self, pids: Iterable[int]) -> None:
+        """Exited processes whose exit went unreported (the agent's sweep found them)."""
+        self.sampled.difference_update(pids)
+        for pid in pids:
+            self._identities.pop(pid, None)
 
     def close(self) -> None:
         lib.bpf_free_ringbuf(self._manager)

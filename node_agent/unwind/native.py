@@ -157,11 +157,16 @@ class NativeUnwinder:
         self._sampled.set()
 
     def _load_sampled(self) -> None:
-        timeout = LOADER_PERIOD_S
+        left = False
         while not self._stop.is_set():
-            self._sampled.wait(timeout)
+            if left:
+                # Processes wait to be LOAD_AFTER_S old: first samples meanwhile need no
+                # look of their own (on a busy node, tens a second).
+                self._stop.wait(LOAD_AFTER_S)
+            else:
+                self._sampled.wait(LOADER_PERIOD_S)
             self._sampled.clear()
-            timeout = LOAD_AFTER_S if self.poll() else LOADER_PERIOD_S
+            left = self.poll()
 
     def poll(self) -> bool:
         """Load the processes sampled at least LOAD_AFTER_S ago: a millisecond each, with
@@ -272,6 +277,11 @@ class NativeUnwinder:
             with self._announced_lock:
                 self._announced[pid] = time.monotonic()
             self._sampled.set()
+
+    def pids(self) -> set[int]:
+        """The processes loaded."""
+        with self._lock:
+            return set(self._processes)
 
     def forget(self, pid: int) -> None:
         """pid exited: drop its ranges and its files' references."""

@@ -242,9 +242,28 @@ def test_process_storm_is_survived(aggregator, running_agent) -> None:
     # and what the agent keeps per process follows the processes alive, not those started.
     assert agent.symbolizer.stats["snapshots"] < 1500
     alive = sum(name.isdigit() for name in os.listdir("/proc"))
-    assert len(agent.owners.jobs) < alive + 100
+    assert len(agent.owners.pids()) < alive + 100
+    assert agent.unwinder is None or len(agent.unwinder.pids()) < alive + 100
     # RSS: symbol tables of what else runs here may arrive meanwhile (bounded by the cache).
     assert rss_mb() - rss_before < 128
+
+
+def test_what_is_kept_of_a_process_whose_exit_went_unreported_is_let_go(
+    aggregator, running_agent
+) -> None:
+    # The kernel reports the exits of the processes whose first sample the agent read; a
+    # process asked about otherwise (an ancestor of a sampled one, one a session considered)
+    # exits unreported, and the drain after its exit lets go of it.
+    agent = running_agent(frequency=99, interval_s=1.0)
+    child = subprocess.Popen(["sleep", "0.5"])
+    agent.owners.job(child.pid)
+    assert child.pid in agent.owners.pids()
+    child.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while child.pid in agent.owners.pids() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    agent.stop()
+    assert child.pid not in agent.owners.pids()
 
 
 def rss_mb() -> float:

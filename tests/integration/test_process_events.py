@@ -1,5 +1,6 @@
 """Process events from the kernel: first samples once per process image, exec and exit of
-every process, and a session's filter taking in children from their fork."""
+the processes sampled (of every process while sessions run), and a session's filter taking
+in children from their fork."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def poll_until(events: Any, done: Any, timeout_s: float = 20) -> None:
         events.poll(50)
 
 
-def test_first_sample_once_per_image_exec_and_exit_of_every_process(cpu_sampler) -> None:
+def test_first_sample_once_per_image_exec_and_exit_of_sampled_processes(cpu_sampler) -> None:
     from fleetprof.node_agent.process_events import ProcessEvents
 
     events = ProcessEvents([cpu_sampler.process_events_fd()])
@@ -53,22 +54,60 @@ def test_first_sample_once_per_image_exec_and_exit_of_every_process(cpu_sampler)
         # On a CPU for about a millisecond (its exec and start-up): at 99 Hz it is sampled
         # about once in ten runs, and then reports one first sample, never more.
         idle = subprocess.Popen(["sleep", "0.2"])
-        busy.wait(timeout=60)
-        idle.wait(timeout=10)
-        poll_until(events, lambda: ("exit", busy.pid) in seen and ("exit", idle.pid) in seen)
+        poll_until(
+            events,
+            lambda: (
+                busy.poll() is not None and idle.poll() is not None and ("exit", busy.pid) in seen
+            ),
+        )
+        # Exited before its first sample was read: nothing more comes of it.
+        unread = subprocess.Popen(BUSY_SHELL.format(python=sys.executable, busy="pass"), shell=True)
+        unread.wait(timeout=60)
+        poll_until(events, lambda: ("first", unread.pid) in seen)
+        events.poll(300)
     finally:
         events.close()
     of_busy = [kind for kind, pid in seen if pid == busy.pid]
-    # Its exec by Popen, first sample as a shell, the exec of python, the first sample of
-    # that new image, its exit: samples in between report nothing. (Popen's child may be
-    # sampled before its exec, as a copy of pytest: a first sample more, at the start.)
-    assert of_busy[-5:] == ["exec", "first", "exec", "first", "exit"]
-    assert of_busy[:-5] in ([], ["first"])
+    # Its first sample as a shell, the exec of python, the first sample of that new image,
+    # its exit: samples in between report nothing. (Popen's child may be sampled before its
+    # exec, as a copy of pytest: then its exec is reported too, at the start.)
+    assert of_busy[-4:] == ["first", "exec", "first", "exit"]
+    assert of_busy[:-4] in ([], ["first", "exec"])
+    # A process never sampled reports nothing; sampled, its exit (and exec) as well.
     assert [kind for kind, pid in seen if pid == idle.pid] in (
-        ["exec", "exit"],
-        ["exec", "first", "exit"],
+        [],
+        ["first", "exit"],
+        ["first", "exec", "exit"],
+        ["first", "exec", "first", "exit"],
     )
+    assert [kind for kind, pid in seen if pid == unread.pid][-1] == "first"
     assert busy.pid not in events.sampled  # exited: forgotten
+    events.forget([unread.pid])  # the agent's sweep, at its next drain
+    assert unread.pid not in events.sampled
+
+
+def test_every_process_reported_while_sessions_run(cpu_sampler) -> None:
+    from fleetprof.node_agent.process_events import ProcessEvents
+
+    events = ProcessEvents([cpu_sampler.process_events_fd()])
+    seen: list[tuple[str, int]] = []
+    events.subscribe(
+        on_exec=lambda pid: seen.append(("exec", pid)),
+        on_exit=lambda pid: seen.append(("exit", pid)),
+    )
+    try:
+        events.report_every_process(True)
+        reported = subprocess.Popen(["sleep", "0.1"])
+        reported.wait(timeout=10)
+        poll_until(events, lambda: ("exit", reported.pid) in seen)
+        events.report_every_process(False)
+        unreported = subprocess.Popen(["sleep", "0"])
+        unreported.wait(timeout=10)
+        events.poll(300)
+    finally:
+        events.close()
+    assert [kind for kind, pid in seen if pid == reported.pid] == ["exec", "exit"]
+    assert [kind for kind, pid in seen if pid == unreported.pid] == []
 
 
 def test_first_sample_gives_the_identity_proc_gives(cpu_sampler) -> None:
