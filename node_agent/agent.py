@@ -135,12 +135,8 @@ class Agent:
             on_exit=self._on_exit,
         )
         if self.unwinder:
-            # It loads sampled processes by itself; a new image or new code is loaded again.
-            self._events.subscribe(
-                on_first_sample=self.unwinder.sampled,
-                on_exec=self.unwinder.refresh,
-                on_exit=self.unwinder.forget,
-            )
+            # Given each process read (_remember_new_code); a new image is read anew.
+            self._events.subscribe(on_exec=self.unwinder.forget, on_exit=self.unwinder.forget)
         self._builder = BatchBuilder(self.symbolizer, self.owners)
         self.host_sampling = HostSampling(
             config.host_sampling, random.Random(config.host_sampling_seed)
@@ -195,12 +191,12 @@ class Agent:
         for pid in [pid for pid, due in self._new_code_due.items() if due <= now]:
             del self._new_code_due[pid]
             self._new_code.add(pid)
-            if self.unwinder:
-                self.unwinder.refresh(pid)
         while self._new_code:
             pid = self._new_code.pop()
             identity = self._events.identity(pid)
-            self.symbolizer.remember(pid, identity)
+            snapshot = self.symbolizer.remember(pid, identity)
+            if self.unwinder and snapshot is not None:
+                self.unwinder.sampled(pid, snapshot.mappings)
             # Its owner now, while /proc/PID is there to answer (cached until it exits).
             self.owners.owner(pid, identity.ppid if identity else None)
 

@@ -89,9 +89,9 @@ class Symbolizer:
         # (symbol table, file offset, module) -> frame, or None where no symbol covers it.
         self._native_frames: dict[tuple[ElfSymbols | None, int, str], Frame | None] = {}
 
-    def remember(self, pid: int, identity: ProcessIdentity | None = None) -> None:
+    def remember(self, pid: int, identity: ProcessIdentity | None = None) -> ProcessSnapshot | None:
         """Snapshot pid, new or changed (exec, new executable mapping), until forget(pid);
-        `identity`, if the kernel gave it, spares reading it from /proc.
+        `identity`, if the kernel gave it, spares reading it from /proc. The snapshot taken.
 
         A failed snapshot (the process already exited) keeps the previous one.
         """
@@ -104,6 +104,7 @@ class Symbolizer:
                 self._perf_maps.get(pid, snapshot.nspid)
             if snapshot.hotspot:  # and a JVM's layout, for the same reason
                 self.hotspot.process(snapshot)
+        return snapshot
 
     def take_debug_info(self) -> int:
         """Name frames from the debug files fetched since the last call (debuginfod) from

@@ -18,10 +18,12 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
+import os
 import threading
 import time
 import uuid
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -29,7 +31,8 @@ from bcc import BPF
 
 from fleetprof.node_agent.samplers import SamplerOptions
 from fleetprof.node_agent.samplers.bpf_sampler import BCC_LOCK, release_compiler_memory
-from fleetprof.node_agent.symbolize.process import executable_mappings
+from fleetprof.node_agent.symbolize.elf import MappedFiles
+from fleetprof.node_agent.symbolize.process import Mapping, executable_mappings
 from fleetprof.node_agent.unwind.tables import FileIdentity, FileRows, UnwindTables
 
 log = logging.getLogger(__name__)
@@ -116,9 +119,12 @@ class NativeUnwinder:
         self._waiting: dict[FileIdentity, _Wait] = {}
         # When the loader first saw each pending pid.
         self._pending_since: dict[int, float] = {}
-        # Pids announced (first samples, refresh) -> when: loaded without a look through
-        # `unwind_pending`, a syscall per entry. Shared with the agent's event thread.
-        self._announced: dict[int, float] = {}
+        # Pids announced (first samples, refresh) -> (when, their mappings if given): loaded
+        # without a look through `unwind_pending`, a syscall per entry. Shared with the
+        # agent's event thread.
+        self._announced: dict[int, tuple[float, Sequence[Mapping] | None]] = {}
+        # Mapped files' identities: a new process's common libraries need no stat each.
+        self._mapped = MappedFiles()
         self._announced_lock = threading.Lock()
         self._next_scan = 0.0
         self._code: dict[int, _Code] = {}
@@ -149,11 +155,14 @@ class NativeUnwinder:
 
     # Process lifecycle.
 
-    def sampled(self, pid: int) -> None:
-        """pid was sampled for the first time: wake the loader (an idle node's loader
-        sleeps, rather than looking at the kernel's table ten times a second)."""
+    def sampled(self, pid: int, mappings: Sequence[Mapping] | None = None) -> None:
+        """pid was sampled for the first time, or mapped new code: wake the loader (an idle
+        node's loader sleeps, rather than looking at the kernel's table ten times a second).
+        `mappings`: pid's executable mappings as just read (the symbolizer's snapshot),
+        which spares the loader reading them again."""
         with self._announced_lock:
-            self._announced.setdefault(pid, time.monotonic())
+            since = self._announced.get(pid, (time.monotonic(), None))[0]
+            self._announced[pid] = (since, mappings)
         self._sampled.set()
 
     def _load_sampled(self) -> None:
@@ -174,12 +183,16 @@ class NativeUnwinder:
         sampled processes are left to load later."""
         now = time.monotonic()
         with self._announced_lock:
-            due = [pid for pid, since in self._announced.items() if now - since >= LOAD_AFTER_S]
-            for pid in due:
+            due = [
+                (pid, mappings)
+                for pid, (since, mappings) in self._announced.items()
+                if now - since >= LOAD_AFTER_S
+            ]
+            for pid, _ in due:
                 del self._announced[pid]
             left = bool(self._announced)
-        for pid in due:
-            self.load(pid)
+        for pid, mappings in due:
+            self.load(pid, mappings)
             self._pending.pop(self._pending.Key(pid), None)  # its samples' own report
             self._pending_since.pop(pid, None)
         if now < self._next_scan:
@@ -222,24 +235,30 @@ class NativeUnwinder:
                     if self._processes.get(process.pid) is process:
                         self._map(process, identity, found[1], start, end, offset)
 
-    def load(self, pid: int) -> bool:
-        """(Re)load pid's mappings; False if it is gone (nothing is left of it then).
-        Mappings of files not parsed yet are added when they are."""
+    def load(self, pid: int, mappings: Sequence[Mapping] | None = None) -> bool:
+        """(Re)load pid's mappings (read now if not given); False if it is gone (nothing is
+        left of it then). Mappings of files not parsed yet are added when they are."""
+        if mappings is None:
+            mappings = _file_mappings(pid)
+        elif not os.path.exists(f"/proc/{pid}"):
+            mappings = []  # exited since: its exit may already have been handled
         with self._lock:
             self._forget(pid)
-            mappings = _file_mappings(pid)
             if not mappings:
                 return False
             process = self._processes[pid] = _Process(pid, [], [])
-            for start, end, offset, path in mappings:
-                paths = (f"/proc/{pid}/map_files/{start:x}-{end:x}", _under_root(pid, path))
-                found = self._tables.vdso if path == _VDSO else self._tables.peek(paths)
+            for mapping in mappings:
+                start, end, offset, path = mapping.start, mapping.end, mapping.offset, mapping.path
+                if not path.startswith("/") and path != _VDSO:
+                    continue  # JIT code, [vsyscall]: frame pointers
+                found = self._tables.vdso if path == _VDSO else self._peek(pid, mapping)
                 if found is None:
                     continue
                 identity, rows = found
                 if rows is not None:
                     self._map(process, identity, rows, start, end, offset)
                 else:
+                    paths = (f"/proc/{pid}/map_files/{start:x}-{end:x}", _under_root(pid, path))
                     wait = self._waiting.setdefault(identity, _Wait(identity[2], paths, []))
                     wait.mappings.append((process, start, end, offset))
                     self._files_waiting.notify_all()
@@ -249,6 +268,19 @@ class NativeUnwinder:
             self._pids[self._pids.Key(pid)] = self._pids.Leaf(time.monotonic_ns())
             self.counts["processes_loaded"] += 1
             return True
+
+    def _peek(self, pid: int, mapping: Mapping) -> tuple[FileIdentity, FileRows | None] | None:
+        """The mapped file's identity and its rows if in memory (UnwindTables.peek), without
+        a stat for a file whose identity is known (MappedFiles)."""
+        identity = self._mapped.recent(mapping.dev, mapping.inode)
+        rows = self._tables.in_memory(identity) if identity is not None else None
+        if identity is not None and rows is not None:
+            return identity, rows
+        map_file = f"/proc/{pid}/map_files/{mapping.start:x}-{mapping.end:x}"
+        found = self._tables.peek((map_file, _under_root(pid, mapping.path)))
+        if found is not None:
+            self._mapped.seen(mapping.dev, mapping.inode, found[0])
+        return found
 
     def _map(
         self,
@@ -268,15 +300,6 @@ class NativeUnwinder:
             start - address, slot.start if slot else 0, slot.count if slot else 0
         )
         self._insert_range(process.pid, start, end, value, process.keys)
-
-    def refresh(self, pid: int) -> None:
-        """pid mapped new code (dlopen) or exec'd: have it loaded again at its next sample."""
-        with self._lock:
-            forgotten = self._forget(pid)
-        if forgotten:
-            with self._announced_lock:
-                self._announced[pid] = time.monotonic()
-            self._sampled.set()
 
     def pids(self) -> set[int]:
         """The processes loaded."""
@@ -483,17 +506,15 @@ def _under_root(pid: int, path: str) -> str:
     return f"/proc/{pid}/root{path.removesuffix(_DELETED)}"
 
 
-def _file_mappings(pid: int) -> list[tuple[int, int, int, str]]:
-    """(start, end, file offset, path) of pid's executable file mappings; [] if it is gone.
-    Anonymous (JIT) code and [vsyscall] have no rows: frame pointers."""
+def _file_mappings(pid: int) -> list[Mapping]:
+    """pid's executable mappings (no symbols); [] if it is gone."""
     try:
         found = executable_mappings(pid)
     except OSError:
         return []
     return [
-        (start, end, offset, path)
-        for start, end, offset, _, _, path in found
-        if path.startswith("/") or path == _VDSO
+        Mapping(start, end, offset, path, dev, inode, "", None)
+        for start, end, offset, dev, inode, path in found
     ]
 
 

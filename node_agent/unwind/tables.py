@@ -74,6 +74,10 @@ class UnwindTables:
                 return identity, self._memory.get(identity)
         return None
 
+    def in_memory(self, identity: FileIdentity) -> FileRows | None:
+        """The rows of a file known by its identity, if they are in memory."""
+        return self._memory.get(identity)
+
     def get(self, paths: tuple[str, ...]) -> tuple[FileIdentity, FileRows] | None:
         """The rows of the first of paths that opens, read from the disk cache or parsed."""
         for path in paths:
