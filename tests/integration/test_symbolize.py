@@ -543,6 +543,30 @@ def test_elf_cache_rereads_a_replaced_binary(tmp_path: Path, binaries: dict[str,
     assert cache.get(str(tmp_path / "missing")) is None
 
 
+def test_a_mapped_file_known_by_device_and_inode_is_stat_again_after_a_second(
+    tmp_path: Path, binaries: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """New processes' common libraries are known by the (device, inode) of their maps, not
+    stat'ed each time; a file rewritten in place (same inode) is read anew once that
+    knowledge is older than MAPPED_RECHECK_S."""
+    from fleetprof.node_agent.symbolize import elf
+
+    path = tmp_path / "tool"
+    shutil.copy("/bin/true", path)
+    inode = path.stat().st_ino
+    cache = ElfCache()
+    first = cache.get_mapped("fd:01", inode, (str(path),), str(path))
+    assert first is not None
+    shutil.copy(binaries["pie"], path)  # in place: the same inode, new contents
+    assert path.stat().st_ino == inode
+    assert cache.get_mapped("fd:01", inode, (str(path),), str(path)) is first
+    monkeypatch.setattr(elf, "MAPPED_RECHECK_S", 0.0)
+    rewritten = cache.get_mapped("fd:01", inode, (str(path),), str(path))
+    assert rewritten is not first and rewritten is not None
+    assert "hot_alpha" in {rewritten.resolve_file_offset(o) for o in range(0, 0x3000)}
+    assert cache.get_mapped("fd:01", inode + 1, (str(tmp_path / "missing"),), "") is None
+
+
 def test_lru_cache_is_bounded_by_weight() -> None:
     cache: LruCache[str, list[int]] = LruCache(10, len)
     cache.put("a", [1] * 4)
