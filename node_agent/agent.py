@@ -129,7 +129,7 @@ class Agent:
             fd for fd in (s.process_events_fd() for s in self._samplers) if fd is not None
         )
         self._events.subscribe(
-            on_first_sample=self._new_code.add,
+            on_first_sample=self._on_first_sample,
             on_new_code=self._on_new_code,
             on_exec=self._on_exec,
             on_exit=self._on_exit,
@@ -169,6 +169,12 @@ class Agent:
             config.host_sampling,
             self.aggregator,
         )
+
+    def _on_first_sample(self, pid: int) -> None:
+        # A new image: its job is asked anew, even if cached as another process's ancestor
+        # (whose exec the kernel does not report unless it was sampled).
+        self.owners.forget(pid)
+        self._new_code.add(pid)
 
     def _on_exec(self, pid: int) -> None:
         # A new environment and command line may name another job: asked again when needed.
