@@ -32,6 +32,7 @@ _CONTROL = re.compile(schema.CONTROL_CHARACTERS)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 _NO_BYTES = np.empty(0, np.uint8)
+_NO_INTS = np.empty(0, np.int64)
 _FREE_LABELS = tuple(label for label in ROW_LABELS if label != "event")
 _TICKS_PER_SECOND = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}
 
@@ -125,33 +126,56 @@ def _has_control(text: np.ndarray) -> bool:
 def check_time_window(name: str, table: pa.Table, now: datetime | None = None) -> None:
     """Row timestamps (`ts`) within [now - MAX_SAMPLE_AGE, now + MAX_CLOCK_SKEW]: the
     column's least and greatest values against the bounds, as integers of its unit."""
-    per_second = _TICKS_PER_SECOND[table["ts"].type.unit]
+    column = table["ts"]
+    bounds = _min_max(column)
+    if bounds is None:
+        return
+    earliest, latest = bounds
+    per_second = _TICKS_PER_SECOND[column.type.unit]
     now_ns = time.time_ns() if now is None else (now - _EPOCH) // _MICROSECOND * 1000
-    earliest, latest = pc.min_max(table["ts"]).values()
     latest_ns = now_ns + MAX_CLOCK_SKEW // _MICROSECOND * 1000
-    if latest.value > latest_ns * per_second // 10**9:
-        raise schema.SchemaError(f"{name}: timestamp {_iso(latest)} is in the future")
+    if latest > latest_ns * per_second // 10**9:
+        raise schema.SchemaError(f"{name}: timestamp {_iso(latest, column.type)} is in the future")
     earliest_ns = now_ns - MAX_SAMPLE_AGE // _MICROSECOND * 1000
-    if earliest.value < -(-earliest_ns * per_second // 10**9):  # rounded up
+    if earliest < -(-earliest_ns * per_second // 10**9):  # rounded up
         raise schema.SchemaError(
-            f"{name}: timestamp {_iso(earliest)} is older than {MAX_SAMPLE_AGE.days} days"
+            f"{name}: timestamp {_iso(earliest, column.type)} is older than "
+            f"{MAX_SAMPLE_AGE.days} days"
         )
 
 
-def _iso(ts: pa.TimestampScalar) -> str:
+def _iso(value: int, ts_type: pa.TimestampType) -> str:
+    ts = pa.scalar(value, ts_type)
     try:
         return ts.as_py().isoformat()
     except (OverflowError, ValueError):  # past datetime's years 1-9999
-        return f"{ts.value} {ts.type.unit} from 1970"
+        return f"{value} {ts_type.unit} from 1970"
+
+
+def _min_max(column: pa.ChunkedArray) -> tuple[int, int] | None:
+    """The least and greatest non-null values of a 64-bit integer or timestamp column, as
+    integers (None: no values)."""
+    lows, highs = [], []
+    for chunk in column.chunks:
+        if chunk.null_count:  # not in decoded batches (decode refuses them): the rare path
+            chunk = chunk.drop_null()
+        if len(chunk):
+            values = _int64s(chunk)
+            lows.append(values.min())
+            highs.append(values.max())
+    return (int(min(lows)), int(max(highs))) if lows else None
 
 
 def check_weights(samples: pa.Table) -> None:
     """Weights in [0, schema.MAX_WEIGHT of the event's unit]: a poisoned weight could otherwise
     dwarf a fleet's profile (or overflow sums)."""
-    low, high = pc.min_max(samples["weight"]).values()
-    if low.as_py() < 0:
+    bounds = _min_max(samples["weight"])
+    if bounds is None:
+        return
+    low, high = bounds
+    if low < 0:
         raise schema.SchemaError("samples: negative weight")
-    if high.as_py() <= min(schema.MAX_WEIGHT.values()):
+    if high <= min(schema.MAX_WEIGHT.values()):
         return
     for event, unit in schema.EVENT_UNITS.items():
         weights = pc.filter(samples["weight"], pc.equal(samples["event"], event))
@@ -194,10 +218,18 @@ class StreamStacks:
 
 
 def _values(column: pa.ChunkedArray) -> np.ndarray:
-    """A column without nulls as numpy, without a copy when it is one chunk (decoded)."""
+    """A 64-bit column without nulls as numpy, without a copy when it is one chunk (decoded)."""
     if column.num_chunks == 1:
-        return column.chunk(0).to_numpy(zero_copy_only=False)
-    return column.to_numpy()
+        return _int64s(column.chunk(0))
+    return np.concatenate([_int64s(chunk) for chunk in column.chunks] or [_NO_INTS])
+
+
+def _int64s(chunk: pa.Array) -> np.ndarray:
+    """The values buffer of a 64-bit integer or timestamp array as int64, in place (a null's
+    slot holds anything): pyarrow's to_numpy and min_max cost several times more per call."""
+    if not len(chunk):
+        return _NO_INTS
+    return np.frombuffer(chunk.buffers()[1], np.int64, len(chunk), 8 * chunk.offset)
 
 
 def _check_known(name: str, table: pa.Table, column: str, known: Iterable[str]) -> None:

@@ -18,6 +18,7 @@ from fleetprof.aggregator.validate import (
     StreamStacks,
     check_text,
     check_time_window,
+    check_weights,
     validate_batch,
 )
 from fleetprof.proto import schema
@@ -139,3 +140,29 @@ def test_time_window_bounds_to_the_microsecond() -> None:
         check_time_window("samples", rows(now + MAX_CLOCK_SKEW + tick), now)
     with pytest.raises(schema.SchemaError, match="older than 7 days"):
         check_time_window("samples", rows(now - MAX_SAMPLE_AGE - tick), now)
+
+
+def test_bounds_read_in_place_answer_as_arrow_over_chunks_slices_and_nulls() -> None:
+    """check_weights and check_time_window read each chunk's values buffer in place: a
+    slice sees its own values only, every chunk counts, and a null's slot (whatever it
+    holds) does not."""
+    weights = pa.chunked_array([pa.array([1, -5, 2], pa.int64())])
+    check_weights(pa.table({"weight": weights}).slice(2))
+    with pytest.raises(schema.SchemaError, match="negative weight"):
+        check_weights(pa.table({"weight": weights}).slice(1))
+    two_chunks = pa.chunked_array([pa.array([1, 2], pa.int64()), pa.array([3, -1], pa.int64())])
+    with pytest.raises(schema.SchemaError, match="negative weight"):
+        check_weights(pa.table({"weight": two_chunks}))
+    validity = pa.py_buffer(np.packbits([1, 0, 1], bitorder="little").tobytes())
+    data = pa.py_buffer(np.array([1, -5, 2], np.int64).tobytes())
+    null_over_negative = pa.Array.from_buffers(pa.int64(), 3, [validity, data], null_count=1)
+    check_weights(pa.table({"weight": null_over_negative}))
+
+    now = datetime(2030, 5, 1, 12, 0, tzinfo=UTC)
+    ts_type = pa.timestamp("us", tz="UTC")
+    late = now + MAX_CLOCK_SKEW + timedelta(seconds=1)
+    chunks = pa.chunked_array([pa.array([now], ts_type), pa.array([now, late], ts_type)])
+    with pytest.raises(schema.SchemaError, match="in the future"):
+        check_time_window("samples", pa.table({"ts": chunks}), now)
+    check_time_window("samples", pa.table({"ts": chunks}).slice(0, 2), now)
+    check_time_window("samples", pa.table({"ts": pa.array([None, now], ts_type)}), now)
