@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
 import functools
 import os
 import re
+import struct
 import time
 from bisect import bisect_right
 from dataclasses import dataclass, field
@@ -117,16 +121,87 @@ _EXECUTABLE_LINE = re.compile(
     r"^([0-9a-f]+)-([0-9a-f]+) ..x. ([0-9a-f]+) ([0-9a-f]+:[0-9a-f]+) (\d+) *(.*)$", re.M
 )
 
+ExecutableMapping = tuple[int, int, int, str, int, str]
 
-def executable_mappings(pid: int) -> list[tuple[int, int, int, str, int, str]]:
+
+def executable_mappings(pid: int) -> list[ExecutableMapping]:
     """(start, end, file offset, device, inode, path) of pid's executable mappings, as
-    /proc/PID/maps gives them; raises OSError if the process is gone."""
-    with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
-        maps = f.read()
+    /proc/PID/maps gives them; raises OSError if the process is gone.
+
+    Asked with PROCMAP_QUERY (Linux 6.11) where the kernel has it: only the executable
+    mappings, without the kernel formatting and this parsing every line (a Python process's
+    ~20 of ~100: 42 us against 118); else from the text."""
+    with open(f"/proc/{pid}/maps", "rb", buffering=0) as f:
+        if _PROCMAP_QUERY.supported:
+            found = _PROCMAP_QUERY.executable(f.fileno())
+            if found is not None:
+                return found + _vsyscall()
+        maps = f.read().decode("utf-8", "replace")
     return [
         (int(start, 16), int(end, 16), int(offset, 16), dev, int(inode), path)
         for start, end, offset, dev, inode, path in _EXECUTABLE_LINE.findall(maps)
     ]
+
+
+class _ProcmapQuery:
+    """The PROCMAP_QUERY ioctl on an open /proc/PID/maps (linux/fs.h): the first mapping
+    with the asked permissions at or after an address, with its file's path."""
+
+    # struct procmap_query: size, query_flags, query_addr, vma_start, vma_end, vma_flags,
+    # vma_page_size, vma_offset, inode, dev_major, dev_minor, vma_name_size,
+    # build_id_size, vma_name_addr, build_id_addr.
+    _FORMAT = struct.Struct("<QQQQQQQQQIIIIQQ")
+    _REQUEST = (3 << 30) | (_FORMAT.size << 16) | (ord("f") << 8) | 17  # _IOWR('f', 17, ...)
+    _EXECUTABLE, _COVERING_OR_NEXT = 0x04, 0x10
+    _NAME_BYTES = 4096  # PATH_MAX
+
+    def __init__(self) -> None:
+        self.supported = True
+
+    def executable(self, fd: int) -> list[ExecutableMapping] | None:
+        """fd's process's executable mappings; None if the text must tell (a kernel
+        without the ioctl, a path longer than PATH_MAX)."""
+        found: list[ExecutableMapping] = []
+        # Per call: the symbolizer and the unwinder's loader thread ask at once.
+        request, name = bytearray(self._FORMAT.size), ctypes.create_string_buffer(self._NAME_BYTES)
+        address = 0
+        flags = self._EXECUTABLE | self._COVERING_OR_NEXT
+        while True:
+            self._FORMAT.pack_into(
+                request, 0, self._FORMAT.size, flags, address,
+                0, 0, 0, 0, 0, 0, 0, 0, self._NAME_BYTES, 0, ctypes.addressof(name), 0,
+            )  # fmt: skip
+            try:
+                fcntl.ioctl(fd, self._REQUEST, request)
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:  # no mapping left
+                    return found
+                if exc.errno in (errno.ENOTTY, errno.EINVAL):
+                    self.supported = False
+                if exc.errno in (errno.ENOTTY, errno.EINVAL, errno.ENAMETOOLONG):
+                    return None
+                raise  # ESRCH: its memory is gone
+            _, _, _, start, end, _, _, offset, inode, major, minor, name_size, *_ = (
+                self._FORMAT.unpack(request)
+            )
+            path = name[: name_size - 1].decode("utf-8", "replace") if name_size else ""
+            found.append((start, end, offset, f"{major:02x}:{minor:02x}", inode, path))
+            address = end
+
+
+_PROCMAP_QUERY = _ProcmapQuery()
+
+
+@functools.cache
+def _vsyscall() -> list[ExecutableMapping]:
+    """The [vsyscall] page, as the text lists it: the same in every process, and not a
+    mapping of the process's own that the ioctl would find."""
+    with open("/proc/self/maps", encoding="utf-8") as f:
+        return [
+            (int(start, 16), int(end, 16), int(offset, 16), dev, int(inode), path)
+            for start, end, offset, dev, inode, path in _EXECUTABLE_LINE.findall(f.read())
+            if path == _VSYSCALL
+        ]
 
 
 def read_stat(pid: int) -> tuple[str, int]:

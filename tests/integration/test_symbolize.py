@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from fleetprof.node_agent.symbolize import process
 from fleetprof.node_agent.symbolize.elf import ElfCache, ElfSymbols
 from fleetprof.node_agent.symbolize.frame import Frame, LruCache
 from fleetprof.node_agent.symbolize.kernel import KernelSymbols
@@ -161,6 +162,28 @@ def test_binary_deleted_while_running_resolves_through_map_files(
         assert frames == [Frame("hot_alpha", "upgraded", "native")]
     finally:
         program.stop()
+
+
+def test_executable_mappings_asked_of_the_kernel_equal_the_text(
+    binaries: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PROCMAP_QUERY where the kernel has it (6.11), /proc/PID/maps' text else: the same
+    mappings either way, a deleted binary, anonymous (JIT) code, the vDSO and [vsyscall] too."""
+    binary = tmp_path / "upgraded"
+    shutil.copy(binaries["pie"], binary)
+    program = start(binary)
+    try:
+        binary.unlink()
+        asked = process.executable_mappings(program.pid)
+        monkeypatch.setattr(process._PROCMAP_QUERY, "supported", False)
+        assert asked == process.executable_mappings(program.pid)
+    finally:
+        program.stop()
+    paths = [path for *_, path in asked]
+    assert f"{binary} (deleted)" in paths and "[vdso]" in paths and "" in paths  # the JIT's
+    assert any(start == program.jit for start, *_ in asked)
+    with pytest.raises(OSError):
+        process.executable_mappings(program.pid)  # reaped
 
 
 def test_vdso_frames(running: Running) -> None:
