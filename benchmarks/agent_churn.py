@@ -4,9 +4,10 @@ slowdown of a CPU-bound workload next to BCC's `profile` and `perf record`, in o
 Part 1, the churn curve: a real agent (shipping to a local aggregator) at 19 Hz, then at
 99 Hz; for each, windows with no churn, 25 and 100 new processes a second (mostly
 /bin/true, one in five a short `python3 -c` that computes a little, so some get sampled),
-rates interleaved over the repeats; a baseline agent, if given, runs side by side. The
-agent's CPU (% of one core) comes from /proc/PID/stat over each window. Targets: <= 0.5%
-idle, <= 1% at 25/s, <= 2% at 100/s.
+rates interleaved over the repeats, each window after `--warmup` seconds at its rate (one
+drain interval: an idle window would else pay for the drain of the churn before it); a
+baseline agent, if given, runs side by side. The agent's CPU (% of one core) comes from
+/proc/PID/stat over each window. Targets: <= 0.5% idle, <= 1% at 25/s, <= 2% at 100/s.
 
 Part 2, workload slowdown at 99 Hz: a fixed-work CPU-bound program (2 threads) alone, under
 the agent, under BCC's profile-bpfcc -F 99 and under `perf record -F 99 -a -g`, the four
@@ -164,6 +165,9 @@ def churn_curve(args: argparse.Namespace, address: str) -> None:
             for repeat in range(args.repeats):
                 # Rotate the order, so no rate always follows the same one.
                 for rate in rates[repeat % len(rates) :] + rates[: repeat % len(rates)]:
+                    # Unmeasured, one drain interval at this rate first: the window then
+                    # sees this rate's steady state, not the drain of the last window's.
+                    churn(rate, args.warmup)
                     cpu = {name: process_cpu_s(agent.pid) for name, agent in running.items()}
                     wall = time.monotonic()
                     churn(rate, args.window)
@@ -227,6 +231,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--window", type=float, default=15, help="seconds per churn window")
     parser.add_argument("--settle", type=float, default=30, help="seconds after start-up")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=10,
+        help="seconds at a window's rate before it is measured (the agent's interval)",
+    )
     parser.add_argument("--frequencies", type=int, nargs="+", default=[19, 99])
     parser.add_argument("--rates", type=float, nargs="+", default=[0, 25, 100])
     parser.add_argument("--rounds", type=int, default=600, help="workload work (~9 ms each)")
