@@ -101,6 +101,9 @@ def running_agent(
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        # `python -m` puts the working directory first on sys.path: run from the import
+        # root, else a checkout's own fleetprof/ (this one's, from its top) shadows it.
+        cwd=pythonpath,
     )
     try:
         wait_for_line(agent, "sampling", timeout_s=600)  # compiling BPF on a loaded host
