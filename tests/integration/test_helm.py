@@ -280,6 +280,14 @@ def test_job_config(render: Callable[..., Objects], tmp_path: Path) -> None:
     assert annotations["team"] == "perf" and len(annotations["checksum/jobs"]) == 64
 
 
+def test_debuginfod_servers(render: Callable[..., Objects]) -> None:
+    urls = "https://debuginfod.example.org https://debuginfod.example.com/"
+    env = container(one(render({"agent": {"debuginfodUrls": urls}}), "DaemonSet"))["env"]
+    assert {"name": "DEBUGINFOD_URLS", "value": urls} in env
+    default = container(one(render(), "DaemonSet"))["env"]
+    assert "DEBUGINFOD_URLS" not in {variable["name"] for variable in default}
+
+
 def test_image(render: Callable[..., Objects]) -> None:
     objects = render({"image": {"repository": "registry.example/fleetprof", "tag": "1.2.3"}})
     for kind in ("DaemonSet", "StatefulSet"):
