@@ -241,8 +241,10 @@ def test_each_thread_has_its_own_frames(sampler: Any, python: Any, tmp_path: Pat
             other = next(name for name in ids if name != function)
             if tid == thread_id and names:
                 assert f"hot.{other}" not in names, (function, names)
-                assert f"hot.{function}" in names and "hot.thread_main" in names, names
-                own[function] += weight
+                # Samples of its start or end (threading's own frames alone) aside.
+                if "hot.thread_main" in names:
+                    assert f"hot.{function}" in names, names
+                    own[function] += weight
     # Both threads ran (the GIL shares the CPU between them), each named as itself.
     assert min(own.values(), default=0) >= 10 and len(own) == 2, own
 
