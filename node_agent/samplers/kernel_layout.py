@@ -27,9 +27,11 @@ _KIND_EXTRA = {1: (4, 0), 3: (12, 0), 4: (0, 12), 5: (0, 12), 6: (0, 8), 13: (0,
 # pthread_self() on x86-64 (what CPython's thread states record as thread_id); a forked
 # child that has not exec'd (same self_exec_id as its parent) walks with its parent's
 # layout. new_pids.bpf.h: a process's identity at its first sample, as /proc/PID/stat and
-# status give it (main thread's comm and start time, parent, pid in its own namespace).
+# status give it (main thread's comm and start time, parent, pid in its own namespace), and
+# whether the sampled thread is exiting (flags).
 KERNEL_MEMBERS = {
     "TASK_FSBASE_OFFSET": ("task_struct", ("thread", "fsbase")),
+    "TASK_FLAGS_OFFSET": ("task_struct", ("flags",)),
     "TASK_REAL_PARENT_OFFSET": ("task_struct", ("real_parent",)),
     "TASK_TGID_OFFSET": ("task_struct", ("tgid",)),
     "TASK_SELF_EXEC_ID_OFFSET": ("task_struct", ("self_exec_id",)),

@@ -65,6 +65,24 @@ static __always_inline void read_identity(struct process_event_t *event) {}
 #endif
 
 #if NOTE_SAMPLED_PIDS
+#define PF_EXITING 0x00000004
+// Whether the sampled process is the current one and already in do_exit: after
+// sched_process_exit has forgotten it, an exiting thread still runs (tearing down its
+// memory and files) and may be sampled; that is not a new process to report.
+static __always_inline bool current_exiting(u32 pid)
+{
+#if TASK_FLAGS_OFFSET >= 0
+    unsigned int flags = 0;
+    if ((bpf_get_current_pid_tgid() >> 32) != pid)
+        return false;
+    bpf_probe_read_kernel(&flags, sizeof(flags),
+                          (void *)bpf_get_current_task() + TASK_FLAGS_OFFSET);
+    return flags & PF_EXITING;
+#else
+    return false;
+#endif
+}
+
 // Processes sampled since their exec. An evicted entry only means a repeated event, which
 // user space drops.
 BPF_TABLE("lru_hash", u32, u8, sampled_pids, 65536);
@@ -74,7 +92,7 @@ BPF_TABLE("lru_hash", u32, u8, sampled_pids, 65536);
 static __always_inline void note_sampled_pid(u32 pid)
 {
     u8 one = 1;
-    if (sampled_pids.lookup(&pid))
+    if (sampled_pids.lookup(&pid) || current_exiting(pid))
         return;
     // insert (BPF_NOEXIST): of two CPUs sampling a new process at once, one reports it.
     if (sampled_pids.insert(&pid, &one))

@@ -88,6 +88,42 @@ def test_first_sample_once_per_image_exec_and_exit_of_sampled_processes(cpu_samp
     assert unread.pid not in events.sampled
 
 
+def test_a_process_sampled_while_it_exits_is_not_reported_again(cpu_sampler) -> None:
+    """Freeing a large memory takes its exiting process a tenth of a second after
+    sched_process_exit: samples then are of a process already reported gone."""
+    from fleetprof.node_agent.process_events import ProcessEvents
+
+    events = ProcessEvents([cpu_sampler.process_events_fd()])
+    seen: list[tuple[str, int]] = []
+    events.subscribe(
+        on_first_sample=lambda pid: seen.append(("first", pid)),
+        on_exit=lambda pid: seen.append(("exit", pid)),
+    )
+    # 1 GiB in small pages touched, then an exit that leaves the kernel to free them all.
+    hoarder = (
+        "import mmap, os\n"
+        "m = mmap.mmap(-1, 1 << 30, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)\n"
+        "m.madvise(mmap.MADV_NOHUGEPAGE)\n"
+        "m[::4096] = b'x' * (1 << 18)\n"
+        "os._exit(0)\n"
+    )
+    pids = []
+    try:
+        for _ in range(6):
+            process = subprocess.Popen([sys.executable, "-c", hoarder])
+            pids.append(process.pid)
+            # Its first sample read while it runs: its exit is then reported.
+            poll_until(events, lambda p=process: p.poll() is not None, timeout_s=60)
+            poll_until(events, lambda p=process: ("exit", p.pid) in seen, timeout_s=5)
+        events.poll(300)
+    finally:
+        events.close()
+    for pid in pids:
+        kinds = [kind for kind, of in seen if of == pid]
+        assert kinds in ([], ["first", "exit"]), f"pid {pid}: {kinds}"
+    assert any(("exit", pid) in seen for pid in pids), f"no hoarder was sampled: {seen}"
+
+
 def test_every_process_reported_while_sessions_run(cpu_sampler) -> None:
     from fleetprof.node_agent.process_events import ProcessEvents
 
