@@ -137,6 +137,11 @@ def executable_mappings(pid: int) -> list[ExecutableMapping]:
             if found is not None:
                 return found + _vsyscall()
         maps = f.read().decode("utf-8", "replace")
+    return _parsed_executable_mappings(maps)
+
+
+def _parsed_executable_mappings(maps: str) -> list[ExecutableMapping]:
+    """The executable mappings of a /proc/PID/maps text."""
     return [
         (int(start, 16), int(end, 16), int(offset, 16), dev, int(inode), path)
         for start, end, offset, dev, inode, path in _EXECUTABLE_LINE.findall(maps)
@@ -197,11 +202,7 @@ def _vsyscall() -> list[ExecutableMapping]:
     """The [vsyscall] page, as the text lists it: the same in every process, and not a
     mapping of the process's own that the ioctl would find."""
     with open("/proc/self/maps", encoding="utf-8") as f:
-        return [
-            (int(start, 16), int(end, 16), int(offset, 16), dev, int(inode), path)
-            for start, end, offset, dev, inode, path in _EXECUTABLE_LINE.findall(f.read())
-            if path == _VSYSCALL
-        ]
+        return [m for m in _parsed_executable_mappings(f.read()) if m[5] == _VSYSCALL]
 
 
 def read_stat(pid: int) -> tuple[str, int]:
