@@ -53,8 +53,9 @@ IDLE_S = 30.0
 # processes of a busy node are sampled once or twice and gone, and a load and its removal
 # cost a millisecond. Until then its stacks are walked by frame pointer.
 LOAD_AFTER_S = 0.1
-# The loader looks at `unwind_pending` this often when not woken: what first-sample events
-# do not announce (sessions' samplers, processes evicted and sampled again) waits this long.
+# The loader looks at `unwind_pending` this often when none is left there: what first-sample
+# events do not announce (sessions' samplers, processes evicted and sampled again) waits
+# this long.
 LOADER_PERIOD_S = 1.0
 # Files at least this large are parsed by a thread of their own.
 LARGE_FILE = 16 << 20
@@ -119,14 +120,13 @@ class NativeUnwinder:
         self._waiting: dict[FileIdentity, _Wait] = {}
         # When the loader first saw each pending pid.
         self._pending_since: dict[int, float] = {}
-        # Pids announced (first samples, refresh) -> (when, their mappings if given): loaded
-        # without a look through `unwind_pending`, a syscall per entry. Shared with the
-        # agent's event thread.
+        # Pids announced (first samples, new code) -> (when, their mappings if given): loaded
+        # by the agent's event thread (load_due), without a look through `unwind_pending`,
+        # a syscall per entry.
         self._announced: dict[int, tuple[float, Sequence[Mapping] | None]] = {}
         # Mapped files' identities: a new process's common libraries need no stat each.
         self._mapped = MappedFiles()
         self._announced_lock = threading.Lock()
-        self._next_scan = 0.0
         self._code: dict[int, _Code] = {}
         self.counts = {
             "processes_loaded": 0,
@@ -135,16 +135,15 @@ class NativeUnwinder:
             "ranges_full": 0,
             "no_cfi_files": 0,
         }
-        # The worker threads and the agent's event thread (forget, refresh) share the state.
+        # The worker threads and the agent's event thread (load_due, forget) share the state.
         self._lock = threading.Lock()
         # Notified when files wait to be parsed: the parser threads sleep until then.
         self._files_waiting = threading.Condition(self._lock)
         self._stop = threading.Event()
-        self._sampled = threading.Event()  # see sampled()
         # Processes load at once; files are parsed smallest first, large ones (seconds
         # each) in a thread of their own, so a small binary never waits behind them.
         self._threads = [
-            threading.Thread(target=self._load_sampled, name="unwind-loader", daemon=True),
+            threading.Thread(target=self._load_pending, name="unwind-loader", daemon=True),
             *(
                 threading.Thread(target=self.parse, args=(large,), name=name, daemon=True)
                 for name, large in (("unwind-parser", False), ("unwind-large-parser", True))
@@ -156,31 +155,20 @@ class NativeUnwinder:
     # Process lifecycle.
 
     def sampled(self, pid: int, mappings: Sequence[Mapping] | None = None) -> None:
-        """pid was sampled for the first time, or mapped new code: wake the loader (an idle
-        node's loader sleeps, rather than looking at the kernel's table ten times a second).
-        `mappings`: pid's executable mappings as just read (the symbolizer's snapshot),
-        which spares the loader reading them again."""
+        """pid was sampled for the first time, or mapped new code: load_due loads it once
+        it has outlived that by LOAD_AFTER_S. `mappings`: pid's executable mappings as just
+        read (the symbolizer's snapshot), which spares reading them again."""
         with self._announced_lock:
             since = self._announced.get(pid, (time.monotonic(), None))[0]
             self._announced[pid] = (since, mappings)
-        self._sampled.set()
 
-    def _load_sampled(self) -> None:
-        left = False
-        while not self._stop.is_set():
-            if left:
-                # Processes wait to be LOAD_AFTER_S old: first samples meanwhile need no
-                # look of their own (on a busy node, tens a second).
-                self._stop.wait(LOAD_AFTER_S)
-            else:
-                self._sampled.wait(LOADER_PERIOD_S)
-            self._sampled.clear()
-            left = self.poll()
+    def load_due(self) -> float | None:
+        """Load the announced processes sampled at least LOAD_AFTER_S ago: a millisecond
+        each, with their files parsed (the others are added when they are). Seconds until
+        the next is due; None if none is left.
 
-    def poll(self) -> bool:
-        """Load the processes sampled at least LOAD_AFTER_S ago: a millisecond each, with
-        the files already parsed (the others are added when they are). Whether some
-        sampled processes are left to load later."""
+        Called by the agent's event loop, which wakes for first samples anyway: a busy
+        node's tens of them a second cost no wake-ups of their own."""
         now = time.monotonic()
         with self._announced_lock:
             due = [
@@ -190,22 +178,36 @@ class NativeUnwinder:
             ]
             for pid, _ in due:
                 del self._announced[pid]
-            left = bool(self._announced)
+            first = min((since for since, _ in self._announced.values()), default=None)
         for pid, mappings in due:
             self.load(pid, mappings)
             self._pending.pop(self._pending.Key(pid), None)  # its samples' own report
-            self._pending_since.pop(pid, None)
-        if now < self._next_scan:
-            return left
-        self._next_scan = now + LOADER_PERIOD_S
+        return None if first is None else max(0.0, first + LOAD_AFTER_S - time.monotonic())
+
+    def _load_pending(self) -> None:
+        while not self._stop.is_set():
+            self._stop.wait(LOAD_AFTER_S if self.poll_pending() else LOADER_PERIOD_S)
+
+    def poll_pending(self) -> bool:
+        """Load the processes the kernel reports sampled without tables that nobody
+        announced (sessions' samplers, processes evicted and sampled again) once they have
+        been pending for LOAD_AFTER_S; those gone are dropped. Whether some are left."""
+        now = time.monotonic()
+        with self._announced_lock:
+            announced = set(self._announced)
+        left, since = False, {}
         for key in list(self._pending):
-            if now - self._pending_since.setdefault(key.value, now) >= LOAD_AFTER_S:
-                self.load(key.value)
+            pid = key.value
+            if pid in announced:
+                continue
+            first = self._pending_since.get(pid, now)
+            if now - first >= LOAD_AFTER_S or not os.path.exists(f"/proc/{pid}"):
+                self.load(pid)
                 self._pending.pop(key, None)
-                del self._pending_since[key.value]
             else:
+                since[pid] = first
                 left = True
-                self._next_scan = now + LOAD_AFTER_S
+        self._pending_since = since
         return left
 
     def parse(self, large: bool) -> None:
@@ -307,7 +309,11 @@ class NativeUnwinder:
             return set(self._processes)
 
     def forget(self, pid: int) -> None:
-        """pid exited: drop its ranges and its files' references."""
+        """pid exited (or exec'd): drop its ranges, its files' references and any load
+        it waits for; most sampled processes of a busy node go before their load is due."""
+        with self._announced_lock:
+            self._announced.pop(pid, None)
+        self._pending.pop(self._pending.Key(pid), None)  # its samples' own report
         with self._lock:
             self._forget(pid)
             self._code.pop(pid, None)
@@ -353,7 +359,6 @@ class NativeUnwinder:
 
     def close(self) -> None:
         self._stop.set()
-        self._sampled.set()
         with self._lock:
             self._files_waiting.notify_all()
         for thread in self._threads:
