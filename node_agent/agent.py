@@ -349,7 +349,8 @@ class Agent:
         """Processes the agent keeps state of that exited unreported: the kernel reports the
         exit of a process once user space has read its first sample, and it may be gone
         before (or have been counted by a session since ended, or be a job's ancestor)."""
-        gone = self.symbolizer.exited_pids()  # by start time: a reused pid is caught too
+        # By start time: a reused pid is caught too.
+        gone = self.symbolizer.exited_pids(known=reported)
         kept = self.owners.pids() | self._events.sampled
         if self.unwinder:
             kept |= self.unwinder.pids()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 
 from fleetprof.node_agent.samplers.stack_maps import USER_TRUNCATED, PythonFrame
 from fleetprof.node_agent.symbolize.debuginfod import DebuginfodClient
@@ -142,11 +142,14 @@ class Symbolizer:
         for pid in pids:
             self.forget(pid)
 
-    def exited_pids(self) -> set[int]:
-        """Remembered processes that are gone (or whose pid now names another process): to
-        prune after the drain that follows, which symbolizes their last samples."""
+    def exited_pids(self, known: Container[int] = ()) -> set[int]:
+        """Remembered processes that are gone (or whose pid now names another process),
+        but for those `known` to be: to prune after the drain that follows, which
+        symbolizes their last samples."""
         exited = set()
         for pid, snapshot in self._snapshots.items():
+            if pid in known:
+                continue
             try:
                 alive = read_stat(pid)[1] == snapshot.start_time
             except OSError:
