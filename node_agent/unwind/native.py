@@ -164,11 +164,12 @@ class NativeUnwinder:
 
     def load_due(self) -> float | None:
         """Load the announced processes sampled at least LOAD_AFTER_S ago: a millisecond
-        each, with their files parsed (the others are added when they are). Seconds until
-        the next is due; None if none is left.
+        each, with their files parsed (the others are added when they are). Within how
+        many seconds to call again: LOAD_AFTER_S while some wait, else None.
 
         Called by the agent's event loop, which wakes for first samples anyway: a busy
-        node's tens of them a second cost no wake-ups of their own."""
+        node's tens of them a second cost no wake-ups of their own, and loads wait for the
+        next wake up to LOAD_AFTER_S (a wake per process due costs as much as its load)."""
         now = time.monotonic()
         with self._announced_lock:
             due = [
@@ -178,11 +179,11 @@ class NativeUnwinder:
             ]
             for pid, _ in due:
                 del self._announced[pid]
-            first = min((since for since, _ in self._announced.values()), default=None)
+            left = bool(self._announced)
         for pid, mappings in due:
             self.load(pid, mappings)
             self._pending.pop(self._pending.Key(pid), None)  # its samples' own report
-        return None if first is None else max(0.0, first + LOAD_AFTER_S - time.monotonic())
+        return LOAD_AFTER_S if left else None
 
     def _load_pending(self) -> None:
         while not self._stop.is_set():
