@@ -94,20 +94,24 @@ class EnvResolver(Resolver):
 
     def __init__(self, names: Sequence[str]) -> None:
         self.names = tuple(names)
-        self._wanted = {name.encode() + b"=" for name in self.names}
+        # Looked for as "\0NAME=" in "\0" + environ: found by bytes.find, not by a loop
+        # over every variable (an environment holds dozens).
+        self._entries = tuple(b"\0" + name.encode() + b"=" for name in self.names)
 
     def resolve(self, pid: int) -> str | None:
         environ = _read(f"/proc/{pid}/environ")
         if not environ:
             return None
-        found: dict[str, str] = {}
-        for entry in environ.split(b"\0"):
-            key, sep, value = entry.partition(b"=")
-            if sep and key + sep in self._wanted:
-                found[key.decode()] = value.decode(errors="replace")
-        for name in self.names:
-            if found.get(name):
-                return _job(found[name])
+        environ = b"\0" + environ
+        for entry in self._entries:
+            at = environ.rfind(entry)  # of a name defined twice, the last definition
+            if at < 0:
+                continue
+            start = at + len(entry)
+            end = environ.find(b"\0", start)
+            value = environ[start : end if end >= 0 else len(environ)]
+            if value:
+                return _job(value.decode(errors="replace"))
         return None
 
 

@@ -114,7 +114,7 @@ class ProcessEvents:
                 self._subscribers[kind].append(callback)
 
     def _collect(self, _ctx: int, data: int, _size: int) -> int:
-        event = ctypes.cast(data, ctypes.POINTER(_ProcessEvent)).contents
+        event = _ProcessEvent.from_address(data)
         if event.pid == self._agent_pid:
             return 0
         identity = None

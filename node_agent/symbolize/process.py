@@ -9,6 +9,7 @@ import functools
 import os
 import re
 import struct
+import threading
 import time
 from bisect import bisect_right
 from dataclasses import dataclass, field
@@ -36,9 +37,13 @@ class Mapping(NamedTuple):
     @property
     def anonymous(self) -> bool:
         """Code with no file behind it: where JITs put theirs (memfd included)."""
-        if self.path in (_VDSO, _VSYSCALL):
-            return False
-        return not self.path or self.path.startswith(("[", "/memfd:"))
+        return _anonymous(self.path)
+
+
+def _anonymous(path: str) -> bool:
+    if path in (_VDSO, _VSYSCALL):
+        return False
+    return not path or path.startswith(("[", "/memfd:"))
 
 
 class ProcessIdentity(NamedTuple):
@@ -98,13 +103,14 @@ def take_snapshot(
         return None
     mappings = []
     for start, end, offset, dev, inode, path in found:
-        module = os.path.basename(path.removesuffix(_DELETED))
-        mapping = Mapping(start, end, offset, path, dev, inode, module, None)
+        file = path.removesuffix(_DELETED)
+        symbols = None
         if path == _VDSO:
-            mapping = mapping._replace(symbols=vdso_symbols())
-        elif not mapping.anonymous and path != _VSYSCALL:
-            mapping = mapping._replace(symbols=_load(pid, mapping, elf_cache))
-        mappings.append(mapping)
+            symbols = vdso_symbols()
+        elif path != _VSYSCALL and not _anonymous(path):
+            symbols = _load(pid, start, end, file, dev, inode, elf_cache)
+        module = file.rpartition("/")[2]
+        mappings.append(Mapping(start, end, offset, path, dev, inode, module, symbols))
     if not mappings:
         return None
     try:
@@ -156,26 +162,42 @@ class _ProcmapQuery:
     # vma_page_size, vma_offset, inode, dev_major, dev_minor, vma_name_size,
     # build_id_size, vma_name_addr, build_id_addr.
     _FORMAT = struct.Struct("<QQQQQQQQQIIIIQQ")
+    # Set before each call: query_addr, and vma_name_size (in: the buffer's size; out: the
+    # name's). Read of the reply: vma_start, vma_end, vma_offset to vma_name_size.
+    _ADDRESS, _NAME_SIZE = struct.Struct("<Q"), struct.Struct("<I")
+    _REPLY = struct.Struct("<24xQQ16xQQIII")
     _REQUEST = (3 << 30) | (_FORMAT.size << 16) | (ord("f") << 8) | 17  # _IOWR('f', 17, ...)
     _EXECUTABLE, _COVERING_OR_NEXT = 0x04, 0x10
     _NAME_BYTES = 4096  # PATH_MAX
 
     def __init__(self) -> None:
         self.supported = True
+        # Per thread: the symbolizer and the unwinder's loader thread ask at once.
+        self._buffers = threading.local()
+
+    def _request(self) -> tuple[bytearray, ctypes.Array[ctypes.c_char]]:
+        """This thread's request, its fixed fields set once, and its name buffer."""
+        try:
+            return self._buffers.request, self._buffers.name
+        except AttributeError:
+            name = ctypes.create_string_buffer(self._NAME_BYTES)
+            request = bytearray(self._FORMAT.size)
+            self._FORMAT.pack_into(
+                request, 0, self._FORMAT.size, self._EXECUTABLE | self._COVERING_OR_NEXT, 0,
+                0, 0, 0, 0, 0, 0, 0, 0, self._NAME_BYTES, 0, ctypes.addressof(name), 0,
+            )  # fmt: skip
+            self._buffers.request, self._buffers.name = request, name
+            return request, name
 
     def executable(self, fd: int) -> list[ExecutableMapping] | None:
         """fd's process's executable mappings; None if the text must tell (a kernel
         without the ioctl, a path longer than PATH_MAX)."""
         found: list[ExecutableMapping] = []
-        # Per call: the symbolizer and the unwinder's loader thread ask at once.
-        request, name = bytearray(self._FORMAT.size), ctypes.create_string_buffer(self._NAME_BYTES)
+        request, name = self._request()
         address = 0
-        flags = self._EXECUTABLE | self._COVERING_OR_NEXT
         while True:
-            self._FORMAT.pack_into(
-                request, 0, self._FORMAT.size, flags, address,
-                0, 0, 0, 0, 0, 0, 0, 0, self._NAME_BYTES, 0, ctypes.addressof(name), 0,
-            )  # fmt: skip
+            self._ADDRESS.pack_into(request, 16, address)
+            self._NAME_SIZE.pack_into(request, 80, self._NAME_BYTES)
             try:
                 fcntl.ioctl(fd, self._REQUEST, request)
             except OSError as exc:
@@ -186,9 +208,7 @@ class _ProcmapQuery:
                 if exc.errno in (errno.ENOTTY, errno.EINVAL, errno.ENAMETOOLONG):
                     return None
                 raise  # ESRCH: its memory is gone
-            _, _, _, start, end, _, _, offset, inode, major, minor, name_size, *_ = (
-                self._FORMAT.unpack(request)
-            )
+            start, end, offset, inode, major, minor, name_size = self._REPLY.unpack_from(request)
             path = name[: name_size - 1].decode("utf-8", "replace") if name_size else ""
             found.append((start, end, offset, f"{major:02x}:{minor:02x}", inode, path))
             address = end
@@ -234,15 +254,17 @@ def _nspid(status: str, pid: int) -> int:
     return pid  # kernels before 4.1 have no NSpid: no PID namespaces to worry about
 
 
-def _load(pid: int, mapping: Mapping, elf_cache: ElfCache) -> ElfSymbols:
-    """The mapped file's symbols, read as the process sees the file.
+def _load(
+    pid: int, start: int, end: int, file: str, dev: str, inode: int, elf_cache: ElfCache
+) -> ElfSymbols:
+    """The symbols of `file` mapped at start-end, read as the process sees the file.
 
     map_files opens the very file mapped, even deleted or replaced since, or shadowed in the
     process's mount namespace; it needs CAP_SYS_ADMIN. Else the path, under the process's root.
     """
-    path = f"/proc/{pid}/root{mapping.path.removesuffix(_DELETED)}"
-    map_file = f"/proc/{pid}/map_files/{mapping.start:x}-{mapping.end:x}"
-    symbols = elf_cache.get_mapped(mapping.dev, mapping.inode, (map_file, path), path)
+    path = f"/proc/{pid}/root{file}"
+    map_file = f"/proc/{pid}/map_files/{start:x}-{end:x}"
+    symbols = elf_cache.get_mapped(dev, inode, (map_file, path), path)
     return symbols if symbols is not None else ElfSymbols()
 
 
