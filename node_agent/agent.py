@@ -211,14 +211,12 @@ class Agent:
         """Sample until `stop` is set, then drain the last interval and detach."""
         try:
             next_drain = time.monotonic() + self.config.interval_s
-            load_in: float | None = None
             while not stop.is_set():
                 wait_s = min(next_drain - time.monotonic(), EVENT_POLL_MS / 1000)
-                if load_in is not None:
-                    wait_s = min(wait_s, load_in)
                 self._events.poll(max(0, math.ceil(wait_s * 1000)))
                 self._remember_new_code()
-                load_in = self.unwinder.load_due() if self.unwinder else None
+                if self.unwinder:
+                    self.unwinder.load_due()
                 self.jvms.poll(next_drain)
                 self._run_sessions()
                 if self.shipper.retry_due:

@@ -28,6 +28,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from fleetprof.node_agent.symbolize.process import read_proc
+
 if TYPE_CHECKING:
     from fleetprof.node_agent.kubernetes import ContainerInfo
 
@@ -69,8 +71,7 @@ class Resolver(ABC):
 
 def _read(path: str) -> bytes | None:
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        return read_proc(path)
     except OSError:  # gone, a kernel thread, or not ours to read (another user's environ)
         return None
 

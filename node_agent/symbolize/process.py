@@ -96,8 +96,7 @@ def take_snapshot(
         found = executable_mappings(pid)
         if identity is None:
             comm, start_time = read_stat(pid)
-            with open(f"/proc/{pid}/status", encoding="utf-8", errors="replace") as f:
-                status = f.read()
+            status = read_proc(f"/proc/{pid}/status").decode("utf-8", "replace")
             identity = ProcessIdentity(comm, start_time, _ppid(status), _nspid(status, pid))
     except OSError:
         return None
@@ -137,13 +136,16 @@ def executable_mappings(pid: int) -> list[ExecutableMapping]:
     Asked with PROCMAP_QUERY (Linux 6.11) where the kernel has it: only the executable
     mappings, without the kernel formatting and this parsing every line (a Python process's
     ~20 of ~100: 42 us against 118); else from the text."""
-    with open(f"/proc/{pid}/maps", "rb", buffering=0) as f:
-        if _PROCMAP_QUERY.supported:
-            found = _PROCMAP_QUERY.executable(f.fileno())
-            if found is not None:
-                return found + _vsyscall()
-        maps = f.read().decode("utf-8", "replace")
-    return _parsed_executable_mappings(maps)
+    path = f"/proc/{pid}/maps"
+    if _PROCMAP_QUERY.supported:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            found = _PROCMAP_QUERY.executable(fd)
+        finally:
+            os.close(fd)
+        if found is not None:
+            return found + _vsyscall()
+    return _parsed_executable_mappings(read_proc(path).decode("utf-8", "replace"))
 
 
 def _parsed_executable_mappings(maps: str) -> list[ExecutableMapping]:
@@ -225,13 +227,31 @@ def _vsyscall() -> list[ExecutableMapping]:
         return [m for m in _parsed_executable_mappings(f.read()) if m[5] == _VSYSCALL]
 
 
+# Bytes asked of a /proc file per read: most (environ, cmdline, stat) fit in one.
+_PROC_READ = 16384
+
+
+def read_proc(path: str) -> bytes:
+    """A /proc file's bytes; raises OSError if it cannot be read (its process is gone).
+
+    Four system calls: open() would add five (fstat twice, a tty check, two seeks) to every
+    file of every process sampled."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, _PROC_READ):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def read_stat(pid: int) -> tuple[str, int]:
     """(comm, start time) of pid, from /proc/PID/stat; raises OSError if it is gone.
 
     A zombie counts as gone: it has no mappings left and its pid is about to be reused.
     """
-    with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
-        stat = f.read()
+    stat = read_proc(f"/proc/{pid}/stat").decode("utf-8", "replace")
     # comm is in parentheses and may itself contain ") ".
     open_paren, close_paren = stat.find("("), stat.rfind(")")
     fields = stat[close_paren + 2 :].split()

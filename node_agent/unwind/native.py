@@ -162,14 +162,13 @@ class NativeUnwinder:
             since = self._announced.get(pid, (time.monotonic(), None))[0]
             self._announced[pid] = (since, mappings)
 
-    def load_due(self) -> float | None:
+    def load_due(self) -> None:
         """Load the announced processes sampled at least LOAD_AFTER_S ago: a millisecond
-        each, with their files parsed (the others are added when they are). Within how
-        many seconds to call again: LOAD_AFTER_S while some wait, else None.
+        each, with their files parsed (the others are added when they are).
 
-        Called by the agent's event loop, which wakes for first samples anyway: a busy
-        node's tens of them a second cost no wake-ups of their own, and loads wait for the
-        next wake up to LOAD_AFTER_S (a wake per process due costs as much as its load)."""
+        Called at every wake-up of the agent's event loop, which wakes for first samples
+        and at least every EVENT_POLL_MS: loads come 0.1-0.35 s after the first sample,
+        without a wake-up of their own (a cold wake costs a process as much as its load)."""
         now = time.monotonic()
         with self._announced_lock:
             due = [
@@ -179,11 +178,9 @@ class NativeUnwinder:
             ]
             for pid, _ in due:
                 del self._announced[pid]
-            left = bool(self._announced)
         for pid, mappings in due:
             self.load(pid, mappings)
             self._pending.pop(self._pending.Key(pid), None)  # its samples' own report
-        return LOAD_AFTER_S if left else None
 
     def _load_pending(self) -> None:
         while not self._stop.is_set():
