@@ -51,6 +51,23 @@ def test_id_set_of_clustered_ids() -> None:
     assert not ids.contains(clustered + (1 << 40)).any()
 
 
+def test_id_set_zero_and_the_ids_that_share_its_slot() -> None:
+    """0 always goes to slot 0, which holds INT64_MIN when free: 0 is found only once added,
+    INT64_MIN only once added, and the ids whose home is slot 0 too (id * multiplier below
+    the slot size: k / multiplier mod 2^64) are found at the next level behind 0."""
+    ids = IdSet()
+    inverse = pow(int(ids._multiplier), -1, 2**64)
+    same_home = np.array([(k * inverse) % 2**64 for k in range(1, 6)], np.uint64).view(np.int64)
+    assert not ids.contains(EDGES).any() and not ids.contains_all(EDGES[:1])
+    ids.add(EDGES[:1])  # 0
+    ids.add(same_home)
+    assert ids.contains(same_home).all() and ids.contains_all(same_home)
+    assert ids.contains(EDGES).tolist() == [True, False, False, False, False]
+    ids.add(EDGES[-1:])  # INT64_MIN
+    assert ids.contains(EDGES).tolist() == [True, False, False, False, True]
+    assert ids.contains_all(np.concatenate([same_home, EDGES[[0, -1]]])) and len(ids) == 7
+
+
 def test_stream_stacks_known_from_this_batch_or_an_earlier_one() -> None:
     stream = StreamStacks()
     stream.check(samples({11: 1}), stacks_table({11: STACKS[11]}))
