@@ -62,10 +62,10 @@ class IdSet:
         at the next level (a missing id is asked at every level: refusals are rare)."""
         level: IdSet | None = self
         while level is not None:
-            left = np.flatnonzero(level._slots.take(level._home(ids)) != ids)
-            if not len(left):
+            ids = ids[level._slots.take(level._home(ids)) != ids]
+            if not len(ids):
                 return True
-            ids, level = ids[left], level._next
+            level = level._next
         return False
 
     def add(self, ids: np.ndarray) -> None:
