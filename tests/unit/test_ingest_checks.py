@@ -11,6 +11,7 @@ import pytest
 
 from fleetprof.aggregator import agent_history
 from fleetprof.aggregator.id_set import IdSet
+from fleetprof.aggregator.label_sets import group_labels
 from fleetprof.aggregator.storage import ProfileStore
 from fleetprof.aggregator.validate import (
     MAX_CLOCK_SKEW,
@@ -95,6 +96,56 @@ def test_control_characters_beyond_printable_ascii(comm: str, refused: bool) -> 
             check_text("samples", rows, ("comm",))
     else:
         check_text("samples", rows, ("comm",))
+
+
+def _strings(data: bytes, offsets: list[int], valid: list[int]) -> pa.Array:
+    """A string array as a client may send it: any bytes, under null rows too."""
+    return pa.Array.from_buffers(
+        pa.string(),
+        len(valid),
+        [
+            pa.py_buffer(np.packbits(valid, bitorder="little").tobytes()),
+            pa.py_buffer(np.array(offsets, np.int32).tobytes()),
+            pa.py_buffer(data),
+        ],
+    )
+
+
+@pytest.mark.parametrize(
+    ("column", "values", "refused"),
+    [
+        ("comm", pa.array(["ok", "ok", "a\u0085b"]), True),  # one distinct value of three rows
+        ("job", pa.array(["ok", None, "fine"]), False),
+        ("job", _strings(b"okok\x01x", [0, 2, 4, 6], [1, 1, 0]), True),  # under a null row
+        ("comm", _strings(b"ok\xffok\x01", [0, 2, 3, 6], [1, 1, 1]), True),  # not UTF-8
+        ("comm", _strings(b"ok\xffok", [0, 2, 3, 5], [1, 1, 1]), False),
+    ],
+)
+def test_control_characters_of_grouped_labels_as_of_every_row(
+    column: str, values: pa.Array, refused: bool
+) -> None:
+    """check_text over the distinct label values refuses what the scan of every row's
+    bytes refuses: bytes under a null row (which no distinct value holds) and labels that
+    are not UTF-8 (which cannot be grouped) are looked at as rows."""
+    rows = samples({11: 1, 12: 1, 13: 1})
+    rows = rows.set_column(
+        rows.schema.get_field_index(column), schema.SAMPLES.field(column), values
+    )
+    try:
+        grouped = group_labels(rows)
+    except UnicodeDecodeError:
+        grouped = None
+    checks = [
+        lambda: check_text("samples", rows, ("comm", "job"), grouped),
+        lambda: check_text("samples", rows, ("comm", "job")),
+        lambda: validate_batch(batch(1, samples=schema.encode(rows))),
+    ]
+    for check in checks:
+        if refused:
+            with pytest.raises(schema.SchemaError, match=f"samples: {column} has control"):
+                check()
+        else:
+            check()
 
 
 def _store_batch(store: ProfileStore, agent_id: str, node: str, sequence: int) -> None:
