@@ -4,6 +4,7 @@ IdSet as a Python set, the control-character scan's fast path, AgentHistory as t
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -234,3 +235,40 @@ def test_bounds_read_in_place_answer_as_arrow_over_chunks_slices_and_nulls() -> 
         check_time_window("samples", pa.table({"ts": chunks}), now)
     check_time_window("samples", pa.table({"ts": chunks}).slice(0, 2), now)
     check_time_window("samples", pa.table({"ts": pa.array([None, now], ts_type)}), now)
+
+
+def _legacy(table: pa.Table) -> bytes:
+    """An IPC stream in the framing before Arrow 0.15 (no continuation marker)."""
+    sink = pa.BufferOutputStream()
+    options = pa.ipc.IpcWriteOptions(compression="zstd", use_legacy_format=True)
+    with pa.ipc.new_stream(sink, table.schema, options=options) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def test_decoded_size_from_the_framing_or_pyarrow_alike(monkeypatch) -> None:
+    """A plain stream's sizes are read from its framing without pyarrow's reader; any other
+    (the legacy framing, a stream past the limits, cut short) is read by pyarrow's, so that
+    it is refused as it always was."""
+    rows = samples({11: 1, 12: 1, 13: 1})
+    plain, legacy = schema.encode(rows), _legacy(rows)
+    opened: list[bytes] = []
+
+    class Reader:
+        @staticmethod
+        def open_stream(source: pa.Buffer) -> pa.ipc.MessageReader:
+            opened.append(source.to_pybytes())
+            return pa.ipc.MessageReader.open_stream(source)
+
+    monkeypatch.setattr(schema, "ipc", SimpleNamespace(MessageReader=Reader))
+    schema.check_decoded_size("samples", plain)
+    schema.check_decoded_size("samples", legacy)
+    assert opened == [legacy]
+    monkeypatch.setattr(schema, "MAX_ROWS_PER_BATCH", 2)
+    for payload in (plain, legacy):
+        with pytest.raises(schema.SchemaError, match="samples: more than 2 rows"):
+            schema.check_decoded_size("samples", payload)
+    assert opened == [legacy, plain, legacy]
+    with pytest.raises(pa.ArrowInvalid):
+        schema.check_decoded_size("samples", plain[: len(plain) // 2])
+    assert opened[-1] == plain[: len(plain) // 2]
