@@ -175,27 +175,35 @@ def _iso(value: int, ts_type: pa.TimestampType) -> str:
 def _min_max(column: pa.ChunkedArray) -> tuple[int, int] | None:
     """The least and greatest non-null values of a 64-bit integer or timestamp column, as
     integers (None: no values)."""
-    lows, highs = [], []
+    chunks = _non_null(column)
+    if not chunks:
+        return None
+    return int(min(c.min() for c in chunks)), int(max(c.max() for c in chunks))
+
+
+def _non_null(column: pa.ChunkedArray) -> list[np.ndarray]:
+    """The non-empty chunks of a 64-bit integer or timestamp column, without their nulls."""
+    chunks = []
     for chunk in column.chunks:
         if chunk.null_count:  # not in decoded batches (decode refuses them): the rare path
             chunk = chunk.drop_null()
         if len(chunk):
-            values = _int64s(chunk)
-            lows.append(values.min())
-            highs.append(values.max())
-    return (int(min(lows)), int(max(highs))) if lows else None
+            chunks.append(_int64s(chunk))
+    return chunks
 
 
 def check_weights(samples: pa.Table) -> None:
     """Weights in [0, schema.MAX_WEIGHT of the event's unit]: a poisoned weight could otherwise
-    dwarf a fleet's profile (or overflow sums)."""
-    bounds = _min_max(samples["weight"])
-    if bounds is None:
+    dwarf a fleet's profile (or overflow sums). First one pass for all: read unsigned, a
+    negative weight is past every bound."""
+    chunks = _non_null(samples["weight"])
+    lightest_bound = min(schema.MAX_WEIGHT.values())
+    if not chunks or max(c.view(np.uint64).max() for c in chunks) <= lightest_bound:
         return
-    low, high = bounds
+    low, high = _min_max(samples["weight"])
     if low < 0:
         raise schema.SchemaError("samples: negative weight")
-    if high <= min(schema.MAX_WEIGHT.values()):
+    if high <= lightest_bound:
         return
     for event, unit in schema.EVENT_UNITS.items():
         weights = pc.filter(samples["weight"], pc.equal(samples["event"], event))

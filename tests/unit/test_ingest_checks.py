@@ -272,3 +272,27 @@ def test_decoded_size_from_the_framing_or_pyarrow_alike(monkeypatch) -> None:
     with pytest.raises(pa.ArrowInvalid):
         schema.check_decoded_size("samples", plain[: len(plain) // 2])
     assert opened[-1] == plain[: len(plain) // 2]
+
+
+@pytest.mark.parametrize(
+    ("event", "weights", "refused"),
+    [
+        ("cpu", [0, schema.MAX_WEIGHT["samples"]], None),
+        ("cpu", [1, schema.MAX_WEIGHT["samples"] + 1], "cpu weight .* exceeds"),
+        ("offcpu", [1, schema.MAX_WEIGHT["samples"] + 1, schema.MAX_WEIGHT["ns"]], None),
+        ("offcpu", [schema.MAX_WEIGHT["ns"] + 1], "offcpu weight .* exceeds"),
+        ("cpu", [5, -1], "negative weight"),
+        ("cpu", [-(2**63), 2**63 - 1], "negative weight"),
+    ],
+)
+def test_weights_past_the_one_pass_for_all_bounds(
+    event: str, weights: list[int], refused: str | None
+) -> None:
+    """Weights read unsigned against the lightest bound first: a negative one is past it,
+    and one past it is looked at again against its event's own bound."""
+    rows = pa.table({"weight": pa.array(weights, pa.int64()), "event": [event] * len(weights)})
+    if refused:
+        with pytest.raises(schema.SchemaError, match=refused):
+            check_weights(rows)
+    else:
+        check_weights(rows)
