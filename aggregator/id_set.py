@@ -12,6 +12,13 @@ slots of every id not at home instead, which cost as much as the rest of the loo
 tables take 16 to 40 bytes an id (a Python set of ints ~60). Ids come from clients, who may
 choose them: homes are a multiply-shift hash with a random multiplier per level, so that a
 client cannot pick ids that pile up on a few slots.
+
+A lookup is a few numpy calls over the ids, each of which hands the GIL to another ingest
+thread when there are more than 500 of them, at a cost several times the call's own work
+in a busy aggregator: so there are as few as can be. Free slots hold 0, but slot 0 (where 0
+goes, whatever the multiplier) holds INT64_MIN when free, which never goes there (INT64_MIN
+times an odd multiplier is 2^63 mod 2^64: the middle slot). So no id matches a free slot of
+its home, and 0 needs no pass of its own.
 """
 
 from __future__ import annotations
@@ -20,8 +27,8 @@ import secrets
 
 import numpy as np
 
-# The value that marks a free slot; the id itself is tracked apart (`_has_empty`).
-_EMPTY = 0
+_FREE = 0
+_FREE_AT_SLOT_0 = np.iinfo(np.int64).min
 _MIN_SLOTS = 1024
 
 
@@ -30,53 +37,40 @@ class IdSet:
 
     def __init__(self, slots: int = _MIN_SLOTS) -> None:
         self._multiplier = np.uint64(secrets.randbits(64) | 1)
-        self._slots = np.full(slots, _EMPTY, np.int64)
-        self._shift = np.uint64(64 - slots.bit_length() + 1)
         self._count = 0  # ids in this level's slots
-        self._has_empty = False  # at the first level only
         self._next: IdSet | None = None  # the ids whose home here was taken
+        self._allocate(slots)
 
     def __len__(self) -> int:
-        return self._count + self._has_empty + (len(self._next) if self._next else 0)
+        return self._count + (len(self._next) if self._next else 0)
 
     def contains(self, ids: np.ndarray) -> np.ndarray:
         """Per id, whether it is in the set."""
-        found = self._contains(ids)
-        found[ids == _EMPTY] = self._has_empty  # a free slot "held" it
+        home = self._home(ids)
+        held = self._slots.take(home)
+        found = held == ids
+        if self._next is not None:
+            # not at home, which another id holds (slot 0 may hold 0): added after it, at a
+            # next level
+            left = np.flatnonzero(~found & ((held != _FREE) | (home == 0)))
+            if len(left):
+                found[left] = self._next.contains(ids[left])
         return found
 
     def contains_all(self, ids: np.ndarray) -> bool:
-        """contains(ids).all(), in fewer passes: the first id missing ends it."""
-        if np.count_nonzero(ids) < len(ids):  # a free slot "holds" 0: it is asked apart
-            if not self._has_empty:
-                return False
-            ids = ids[ids != _EMPTY]
+        """contains(ids).all(), in fewer passes: only the ids not at their home are asked
+        at the next level (a missing id is asked at every level: refusals are rare)."""
         level: IdSet | None = self
         while level is not None:
-            held = level._slots.take(level._home(ids))
-            left = np.flatnonzero(held != ids)
-            if not len(left):
+            ids = ids[level._slots.take(level._home(ids)) != ids]
+            if not len(ids):
                 return True
-            if (held[left] == _EMPTY).any():  # home free: never added
-                return False
-            ids, level = ids[left], level._next
+            level = level._next
         return False
 
     def add(self, ids: np.ndarray) -> None:
-        if (ids == _EMPTY).any():
-            self._has_empty = True
-        ids = np.unique(ids[ids != _EMPTY])
+        ids = np.unique(ids)
         self._insert(ids[~self.contains(ids)])
-
-    def _contains(self, ids: np.ndarray) -> np.ndarray:
-        held = self._slots.take(self._home(ids))
-        found = held == ids
-        if self._next is not None:
-            # not at home, which another id holds: added after it, at a next level
-            left = np.flatnonzero(~found & (held != _EMPTY))
-            if len(left):
-                found[left] = self._next._contains(ids[left])
-        return found
 
     def _home(self, ids: np.ndarray) -> np.ndarray:
         """Each id's slot: the top bits of id * multiplier (mod 2^64)."""
@@ -84,18 +78,22 @@ class IdSet:
         home >>= self._shift
         return home.view(np.int64)  # < 2^63 after the shift
 
+    def _allocate(self, slots: int) -> None:
+        """Free slots, a power of two of them."""
+        self._slots = np.full(slots, _FREE, np.int64)
+        self._slots[0] = _FREE_AT_SLOT_0
+        self._shift = np.uint64(65 - slots.bit_length())
+
     def _insert(self, ids: np.ndarray) -> None:
-        """Distinct ids, none 0 or held yet: the table grows to stay at most half full
+        """Distinct ids, none held yet: the table grows to stay at most half full
         (counting the next levels' ids), then each takes its home if it is free."""
-        if 2 * (len(self) - self._has_empty + len(ids)) > len(self._slots):
-            count = len(self) - self._has_empty + len(ids)
+        if 2 * (len(self) + len(ids)) > len(self._slots):
+            count = len(self) + len(ids)
             ids = np.concatenate([self._held(), ids])
-            size = 1 << (2 * count - 1).bit_length()
-            self._slots = np.full(size, _EMPTY, np.int64)
-            self._shift = np.uint64(64 - size.bit_length() + 1)
+            self._allocate(1 << (2 * count - 1).bit_length())
             self._count, self._next = 0, None
         home = self._home(ids)
-        free = np.flatnonzero(self._slots[home] == _EMPTY)
+        free = np.flatnonzero(self._slots[home] == np.where(home == 0, _FREE_AT_SLOT_0, _FREE))
         _, first = np.unique(home[free], return_index=True)  # one id per free home
         placed = free[first]
         self._slots[home[placed]] = ids[placed]
@@ -108,8 +106,10 @@ class IdSet:
             self._next._insert(ids[others])
 
     def _held(self) -> np.ndarray:
-        """Every id held, at this level and the next ones (0 aside)."""
-        held = [self._slots[self._slots != _EMPTY]]
+        """Every id held, at this level and the next ones."""
+        taken = self._slots != _FREE
+        taken[0] = self._slots[0] != _FREE_AT_SLOT_0
+        held = [self._slots[taken]]
         if self._next is not None:
             held.append(self._next._held())
         return np.concatenate(held)

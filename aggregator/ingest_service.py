@@ -36,6 +36,7 @@ def store_valid(store: ProfileStore, valid: ValidBatch) -> ingest_pb2.IngestAck:
         valid.processes,
         valid.io_latency,
         valid.incarnation,
+        valid.grouped,
     )
     return ingest_pb2.IngestAck(
         sequence=valid.sequence, duplicate=result.duplicate, rows_stored=result.rows_stored

@@ -29,6 +29,34 @@ MAX_COMM_KEYS = 100_000
 
 
 @dataclass(frozen=True, eq=False)
+class RowLabels:
+    """A batch's SAMPLES rows grouped by their ROW_LABELS: the validator looks at the
+    distinct values (validate.check_text), the store numbers them (LabelSets.label)."""
+
+    values: dict[str, list[str | None]]  # per label, its value in each group
+    rows: list[int]  # rows per group
+    group_of_row: np.ndarray  # per row, the index of its group
+
+
+def group_labels(samples: pa.Table) -> RowLabels:
+    """Group SAMPLES rows by their ROW_LABELS (Arrow's hash grouping). Raises
+    UnicodeDecodeError for a label that is not UTF-8."""
+    count = samples.num_rows
+    grouped = (
+        samples.select(ROW_LABELS)
+        .append_column("row", pa.array(np.arange(count, dtype=np.int64)))
+        .group_by(list(ROW_LABELS), use_threads=False)
+        .aggregate([("row", "list")])
+    )
+    members = grouped["row_list"].combine_chunks()
+    rows = pc.list_value_length(members).to_numpy()
+    group_of_row = np.empty(count, np.int64)
+    group_of_row[members.flatten().to_numpy()] = np.repeat(np.arange(grouped.num_rows), rows)
+    values = {name: grouped[name].to_pylist() for name in ROW_LABELS}
+    return RowLabels(values, rows.tolist(), group_of_row)
+
+
+@dataclass(frozen=True, eq=False)
 class LabelledRows:
     """A batch's sample rows as stored, but for the number of their label set."""
 
@@ -53,25 +81,22 @@ class LabelSets:
         self._next = max(self._numbers.values(), default=0) + 1
 
     def label(
-        self, cur: duckdb.DuckDBPyConnection, samples: pa.Table, node: str, agent_id: str
+        self,
+        cur: duckdb.DuckDBPyConnection,
+        samples: pa.Table,
+        node: str,
+        agent_id: str,
+        grouped: RowLabels | None = None,
     ) -> LabelledRows:
         """Split a batch's SAMPLES rows into rows and label sets, with each row's flame_key
-        (proto/lake.py DERIVED) made from its set's COMM_KEY. Needs no lock."""
-        count = samples.num_rows
-        grouped = (
-            samples.select(ROW_LABELS)
-            .append_column("row", pa.array(np.arange(count, dtype=np.int64)))
-            .group_by(list(ROW_LABELS), use_threads=False)
-            .aggregate([("row", "list")])
-        )
-        members = grouped["row_list"].combine_chunks()
-        set_of_row = np.empty(count, np.int64)
-        set_of_row[members.flatten().to_numpy()] = np.repeat(
-            np.arange(grouped.num_rows), pc.list_value_length(members).to_numpy()
-        )
-        own = zip(*(grouped[name].to_pylist() for name in ROW_LABELS), strict=True)
+        (proto/lake.py DERIVED) made from its set's COMM_KEY; `grouped`: the rows'
+        group_labels, when the validator made them. Needs no lock."""
+        if grouped is None:
+            grouped = group_labels(samples)
+        own = zip(*(grouped.values[name] for name in ROW_LABELS), strict=True)
         sets = [_interned((node, agent_id, *values)) for values in own]
         comm_keys = self._comm_key_array(cur, [labels[LABELS.index("comm")] for labels in sets])
+        set_of_row = grouped.group_of_row
         flame_keys = np.bitwise_xor(samples["stack_id"].to_numpy(), comm_keys[set_of_row])
         rows = samples.select(["ts", "pid", "tid", "stack_id", "weight"]).append_column(
             "flame_key", pa.array(flame_keys, pa.int64())

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 
 from fleetprof.aggregator.agent_history import AgentHistory
 from fleetprof.aggregator.database import PARTITIONED, open_database, refresh_views
-from fleetprof.aggregator.label_sets import LabelledRows, LabelSet, LabelSets
+from fleetprof.aggregator.label_sets import LabelledRows, LabelSet, LabelSets, RowLabels
 from fleetprof.proto import lake
 from fleetprof.proto.control.v1 import control_pb2
 
@@ -248,9 +248,10 @@ class ProfileStore:
         processes: pa.Table | None = None,
         io_latency: pa.Table | None = None,
         incarnation: str = "",
+        grouped: RowLabels | None = None,
     ) -> StoreResult:
         """Store one validated batch atomically; an (agent_id, incarnation, sequence) seen
-        before is a no-op.
+        before is a no-op. `grouped`: the samples' label_sets.group_labels, if made.
 
         Returns after COMMIT, so an acknowledgement sent after it is durable. Group commit:
         batches that arrive while a commit runs are stored together by the next one, in one
@@ -259,7 +260,7 @@ class ProfileStore:
         """
         prunes = self._stack_prunes
         try:
-            labelled, new_stacks = self._prepare(agent_id, node, samples, stacks)
+            labelled, new_stacks = self._prepare(agent_id, node, samples, stacks, grouped)
         except duckdb.OutOfMemoryException as exc:
             raise StorageUnavailable(first_line(exc)) from exc
         pending = _Pending(
@@ -290,14 +291,19 @@ class ProfileStore:
         return pending.outcome
 
     def _prepare(
-        self, agent_id: str, node: str, samples: pa.Table, stacks: pa.Table
+        self,
+        agent_id: str,
+        node: str,
+        samples: pa.Table,
+        stacks: pa.Table,
+        grouped: RowLabels | None,
     ) -> tuple[LabelledRows, pa.Table]:
         """A batch's rows as stored with their label sets, and its stacks not stored yet
         (by this snapshot): the per-row work, done before the write lock so that batches
         prepare in parallel while a group commits."""
         cur = self.reader()
         try:
-            labelled = self._label_sets.label(cur, samples, node, agent_id)
+            labelled = self._label_sets.label(cur, samples, node, agent_id, grouped)
             if stacks.num_rows:
                 cur.register("batch_stacks", stacks.select(["stack_id"]))
                 stored = cur.sql(

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fleetprof.aggregator.id_set import IdSet
-from fleetprof.aggregator.label_sets import ROW_LABELS
+from fleetprof.aggregator.label_sets import ROW_LABELS, RowLabels, group_labels
 from fleetprof.proto import schema
 from fleetprof.proto.ingest.v1 import ingest_pb2
 
@@ -47,6 +47,7 @@ class ValidBatch:
     processes: pa.Table
     io_latency: pa.Table
     incarnation: str
+    grouped: RowLabels | None  # the samples' label_sets.group_labels, None: not made
 
 
 def validate_batch(batch: ingest_pb2.IngestBatch) -> ValidBatch:
@@ -64,7 +65,7 @@ def validate_batch(batch: ingest_pb2.IngestBatch) -> ValidBatch:
     stacks = schema.decode(batch.stacks, schema.STACKS)
     processes = schema.decode(batch.processes, schema.PROCESSES)
     io_latency = schema.decode(batch.io_latency, schema.IO_LATENCY)
-    _check_samples(samples)
+    grouped = _check_samples(samples)
     _check_stacks(stacks)
     _check_processes(processes)
     _check_io_latency(io_latency)
@@ -77,6 +78,7 @@ def validate_batch(batch: ingest_pb2.IngestBatch) -> ValidBatch:
         processes,
         io_latency,
         batch.incarnation,
+        grouped,
     )
 
 
@@ -88,10 +90,20 @@ def check_identifier(name: str, value: str) -> None:
         raise schema.SchemaError(f"{name} {value[:64]!r} has control characters")
 
 
-def check_text(name: str, table: pa.Table, columns: Iterable[str]) -> None:
+def check_text(
+    name: str, table: pa.Table, columns: Iterable[str], grouped: RowLabels | None = None
+) -> None:
     """String columns without control characters (labels are names, like identifiers).
-    Their bytes are looked at together first: when all are printable ASCII, as names
-    nearly always are, that is one copy and two passes for every column."""
+    With `grouped`, the table's label_sets.group_labels, the distinct values alone are looked
+    at (a batch has a few dozen): every byte of the rows is in them unless null rows hold
+    some (hostile offsets), and then the rows' bytes are. Otherwise the bytes are looked at
+    together first: when all are printable ASCII, as names nearly always are, that is one
+    copy and two passes for every column."""
+    if grouped is not None and all(_bytes_of(table, c, grouped) for c in columns):
+        for column in columns:
+            if _CONTROL.search("".join(v for v in grouped.values[column] if v is not None)):
+                raise schema.SchemaError(f"{name}: {column} has control characters")
+        return
     texts = [(column, _utf8(chunk)) for column in columns for chunk in table[column].chunks]
     texts = [(column, text) for column, text in texts if len(text)]
     if not texts:
@@ -102,6 +114,17 @@ def check_text(name: str, table: pa.Table, columns: Iterable[str]) -> None:
     for column, text in texts:
         if _has_control(text):
             raise schema.SchemaError(f"{name}: {column} has control characters")
+
+
+def _bytes_of(table: pa.Table, column: str, grouped: RowLabels) -> bool:
+    """Whether the distinct values of `column` hold every byte of its rows' values: without
+    null rows they do; with some, when the bytes the rows' offsets span are their values'
+    (a client may put bytes under a null row)."""
+    if not table[column].null_count:
+        return True
+    spanned = sum(len(_utf8(chunk)) for chunk in table[column].chunks)
+    values = zip(grouped.values[column], grouped.rows, strict=True)
+    return spanned == sum(len(value.encode()) * rows for value, rows in values if value)
 
 
 def _utf8(strings: pa.Array) -> np.ndarray:
@@ -155,27 +178,35 @@ def _iso(value: int, ts_type: pa.TimestampType) -> str:
 def _min_max(column: pa.ChunkedArray) -> tuple[int, int] | None:
     """The least and greatest non-null values of a 64-bit integer or timestamp column, as
     integers (None: no values)."""
-    lows, highs = [], []
+    chunks = _non_null(column)
+    if not chunks:
+        return None
+    return int(min(c.min() for c in chunks)), int(max(c.max() for c in chunks))
+
+
+def _non_null(column: pa.ChunkedArray) -> list[np.ndarray]:
+    """The non-empty chunks of a 64-bit integer or timestamp column, without their nulls."""
+    chunks = []
     for chunk in column.chunks:
         if chunk.null_count:  # not in decoded batches (decode refuses them): the rare path
             chunk = chunk.drop_null()
         if len(chunk):
-            values = _int64s(chunk)
-            lows.append(values.min())
-            highs.append(values.max())
-    return (int(min(lows)), int(max(highs))) if lows else None
+            chunks.append(_int64s(chunk))
+    return chunks
 
 
 def check_weights(samples: pa.Table) -> None:
     """Weights in [0, schema.MAX_WEIGHT of the event's unit]: a poisoned weight could otherwise
-    dwarf a fleet's profile (or overflow sums)."""
-    bounds = _min_max(samples["weight"])
-    if bounds is None:
+    dwarf a fleet's profile (or overflow sums). First one pass for all: read unsigned, a
+    negative weight is past every bound."""
+    chunks = _non_null(samples["weight"])
+    lightest_bound = min(schema.MAX_WEIGHT.values())
+    if not chunks or max(c.view(np.uint64).max() for c in chunks) <= lightest_bound:
         return
-    low, high = bounds
+    low, high = _min_max(samples["weight"])
     if low < 0:
         raise schema.SchemaError("samples: negative weight")
-    if high <= min(schema.MAX_WEIGHT.values()):
+    if high <= lightest_bound:
         return
     for event, unit in schema.EVENT_UNITS.items():
         weights = pc.filter(samples["weight"], pc.equal(samples["event"], event))
@@ -244,15 +275,22 @@ def _check_lengths(name: str, table: pa.Table, columns: tuple[str, ...]) -> None
             raise schema.SchemaError(f"{name}: {column} longer than {schema.MAX_STRING_BYTES}")
 
 
-def _check_samples(samples: pa.Table) -> None:
+def _check_samples(samples: pa.Table) -> RowLabels | None:
+    """Check the rows; their label_sets.group_labels, which the store numbers (None: no
+    rows, or a label that is not UTF-8: the store groups them again and fails, as before)."""
     if samples.num_rows == 0:
-        return
+        return None
     check_time_window("samples", samples)
     _check_known("samples", samples, "event", schema.EVENT_UNITS)
     check_weights(samples)
     _check_lengths("samples", samples, ROW_LABELS)
+    try:
+        grouped: RowLabels | None = group_labels(samples)
+    except UnicodeDecodeError:
+        grouped = None
     # `event` is one of EVENT_UNITS' names (above): no control characters to look for
-    check_text("samples", samples, _FREE_LABELS)
+    check_text("samples", samples, _FREE_LABELS, grouped)
+    return grouped
 
 
 def _check_stacks(stacks: pa.Table) -> None:
