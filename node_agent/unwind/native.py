@@ -3,14 +3,14 @@ and each mapped build's unwind rows once (samplers/unwind_tables.bpf.h).
 
 Work is done only for processes that samples hit: the agent announces each process's first
 sample (sampled(pid)), and a sample of a process without tables puts its pid in
-`unwind_pending` (what no announcement covers: sessions' samplers, evicted processes). A
-loader thread loads an announced process once it has lived LOAD_AFTER_S since, and looks
-through `unwind_pending` every LOADER_PERIOD_S, with the files already parsed; parser
-threads add the
-others when parsed (libjvm.so: ~0.5 s on a quiet machine, then cached on disk). Until then
-its frames are walked by frame pointer, so its stacks are complete from the next interval
-on. Rows live in one array, each build's at its own range, referenced by the processes
-mapping it and freed with the last of them.
+`unwind_pending` (what no announcement covers: sessions' samplers, evicted processes). The
+agent's event loop loads an announced process once it has lived LOAD_AFTER_S since
+(load_due), and a loader thread looks through `unwind_pending` every LOADER_PERIOD_S, with
+the files already parsed; parser threads add the others when parsed (libjvm.so: ~0.5 s
+on a quiet machine, then cached on disk). Until then its frames are walked by frame
+pointer, so its stacks are complete from the next interval on. Rows live in one array,
+each build's at its own range, referenced by the processes mapping it and freed with the
+last of them.
 """
 
 from __future__ import annotations
